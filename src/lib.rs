@@ -1,0 +1,19 @@
+//! ess-agent receives Change Events from a Sync Hub, records each one durably before it answers,
+//! and applies them to the partner's systems.
+//!
+//! Code map:
+//! - [`config`]: the TOML configuration, its pure validation and the loading of secrets.
+//! - [`ingress`]: the HTTPS listener, hub authentication, envelope parsing and the acknowledgement.
+//! - [`journal`]: the durable store (SQLite, WAL, group commit) every accepted event is written to.
+//! - [`adapter`]: the JSONata engine seam that reshapes payloads for the partner.
+//! - [`admin`]: health, readiness and the event status API on the admin listener.
+//! - [`shutdown`]: signal handling and the graceful drain.
+//! - [`cli`]: the command line (`run`, `validate`, `send`, `adapter eval`).
+
+pub mod adapter;
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod ingress;
+pub mod journal;
+pub mod shutdown;
