@@ -1,1 +1,708 @@
-//! placeholder
+//! The TOML configuration.
+//!
+//! Loading happens in three steps, so that `ess-agent validate` can run all but the last:
+//! 1. [`Config::parse`] turns the text into typed structs (`deny_unknown_fields` everywhere, so a
+//!    misspelt key is an error that names its key path);
+//! 2. [`Config::validate`] is pure and lists every semantic problem with its key path;
+//! 3. [`Config::load_secrets`] reads the secret files and environment variables the config names.
+//!
+//! Relative paths are resolved against the directory of the configuration file, so a config works
+//! the same whatever the working directory of the process is.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the configuration is read from when `--config` is not given and `ESS_AGENT_CONFIG` is unset.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ess-agent/ess-agent.toml";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identifies this agent (the partner) to the hub. Required.
+    pub agent_id: String,
+    /// Directory that holds the journal. Created if absent. Default: `/var/lib/ess-agent`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The listener the hub delivers events to.
+    #[serde(default)]
+    pub ingress: IngressConfig,
+    /// How the hub is authenticated. At least one method is required unless the ingress listener
+    /// is on a loopback address.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Request, backlog and disk limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The admin listener: health, readiness, event status.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Journal tuning.
+    #[serde(default)]
+    pub journal: JournalConfig,
+    /// Graceful shutdown.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/ess-agent")
+}
+
+/// The hub-facing listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressConfig {
+    /// Address and port to listen on. Default: `127.0.0.1:8787`.
+    #[serde(default = "default_ingress_listen")]
+    pub listen: SocketAddr,
+    /// TLS settings. Without them the listener speaks plain HTTP, which is allowed only on a
+    /// loopback address unless `insecure_allow_plain_http_on_public_address` is set.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Serve plain HTTP on a non-loopback address. Anyone on the path can read and replay events:
+    /// only for a network the operator fully controls. Default: false.
+    #[serde(default)]
+    pub insecure_allow_plain_http_on_public_address: bool,
+}
+
+fn default_ingress_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8787))
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_ingress_listen(),
+            tls: None,
+            insecure_allow_plain_http_on_public_address: false,
+        }
+    }
+}
+
+/// TLS for the ingress listener (rustls, TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the server certificate chain, leaf first. Required.
+    pub cert: PathBuf,
+    /// PEM file with the server's private key (PKCS#8, PKCS#1 or SEC1). Required.
+    pub key: PathBuf,
+    /// PEM file with the CA certificate(s) hub client certificates must chain to. When set, mutual
+    /// TLS is required: a client without a valid certificate is refused during the handshake.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: DNS names or IP addresses, one of which the client certificate's subject
+    /// alternative names must match. Empty (the default) accepts any certificate the CA signed.
+    #[serde(default)]
+    pub client_allowed_names: Vec<String>,
+}
+
+/// Where a secret comes from: exactly one of `file` or `env`. Secrets are never written inline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    /// A file whose contents (surrounding white space trimmed) are the secret.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// An environment variable whose value is the secret.
+    #[serde(default)]
+    pub env: Option<String>,
+}
+
+/// Authentication of the hub (PROTOCOL.md §1.2). Every configured method must pass.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Standard Webhooks HMAC secrets (`whsec_…`). Several may be listed while a secret is
+    /// rotated: a signature made with any of them is accepted. Default: none.
+    #[serde(default)]
+    pub hmac_secrets: Vec<SecretSource>,
+    /// Standard Webhooks ed25519 public keys (`whpk_…`) for `v1a` signatures. Default: none.
+    #[serde(default)]
+    pub ed25519_public_keys: Vec<SecretSource>,
+    /// How far `webhook-timestamp` may be from this machine's clock, in seconds. Default: 300.
+    #[serde(default = "default_tolerance")]
+    pub timestamp_tolerance_secs: u64,
+    /// A token the hub must send as `Authorization: Bearer <token>`. Default: none.
+    #[serde(default)]
+    pub bearer_token: Option<SecretSource>,
+}
+
+fn default_tolerance() -> u64 {
+    300
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            hmac_secrets: Vec::new(),
+            ed25519_public_keys: Vec::new(),
+            timestamp_tolerance_secs: default_tolerance(),
+            bearer_token: None,
+        }
+    }
+}
+
+/// Limits that protect the agent and the disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest accepted request body in bytes; larger ones get 413. Default: 1048576 (1 MiB).
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: u64,
+    /// Most simultaneous ingress connections; further ones wait in the listen queue. Default: 1024.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to send a complete request head (TLS handshake included), counted from
+    /// the connection's start or the end of its previous response, so it also closes idle
+    /// keep-alive connections. Milliseconds. Default: 10000.
+    #[serde(default = "default_header_timeout")]
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send the whole request body. Milliseconds. Default: 30000.
+    #[serde(default = "default_body_timeout")]
+    pub body_read_timeout_ms: u64,
+    /// Events received but not yet in a final state above which new deliveries get 503.
+    /// Default: 100000.
+    #[serde(default = "default_backlog_high_water")]
+    pub backlog_high_water: u64,
+    /// Free space the state directory's file system must keep; below it new deliveries get 503.
+    /// Bytes. Default: 67108864 (64 MiB).
+    #[serde(default = "default_min_free_disk")]
+    pub min_free_disk_bytes: u64,
+    /// The `Retry-After` value sent with 503 answers, in seconds. Default: 5.
+    #[serde(default = "default_retry_after")]
+    pub retry_after_secs: u64,
+}
+
+fn default_max_body() -> u64 {
+    1024 * 1024
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_header_timeout() -> u64 {
+    10_000
+}
+fn default_body_timeout() -> u64 {
+    30_000
+}
+fn default_backlog_high_water() -> u64 {
+    100_000
+}
+fn default_min_free_disk() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_retry_after() -> u64 {
+    5
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: default_max_body(),
+            max_connections: default_max_connections(),
+            header_read_timeout_ms: default_header_timeout(),
+            body_read_timeout_ms: default_body_timeout(),
+            backlog_high_water: default_backlog_high_water(),
+            min_free_disk_bytes: default_min_free_disk(),
+            retry_after_secs: default_retry_after(),
+        }
+    }
+}
+
+/// The admin listener (plain HTTP).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address and port. Default: `127.0.0.1:8788`. Set `enabled = false` to turn it off.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Whether the admin listener runs. Default: true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// A token callers must send as `Authorization: Bearer <token>`. Required when `listen` is
+    /// not a loopback address; optional otherwise. `/healthz` and `/readyz` never need it.
+    #[serde(default)]
+    pub token: Option<SecretSource>,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8788))
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            enabled: true,
+            token: None,
+        }
+    }
+}
+
+/// Journal tuning. The defaults suit almost every installation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalConfig {
+    /// Most events one commit (one fsync) may carry. Default: 512.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How often the background checkpoint moves the write-ahead log into the database and the
+    /// free-disk check runs. Milliseconds. Default: 1000.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval_ms: u64,
+}
+
+fn default_max_batch() -> usize {
+    512
+}
+fn default_checkpoint_interval() -> u64 {
+    1000
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: default_max_batch(),
+            checkpoint_interval_ms: default_checkpoint_interval(),
+        }
+    }
+}
+
+/// Graceful shutdown on SIGTERM / SIGINT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long in-flight requests may take to finish before the agent exits anyway. Seconds.
+    /// Default: 30 (keep it below systemd's `TimeoutStopSec`).
+    #[serde(default = "default_grace")]
+    pub grace_period_secs: u64,
+}
+
+fn default_grace() -> u64 {
+    30
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace_period_secs: default_grace(),
+        }
+    }
+}
+
+/// One problem found in a configuration, with the key path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `auth.hmac_secrets[0].file`.
+    pub key: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not fit the schema.
+    #[error("{path}: {problem}")]
+    Parse { path: PathBuf, problem: Problem },
+    /// The file parsed but breaks one or more rules.
+    #[error("{path}: {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// Every problem, for `ess-agent validate`.
+    pub fn problems(&self) -> Vec<Problem> {
+        match self {
+            ConfigError::Read { path, source } => vec![Problem {
+                key: "(file)".into(),
+                message: format!("cannot read {}: {source}", path.display()),
+            }],
+            ConfigError::Parse { problem, .. } => vec![problem.clone()],
+            ConfigError::Invalid { problems, .. } => problems.clone(),
+        }
+    }
+}
+
+/// Secrets read from the sources the configuration names.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    pub hmac_secrets: Vec<String>,
+    pub ed25519_public_keys: Vec<String>,
+    pub bearer_token: Option<String>,
+    pub admin_token: Option<String>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print secret material, not even in debug output.
+        f.debug_struct("Secrets")
+            .field("hmac_secrets", &self.hmac_secrets.len())
+            .field("ed25519_public_keys", &self.ed25519_public_keys.len())
+            .field("bearer_token", &self.bearer_token.is_some())
+            .field("admin_token", &self.admin_token.is_some())
+            .finish()
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`, resolving relative paths against its
+    /// directory. Secrets are not read yet.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|problem| ConfigError::Parse {
+            path: path.to_owned(),
+            problem,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Parses TOML text. The error names the key path of the offending key.
+    pub fn parse(text: &str) -> Result<Config, Problem> {
+        let de = toml::de::Deserializer::parse(text).map_err(|e| Problem {
+            key: "(syntax)".into(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            Problem {
+                key: if key == "." { "(top level)".into() } else { key },
+                message: inner.message().trim().to_string(),
+            }
+        })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.state_dir);
+        if let Some(tls) = &mut self.ingress.tls {
+            fix(&mut tls.cert);
+            fix(&mut tls.key);
+            if let Some(ca) = &mut tls.client_ca {
+                fix(ca);
+            }
+        }
+        let sources = self
+            .auth
+            .hmac_secrets
+            .iter_mut()
+            .chain(self.auth.ed25519_public_keys.iter_mut())
+            .chain(self.auth.bearer_token.iter_mut())
+            .chain(self.admin.token.iter_mut());
+        for source in sources {
+            if let Some(file) = &mut source.file {
+                fix(file);
+            }
+        }
+    }
+
+    /// Checks the rules that a schema cannot express. Pure: touches neither files nor network.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            problems.push(Problem {
+                key: key.to_string(),
+                message,
+            })
+        };
+        if self.agent_id.trim().is_empty() {
+            bad(
+                "agent_id",
+                "must not be empty: set it to the partner id the hub knows you by".into(),
+            );
+        }
+        let auth = &self.auth;
+        let has_auth = !auth.hmac_secrets.is_empty()
+            || !auth.ed25519_public_keys.is_empty()
+            || auth.bearer_token.is_some()
+            || self
+                .ingress
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_ca.is_some());
+        let public = !self.ingress.listen.ip().is_loopback();
+        if public && !has_auth {
+            bad(
+                "auth",
+                format!(
+                    "the ingress listener {} is not a loopback address but no authentication is \
+                     configured: add auth.hmac_secrets, auth.ed25519_public_keys, \
+                     auth.bearer_token or ingress.tls.client_ca",
+                    self.ingress.listen
+                ),
+            );
+        }
+        if public
+            && self.ingress.tls.is_none()
+            && !self.ingress.insecure_allow_plain_http_on_public_address
+        {
+            bad(
+                "ingress.tls",
+                format!(
+                    "the ingress listener {} is not a loopback address and has no TLS: add \
+                     [ingress.tls] with cert and key (or, only on a network you control, set \
+                     ingress.insecure_allow_plain_http_on_public_address = true)",
+                    self.ingress.listen
+                ),
+            );
+        }
+        if let Some(tls) = &self.ingress.tls
+            && !tls.client_allowed_names.is_empty()
+            && tls.client_ca.is_none()
+        {
+            bad(
+                "ingress.tls.client_allowed_names",
+                "needs ingress.tls.client_ca: names are checked on client certificates, which \
+                 are only requested when a client CA is set"
+                    .into(),
+            );
+        }
+        let sources = auth
+            .hmac_secrets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("auth.hmac_secrets[{i}]"), s))
+            .chain(
+                auth.ed25519_public_keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (format!("auth.ed25519_public_keys[{i}]"), s)),
+            )
+            .chain(
+                auth.bearer_token
+                    .iter()
+                    .map(|s| ("auth.bearer_token".to_string(), s)),
+            )
+            .chain(self.admin.token.iter().map(|s| ("admin.token".to_string(), s)));
+        for (key, source) in sources {
+            match (&source.file, &source.env) {
+                (Some(_), Some(_)) => bad(&key, "set either file or env, not both".into()),
+                (None, None) => bad(
+                    &key,
+                    "set file = \"/path/to/secret\" or env = \"VARIABLE\"".into(),
+                ),
+                _ => {}
+            }
+        }
+        if auth.timestamp_tolerance_secs == 0 {
+            bad(
+                "auth.timestamp_tolerance_secs",
+                "must be at least 1 (the standard is 300)".into(),
+            );
+        }
+        if self.admin.enabled && !self.admin.listen.ip().is_loopback() && self.admin.token.is_none()
+        {
+            bad(
+                "admin.token",
+                format!(
+                    "the admin listener {} is not a loopback address: set admin.token so that \
+                     only operators can read and replay events",
+                    self.admin.listen
+                ),
+            );
+        }
+        if self.admin.enabled
+            && self.admin.listen.port() != 0
+            && self.admin.listen == self.ingress.listen
+        {
+            bad(
+                "admin.listen",
+                "must differ from ingress.listen".into(),
+            );
+        }
+        let limits = &self.limits;
+        if limits.max_body_bytes == 0 {
+            bad("limits.max_body_bytes", "must be at least 1".into());
+        }
+        if limits.max_connections == 0 {
+            bad("limits.max_connections", "must be at least 1".into());
+        }
+        if limits.header_read_timeout_ms == 0 {
+            bad("limits.header_read_timeout_ms", "must be at least 1".into());
+        }
+        if limits.body_read_timeout_ms == 0 {
+            bad("limits.body_read_timeout_ms", "must be at least 1".into());
+        }
+        if limits.backlog_high_water == 0 {
+            bad("limits.backlog_high_water", "must be at least 1".into());
+        }
+        if self.journal.max_batch == 0 {
+            bad("journal.max_batch", "must be at least 1".into());
+        }
+        if self.journal.checkpoint_interval_ms == 0 {
+            bad("journal.checkpoint_interval_ms", "must be at least 1".into());
+        }
+        problems
+    }
+
+    /// Reads every secret the configuration names. All unreadable secrets are reported at once.
+    pub fn load_secrets(&self) -> Result<Secrets, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut read = |key: String, source: &SecretSource| -> Option<String> {
+            match read_secret(source) {
+                Ok(secret) => Some(secret),
+                Err(message) => {
+                    problems.push(Problem { key, message });
+                    None
+                }
+            }
+        };
+        let auth = &self.auth;
+        let secrets = Secrets {
+            hmac_secrets: auth
+                .hmac_secrets
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| read(format!("auth.hmac_secrets[{i}]"), s))
+                .collect(),
+            ed25519_public_keys: auth
+                .ed25519_public_keys
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| read(format!("auth.ed25519_public_keys[{i}]"), s))
+                .collect(),
+            bearer_token: auth
+                .bearer_token
+                .as_ref()
+                .and_then(|s| read("auth.bearer_token".into(), s)),
+            admin_token: self
+                .admin
+                .token
+                .as_ref()
+                .and_then(|s| read("admin.token".into(), s)),
+        };
+        if problems.is_empty() {
+            Ok(secrets)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The header read timeout.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.header_read_timeout_ms)
+    }
+
+    /// The body read timeout.
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.body_read_timeout_ms)
+    }
+}
+
+/// Reads one secret from its file or environment variable.
+pub fn read_secret(source: &SecretSource) -> Result<String, String> {
+    let value = match (&source.file, &source.env) {
+        (Some(file), None) => std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read secret file {}: {e}", file.display()))?,
+        (None, Some(var)) => std::env::var(var).map_err(|_| {
+            format!("environment variable {var} is not set (or not valid UTF-8)")
+        })?,
+        _ => return Err("set exactly one of file or env".into()),
+    };
+    let value = value.trim().to_string();
+    if value.is_empty() {
+        return Err("the secret is empty".into());
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+agent_id = "p1"
+state_dir = "state"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.ingress.listen, default_ingress_listen());
+        assert_eq!(c.limits.max_body_bytes, 1024 * 1024);
+        assert_eq!(c.auth.timestamp_tolerance_secs, 300);
+        assert!(c.validate().is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let text = format!("{MINIMAL}\n[ingress]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n");
+        let p = Config::parse(&text).unwrap_err();
+        assert_eq!(p.key, "ingress.lisen");
+        assert!(p.message.contains("unknown field `lisen`"), "{}", p.message);
+        let text = format!("{MINIMAL}\n[[auth.hmac_secrets]]\nfile = \"x\"\nvalue = \"y\"\n");
+        let p = Config::parse(&text).unwrap_err();
+        assert!(p.key.starts_with("auth.hmac_secrets"), "{}", p.key);
+        assert!(p.message.contains("unknown field `value`"), "{}", p.message);
+    }
+
+    #[test]
+    fn public_listener_needs_auth_and_tls() {
+        let text = format!("{MINIMAL}\n[ingress]\nlisten = \"0.0.0.0:8787\"\n");
+        let c = Config::parse(&text).unwrap();
+        let keys: Vec<_> = c.validate().into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, vec!["auth", "ingress.tls"]);
+        let text = format!(
+            "{MINIMAL}\n[ingress]\nlisten = \"0.0.0.0:8787\"\n\
+             insecure_allow_plain_http_on_public_address = true\n\
+             [auth]\nbearer_token = {{ env = \"T\" }}\n"
+        );
+        assert!(Config::parse(&text).unwrap().validate().is_empty());
+    }
+
+    #[test]
+    fn secret_source_needs_exactly_one() {
+        let text = format!("{MINIMAL}\n[auth]\nbearer_token = {{}}\n");
+        let problems = Config::parse(&text).unwrap().validate();
+        assert_eq!(problems[0].key, "auth.bearer_token");
+    }
+
+    #[test]
+    fn missing_secret_file_is_named() {
+        let text = format!("{MINIMAL}\n[[auth.hmac_secrets]]\nfile = \"/nonexistent/secret\"\n");
+        let problems = Config::parse(&text).unwrap().load_secrets().unwrap_err();
+        assert_eq!(problems[0].key, "auth.hmac_secrets[0]");
+        assert!(problems[0].message.contains("/nonexistent/secret"));
+    }
+}

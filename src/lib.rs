@@ -12,8 +12,10 @@
 
 pub mod adapter;
 pub mod admin;
+pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod http_client;
 pub mod ingress;
 pub mod journal;
 pub mod shutdown;

@@ -1,0 +1,175 @@
+//! Assembles the running agent from a validated configuration and runs it until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, Admin, Readiness};
+use crate::config::{Config, Secrets};
+use crate::ingress::auth::{BearerToken, KeyError, WebhookVerifier};
+use crate::ingress::handler::{HandlerLimits, HubAuth};
+use crate::ingress::tls::{TlsAcceptor, TlsError};
+use crate::ingress::{self, Handler, InFlight, ServerSettings};
+use crate::journal::{Journal, JournalError, JournalOptions};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{key}: {source}")]
+    Key {
+        key: &'static str,
+        #[source]
+        source: KeyError,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("cannot listen on {addr} ({what}): {source}: is another process using the port?")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Builds the hub authentication from the secrets.
+pub fn hub_auth(config: &Config, secrets: &Secrets) -> Result<HubAuth, StartError> {
+    let webhook = if secrets.hmac_secrets.is_empty() && secrets.ed25519_public_keys.is_empty() {
+        None
+    } else {
+        Some(
+            WebhookVerifier::new(
+                &secrets.hmac_secrets,
+                &secrets.ed25519_public_keys,
+                Duration::from_secs(config.auth.timestamp_tolerance_secs),
+            )
+            .map_err(|source| StartError::Key {
+                key: "auth.hmac_secrets / auth.ed25519_public_keys",
+                source,
+            })?,
+        )
+    };
+    let bearer = secrets
+        .bearer_token
+        .as_deref()
+        .map(BearerToken::new)
+        .transpose()
+        .map_err(|source| StartError::Key {
+            key: "auth.bearer_token",
+            source,
+        })?;
+    Ok(HubAuth { webhook, bearer })
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+/// Runs the agent until `stop` is cancelled, then drains and closes the journal.
+pub async fn run(config: Config, secrets: Secrets, stop: CancellationToken) -> Result<(), StartError> {
+    let readiness = Arc::new(Readiness::default());
+    readiness.not_ready("journal", "opening");
+    readiness.not_ready("ingress", "not listening yet");
+
+    let auth = hub_auth(&config, &secrets)?;
+    let admin_token = secrets
+        .admin_token
+        .as_deref()
+        .map(BearerToken::new)
+        .transpose()
+        .map_err(|source| StartError::Key {
+            key: "admin.token",
+            source,
+        })?;
+    let tls = config.ingress.tls.as_ref().map(TlsAcceptor::new).transpose()?;
+
+    let options = JournalOptions {
+        max_batch: config.journal.max_batch,
+        checkpoint_interval: Duration::from_millis(config.journal.checkpoint_interval_ms),
+        min_free_disk_bytes: config.limits.min_free_disk_bytes,
+    };
+    let state_dir = config.state_dir.clone();
+    let journal = tokio::task::spawn_blocking(move || Journal::open(&state_dir, options))
+        .await
+        .map_err(|e| StartError::Journal(JournalError::StateDir {
+            path: config.state_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        }))??;
+    readiness.ready("journal");
+
+    let ingress_listener = bind("ingress", config.ingress.listen).await?;
+    let ingress_addr = ingress_listener.local_addr().ok();
+    let admin_listener = if config.admin.enabled {
+        Some(bind("admin", config.admin.listen).await?)
+    } else {
+        None
+    };
+    let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    if let Some(listener) = admin_listener {
+        let admin = Arc::new(Admin {
+            journal: journal.clone(),
+            readiness: readiness.clone(),
+            token: admin_token,
+        });
+        tokio::spawn(admin::serve(listener, admin, stop.clone()));
+    }
+
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let in_flight = InFlight::default();
+    let handler = Arc::new(Handler {
+        journal: journal.clone(),
+        auth,
+        limits: HandlerLimits {
+            max_body_bytes: config.limits.max_body_bytes,
+            body_read_timeout: config.body_read_timeout(),
+            backlog_high_water: config.limits.backlog_high_water,
+            retry_after_secs: config.limits.retry_after_secs,
+        },
+        shutting_down: shutting_down.clone(),
+        in_flight: in_flight.clone(),
+    });
+    let settings = ServerSettings {
+        max_connections: config.limits.max_connections,
+        header_read_timeout: config.header_read_timeout(),
+    };
+    readiness.ready("ingress");
+    tracing::info!(
+        agent_id = %config.agent_id,
+        ingress = %fmt_addr(ingress_addr),
+        tls = config.ingress.tls.is_some(),
+        mutual_tls = config.ingress.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        admin = %fmt_addr(admin_addr),
+        journal = %journal.path().display(),
+        backlog = journal.backlog(),
+        "ready"
+    );
+
+    let graceful = ingress::serve(ingress_listener, tls, handler, settings, stop.clone()).await;
+    shutting_down.store(true, Ordering::Relaxed);
+    readiness.not_ready("shutdown", "shutting down");
+
+    let grace = Duration::from_secs(config.shutdown.grace_period_secs);
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            grace_period_secs = config.shutdown.grace_period_secs,
+            still_running = ?in_flight.describe(),
+            "grace period over: closing the connections that are still open; their events were not acknowledged"
+        );
+    }
+    let closing = journal.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.close()).await;
+    tracing::info!("stopped: the journal is closed");
+    Ok(())
+}
+
+fn fmt_addr(addr: Option<SocketAddr>) -> String {
+    addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into())
+}

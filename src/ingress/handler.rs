@@ -1,0 +1,272 @@
+//! One delivery, from request to acknowledgement.
+//!
+//! The order of checks is deliberate: cheap refusals first (path, shutdown, backpressure, bearer
+//! token, declared size), then the body is read under its size and time limits, then the
+//! signature over the exact bytes, then the envelope. Only an event that passed everything
+//! reaches the journal, and only a committed append is answered with 2xx.
+
+// A `Problem` is large, but it is only built on the refusal path, never per accepted event.
+#![allow(clippy::result_large_err)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::auth::{BearerToken, WebhookVerifier};
+use super::envelope::{self, Envelope, Format};
+use super::problem::{Body, Problem, json_response};
+use super::InFlight;
+use crate::journal::{Appended, Journal, JournalError, NewEvent, WireFormat};
+
+/// Hub authentication: every configured check must pass.
+#[derive(Default)]
+pub struct HubAuth {
+    pub webhook: Option<WebhookVerifier>,
+    pub bearer: Option<BearerToken>,
+}
+
+/// The limits the handler enforces.
+#[derive(Debug, Clone)]
+pub struct HandlerLimits {
+    pub max_body_bytes: u64,
+    pub body_read_timeout: Duration,
+    pub backlog_high_water: u64,
+    pub retry_after_secs: u64,
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct Handler {
+    pub journal: Arc<Journal>,
+    pub auth: HubAuth,
+    pub limits: HandlerLimits,
+    /// Set when shutdown begins: new deliveries are refused with 503.
+    pub shutting_down: Arc<AtomicBool>,
+    pub in_flight: InFlight,
+}
+
+/// What the access log line says about the event, filled in as the request is understood.
+#[derive(Default)]
+struct Seen {
+    id: Option<String>,
+    event_type: Option<String>,
+}
+
+impl Handler {
+    /// Handles one request and writes its access log line.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let version = req.version();
+        let _guard = self.in_flight.enter(peer, &path);
+        let mut seen = Seen::default();
+        let response = match self.deliver(req, &mut seen).await {
+            Ok(response) => response,
+            Err(problem) => problem.into_response(),
+        };
+        tracing::info!(
+            target: "ess_agent::access",
+            peer = %peer,
+            method = %method,
+            path = %path,
+            http = ?version,
+            status = response.status().as_u16(),
+            latency_us = start.elapsed().as_micros() as u64,
+            event_id = seen.id.as_deref(),
+            event_type = seen.event_type.as_deref(),
+            "request"
+        );
+        response
+    }
+
+    async fn deliver(&self, req: Request<Incoming>, seen: &mut Seen) -> Result<Response<Body>, Problem> {
+        if req.uri().path() != "/v1/events" {
+            return Err(Problem::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no such endpoint {}: deliver events with POST /v1/events", req.uri().path()),
+            ));
+        }
+        if req.method() != Method::POST {
+            let mut problem = Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} is not allowed here: deliver events with POST /v1/events", req.method()),
+            )
+            .into_response();
+            problem
+                .headers_mut()
+                .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
+            return Ok(problem);
+        }
+        let dry_run = is_dry_run(req.headers());
+        if !dry_run {
+            self.check_backpressure()?;
+        }
+        if let Some(bearer) = &self.auth.bearer {
+            bearer.verify(req.headers()).map_err(|e| {
+                Problem::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
+            })?;
+        }
+        let (parts, body) = req.into_parts();
+        let body = self.read_body(&parts.headers, body).await?;
+        if let Some(webhook) = &self.auth.webhook {
+            webhook
+                .verify(&parts.headers, &body, SystemTime::now())
+                .map_err(|e| Problem::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
+        }
+        let envelope = envelope::parse(&parts.headers, &body).map_err(|e| {
+            Problem::new(e.status(), e.code(), e.to_string()).with_field(e.field())
+        })?;
+        seen.id = Some(envelope.id.clone());
+        seen.event_type = Some(envelope.event_type.clone());
+        if dry_run {
+            return Ok(json_response(
+                StatusCode::OK,
+                &json!({"ack": envelope.id, "status": "dry_run", "outputs": []}),
+            ));
+        }
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let id = envelope.id.clone();
+        match self.journal.append(new_event(envelope, content_type, body)).await {
+            Ok(Appended::Accepted) => Ok(json_response(
+                StatusCode::ACCEPTED,
+                &json!({"ack": id, "status": "accepted"}),
+            )),
+            Ok(Appended::Duplicate(record)) => Ok(json_response(
+                StatusCode::OK,
+                &json!({
+                    "ack": id,
+                    "status": "duplicate",
+                    "state": record.state,
+                    "received_at": record.received_at,
+                }),
+            )),
+            Err(e) => Err(journal_problem(&e, self.limits.retry_after_secs)),
+        }
+    }
+
+    fn check_backpressure(&self) -> Result<(), Problem> {
+        let retry = self.limits.retry_after_secs;
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the agent is shutting down: deliver again after it restarts",
+            )
+            .with_retry_after(retry));
+        }
+        let backlog = self.journal.backlog();
+        if backlog >= self.limits.backlog_high_water {
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backlog_full",
+                format!(
+                    "{backlog} events are waiting to be applied (high-water mark {}): deliver again later",
+                    self.limits.backlog_high_water
+                ),
+            )
+            .with_retry_after(retry));
+        }
+        if self.journal.low_disk() {
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "disk_low",
+                "the agent's disk is nearly full: deliver again once the operator has freed space",
+            )
+            .with_retry_after(retry));
+        }
+        Ok(())
+    }
+
+    /// Reads the body, refusing it as soon as it exceeds the limit or the time runs out.
+    async fn read_body(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Problem> {
+        let max = self.limits.max_body_bytes;
+        let too_large = || {
+            Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body exceeds the limit of {max} bytes: send a smaller event or ask the operator to raise limits.max_body_bytes"),
+            )
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > max) {
+            return Err(too_large());
+        }
+        let limited = Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX));
+        match tokio::time::timeout(self.limits.body_read_timeout, limited.collect()).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Ok(Err(e)) => Err(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "body_read_error",
+                format!("the request body could not be read: {e}"),
+            )),
+            Err(_) => Err(Problem::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body did not arrive within the time limit: send it faster",
+            )),
+        }
+    }
+}
+
+fn is_dry_run(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-hms-test")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+fn new_event(envelope: Envelope, content_type: Option<String>, raw_body: Bytes) -> NewEvent {
+    let document = serde_json::Value::Object(envelope.document);
+    NewEvent {
+        envelope: document.to_string(),
+        id: envelope.id,
+        event_type: envelope.event_type,
+        version: envelope.version,
+        subject: envelope.subject,
+        revision: envelope.revision,
+        source: envelope.source,
+        time: envelope.time,
+        format: match envelope.format {
+            Format::ChangeEvent => WireFormat::ChangeEvent,
+            Format::CloudEventStructured => WireFormat::CloudeventsStructured,
+            Format::CloudEventBinary => WireFormat::CloudeventsBinary,
+        },
+        content_type,
+        raw_body,
+    }
+}
+
+fn journal_problem(e: &JournalError, retry_after: u64) -> Problem {
+    let (code, detail) = match e {
+        JournalError::Full => (
+            "journal_full",
+            "the agent's disk is full and the event was not stored: deliver again later".to_string(),
+        ),
+        JournalError::Closed => (
+            "shutting_down",
+            "the agent is shutting down and the event was not stored: deliver again after it restarts".to_string(),
+        ),
+        other => (
+            "journal_unavailable",
+            format!("the event could not be stored ({other}): deliver again later"),
+        ),
+    };
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE, code, detail).with_retry_after(retry_after)
+}

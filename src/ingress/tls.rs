@@ -1,0 +1,150 @@
+//! TLS for the ingress listener: rustls with the ring provider, ALPN `h2` and `http/1.1`, and
+//! mutual TLS when a client CA is configured.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use crate::config::TlsConfig;
+
+/// Why the TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} from {path}: {reason}: check that the file exists and is PEM")]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{path} holds no {what}: it must contain at least one PEM block")]
+    Empty { what: &'static str, path: PathBuf },
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(String),
+    #[error("ingress.tls.client_allowed_names: {0:?} is neither a DNS name nor an IP address")]
+    BadName(String),
+}
+
+/// Accepts TLS connections and applies the client-name allow-list.
+#[derive(Clone)]
+pub struct TlsAcceptor {
+    inner: tokio_rustls::TlsAcceptor,
+    allowed_names: Arc<Vec<ServerName<'static>>>,
+}
+
+impl std::fmt::Debug for TlsAcceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsAcceptor").finish_non_exhaustive()
+    }
+}
+
+/// The crypto provider every TLS endpoint of the agent uses.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate in a PEM file.
+pub fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem_err = |reason: String| TlsError::Pem {
+        what,
+        path: path.to_owned(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            what,
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads a root store from a PEM file of CA certificates.
+pub fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path, "CA certificates")? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Rustls(format!("CA certificate in {}: {e}", path.display())))?;
+    }
+    Ok(roots)
+}
+
+impl TlsAcceptor {
+    /// Builds the acceptor from the configuration, reading the PEM files.
+    pub fn new(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
+        let certs = read_certs(&config.cert, "certificates")?;
+        let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|e| TlsError::Pem {
+            what: "a private key",
+            path: config.key.clone(),
+            reason: e.to_string(),
+        })?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let builder = match &config.client_ca {
+            Some(ca) => {
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(read_roots(ca)?), provider())
+                        .build()
+                        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut server = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| TlsError::Rustls(format!("certificate and key do not fit: {e}")))?;
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let allowed_names = config
+            .client_allowed_names
+            .iter()
+            .map(|name| {
+                ServerName::try_from(name.as_str())
+                    .map(|n| n.to_owned())
+                    .map_err(|_| TlsError::BadName(name.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TlsAcceptor {
+            inner: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            allowed_names: Arc::new(allowed_names),
+        })
+    }
+
+    /// Completes the handshake and checks the client certificate against the allow-list.
+    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+        let stream = self.inner.accept(stream).await?;
+        if !self.allowed_names.is_empty() {
+            let (_, conn) = stream.get_ref();
+            let allowed = conn
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .is_some_and(|leaf| self.name_allowed(leaf));
+            if !allowed {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the client certificate names none of ingress.tls.client_allowed_names",
+                ));
+            }
+        }
+        Ok(stream)
+    }
+
+    fn name_allowed(&self, leaf: &CertificateDer<'_>) -> bool {
+        let Ok(cert) = webpki::EndEntityCert::try_from(leaf) else {
+            return false;
+        };
+        self.allowed_names
+            .iter()
+            .any(|name| cert.verify_is_valid_for_subject_name(name).is_ok())
+    }
+}

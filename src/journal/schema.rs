@@ -1,0 +1,56 @@
+//! The journal's schema and its migrations.
+//!
+//! `PRAGMA user_version` holds the number of migrations applied. Each migration runs once, in
+//! order, inside one transaction with the version bump, so a crash mid-migration leaves the old
+//! schema intact. A journal written by a newer agent (a higher version than this build knows) is
+//! refused rather than guessed at.
+
+use rusqlite::Connection;
+
+use super::JournalError;
+
+/// Migration `i` brings the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: events, one row per accepted event id.
+    r#"
+    CREATE TABLE events (
+        seq          INTEGER PRIMARY KEY,       -- receive order
+        id           TEXT    NOT NULL UNIQUE,   -- the hub's idempotency key
+        type         TEXT    NOT NULL,
+        version      INTEGER NOT NULL,
+        subject      TEXT    NOT NULL,
+        revision     INTEGER,
+        source       TEXT,
+        time         TEXT,
+        format       TEXT    NOT NULL,          -- change_event | cloudevents_structured | cloudevents_binary
+        content_type TEXT,
+        received_at  TEXT    NOT NULL,
+        raw_body     BLOB    NOT NULL,          -- the exact bytes the hub sent (and signed)
+        envelope     TEXT    NOT NULL,          -- the normalised Change Event document (JSON)
+        state        TEXT    NOT NULL,
+        updated_at   TEXT    NOT NULL
+    );
+    CREATE INDEX events_by_state ON events (state, seq);
+    "#,
+];
+
+/// The schema version this build writes.
+pub const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the schema up to [`CURRENT_VERSION`].
+pub fn migrate(conn: &mut Connection) -> Result<(), JournalError> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if found > CURRENT_VERSION {
+        return Err(JournalError::SchemaTooNew {
+            found,
+            supported: CURRENT_VERSION,
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

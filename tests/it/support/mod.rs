@@ -1,0 +1,360 @@
+//! Test support: starts the real `ess-agent` binary on port 0 with its own temporary state, and
+//! talks to it over HTTP(S) the way a hub does.
+
+#![allow(dead_code)]
+
+pub mod tls;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ess_agent::http_client::{ClientTls, HttpClient, client};
+use ess_agent::ingress::auth::WebhookSigner;
+use http::{HeaderMap, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+
+/// The development secret every test agent is configured with.
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// How long an agent may take to start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Log lines captured from the agent's stderr, with a condition variable to wait on.
+#[derive(Default)]
+struct Logs {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A running agent process.
+pub struct Agent {
+    child: Child,
+    pub ingress: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub tls: bool,
+    logs: Arc<Logs>,
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The path of the agent binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_ess-agent")
+}
+
+/// A configuration for a test agent in `dir`: loopback listeners on port 0, the test secret,
+/// and `extra` appended (TOML sections).
+pub fn config_text(dir: &Path, extra: &str) -> String {
+    let secret_file = dir.join("hub-secret");
+    if !secret_file.exists() {
+        std::fs::write(&secret_file, SECRET).expect("write secret");
+    }
+    let state_dir = dir.join("state");
+    let mut text = format!(
+        "agent_id = \"test-partner\"\nstate_dir = {state:?}\n",
+        state = state_dir.display().to_string()
+    );
+    if !extra.contains("[ingress]") {
+        text.push_str("[ingress]\nlisten = \"127.0.0.1:0\"\n");
+    }
+    if !extra.contains("[auth]") {
+        text.push_str(&format!(
+            "[auth]\nhmac_secrets = [{{ file = {:?} }}]\n",
+            secret_file.display().to_string()
+        ));
+    }
+    if !extra.contains("[admin]") {
+        text.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n");
+    }
+    if !extra.contains("[limits]") {
+        // Tests fill small file systems on purpose; the free-disk guard is tested on its own.
+        text.push_str("[limits]\nmin_free_disk_bytes = 0\n");
+    }
+    text.push_str(extra);
+    text
+}
+
+impl Agent {
+    /// Writes `config` to `dir/ess-agent.toml` and starts the agent with it.
+    pub fn start_with(dir: &Path, config: &str) -> Agent {
+        let config_path = dir.join("ess-agent.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        Agent::start_config(&config_path, &[])
+    }
+
+    /// Starts an agent with the default test configuration plus `extra` in `dir`.
+    pub fn start(dir: &Path, extra: &str) -> Agent {
+        Agent::start_with(dir, &config_text(dir, extra))
+    }
+
+    /// Starts the agent on an existing config file, with extra environment variables.
+    pub fn start_config(config_path: &Path, env: &[(&str, &str)]) -> Agent {
+        let mut command = Command::new(binary());
+        command
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(config_path)
+            .env("ESS_AGENT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn ess-agent");
+        let logs = Arc::new(Logs::default());
+        let stderr = child.stderr.take().expect("stderr");
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if std::env::var_os("ESS_TEST_ECHO").is_some() {
+                        eprintln!("agent: {line}");
+                    }
+                    logs.lines.lock().unwrap().push(line);
+                    logs.changed.notify_all();
+                }
+                // Wake waiters when the process ends.
+                logs.lines.lock().unwrap().push(String::from("{\"eof\":true}"));
+                logs.changed.notify_all();
+            });
+        }
+        let text = std::fs::read_to_string(config_path).unwrap_or_default();
+        let config = ess_agent::config::Config::parse(&text).expect("test config parses");
+        let mut agent = Agent {
+            child,
+            ingress: "0.0.0.0:0".parse().unwrap(),
+            admin: "0.0.0.0:0".parse().unwrap(),
+            config_path: config_path.to_owned(),
+            state_dir: config.state_dir.clone(),
+            tls: config.ingress.tls.is_some(),
+            logs,
+        };
+        let ready = agent
+            .wait_for_log(START_TIMEOUT, |v| v["message"] == "ready")
+            .unwrap_or_else(|| panic!("agent did not become ready; log:\n{}", agent.log_text()));
+        agent.ingress = ready["ingress"].as_str().unwrap().parse().unwrap();
+        agent.admin = ready["admin"].as_str().unwrap_or("0.0.0.0:0").parse().unwrap_or(agent.admin);
+        agent
+    }
+
+    /// Waits until a JSON log line satisfies `pred`; returns it.
+    pub fn wait_for_log(&self, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = 0;
+        let mut lines = self.logs.lines.lock().unwrap();
+        loop {
+            while seen < lines.len() {
+                let line = &lines[seen];
+                seen += 1;
+                if let Ok(value) = serde_json::from_str::<Value>(line) {
+                    if value.get("eof").is_some() {
+                        return None;
+                    }
+                    if pred(&value) {
+                        return Some(value);
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            lines = self.logs.changed.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Every log line so far.
+    pub fn log_text(&self) -> String {
+        self.logs.lines.lock().unwrap().join("\n")
+    }
+
+    /// The ingress base URL.
+    pub fn url(&self, path: &str) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.ingress)
+    }
+
+    /// The admin base URL.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal to the agent.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal);
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            // Polling the child's status: there is no portable blocking wait with a timeout.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Reads the journal's event ids directly from the database file (the agent may be down).
+    pub fn journal_ids(&self) -> Vec<String> {
+        journal_ids(&self.state_dir)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every event id stored in the journal under `state_dir`.
+pub fn journal_ids(state_dir: &Path) -> Vec<String> {
+    let path = state_dir.join(ess_agent::journal::FILE_NAME);
+    let conn = rusqlite::Connection::open(path).expect("open journal");
+    let mut stmt = conn.prepare("SELECT id FROM events ORDER BY seq").unwrap();
+    stmt.query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<Vec<String>, _>>()
+        .unwrap()
+}
+
+/// A reply, with the body parsed as JSON when it is JSON.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+/// An HTTP(S) client that trusts the given CA and presents an optional client certificate.
+pub fn http(tls: &ClientTls<'_>) -> HttpClient {
+    client(tls).expect("client")
+}
+
+/// A plain client (for http:// URLs and the admin listener).
+pub fn plain() -> HttpClient {
+    http(&ClientTls::default())
+}
+
+/// Sends a request; any transport error is returned as Err.
+pub async fn request(
+    client: &HttpClient,
+    method: http::Method,
+    url: &str,
+    headers: &[(&str, String)],
+    body: impl Into<Bytes>,
+) -> Result<Reply, String> {
+    let mut builder = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        builder = builder.header(*k, v);
+    }
+    let req = builder.body(Full::new(body.into())).map_err(|e| e.to_string())?;
+    let response = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+    let status = response.status();
+    let version = response.version();
+    let headers = response.headers().clone();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok(Reply {
+        status,
+        version,
+        headers,
+        body,
+    })
+}
+
+/// GET on the admin listener.
+pub async fn admin_get(agent: &Agent, path: &str) -> Reply {
+    request(&plain(), http::Method::GET, &agent.admin_url(path), &[], Bytes::new())
+        .await
+        .expect("admin request")
+}
+
+/// Standard Webhooks headers for `body` signed with the test secret at `timestamp`.
+pub fn signed_headers(msg_id: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+    let signer = WebhookSigner::new(SECRET).unwrap();
+    let mut headers: Vec<(&'static str, String)> =
+        signer.headers(msg_id, timestamp, body).into_iter().collect();
+    headers.push(("content-type", "application/json".into()));
+    headers
+}
+
+/// A Change Event body.
+pub fn event_body(id: &str, subject: &str, payload: Value) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "id": id, "version": 1, "type": "rule.updated", "subject": subject, "payload": payload
+    }))
+    .unwrap()
+}
+
+/// Posts a signed Change Event with the given id to the agent.
+pub async fn post_event(client: &HttpClient, agent: &Agent, id: &str) -> Result<Reply, String> {
+    let body = event_body(id, "S1", serde_json::json!({"n": 1}));
+    let headers = signed_headers(id, unix_now(), &body);
+    request(client, http::Method::POST, &agent.url("/v1/events"), &headers, body).await
+}
+
+/// A client that offers only HTTP/1.1 in ALPN.
+pub fn http1_only(tls: &ClientTls<'_>) -> HttpClient {
+    let config = ess_agent::http_client::client_config(tls).expect("tls config");
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
+/// Sends raw bytes over a new TCP connection (writing as much as the peer takes) and returns
+/// what the peer answered before closing.
+pub async fn raw_exchange(addr: SocketAddr, parts: &[&[u8]]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    for part in parts {
+        if stream.write_all(part).await.is_err() {
+            break;
+        }
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
