@@ -66,7 +66,9 @@ impl Admin {
 
     async fn route(&self, req: &Request<Incoming>, path: &str) -> Result<Response<Body>, Problem> {
         match (req.method(), path) {
-            (&Method::GET, "/healthz") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+            (&Method::GET, "/healthz") => {
+                Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+            }
             (&Method::GET, "/readyz") => {
                 let reasons = self.readiness.reasons();
                 if reasons.is_empty() {
@@ -81,7 +83,11 @@ impl Admin {
             (method, path) if path.starts_with("/v1/") => {
                 if let Some(token) = &self.token {
                     token.verify(req.headers()).map_err(|e| {
-                        Problem::new(StatusCode::UNAUTHORIZED, e.code(), format!("{e} (the admin token)"))
+                        Problem::new(
+                            StatusCode::UNAUTHORIZED,
+                            e.code(),
+                            format!("{e} (the admin token)"),
+                        )
                     })?;
                 }
                 match (method, path.strip_prefix("/v1/events/")) {
@@ -95,14 +101,26 @@ impl Admin {
 
     async fn get_event(&self, raw_id: &str) -> Result<Response<Body>, Problem> {
         let id = percent_decode(raw_id).ok_or_else(|| {
-            Problem::new(StatusCode::BAD_REQUEST, "invalid_id", "the event id in the path is not valid percent-encoded UTF-8")
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_id",
+                "the event id in the path is not valid percent-encoded UTF-8",
+            )
         })?;
         let journal = self.journal.clone();
         let lookup = id.clone();
         let record = tokio::task::spawn_blocking(move || journal.get(&lookup))
             .await
-            .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-            .map_err(|e| Problem::new(StatusCode::SERVICE_UNAVAILABLE, "journal_unavailable", e.to_string()))?;
+            .map_err(|e| {
+                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?
+            .map_err(|e| {
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "journal_unavailable",
+                    e.to_string(),
+                )
+            })?;
         match record {
             Some(record) => Ok(json_response(
                 StatusCode::OK,

@@ -73,7 +73,11 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 }
 
 /// Runs the agent until `stop` is cancelled, then drains and closes the journal.
-pub async fn run(config: Config, secrets: Secrets, stop: CancellationToken) -> Result<(), StartError> {
+pub async fn run(
+    config: Config,
+    secrets: Secrets,
+    stop: CancellationToken,
+) -> Result<(), StartError> {
     let readiness = Arc::new(Readiness::default());
     readiness.not_ready("journal", "opening");
     readiness.not_ready("ingress", "not listening yet");
@@ -88,7 +92,12 @@ pub async fn run(config: Config, secrets: Secrets, stop: CancellationToken) -> R
             key: "admin.token",
             source,
         })?;
-    let tls = config.ingress.tls.as_ref().map(TlsAcceptor::new).transpose()?;
+    let tls = config
+        .ingress
+        .tls
+        .as_ref()
+        .map(TlsAcceptor::new)
+        .transpose()?;
 
     let options = JournalOptions {
         max_batch: config.journal.max_batch,
@@ -98,10 +107,12 @@ pub async fn run(config: Config, secrets: Secrets, stop: CancellationToken) -> R
     let state_dir = config.state_dir.clone();
     let journal = tokio::task::spawn_blocking(move || Journal::open(&state_dir, options))
         .await
-        .map_err(|e| StartError::Journal(JournalError::StateDir {
-            path: config.state_dir.clone(),
-            source: std::io::Error::other(e.to_string()),
-        }))??;
+        .map_err(|e| {
+            StartError::Journal(JournalError::StateDir {
+                path: config.state_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })??;
     readiness.ready("journal");
 
     let ingress_listener = bind("ingress", config.ingress.listen).await?;
@@ -157,7 +168,10 @@ pub async fn run(config: Config, secrets: Secrets, stop: CancellationToken) -> R
     readiness.not_ready("shutdown", "shutting down");
 
     let grace = Duration::from_secs(config.shutdown.grace_period_secs);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             grace_period_secs = config.shutdown.grace_period_secs,
             still_running = ?in_flight.describe(),

@@ -403,7 +403,11 @@ impl Config {
             let key = e.path().to_string();
             let inner = e.into_inner();
             Problem {
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 message: inner.message().trim().to_string(),
             }
         })
@@ -514,7 +518,12 @@ impl Config {
                     .iter()
                     .map(|s| ("auth.bearer_token".to_string(), s)),
             )
-            .chain(self.admin.token.iter().map(|s| ("admin.token".to_string(), s)));
+            .chain(
+                self.admin
+                    .token
+                    .iter()
+                    .map(|s| ("admin.token".to_string(), s)),
+            );
         for (key, source) in sources {
             match (&source.file, &source.env) {
                 (Some(_), Some(_)) => bad(&key, "set either file or env, not both".into()),
@@ -546,10 +555,7 @@ impl Config {
             && self.admin.listen.port() != 0
             && self.admin.listen == self.ingress.listen
         {
-            bad(
-                "admin.listen",
-                "must differ from ingress.listen".into(),
-            );
+            bad("admin.listen", "must differ from ingress.listen".into());
         }
         let limits = &self.limits;
         if limits.max_body_bytes == 0 {
@@ -571,7 +577,10 @@ impl Config {
             bad("journal.max_batch", "must be at least 1".into());
         }
         if self.journal.checkpoint_interval_ms == 0 {
-            bad("journal.checkpoint_interval_ms", "must be at least 1".into());
+            bad(
+                "journal.checkpoint_interval_ms",
+                "must be at least 1".into(),
+            );
         }
         problems
     }
@@ -635,9 +644,8 @@ pub fn read_secret(source: &SecretSource) -> Result<String, String> {
     let value = match (&source.file, &source.env) {
         (Some(file), None) => std::fs::read_to_string(file)
             .map_err(|e| format!("cannot read secret file {}: {e}", file.display()))?,
-        (None, Some(var)) => std::env::var(var).map_err(|_| {
-            format!("environment variable {var} is not set (or not valid UTF-8)")
-        })?,
+        (None, Some(var)) => std::env::var(var)
+            .map_err(|_| format!("environment variable {var} is not set (or not valid UTF-8)"))?,
         _ => return Err("set exactly one of file or env".into()),
     };
     let value = value.trim().to_string();

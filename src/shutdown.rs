@@ -17,7 +17,10 @@ pub fn spawn_signal_handler(token: CancellationToken) -> std::io::Result<()> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(signal = name, "shutting down: no new events are accepted, in-flight requests may finish");
+        tracing::info!(
+            signal = name,
+            "shutting down: no new events are accepted, in-flight requests may finish"
+        );
         token.cancel();
         tokio::select! {
             _ = term.recv() => {},

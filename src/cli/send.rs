@@ -135,10 +135,7 @@ pub fn send(args: &SendArgs) -> anyhow::Result<ExitCode> {
         .context("cannot build the request (is --url a valid URL?)")?;
     let tls = ClientTls {
         ca_file: args.ca_file.as_deref(),
-        client_cert: args
-            .client_cert
-            .as_deref()
-            .zip(args.client_key.as_deref()),
+        client_cert: args.client_cert.as_deref().zip(args.client_key.as_deref()),
     };
     let client = client(&tls)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -153,7 +150,11 @@ pub fn send(args: &SendArgs) -> anyhow::Result<ExitCode> {
         let body = response.into_body().collect().await?.to_bytes();
         anyhow::Ok((status, body))
     })?;
-    println!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    println!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
     match serde_json::from_slice::<Value>(&body) {
         Ok(value) => println!("{}", serde_json::to_string_pretty(&value)?),
         Err(_) => println!("{}", String::from_utf8_lossy(&body)),

@@ -19,10 +19,10 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
+use super::InFlight;
 use super::auth::{BearerToken, WebhookVerifier};
 use super::envelope::{self, Envelope, Format};
 use super::problem::{Body, Problem, json_response};
-use super::InFlight;
 use crate::journal::{Appended, Journal, JournalError, NewEvent, WireFormat};
 
 /// Hub authentication: every configured check must pass.
@@ -60,7 +60,11 @@ struct Seen {
 
 impl Handler {
     /// Handles one request and writes its access log line.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         let start = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -86,19 +90,29 @@ impl Handler {
         response
     }
 
-    async fn deliver(&self, req: Request<Incoming>, seen: &mut Seen) -> Result<Response<Body>, Problem> {
+    async fn deliver(
+        &self,
+        req: Request<Incoming>,
+        seen: &mut Seen,
+    ) -> Result<Response<Body>, Problem> {
         if req.uri().path() != "/v1/events" {
             return Err(Problem::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                format!("no such endpoint {}: deliver events with POST /v1/events", req.uri().path()),
+                format!(
+                    "no such endpoint {}: deliver events with POST /v1/events",
+                    req.uri().path()
+                ),
             ));
         }
         if req.method() != Method::POST {
             let mut problem = Problem::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                format!("{} is not allowed here: deliver events with POST /v1/events", req.method()),
+                format!(
+                    "{} is not allowed here: deliver events with POST /v1/events",
+                    req.method()
+                ),
             )
             .into_response();
             problem
@@ -111,9 +125,9 @@ impl Handler {
             self.check_backpressure()?;
         }
         if let Some(bearer) = &self.auth.bearer {
-            bearer.verify(req.headers()).map_err(|e| {
-                Problem::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())
-            })?;
+            bearer
+                .verify(req.headers())
+                .map_err(|e| Problem::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
         }
         let (parts, body) = req.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
@@ -122,9 +136,8 @@ impl Handler {
                 .verify(&parts.headers, &body, SystemTime::now())
                 .map_err(|e| Problem::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
         }
-        let envelope = envelope::parse(&parts.headers, &body).map_err(|e| {
-            Problem::new(e.status(), e.code(), e.to_string()).with_field(e.field())
-        })?;
+        let envelope = envelope::parse(&parts.headers, &body)
+            .map_err(|e| Problem::new(e.status(), e.code(), e.to_string()).with_field(e.field()))?;
         seen.id = Some(envelope.id.clone());
         seen.event_type = Some(envelope.event_type.clone());
         if dry_run {
@@ -139,7 +152,11 @@ impl Handler {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let id = envelope.id.clone();
-        match self.journal.append(new_event(envelope, content_type, body)).await {
+        match self
+            .journal
+            .append(new_event(envelope, content_type, body))
+            .await
+        {
             Ok(Appended::Accepted) => Ok(json_response(
                 StatusCode::ACCEPTED,
                 &json!({"ack": id, "status": "accepted"}),
@@ -197,7 +214,9 @@ impl Handler {
             Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
-                format!("the body exceeds the limit of {max} bytes: send a smaller event or ask the operator to raise limits.max_body_bytes"),
+                format!(
+                    "the body exceeds the limit of {max} bytes: send a smaller event or ask the operator to raise limits.max_body_bytes"
+                ),
             )
         };
         let declared = headers

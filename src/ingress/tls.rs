@@ -49,7 +49,10 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Reads every certificate in a PEM file.
-pub fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn read_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem_err = |reason: String| TlsError::Pem {
         what,
         path: path.to_owned(),
@@ -93,10 +96,12 @@ impl TlsAcceptor {
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
         let builder = match &config.client_ca {
             Some(ca) => {
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(read_roots(ca)?), provider())
-                        .build()
-                        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+                let verifier = WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(read_roots(ca)?),
+                    provider(),
+                )
+                .build()
+                .map_err(|e| TlsError::Rustls(e.to_string()))?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),

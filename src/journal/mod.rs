@@ -352,7 +352,10 @@ fn background(conn: Connection, dir: PathBuf, options: JournalOptions, shared: A
                     "free disk space in the state directory is below the minimum: new events are refused with 503 until space is freed"
                 );
             } else {
-                tracing::info!(free_bytes = free, "free disk space is back above the minimum");
+                tracing::info!(
+                    free_bytes = free,
+                    "free disk space is back above the minimum"
+                );
             }
         }
         // PASSIVE never blocks the writer; a checkpoint that cannot finish now finishes later.
@@ -375,7 +378,9 @@ fn free_bytes(dir: &Path) -> Option<u64> {
 /// The current time in RFC 3339 with milliseconds, UTC.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
-    let now = now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now);
+    let now = now
+        .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
+        .unwrap_or(now);
     now.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
@@ -404,7 +409,10 @@ mod tests {
     async fn append_then_duplicate_then_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
-        assert_eq!(journal.append(event("a")).await.unwrap(), Appended::Accepted);
+        assert_eq!(
+            journal.append(event("a")).await.unwrap(),
+            Appended::Accepted
+        );
         match journal.append(event("a")).await.unwrap() {
             Appended::Duplicate(record) => assert_eq!(record.state, state::ACCEPTED),
             other => panic!("expected duplicate, got {other:?}"),

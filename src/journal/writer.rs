@@ -100,10 +100,7 @@ impl Writer {
     }
 
     /// Writes the batch in one transaction. Nothing is visible or durable until it returns Ok.
-    fn write(
-        &mut self,
-        batch: &[(Box<NewEvent>, Reply)],
-    ) -> Result<Vec<Appended>, JournalError> {
+    fn write(&mut self, batch: &[(Box<NewEvent>, Reply)]) -> Result<Vec<Appended>, JournalError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -135,9 +132,8 @@ impl Writer {
                 if inserted == 1 {
                     outcomes.push(Appended::Accepted);
                 } else {
-                    let record = read_record(&tx, &e.id)?.ok_or_else(|| {
-                        JournalError::Io(rusqlite::Error::QueryReturnedNoRows)
-                    })?;
+                    let record = read_record(&tx, &e.id)?
+                        .ok_or_else(|| JournalError::Io(rusqlite::Error::QueryReturnedNoRows))?;
                     outcomes.push(Appended::Duplicate(Box::new(record)));
                 }
             }

@@ -63,13 +63,23 @@ async fn every_standard_webhooks_vector_authenticates_through_the_agent() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut extra = String::from("[auth]\ntimestamp_tolerance_secs = 4000000000\nhmac_secrets = [");
-    for (i, v) in vectors["hmac_sha256_v1"].as_array().unwrap().iter().enumerate() {
+    for (i, v) in vectors["hmac_sha256_v1"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let path = dir.path().join(format!("secret{i}"));
         std::fs::write(&path, v["secret"].as_str().unwrap()).unwrap();
         extra.push_str(&format!("{{ file = {:?} }},", path.display().to_string()));
     }
     extra.push_str("]\ned25519_public_keys = [");
-    for (i, v) in vectors["ed25519_v1a"].as_array().unwrap().iter().enumerate() {
+    for (i, v) in vectors["ed25519_v1a"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let path = dir.path().join(format!("pk{i}"));
         std::fs::write(&path, v["public_key"].as_str().unwrap()).unwrap();
         extra.push_str(&format!("{{ file = {:?} }},", path.display().to_string()));
@@ -94,27 +104,61 @@ async fn every_standard_webhooks_vector_authenticates_through_the_agent() {
         let body = v["body"].as_str().unwrap().to_string();
         let signature = v["signature"].as_str().unwrap();
         // Authentic: the vector bodies are not Change Events, so the envelope check answers.
-        let reply = request(&client, Method::POST, &agent.url(EVENTS), &headers(signature), body.clone())
-            .await
-            .unwrap();
-        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{v}: {:?}", reply.body);
+        let reply = request(
+            &client,
+            Method::POST,
+            &agent.url(EVENTS),
+            &headers(signature),
+            body.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{v}: {:?}",
+            reply.body
+        );
         assert_eq!(reply.body["code"], "missing_field");
         // A decoy list with the real one among them still verifies.
         let decoys = format!("v1,Zm9v v9,xxx v1, {signature}");
-        let reply = request(&client, Method::POST, &agent.url(EVENTS), &headers(&decoys), body.clone())
-            .await
-            .unwrap();
-        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "decoys: {:?}", reply.body);
+        let reply = request(
+            &client,
+            Method::POST,
+            &agent.url(EVENTS),
+            &headers(&decoys),
+            body.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "decoys: {:?}",
+            reply.body
+        );
         // Decoys alone, or the body changed by one byte, do not.
-        let reply = request(&client, Method::POST, &agent.url(EVENTS), &headers("v1,Zm9v v9,xxx v1,"), body.clone())
-            .await
-            .unwrap();
+        let reply = request(
+            &client,
+            Method::POST,
+            &agent.url(EVENTS),
+            &headers("v1,Zm9v v9,xxx v1,"),
+            body.clone(),
+        )
+        .await
+        .unwrap();
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
         let mut changed = body.clone().into_bytes();
         changed[2] ^= 1;
-        let reply = request(&client, Method::POST, &agent.url(EVENTS), &headers(signature), changed)
-            .await
-            .unwrap();
+        let reply = request(
+            &client,
+            Method::POST,
+            &agent.url(EVENTS),
+            &headers(signature),
+            changed,
+        )
+        .await
+        .unwrap();
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     }
     assert!(agent.journal_ids().is_empty());
@@ -139,7 +183,11 @@ async fn forged_or_stale_deliveries_are_refused_and_nothing_is_stored() {
     let send = |headers: Vec<(&'static str, String)>, body: Vec<u8>| {
         let client = client.clone();
         let url = url.clone();
-        async move { request(&client, Method::POST, &url, &headers, body).await.unwrap() }
+        async move {
+            request(&client, Method::POST, &url, &headers, body)
+                .await
+                .unwrap()
+        }
     };
 
     let with = |ts: i64, extra: Option<(&'static str, String)>| {
@@ -149,8 +197,16 @@ async fn forged_or_stale_deliveries_are_refused_and_nothing_is_stored() {
     };
     // Correct signature and token: accepted (checked last, to show the refusals are specific).
     for (name, headers, code) in [
-        ("301 s old", with(unix_now() - 301, Some(bearer.clone())), "timestamp_out_of_tolerance"),
-        ("301 s ahead", with(unix_now() + 301, Some(bearer.clone())), "timestamp_out_of_tolerance"),
+        (
+            "301 s old",
+            with(unix_now() - 301, Some(bearer.clone())),
+            "timestamp_out_of_tolerance",
+        ),
+        (
+            "301 s ahead",
+            with(unix_now() + 301, Some(bearer.clone())),
+            "timestamp_out_of_tolerance",
+        ),
         ("no bearer", with(unix_now(), None), "missing_bearer_token"),
         (
             "wrong bearer",
@@ -181,11 +237,15 @@ async fn forged_or_stale_deliveries_are_refused_and_nothing_is_stored() {
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     assert_eq!(reply.body["code"], "invalid_signature");
     // The same JSON re-serialised differently is a different byte string: refused.
-    let reformatted = serde_json::to_vec_pretty(&serde_json::from_slice::<Value>(&body).unwrap()).unwrap();
+    let reformatted =
+        serde_json::to_vec_pretty(&serde_json::from_slice::<Value>(&body).unwrap()).unwrap();
     let reply = send(with(unix_now(), Some(bearer.clone())), reformatted).await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
 
-    assert!(agent.journal_ids().is_empty(), "a refused delivery was stored");
+    assert!(
+        agent.journal_ids().is_empty(),
+        "a refused delivery was stored"
+    );
     // svix-* aliases, within tolerance, with the token: accepted.
     let aliased: Vec<_> = with(unix_now() - 299, Some(bearer.clone()))
         .into_iter()
@@ -204,48 +264,170 @@ async fn forged_or_stale_deliveries_are_refused_and_nothing_is_stored() {
 #[tokio::test]
 async fn malformed_requests_get_problem_details_and_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), "[limits]\nmin_free_disk_bytes = 0\nmax_body_bytes = 2048\n");
+    let agent = Agent::start(
+        dir.path(),
+        "[limits]\nmin_free_disk_bytes = 0\nmax_body_bytes = 2048\n",
+    );
     let client = plain();
     let url = agent.url(EVENTS);
-    let cases: Vec<(&str, Vec<u8>, &str, StatusCode, &str, Option<&str>)> = vec![
-        ("not json", b"{\"id\": ".to_vec(), "application/json", StatusCode::BAD_REQUEST, "invalid_json", None),
-        ("array", b"[1]".to_vec(), "application/json", StatusCode::BAD_REQUEST, "not_an_object", None),
-        ("no id", br#"{"version":1,"payload":{}}"#.to_vec(), "application/json", StatusCode::BAD_REQUEST, "missing_field", Some("id")),
-        ("empty id", br#"{"id":"","version":1,"payload":{}}"#.to_vec(), "application/json", StatusCode::BAD_REQUEST, "invalid_field", Some("id")),
-        ("numeric id", br#"{"id":7,"version":1,"payload":{}}"#.to_vec(), "application/json", StatusCode::BAD_REQUEST, "invalid_field", Some("id")),
-        ("no version", br#"{"id":"x","payload":{}}"#.to_vec(), "application/json", StatusCode::BAD_REQUEST, "missing_field", Some("version")),
-        ("string version", br#"{"id":"x","version":"1","payload":{}}"#.to_vec(), "application/json", StatusCode::BAD_REQUEST, "invalid_field", Some("version")),
-        ("zero version", br#"{"id":"x","version":0,"payload":{}}"#.to_vec(), "application/json", StatusCode::BAD_REQUEST, "invalid_field", Some("version")),
-        ("no payload", br#"{"id":"x","version":1}"#.to_vec(), "application/json", StatusCode::BAD_REQUEST, "missing_field", Some("payload")),
-        ("negative revision", br#"{"id":"x","version":1,"revision":-1,"payload":{}}"#.to_vec(), "application/json", StatusCode::BAD_REQUEST, "invalid_field", Some("revision")),
-        ("bad time", br#"{"id":"x","version":1,"time":"yesterday","payload":{}}"#.to_vec(), "application/json", StatusCode::BAD_REQUEST, "invalid_field", Some("time")),
-        ("numeric type", br#"{"id":"x","version":1,"type":3,"payload":{}}"#.to_vec(), "application/json", StatusCode::BAD_REQUEST, "invalid_field", Some("type")),
-        ("xml", b"<event/>".to_vec(), "application/xml", StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", None),
-        ("oversize", event_body("big", "S", json!("x".repeat(4096))), "application/json", StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
+    // (name, body, content type, expected status, expected code, field named)
+    type Case<'a> = (
+        &'a str,
+        Vec<u8>,
+        &'a str,
+        StatusCode,
+        &'a str,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "not json",
+            b"{\"id\": ".to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            None,
+        ),
+        (
+            "array",
+            b"[1]".to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+            "not_an_object",
+            None,
+        ),
+        (
+            "no id",
+            br#"{"version":1,"payload":{}}"#.to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+            "missing_field",
+            Some("id"),
+        ),
+        (
+            "empty id",
+            br#"{"id":"","version":1,"payload":{}}"#.to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            Some("id"),
+        ),
+        (
+            "numeric id",
+            br#"{"id":7,"version":1,"payload":{}}"#.to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            Some("id"),
+        ),
+        (
+            "no version",
+            br#"{"id":"x","payload":{}}"#.to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+            "missing_field",
+            Some("version"),
+        ),
+        (
+            "string version",
+            br#"{"id":"x","version":"1","payload":{}}"#.to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            Some("version"),
+        ),
+        (
+            "zero version",
+            br#"{"id":"x","version":0,"payload":{}}"#.to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            Some("version"),
+        ),
+        (
+            "no payload",
+            br#"{"id":"x","version":1}"#.to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+            "missing_field",
+            Some("payload"),
+        ),
+        (
+            "negative revision",
+            br#"{"id":"x","version":1,"revision":-1,"payload":{}}"#.to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            Some("revision"),
+        ),
+        (
+            "bad time",
+            br#"{"id":"x","version":1,"time":"yesterday","payload":{}}"#.to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            Some("time"),
+        ),
+        (
+            "numeric type",
+            br#"{"id":"x","version":1,"type":3,"payload":{}}"#.to_vec(),
+            "application/json",
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            Some("type"),
+        ),
+        (
+            "xml",
+            b"<event/>".to_vec(),
+            "application/xml",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            None,
+        ),
+        (
+            "oversize",
+            event_body("big", "S", json!("x".repeat(4096))),
+            "application/json",
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            None,
+        ),
     ];
     for (name, body, content_type, status, code, field) in cases {
         let mut headers = signed_headers("m", unix_now(), &body);
         headers.retain(|(k, _)| *k != "content-type");
         headers.push(("content-type", content_type.to_string()));
-        let reply = request(&client, Method::POST, &url, &headers, body).await.unwrap();
+        let reply = request(&client, Method::POST, &url, &headers, body)
+            .await
+            .unwrap();
         assert_eq!(reply.status, status, "{name}: {:?}", reply.body);
-        assert_eq!(reply.headers["content-type"], "application/problem+json", "{name}");
+        assert_eq!(
+            reply.headers["content-type"], "application/problem+json",
+            "{name}"
+        );
         assert_eq!(reply.body["code"], code, "{name}: {:?}", reply.body);
         assert_eq!(reply.body["status"], status.as_u16(), "{name}");
         let detail = reply.body["detail"].as_str().unwrap_or_default();
         if let Some(field) = field {
             assert_eq!(reply.body["field"], field, "{name}: {:?}", reply.body);
-            assert!(detail.contains(field), "{name}: detail {detail:?} does not name {field}");
+            assert!(
+                detail.contains(field),
+                "{name}: detail {detail:?} does not name {field}"
+            );
         }
     }
     // No Content-Type at all.
     let body = event_body("x", "S", json!({}));
     let mut headers = signed_headers("m", unix_now(), &body);
     headers.retain(|(k, _)| *k != "content-type");
-    let reply = request(&client, Method::POST, &url, &headers, body).await.unwrap();
+    let reply = request(&client, Method::POST, &url, &headers, body)
+        .await
+        .unwrap();
     assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     // An oversize body without Content-Length (chunked) is cut off at the limit too.
-    let mut head = String::from("POST /v1/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n");
+    let mut head = String::from(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\n",
+    );
     for (k, v) in signed_headers("m", unix_now(), b"") {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -274,8 +456,13 @@ async fn cloudevents_structured_and_binary_are_mapped() {
     .unwrap();
     let mut headers = signed_headers("ce-1", unix_now(), &structured);
     headers.retain(|(k, _)| *k != "content-type");
-    headers.push(("content-type", "application/cloudevents+json; charset=utf-8".into()));
-    let reply = request(&client, Method::POST, &url, &headers, structured).await.unwrap();
+    headers.push((
+        "content-type",
+        "application/cloudevents+json; charset=utf-8".into(),
+    ));
+    let reply = request(&client, Method::POST, &url, &headers, structured)
+        .await
+        .unwrap();
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
 
     let data = br#"{"k": "binary"}"#.to_vec();
@@ -289,7 +476,9 @@ async fn cloudevents_structured_and_binary_are_mapped() {
         ("ce-dataversion", "2".to_string()),
         ("ce-revision", "9".to_string()),
     ]);
-    let reply = request(&client, Method::POST, &url, &headers, data).await.unwrap();
+    let reply = request(&client, Method::POST, &url, &headers, data)
+        .await
+        .unwrap();
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
 
     let conn = rusqlite::Connection::open(agent.state_dir.join("journal.sqlite3")).unwrap();
@@ -311,13 +500,19 @@ async fn cloudevents_structured_and_binary_are_mapped() {
         .unwrap()
     };
     let (ty, version, subject, revision, format, envelope) = row("ce-1");
-    assert_eq!((ty.as_str(), version, subject.as_str(), revision), ("PolicyUpdated", 3, "POL-7", 4));
+    assert_eq!(
+        (ty.as_str(), version, subject.as_str(), revision),
+        ("PolicyUpdated", 3, "POL-7", 4)
+    );
     assert_eq!(format, "cloudevents_structured");
     assert_eq!(envelope["payload"], json!({"k": "v"}));
     assert_eq!(envelope["source"], "hms-gov");
     assert_eq!(envelope["time"], "2026-11-22T08:00:00Z");
     let (ty, version, subject, revision, format, envelope) = row("ce-2");
-    assert_eq!((ty.as_str(), version, subject.as_str(), revision), ("rule.updated", 2, "RULE-1", 9));
+    assert_eq!(
+        (ty.as_str(), version, subject.as_str(), revision),
+        ("rule.updated", 2, "RULE-1", 9)
+    );
     assert_eq!(format, "cloudevents_binary");
     assert_eq!(envelope["payload"], json!({"k": "binary"}));
 }
@@ -342,22 +537,40 @@ async fn tls_serves_http1_and_http2_and_enforces_client_certificates() {
     // ALPN picks HTTP/2 when offered; an HTTP/1.1-only client gets HTTP/1.1.
     let client = support::http(&good);
     let body = event_body("tls-1", "S", json!({}));
-    let reply = request(&client, Method::POST, &url, &signed_headers("tls-1", unix_now(), &body), body)
-        .await
-        .unwrap();
+    let reply = request(
+        &client,
+        Method::POST,
+        &url,
+        &signed_headers("tls-1", unix_now(), &body),
+        body,
+    )
+    .await
+    .unwrap();
     assert_eq!(reply.status, StatusCode::ACCEPTED);
     assert_eq!(reply.version, Version::HTTP_2);
     let h1 = support::http1_only(&good);
     let body = event_body("tls-2", "S", json!({}));
-    let reply = request(&h1, Method::POST, &url, &signed_headers("tls-2", unix_now(), &body), body)
-        .await
-        .unwrap();
+    let reply = request(
+        &h1,
+        Method::POST,
+        &url,
+        &signed_headers("tls-2", unix_now(), &body),
+        body,
+    )
+    .await
+    .unwrap();
     assert_eq!(reply.status, StatusCode::ACCEPTED);
     assert_eq!(reply.version, Version::HTTP_11);
 
     // No client certificate, or one from another CA: the handshake fails.
     for (name, tls) in [
-        ("no client certificate", ClientTls { ca_file: Some(&pki.ca), client_cert: None }),
+        (
+            "no client certificate",
+            ClientTls {
+                ca_file: Some(&pki.ca),
+                client_cert: None,
+            },
+        ),
         (
             "wrong CA",
             ClientTls {
@@ -368,9 +581,18 @@ async fn tls_serves_http1_and_http2_and_enforces_client_certificates() {
     ] {
         let client = support::http(&tls);
         let body = event_body("tls-x", "S", json!({}));
-        let result =
-            request(&client, Method::POST, &url, &signed_headers("tls-x", unix_now(), &body), body).await;
-        assert!(result.is_err(), "{name}: expected a TLS failure, got {result:?}");
+        let result = request(
+            &client,
+            Method::POST,
+            &url,
+            &signed_headers("tls-x", unix_now(), &body),
+            body,
+        )
+        .await;
+        assert!(
+            result.is_err(),
+            "{name}: expected a TLS failure, got {result:?}"
+        );
     }
     assert_eq!(agent.journal_ids(), vec!["tls-1", "tls-2"]);
 }
@@ -417,14 +639,20 @@ async fn slow_clients_are_cut_off() {
     );
     // Half a request head, then silence: the connection is closed.
     let mut stream = tokio::net::TcpStream::connect(agent.ingress).await.unwrap();
-    stream.write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    stream
+        .write_all(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the agent kept a silent connection open");
     // A head, then half the body: 408.
     let body = event_body("slow", "S", json!({}));
     let mut stream = tokio::net::TcpStream::connect(agent.ingress).await.unwrap();
-    let mut head = format!("POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n", body.len());
+    let mut head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in signed_headers("slow", unix_now(), &body) {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -448,7 +676,10 @@ async fn backpressure_refuses_with_retry_after() {
     );
     let client = plain();
     for id in ["b1", "b2"] {
-        assert_eq!(post_event(&client, &agent, id).await.unwrap().status, StatusCode::ACCEPTED);
+        assert_eq!(
+            post_event(&client, &agent, id).await.unwrap().status,
+            StatusCode::ACCEPTED
+        );
     }
     let reply = post_event(&client, &agent, "b3").await.unwrap();
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -458,7 +689,10 @@ async fn backpressure_refuses_with_retry_after() {
 
     // A free-disk minimum no disk can meet: refused with disk_low.
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), "[limits]\nmin_free_disk_bytes = 18446744073709551615\n");
+    let agent = Agent::start(
+        dir.path(),
+        "[limits]\nmin_free_disk_bytes = 18446744073709551615\n",
+    );
     let reply = post_event(&client, &agent, "d1").await.unwrap();
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.body["code"], "disk_low");
@@ -477,14 +711,20 @@ impl Tmpfs {
             .arg(dir)
             .status()
             .expect("run mount");
-        assert!(status.success(), "mounting a tmpfs needs root (CAP_SYS_ADMIN)");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (CAP_SYS_ADMIN)"
+        );
         Tmpfs(dir.to_owned())
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -492,16 +732,25 @@ impl Drop for Tmpfs {
 async fn full_disk_answers_503_never_2xx_and_the_agent_keeps_running() {
     let dir = tempfile::tempdir().unwrap();
     let _fs = Tmpfs::mount(&dir.path().join("state"), "600k");
-    let agent = Agent::start(dir.path(), "[limits]\nmin_free_disk_bytes = 0\nmax_body_bytes = 1048576\n");
+    let agent = Agent::start(
+        dir.path(),
+        "[limits]\nmin_free_disk_bytes = 0\nmax_body_bytes = 1048576\n",
+    );
     let client = plain();
     let mut accepted = Vec::new();
     let mut refused = 0;
     for i in 0..400 {
         let id = format!("full-{i}");
         let body = event_body(&id, "S", json!("x".repeat(8 * 1024)));
-        let reply = request(&client, Method::POST, &agent.url(EVENTS), &signed_headers(&id, unix_now(), &body), body)
-            .await
-            .unwrap();
+        let reply = request(
+            &client,
+            Method::POST,
+            &agent.url(EVENTS),
+            &signed_headers(&id, unix_now(), &body),
+            body,
+        )
+        .await
+        .unwrap();
         match reply.status {
             StatusCode::ACCEPTED => accepted.push(id),
             StatusCode::SERVICE_UNAVAILABLE => {
@@ -524,7 +773,12 @@ async fn full_disk_answers_503_never_2xx_and_the_agent_keeps_running() {
 
 /// Sends signed events from `clients` concurrent connections until `stop`; returns the ids that
 /// got a 2xx.
-async fn load(agent_url: String, clients: usize, prefix: String, stop: Arc<AtomicBool>) -> Vec<String> {
+async fn load(
+    agent_url: String,
+    clients: usize,
+    prefix: String,
+    stop: Arc<AtomicBool>,
+) -> Vec<String> {
     let mut tasks = Vec::new();
     for c in 0..clients {
         let url = agent_url.clone();
@@ -565,7 +819,12 @@ async fn kill_9_mid_stream_loses_no_acknowledged_event() {
     for (round, kill_after) in [5u64, 40, 200].into_iter().enumerate() {
         let mut agent = Agent::start_with(dir.path(), &config);
         let stop = Arc::new(AtomicBool::new(false));
-        let loader = tokio::spawn(load(agent.url(EVENTS), 8, format!("r{round}"), stop.clone()));
+        let loader = tokio::spawn(load(
+            agent.url(EVENTS),
+            8,
+            format!("r{round}"),
+            stop.clone(),
+        ));
         // Kill once the agent has acknowledged enough (read from its access log).
         let acked_enough = agent.wait_for_log(Duration::from_secs(30), {
             let mut seen = 0u64;
@@ -576,18 +835,28 @@ async fn kill_9_mid_stream_loses_no_acknowledged_event() {
                 seen >= kill_after
             }
         });
-        assert!(acked_enough.is_some(), "round {round}: too few events acknowledged");
+        assert!(
+            acked_enough.is_some(),
+            "round {round}: too few events acknowledged"
+        );
         agent.kill9();
         stop.store(true, Ordering::Relaxed);
         let acked = loader.await.unwrap();
-        assert!(acked.len() as u64 >= kill_after / 2, "round {round}: {} acked", acked.len());
+        assert!(
+            acked.len() as u64 >= kill_after / 2,
+            "round {round}: {} acked",
+            acked.len()
+        );
         total_acked.extend(acked);
         drop(agent);
         // After restart every acknowledged id is in the journal.
         let agent = Agent::start_with(dir.path(), &config);
         let stored: BTreeSet<_> = agent.journal_ids().into_iter().collect();
         let missing: Vec<_> = total_acked.difference(&stored).collect();
-        assert!(missing.is_empty(), "round {round}: acknowledged but lost: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "round {round}: acknowledged but lost: {missing:?}"
+        );
         assert_eq!(
             admin_get(&agent, "/readyz").await.status,
             StatusCode::OK,
@@ -616,13 +885,18 @@ async fn sigterm_under_load_drains_and_exits_zero() {
             .is_some()
     );
     agent.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = agent.wait_exit(Duration::from_secs(15)).expect("did not exit within the grace period");
+    let status = agent
+        .wait_exit(Duration::from_secs(15))
+        .expect("did not exit within the grace period");
     assert!(status.success(), "exit status {status:?}");
     stop.store(true, Ordering::Relaxed);
     let acked: BTreeSet<_> = loader.await.unwrap().into_iter().collect();
     let stored: BTreeSet<_> = agent.journal_ids().into_iter().collect();
     let missing: Vec<_> = acked.difference(&stored).collect();
-    assert!(missing.is_empty(), "acknowledged but not stored: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not stored: {missing:?}"
+    );
     assert!(agent.log_text().contains("the journal is closed"));
 }
 
@@ -637,7 +911,10 @@ fn validate_names_the_offending_key() {
             .arg(&path)
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let base = support::config_text(dir.path(), "");
     assert_eq!(run(&base).0, Some(0), "{}", run(&base).1);
@@ -648,18 +925,27 @@ fn validate_names_the_offending_key() {
 
     let (code, err) = run(&base.replace("hub-secret", "no-such-secret"));
     assert_eq!(code, Some(1));
-    assert!(err.contains("auth.hmac_secrets[0]") && err.contains("no-such-secret"), "{err}");
+    assert!(
+        err.contains("auth.hmac_secrets[0]") && err.contains("no-such-secret"),
+        "{err}"
+    );
 
     let public = "agent_id = \"p\"\nstate_dir = \"s\"\n[ingress]\nlisten = \"0.0.0.0:8787\"\n";
     let (code, err) = run(public);
     assert_eq!(code, Some(1));
-    assert!(err.contains("auth:") && err.contains("ingress.tls:"), "{err}");
+    assert!(
+        err.contains("auth:") && err.contains("ingress.tls:"),
+        "{err}"
+    );
 
     // Every problem is listed, not only the first.
     let two = "agent_id = \"\"\nstate_dir = \"s\"\n[limits]\nmax_body_bytes = 0\n";
     let (code, err) = run(two);
     assert_eq!(code, Some(1));
-    assert!(err.contains("agent_id") && err.contains("limits.max_body_bytes"), "{err}");
+    assert!(
+        err.contains("agent_id") && err.contains("limits.max_body_bytes"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -683,31 +969,59 @@ async fn the_embedded_default_runs_and_send_delivers() {
     // The default config as shipped, with only the listeners and state moved so that tests can
     // run side by side.
     let dir = tempfile::tempdir().unwrap();
-    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/ess-agent.toml")).unwrap();
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/ess-agent.toml"
+    ))
+    .unwrap();
     let secret = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev/hub-secret");
     let text = shipped
         .replace("127.0.0.1:8787", "127.0.0.1:0")
         .replace("127.0.0.1:8788", "127.0.0.1:0")
-        .replace("\"../state\"", &format!("{:?}", dir.path().join("state").display().to_string()))
+        .replace(
+            "\"../state\"",
+            &format!("{:?}", dir.path().join("state").display().to_string()),
+        )
         .replace("\"dev/hub-secret\"", &format!("{secret:?}"));
     let agent = Agent::start_with(dir.path(), &text);
     let payload = dir.path().join("payload.json");
     std::fs::write(&payload, r#"{"deadline": "16:00"}"#).unwrap();
     let out = std::process::Command::new(support::binary())
-        .args(["send", "--url", &agent.url(EVENTS), "--secret-file", secret, "--id", "sent-1"])
+        .args([
+            "send",
+            "--url",
+            &agent.url(EVENTS),
+            "--secret-file",
+            secret,
+            "--id",
+            "sent-1",
+        ])
         .args(["--type", "rule.updated", "--subject", "RULE-1", "--payload"])
         .arg(&payload)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.starts_with("202"), "{stdout}");
     assert!(stdout.contains("\"accepted\""), "{stdout}");
     let stored = admin_get(&agent, "/v1/events/sent-1").await;
     assert_eq!(stored.body["subject"], "RULE-1");
     // --test is a dry run: answered, not stored.
     let out = std::process::Command::new(support::binary())
-        .args(["send", "--url", &agent.url(EVENTS), "--secret-file", secret, "--id", "dry-1", "--test"])
+        .args([
+            "send",
+            "--url",
+            &agent.url(EVENTS),
+            "--secret-file",
+            secret,
+            "--id",
+            "dry-1",
+            "--test",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

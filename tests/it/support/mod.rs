@@ -129,7 +129,10 @@ impl Agent {
                     logs.changed.notify_all();
                 }
                 // Wake waiters when the process ends.
-                logs.lines.lock().unwrap().push(String::from("{\"eof\":true}"));
+                logs.lines
+                    .lock()
+                    .unwrap()
+                    .push(String::from("{\"eof\":true}"));
                 logs.changed.notify_all();
             });
         }
@@ -148,12 +151,20 @@ impl Agent {
             .wait_for_log(START_TIMEOUT, |v| v["message"] == "ready")
             .unwrap_or_else(|| panic!("agent did not become ready; log:\n{}", agent.log_text()));
         agent.ingress = ready["ingress"].as_str().unwrap().parse().unwrap();
-        agent.admin = ready["admin"].as_str().unwrap_or("0.0.0.0:0").parse().unwrap_or(agent.admin);
+        agent.admin = ready["admin"]
+            .as_str()
+            .unwrap_or("0.0.0.0:0")
+            .parse()
+            .unwrap_or(agent.admin);
         agent
     }
 
     /// Waits until a JSON log line satisfies `pred`; returns it.
-    pub fn wait_for_log(&self, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Option<Value> {
+    pub fn wait_for_log(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Value) -> bool,
+    ) -> Option<Value> {
         let deadline = Instant::now() + timeout;
         let mut seen = 0;
         let mut lines = self.logs.lines.lock().unwrap();
@@ -174,7 +185,12 @@ impl Agent {
             if now >= deadline {
                 return None;
             }
-            lines = self.logs.changed.wait_timeout(lines, deadline - now).unwrap().0;
+            lines = self
+                .logs
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
         }
     }
 
@@ -280,7 +296,9 @@ pub async fn request(
     for (k, v) in headers {
         builder = builder.header(*k, v);
     }
-    let req = builder.body(Full::new(body.into())).map_err(|e| e.to_string())?;
+    let req = builder
+        .body(Full::new(body.into()))
+        .map_err(|e| e.to_string())?;
     let response = client.request(req).await.map_err(|e| format!("{e:?}"))?;
     let status = response.status();
     let version = response.version();
@@ -303,16 +321,24 @@ pub async fn request(
 
 /// GET on the admin listener.
 pub async fn admin_get(agent: &Agent, path: &str) -> Reply {
-    request(&plain(), http::Method::GET, &agent.admin_url(path), &[], Bytes::new())
-        .await
-        .expect("admin request")
+    request(
+        &plain(),
+        http::Method::GET,
+        &agent.admin_url(path),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .expect("admin request")
 }
 
 /// Standard Webhooks headers for `body` signed with the test secret at `timestamp`.
 pub fn signed_headers(msg_id: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
     let signer = WebhookSigner::new(SECRET).unwrap();
-    let mut headers: Vec<(&'static str, String)> =
-        signer.headers(msg_id, timestamp, body).into_iter().collect();
+    let mut headers: Vec<(&'static str, String)> = signer
+        .headers(msg_id, timestamp, body)
+        .into_iter()
+        .collect();
     headers.push(("content-type", "application/json".into()));
     headers
 }
@@ -329,7 +355,14 @@ pub fn event_body(id: &str, subject: &str, payload: Value) -> Vec<u8> {
 pub async fn post_event(client: &HttpClient, agent: &Agent, id: &str) -> Result<Reply, String> {
     let body = event_body(id, "S1", serde_json::json!({"n": 1}));
     let headers = signed_headers(id, unix_now(), &body);
-    request(client, http::Method::POST, &agent.url("/v1/events"), &headers, body).await
+    request(
+        client,
+        http::Method::POST,
+        &agent.url("/v1/events"),
+        &headers,
+        body,
+    )
+    .await
 }
 
 /// A client that offers only HTTP/1.1 in ALPN.

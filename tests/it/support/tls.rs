@@ -52,10 +52,16 @@ pub fn generate(dir: &Path) -> TestPki {
         &["localhost", "127.0.0.1"],
         ExtendedKeyUsagePurpose::ServerAuth,
     );
-    let (client_cert, client_key) =
-        leaf(&ca_issuer, &["hub.test"], ExtendedKeyUsagePurpose::ClientAuth);
-    let (rogue_cert, rogue_key) =
-        leaf(&rogue_ca, &["hub.test"], ExtendedKeyUsagePurpose::ClientAuth);
+    let (client_cert, client_key) = leaf(
+        &ca_issuer,
+        &["hub.test"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let (rogue_cert, rogue_key) = leaf(
+        &rogue_ca,
+        &["hub.test"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
     let write = |name: &str, text: &str| {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
