@@ -19,3 +19,5 @@ pub mod http_client;
 pub mod ingress;
 pub mod journal;
 pub mod shutdown;
+pub mod sink;
+

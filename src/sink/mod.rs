@@ -1,0 +1,185 @@
+//! Sinks: where adapter output is applied.
+//!
+//! A sink is one small trait ([`Sink`]) and one variant of the closed, tagged configuration enum
+//! ([`SinkConfig`]). A sink reports success only once the destination has durably taken the
+//! output (files: fsync of file and directory; HTTP: a 2xx answer). Errors say whether trying
+//! again can help ([`SinkError::Retryable`]) or not ([`SinkError::Permanent`]); the dispatcher
+//! retries the first kind with backoff and dead-letters the second.
+
+pub mod file;
+pub mod http;
+pub mod template;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::Problem;
+
+/// What a sink knows about the event whose output it applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventMeta {
+    pub id: String,
+    pub event_type: String,
+    pub version: u64,
+    pub subject: String,
+    pub revision: Option<u64>,
+    pub source: Option<String>,
+    /// The route that produced the output.
+    pub route: String,
+    /// The agent id (`agent_id` in the configuration).
+    pub partner: String,
+}
+
+/// A failure to apply.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// Temporary: the destination is unreachable, busy, or timed out. Trying again may succeed.
+    #[error("{0}")]
+    Retryable(String),
+    /// The destination refused the output, or the output cannot be applied as configured.
+    /// Trying again cannot succeed until someone changes something.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl SinkError {
+    /// True for [`SinkError::Retryable`].
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SinkError::Retryable(_))
+    }
+}
+
+/// A destination for adapter output.
+#[async_trait::async_trait]
+pub trait Sink: Send + Sync {
+    /// Applies the adapter's output for one event. `output` is the adapter's result as is: a
+    /// sink that writes records writes one per element when it is an array. Returns Ok only once
+    /// the destination has durably taken all of it. Applying the same event again must not
+    /// duplicate it where the sink can prevent that (same file name, same key).
+    async fn apply(&self, event: &EventMeta, output: &Value) -> Result<(), SinkError>;
+
+    /// Checks that the destination is reachable and usable, for readiness.
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// Retry policy of a sink: exponential backoff with full jitter.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Upper bound of the first delay, in milliseconds. Default: 1000.
+    #[serde(default = "default_initial_ms")]
+    pub initial_ms: u64,
+    /// Upper bound of any delay, in milliseconds. Default: 300000 (5 minutes).
+    #[serde(default = "default_max_ms")]
+    pub max_ms: u64,
+    /// Attempts after which the event is dead-lettered. 0 means no limit. Default: 25.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Age (since the event was received) after which no further attempt is made and the event
+    /// is dead-lettered, in seconds. 0 means no limit. Default: 86400 (one day).
+    #[serde(default = "default_max_age_secs")]
+    pub max_age_secs: u64,
+}
+
+fn default_initial_ms() -> u64 {
+    1000
+}
+fn default_max_ms() -> u64 {
+    300_000
+}
+fn default_max_attempts() -> u32 {
+    25
+}
+fn default_max_age_secs() -> u64 {
+    86_400
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            initial_ms: default_initial_ms(),
+            max_ms: default_max_ms(),
+            max_attempts: default_max_attempts(),
+            max_age_secs: default_max_age_secs(),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The delay before attempt `attempt + 1`, after `attempt` failed attempts (1-based):
+    /// uniformly random between 0 and `min(max, initial * 2^(attempt - 1))` ("full jitter").
+    pub fn delay(&self, attempt: u32, random: f64) -> Duration {
+        let exp = attempt.saturating_sub(1).min(40);
+        let cap = self
+            .initial_ms
+            .saturating_mul(1u64 << exp)
+            .min(self.max_ms)
+            .max(1);
+        Duration::from_millis((cap as f64 * random.clamp(0.0, 1.0)) as u64)
+    }
+}
+
+/// The configuration of one sink, tagged by `type`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    File(file::FileConfig),
+    Http(http::HttpConfig),
+}
+
+impl SinkConfig {
+    /// The retry policy.
+    pub fn retry(&self) -> &RetryConfig {
+        match self {
+            SinkConfig::File(c) => &c.retry,
+            SinkConfig::Http(c) => &c.retry,
+        }
+    }
+
+    /// Resolves relative paths against the configuration file's directory.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        match self {
+            SinkConfig::File(c) => c.resolve_paths(base),
+            SinkConfig::Http(c) => c.resolve_paths(base),
+        }
+    }
+
+    /// Pure checks; `key` is this sink's key path, e.g. `sinks.court-files`.
+    pub fn validate(&self, key: &str) -> Vec<Problem> {
+        match self {
+            SinkConfig::File(c) => c.validate(key),
+            SinkConfig::Http(c) => c.validate(key),
+        }
+    }
+
+    /// Builds the sink (reads secrets and files it names, but opens no connection).
+    pub fn build(&self, key: &str) -> Result<Arc<dyn Sink>, Problem> {
+        match self {
+            SinkConfig::File(c) => Ok(Arc::new(file::FileSink::new(c).map_err(|message| Problem { key: key.to_string(), message })?)),
+            SinkConfig::Http(c) => Ok(Arc::new(http::HttpSink::new(c).map_err(|message| Problem { key: key.to_string(), message })?)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_exponential_with_full_jitter() {
+        let r = RetryConfig { initial_ms: 100, max_ms: 1000, ..RetryConfig::default() };
+        assert_eq!(r.delay(1, 1.0), Duration::from_millis(100));
+        assert_eq!(r.delay(2, 1.0), Duration::from_millis(200));
+        assert_eq!(r.delay(4, 1.0), Duration::from_millis(800));
+        assert_eq!(r.delay(5, 1.0), Duration::from_millis(1000));
+        assert_eq!(r.delay(60, 1.0), Duration::from_millis(1000));
+        assert_eq!(r.delay(3, 0.5), Duration::from_millis(200));
+        assert_eq!(r.delay(3, 0.0), Duration::ZERO);
+    }
+}
