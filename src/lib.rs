@@ -20,4 +20,3 @@ pub mod ingress;
 pub mod journal;
 pub mod shutdown;
 pub mod sink;
-

@@ -161,8 +161,18 @@ impl SinkConfig {
     /// Builds the sink (reads secrets and files it names, but opens no connection).
     pub fn build(&self, key: &str) -> Result<Arc<dyn Sink>, Problem> {
         match self {
-            SinkConfig::File(c) => Ok(Arc::new(file::FileSink::new(c).map_err(|message| Problem { key: key.to_string(), message })?)),
-            SinkConfig::Http(c) => Ok(Arc::new(http::HttpSink::new(c).map_err(|message| Problem { key: key.to_string(), message })?)),
+            SinkConfig::File(c) => Ok(Arc::new(file::FileSink::new(c).map_err(|message| {
+                Problem {
+                    key: key.to_string(),
+                    message,
+                }
+            })?)),
+            SinkConfig::Http(c) => Ok(Arc::new(http::HttpSink::new(c).map_err(|message| {
+                Problem {
+                    key: key.to_string(),
+                    message,
+                }
+            })?)),
         }
     }
 }
@@ -173,7 +183,11 @@ mod tests {
 
     #[test]
     fn backoff_is_capped_exponential_with_full_jitter() {
-        let r = RetryConfig { initial_ms: 100, max_ms: 1000, ..RetryConfig::default() };
+        let r = RetryConfig {
+            initial_ms: 100,
+            max_ms: 1000,
+            ..RetryConfig::default()
+        };
         assert_eq!(r.delay(1, 1.0), Duration::from_millis(100));
         assert_eq!(r.delay(2, 1.0), Duration::from_millis(200));
         assert_eq!(r.delay(4, 1.0), Duration::from_millis(800));
