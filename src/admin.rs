@@ -15,9 +15,10 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::dispatch::Dispatcher;
 use crate::ingress::auth::BearerToken;
 use crate::ingress::problem::{Body, Problem, json_response};
-use crate::journal::Journal;
+use crate::journal::{DropOutcome, Journal, JournalError, Requeue};
 
 /// Why the agent is not ready, per component. Empty means ready.
 #[derive(Debug, Default)]
@@ -49,6 +50,7 @@ impl Readiness {
 /// What the admin endpoints read.
 pub struct Admin {
     pub journal: Arc<Journal>,
+    pub dispatcher: Arc<Dispatcher>,
     pub readiness: Arc<Readiness>,
     pub token: Option<BearerToken>,
 }
@@ -90,8 +92,20 @@ impl Admin {
                         )
                     })?;
                 }
-                match (method, path.strip_prefix("/v1/events/")) {
-                    (&Method::GET, Some(raw_id)) => self.get_event(raw_id).await,
+                let query = req.uri().query().unwrap_or("");
+                let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+                match (method, segments.as_slice()) {
+                    (&Method::GET, ["v1", "events", id]) => self.get_event(id).await,
+                    (&Method::POST, ["v1", "events", id, "replay"]) => {
+                        self.replay(id, query_flag(query, "force")).await
+                    }
+                    (&Method::GET, ["v1", "dead-letters"]) => self.dead_letters(query).await,
+                    (&Method::POST, ["v1", "dead-letters", id, "retry"]) => {
+                        self.replay(id, false).await
+                    }
+                    (&Method::DELETE, ["v1", "dead-letters", id]) => {
+                        self.drop_dead_letter(id).await
+                    }
                     _ => Err(not_found(path)),
                 }
             }
@@ -100,36 +114,99 @@ impl Admin {
     }
 
     async fn get_event(&self, raw_id: &str) -> Result<Response<Body>, Problem> {
-        let id = percent_decode(raw_id).ok_or_else(|| {
-            Problem::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_id",
-                "the event id in the path is not valid percent-encoded UTF-8",
-            )
-        })?;
+        let id = decode_id(raw_id)?;
         let journal = self.journal.clone();
         let lookup = id.clone();
-        let record = tokio::task::spawn_blocking(move || journal.get(&lookup))
+        let detail = blocking(move || journal.get_detail(&lookup)).await?;
+        match detail {
+            Some((record, deliveries)) => {
+                let mut body = serde_json::to_value(record).unwrap_or_default();
+                body["deliveries"] = serde_json::to_value(deliveries).unwrap_or_default();
+                Ok(json_response(StatusCode::OK, &body))
+            }
+            None => Err(unknown_event(&id)),
+        }
+    }
+
+    async fn replay(&self, raw_id: &str, force: bool) -> Result<Response<Body>, Problem> {
+        let id = decode_id(raw_id)?;
+        match self
+            .journal
+            .requeue(&id, force)
             .await
-            .map_err(|e| {
-                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            })?
-            .map_err(|e| {
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "journal_unavailable",
-                    e.to_string(),
-                )
-            })?;
-        match record {
-            Some(record) => Ok(json_response(
-                StatusCode::OK,
-                &serde_json::to_value(record).unwrap_or_default(),
+            .map_err(journal_problem)?
+        {
+            Requeue::Queued { seq, subject } => {
+                self.dispatcher.submit(seq, subject);
+                tracing::info!(event_id = %id, force, "event requeued by the operator");
+                Ok(json_response(
+                    StatusCode::ACCEPTED,
+                    &json!({"id": id, "status": "requeued", "force": force}),
+                ))
+            }
+            Requeue::NotFound => Err(unknown_event(&id)),
+            Requeue::Pending => Err(Problem::new(
+                StatusCode::CONFLICT,
+                "not_final",
+                format!("event {id:?} is still being applied: wait until it is final"),
             )),
-            None => Err(Problem::new(
-                StatusCode::NOT_FOUND,
-                "unknown_event",
-                format!("no event with id {id:?} was received"),
+            Requeue::NeedsForce { state } => Err(Problem::new(
+                StatusCode::CONFLICT,
+                "already_applied",
+                format!(
+                    "event {id:?} is {state}: replaying it applies it again; to do that, replay with force (POST /v1/events/{{id}}/replay?force=true, or ess-agent replay --force)"
+                ),
+            )),
+        }
+    }
+
+    async fn dead_letters(&self, query: &str) -> Result<Response<Body>, Problem> {
+        let after = query_value(query, "after")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0i64);
+        let limit = query_value(query, "limit")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100u32)
+            .clamp(1, 1000);
+        let journal = self.journal.clone();
+        let (items, total) = blocking(move || {
+            Ok((
+                journal.dead_letters(after, limit)?,
+                journal.dead_letter_count()?,
+            ))
+        })
+        .await?;
+        let next = (items.len() as u32 == limit)
+            .then(|| items.last().map(|d| d.seq))
+            .flatten();
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({"items": items, "total": total, "next_after": next}),
+        ))
+    }
+
+    async fn drop_dead_letter(&self, raw_id: &str) -> Result<Response<Body>, Problem> {
+        let id = decode_id(raw_id)?;
+        match self
+            .journal
+            .drop_dead_letter(&id)
+            .await
+            .map_err(journal_problem)?
+        {
+            DropOutcome::Dropped => {
+                tracing::info!(event_id = %id, "dead letter dropped by the operator");
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"id": id, "status": "dropped"}),
+                ))
+            }
+            DropOutcome::NotFound => Err(unknown_event(&id)),
+            DropOutcome::NotDeadLetter(state) => Err(Problem::new(
+                StatusCode::CONFLICT,
+                "not_a_dead_letter",
+                format!(
+                    "event {id:?} is {state}, not a dead letter: only failed or parked events can be dropped"
+                ),
             )),
         }
     }
@@ -139,8 +216,61 @@ fn not_found(path: &str) -> Problem {
     Problem::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        format!("no such admin endpoint {path}: see /healthz, /readyz, /v1/events/{{id}}"),
+        format!(
+            "no such admin endpoint {path}: see /healthz, /readyz, GET /v1/events/{{id}}, \
+             POST /v1/events/{{id}}/replay, GET /v1/dead-letters, \
+             POST /v1/dead-letters/{{id}}/retry, DELETE /v1/dead-letters/{{id}}"
+        ),
     )
+}
+
+fn unknown_event(id: &str) -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "unknown_event",
+        format!("no event with id {id:?} was received"),
+    )
+}
+
+fn journal_problem(e: JournalError) -> Problem {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "journal_unavailable",
+        e.to_string(),
+    )
+}
+
+fn decode_id(raw: &str) -> Result<String, Problem> {
+    percent_decode(raw).ok_or_else(|| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+            "the event id in the path is not valid percent-encoded UTF-8",
+        )
+    })
+}
+
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, JournalError> + Send + 'static,
+) -> Result<R, Problem> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(journal_problem)
+}
+
+/// The value of `name` in a query string (undecoded; the values used here are plain).
+fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// True when `name` is present as `name`, `name=true` or `name=1`.
+fn query_flag(query: &str, name: &str) -> bool {
+    query_value(query, name).is_some_and(|v| matches!(v, "" | "true" | "1"))
 }
 
 /// Decodes `%XX` escapes; `None` for a malformed escape or invalid UTF-8.

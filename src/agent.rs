@@ -9,12 +9,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin, Readiness};
-use crate::config::{Config, Secrets};
+use crate::config::{Config, Problem, Secrets};
+use crate::dispatch::Dispatcher;
+use crate::dispatch::routes::Routing;
 use crate::ingress::auth::{BearerToken, KeyError, WebhookVerifier};
 use crate::ingress::handler::{HandlerLimits, HubAuth};
 use crate::ingress::tls::{TlsAcceptor, TlsError};
 use crate::ingress::{self, Handler, InFlight, ServerSettings};
 use crate::journal::{Journal, JournalError, JournalOptions};
+use crate::report::{ReportError, Reporter};
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,10 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error("{} problem(s) with routes, adapters or sinks:\n{}", .0.len(), .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Routing(Vec<Problem>),
+    #[error(transparent)]
+    Report(#[from] ReportError),
     #[error("cannot listen on {addr} ({what}): {source}: is another process using the port?")]
     Bind {
         what: &'static str,
@@ -98,6 +105,7 @@ pub async fn run(
         .as_ref()
         .map(TlsAcceptor::new)
         .transpose()?;
+    let routing = Routing::build(&config, None).map_err(StartError::Routing)?;
 
     let options = JournalOptions {
         max_batch: config.journal.max_batch,
@@ -115,6 +123,25 @@ pub async fn run(
         })??;
     readiness.ready("journal");
 
+    let reporter = match (&config.report, &secrets.report_secret) {
+        (Some(report), Some(secret)) => {
+            Some(Arc::new(Reporter::new(report, secret, journal.clone())?))
+        }
+        _ => None,
+    };
+    let dispatcher = Dispatcher::new(
+        journal.clone(),
+        config.agent_id.clone(),
+        routing,
+        config.dispatch.max_parallel,
+        reporter.as_ref().map(|r| r.wake()),
+    );
+    dispatcher.start().await?;
+    let background = CancellationToken::new();
+    if let Some(reporter) = &reporter {
+        tokio::spawn(reporter.clone().run(background.clone()));
+    }
+
     let ingress_listener = bind("ingress", config.ingress.listen).await?;
     let ingress_addr = ingress_listener.local_addr().ok();
     let admin_listener = if config.admin.enabled {
@@ -127,6 +154,7 @@ pub async fn run(
     if let Some(listener) = admin_listener {
         let admin = Arc::new(Admin {
             journal: journal.clone(),
+            dispatcher: dispatcher.clone(),
             readiness: readiness.clone(),
             token: admin_token,
         });
@@ -137,6 +165,9 @@ pub async fn run(
     let in_flight = InFlight::default();
     let handler = Arc::new(Handler {
         journal: journal.clone(),
+        dispatcher: dispatcher.clone(),
+        ack_mode: config.ingress.ack_mode,
+        ack_timeout: Duration::from_millis(config.ingress.ack_timeout_ms),
         auth,
         limits: HandlerLimits {
             max_body_bytes: config.limits.max_body_bytes,
@@ -168,6 +199,7 @@ pub async fn run(
     readiness.not_ready("shutdown", "shutting down");
 
     let grace = Duration::from_secs(config.shutdown.grace_period_secs);
+    let deadline = tokio::time::Instant::now() + grace;
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -178,6 +210,10 @@ pub async fn run(
             "grace period over: closing the connections that are still open; their events were not acknowledged"
         );
     }
+    dispatcher
+        .shutdown(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
+    background.cancel();
     let closing = journal.clone();
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     tracing::info!("stopped: the journal is closed");

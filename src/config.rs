@@ -9,11 +9,14 @@
 //! Relative paths are resolved against the directory of the configuration file, so a config works
 //! the same whatever the working directory of the process is.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::sink::SinkConfig;
 
 /// Where the configuration is read from when `--config` is not given and `ESS_AGENT_CONFIG` is unset.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ess-agent/ess-agent.toml";
@@ -46,6 +49,131 @@ pub struct Config {
     /// Graceful shutdown.
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Directory holding the JSONata adapter scripts that routes name. Default:
+    /// `/etc/ess-agent/adapters`.
+    #[serde(default = "default_adapters_dir")]
+    pub adapters_dir: PathBuf,
+    /// Routes: which events go through which adapter to which sink. An event may match several
+    /// routes; it is applied through each. An event that matches none is parked as a dead letter
+    /// ("no route") and can be replayed once a route exists. Default: none.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Sinks by name, referenced by routes. Default: none.
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
+    /// Status reports to the hub (PROTOCOL.md §2). Default: off.
+    #[serde(default)]
+    pub report: Option<ReportConfig>,
+    /// The dispatcher that applies journaled events.
+    #[serde(default)]
+    pub dispatch: DispatchConfig,
+}
+
+fn default_adapters_dir() -> PathBuf {
+    PathBuf::from("/etc/ess-agent/adapters")
+}
+
+/// One route: events whose type and version match go through `adapter` to `sink`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// A unique name; delivery state is kept per event and route name. Required.
+    pub name: String,
+    /// Event types this route takes: exact names or globs (`*` any run of characters, `?` one
+    /// character), e.g. `["rule.updated", "court.*"]`. Default: `["*"]` (every type).
+    #[serde(default = "default_types")]
+    pub types: Vec<String>,
+    /// Schema versions this route takes: `"*"` (any), `"3"` (exactly 3), `"1-2"` (1 to 2),
+    /// `"2-"` (2 or later), `"-2"` (up to 2). Default: `"*"`.
+    #[serde(default = "default_versions")]
+    pub versions: String,
+    /// The JSONata script, relative to `adapters_dir` (or absolute). Required.
+    pub adapter: PathBuf,
+    /// The name of the sink (a key of `[sinks]`). Required.
+    pub sink: String,
+    /// Time limit of one adapter evaluation, in milliseconds. Default: 100.
+    #[serde(default)]
+    pub time_limit_ms: Option<u64>,
+    /// Depth limit of one adapter evaluation. Default: 500.
+    #[serde(default)]
+    pub max_depth: Option<usize>,
+    /// Largest adapter output, as compact JSON, in bytes. Default: 10485760 (10 MiB).
+    #[serde(default)]
+    pub max_output_bytes: Option<usize>,
+}
+
+fn default_types() -> Vec<String> {
+    vec!["*".into()]
+}
+fn default_versions() -> String {
+    "*".into()
+}
+
+/// Status reports to the hub's ack endpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// The hub's ack endpoint, e.g. `https://hub.example.gov/v1/acks`. Required.
+    pub url: String,
+    /// This agent's own Standard Webhooks secret (`whsec_…`) that signs every report. Required.
+    pub secret: SecretSource,
+    /// Trust only this CA (PEM) for the hub's certificate instead of the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Time a report request may take, in milliseconds. Default: 10000.
+    #[serde(default = "default_report_timeout")]
+    pub timeout_ms: u64,
+    /// Upper bound of the first retry delay, in milliseconds. Default: 1000.
+    #[serde(default = "default_report_initial")]
+    pub retry_initial_ms: u64,
+    /// Upper bound of any retry delay, in milliseconds. Reports are retried until the hub
+    /// answers 2xx. Default: 300000 (5 minutes).
+    #[serde(default = "default_report_max")]
+    pub retry_max_ms: u64,
+}
+
+fn default_report_timeout() -> u64 {
+    10_000
+}
+fn default_report_initial() -> u64 {
+    1000
+}
+fn default_report_max() -> u64 {
+    300_000
+}
+
+/// The dispatcher.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Most events applied at the same time (each from a different subject; events of one
+    /// subject are always applied one after another). Default: 32.
+    #[serde(default = "default_parallel")]
+    pub max_parallel: usize,
+}
+
+fn default_parallel() -> usize {
+    32
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            max_parallel: default_parallel(),
+        }
+    }
+}
+
+/// When the hub gets its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// 202 `accepted` as soon as the event is journaled (fsync'd).
+    #[default]
+    Received,
+    /// Wait (up to `ack_timeout_ms`) until the event is applied to every route's sink: 200
+    /// `applied`, 200 `failed`, or 202 `accepted` when the wait times out.
+    Applied,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -67,6 +195,17 @@ pub struct IngressConfig {
     /// only for a network the operator fully controls. Default: false.
     #[serde(default)]
     pub insecure_allow_plain_http_on_public_address: bool,
+    /// When the hub gets its answer: `received` (default) or `applied`.
+    #[serde(default)]
+    pub ack_mode: AckMode,
+    /// With `ack_mode = "applied"`: how long a delivery waits for the sinks before it is
+    /// answered 202 `accepted`, in milliseconds. Default: 5000.
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout_ms: u64,
+}
+
+fn default_ack_timeout() -> u64 {
+    5000
 }
 
 fn default_ingress_listen() -> SocketAddr {
@@ -79,6 +218,8 @@ impl Default for IngressConfig {
             listen: default_ingress_listen(),
             tls: None,
             insecure_allow_plain_http_on_public_address: false,
+            ack_mode: AckMode::default(),
+            ack_timeout_ms: default_ack_timeout(),
         }
     }
 }
@@ -102,7 +243,7 @@ pub struct TlsConfig {
 }
 
 /// Where a secret comes from: exactly one of `file` or `env`. Secrets are never written inline.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretSource {
     /// A file whose contents (surrounding white space trimmed) are the secret.
@@ -354,6 +495,7 @@ pub struct Secrets {
     pub ed25519_public_keys: Vec<String>,
     pub bearer_token: Option<String>,
     pub admin_token: Option<String>,
+    pub report_secret: Option<String>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -364,6 +506,7 @@ impl std::fmt::Debug for Secrets {
             .field("ed25519_public_keys", &self.ed25519_public_keys.len())
             .field("bearer_token", &self.bearer_token.is_some())
             .field("admin_token", &self.admin_token.is_some())
+            .field("report_secret", &self.report_secret.is_some())
             .finish()
     }
 }
@@ -420,6 +563,20 @@ impl Config {
             }
         };
         fix(&mut self.state_dir);
+        fix(&mut self.adapters_dir);
+        for route in &mut self.routes {
+            if route.adapter.is_relative() {
+                route.adapter = self.adapters_dir.join(&route.adapter);
+            }
+        }
+        for sink in self.sinks.values_mut() {
+            sink.resolve_paths(base);
+        }
+        if let Some(report) = &mut self.report
+            && let Some(ca) = &mut report.ca_file
+        {
+            fix(ca);
+        }
         if let Some(tls) = &mut self.ingress.tls {
             fix(&mut tls.cert);
             fix(&mut tls.key);
@@ -433,7 +590,8 @@ impl Config {
             .iter_mut()
             .chain(self.auth.ed25519_public_keys.iter_mut())
             .chain(self.auth.bearer_token.iter_mut())
-            .chain(self.admin.token.iter_mut());
+            .chain(self.admin.token.iter_mut())
+            .chain(self.report.iter_mut().map(|r| &mut r.secret));
         for source in sources {
             if let Some(file) = &mut source.file {
                 fix(file);
@@ -620,6 +778,10 @@ impl Config {
                 .token
                 .as_ref()
                 .and_then(|s| read("admin.token".into(), s)),
+            report_secret: self
+                .report
+                .as_ref()
+                .and_then(|r| read("report.secret".into(), &r.secret)),
         };
         if problems.is_empty() {
             Ok(secrets)

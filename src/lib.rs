@@ -5,8 +5,12 @@
 //! - [`config`]: the TOML configuration, its pure validation and the loading of secrets.
 //! - [`ingress`]: the HTTPS listener, hub authentication, envelope parsing and the acknowledgement.
 //! - [`journal`]: the durable store (SQLite, WAL, group commit) every accepted event is written to.
-//! - [`adapter`]: the JSONata engine seam that reshapes payloads for the partner.
-//! - [`admin`]: health, readiness and the event status API on the admin listener.
+//! - [`dispatch`]: routes journaled events through adapters to sinks, in order per subject,
+//!   with retries and dead letters.
+//! - [`adapter`]: the JSONata engine seam and the compiled adapter scripts.
+//! - [`sink`]: where adapter output is applied (files, HTTP, ...).
+//! - [`report`]: status reports to the hub from the journal's outbox.
+//! - [`admin`]: health, readiness, event status, replay and dead letters on the admin listener.
 //! - [`shutdown`]: signal handling and the graceful drain.
 //! - [`cli`]: the command line (`run`, `validate`, `send`, `adapter eval`).
 
@@ -15,8 +19,10 @@ pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod dispatch;
 pub mod http_client;
 pub mod ingress;
 pub mod journal;
+pub mod report;
 pub mod shutdown;
 pub mod sink;

@@ -1,6 +1,8 @@
-//! The command line: `run`, `validate`, `send` and `adapter eval`.
+//! The command line: `run`, `validate`, `send`, `adapter eval`, and the operator commands
+//! `status`, `replay` and `dead-letters` that talk to a running agent.
 
 pub mod adapter;
+pub mod ops;
 pub mod send;
 
 use std::path::PathBuf;
@@ -49,6 +51,30 @@ pub enum Command {
     /// Work with JSONata adapter scripts.
     #[command(subcommand)]
     Adapter(AdapterCommand),
+    /// Show an event's state, per route, from a running agent.
+    Status {
+        /// The event id.
+        id: String,
+        #[command(flatten)]
+        admin: ops::AdminArgs,
+    },
+    /// Apply an event again. Dead letters are retried; an applied event needs --force.
+    Replay {
+        /// The event id.
+        id: String,
+        /// Apply it again even though it was applied (every route).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        admin: ops::AdminArgs,
+    },
+    /// List, retry or drop dead letters.
+    DeadLetters {
+        #[command(subcommand)]
+        command: ops::DeadLetterCommand,
+        #[command(flatten)]
+        admin: ops::AdminArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +105,10 @@ pub fn validate(args: &ConfigArg) -> ExitCode {
                 && let Err(e) = crate::ingress::tls::TlsAcceptor::new(tls)
             {
                 problems.push(format!("ingress.tls: {e}"));
+            }
+            // Compiles every adapter and builds every sink (no connection is opened).
+            if let Err(list) = crate::dispatch::routes::Routing::build(&config, None) {
+                problems.extend(list.iter().map(ToString::to_string));
             }
         }
         Err(e) => problems.extend(e.problems().iter().map(ToString::to_string)),

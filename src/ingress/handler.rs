@@ -5,9 +5,6 @@
 //! signature over the exact bytes, then the envelope. Only an event that passed everything
 //! reaches the journal, and only a committed append is answered with 2xx.
 
-// A `Problem` is large, but it is only built on the refusal path, never per accepted event.
-#![allow(clippy::result_large_err)]
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +20,9 @@ use super::InFlight;
 use super::auth::{BearerToken, WebhookVerifier};
 use super::envelope::{self, Envelope, Format};
 use super::problem::{Body, Problem, json_response};
-use crate::journal::{Appended, Journal, JournalError, NewEvent, WireFormat};
+use crate::config::AckMode;
+use crate::dispatch::Dispatcher;
+use crate::journal::{Appended, Journal, JournalError, NewEvent, WireFormat, state};
 
 /// Hub authentication: every configured check must pass.
 #[derive(Default)]
@@ -44,6 +43,11 @@ pub struct HandlerLimits {
 /// Everything a request needs, shared by all connections.
 pub struct Handler {
     pub journal: Arc<Journal>,
+    pub dispatcher: Arc<Dispatcher>,
+    /// When the hub gets its answer.
+    pub ack_mode: AckMode,
+    /// With [`AckMode::Applied`]: how long to wait for the sinks.
+    pub ack_timeout: Duration,
     pub auth: HubAuth,
     pub limits: HandlerLimits,
     /// Set when shutdown begins: new deliveries are refused with 503.
@@ -141,10 +145,22 @@ impl Handler {
         seen.id = Some(envelope.id.clone());
         seen.event_type = Some(envelope.event_type.clone());
         if dry_run {
-            return Ok(json_response(
-                StatusCode::OK,
-                &json!({"ack": envelope.id, "status": "dry_run", "outputs": []}),
-            ));
+            let outputs = self
+                .dispatcher
+                .dry_run(
+                    serde_json::Value::Object(envelope.document.clone()),
+                    &envelope.event_type,
+                    envelope.version,
+                )
+                .await;
+            let mut body = json!({"ack": envelope.id, "status": "dry_run", "outputs": outputs});
+            if outputs_empty(&body) {
+                body["note"] = json!(format!(
+                    "no route matches type {:?} version {}: the event would be parked",
+                    envelope.event_type, envelope.version
+                ));
+            }
+            return Ok(json_response(StatusCode::OK, &body));
         }
         let content_type = parts
             .headers
@@ -152,16 +168,27 @@ impl Handler {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let id = envelope.id.clone();
-        match self
+        // Register before the append, so the outcome cannot slip past between the two.
+        let waiter = (self.ack_mode == AckMode::Applied).then(|| self.dispatcher.wait_for(&id));
+        let appended = self
             .journal
             .append(new_event(envelope, content_type, body))
-            .await
-        {
-            Ok(Appended::Accepted) => Ok(json_response(
+            .await;
+        let response = match (appended, waiter) {
+            (Ok(Appended::Accepted), Some(waiter)) => {
+                match tokio::time::timeout(self.ack_timeout, waiter).await {
+                    Ok(Ok(outcome)) => Ok(applied_response(&id, &outcome.state, outcome.error)),
+                    _ => Ok(json_response(
+                        StatusCode::ACCEPTED,
+                        &json!({"ack": id, "status": "accepted"}),
+                    )),
+                }
+            }
+            (Ok(Appended::Accepted), None) => Ok(json_response(
                 StatusCode::ACCEPTED,
                 &json!({"ack": id, "status": "accepted"}),
             )),
-            Ok(Appended::Duplicate(record)) => Ok(json_response(
+            (Ok(Appended::Duplicate(record)), _) => Ok(json_response(
                 StatusCode::OK,
                 &json!({
                     "ack": id,
@@ -170,8 +197,12 @@ impl Handler {
                     "received_at": record.received_at,
                 }),
             )),
-            Err(e) => Err(journal_problem(&e, self.limits.retry_after_secs)),
+            (Err(e), _) => Err(journal_problem(&e, self.limits.retry_after_secs)),
+        };
+        if self.ack_mode == AckMode::Applied {
+            self.dispatcher.forget(&id);
         }
+        response
     }
 
     fn check_backpressure(&self) -> Result<(), Problem> {
@@ -242,6 +273,24 @@ impl Handler {
             )),
         }
     }
+}
+
+fn outputs_empty(body: &serde_json::Value) -> bool {
+    body["outputs"].as_array().is_some_and(Vec::is_empty)
+}
+
+/// The answer in ack mode `applied` once the event is final.
+fn applied_response(id: &str, final_state: &str, error: Option<String>) -> Response<Body> {
+    let status = match final_state {
+        state::APPLIED | state::FILTERED => "applied",
+        state::SUPERSEDED => "superseded",
+        _ => "failed",
+    };
+    let mut body = json!({"ack": id, "status": status});
+    if status == "failed" {
+        body["error"] = json!(error);
+    }
+    json_response(StatusCode::OK, &body)
 }
 
 fn is_dry_run(headers: &HeaderMap) -> bool {

@@ -13,8 +13,15 @@
 //! The journal stores the exact body bytes the hub sent and the normalised envelope beside them;
 //! it never interprets payloads.
 
+mod apply;
 mod schema;
 mod writer;
+
+pub use apply::{
+    DeadLetter, DeliveryRecord, DeliveryUpdate, DropOutcome, Finish, OutboxRow, Requeue,
+    StoredEvent,
+};
+pub use writer::Committed;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -111,10 +118,29 @@ pub struct NewEvent {
     pub envelope: String,
 }
 
-/// The lifecycle state of an event.
+/// The lifecycle states of an event and of its deliveries.
 pub mod state {
-    /// Durably recorded, not yet in a final state.
+    /// Durably recorded, not yet in a final state (the backlog).
     pub const ACCEPTED: &str = "accepted";
+    /// Applied to every route's sink (routes whose adapter filtered it count as done).
+    pub const APPLIED: &str = "applied";
+    /// Every matching route's adapter returned `undefined`: nothing to apply.
+    pub const FILTERED: &str = "filtered";
+    /// Not applied: a higher revision of its subject was applied before it.
+    pub const SUPERSEDED: &str = "superseded";
+    /// A dead letter: an adapter or sink failed permanently, or retries ran out.
+    pub const FAILED: &str = "failed";
+    /// A dead letter: no route matched.
+    pub const PARKED: &str = "parked";
+    /// A dead letter the operator dropped. The id stays known, so a redelivery is a duplicate.
+    pub const DROPPED: &str = "dropped";
+    /// A delivery waiting for its (next) attempt.
+    pub const PENDING: &str = "pending";
+
+    /// True for the states an event does not leave without an operator's replay.
+    pub fn is_final(state: &str) -> bool {
+        state != ACCEPTED
+    }
 }
 
 /// What the journal knows about one event.
@@ -135,6 +161,12 @@ pub struct EventRecord {
     pub received_at: String,
     pub state: String,
     pub updated_at: String,
+    /// Why it was parked or failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When it reached its final state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
 }
 
 /// The result of an append.
@@ -180,6 +212,9 @@ struct Shared {
     commits: AtomicU64,
 }
 
+/// Where committed events are announced.
+type Listener = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<Committed>>>>;
+
 /// The handle to the journal. Cheap to share behind an `Arc`.
 pub struct Journal {
     path: PathBuf,
@@ -187,6 +222,7 @@ pub struct Journal {
     reader: Mutex<Connection>,
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    listener: Listener,
 }
 
 impl std::fmt::Debug for Journal {
@@ -239,7 +275,14 @@ impl Journal {
         let checkpointer = connect(&path, rw)?;
 
         let (ops, rx) = mpsc::channel();
-        let writer = writer::Writer::new(conn, rx, options.max_batch, shared.clone());
+        let listener = Listener::default();
+        let writer = writer::Writer::new(
+            conn,
+            rx,
+            options.max_batch,
+            shared.clone(),
+            listener.clone(),
+        );
         let writer = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || writer.run())
@@ -258,6 +301,7 @@ impl Journal {
             reader: Mutex::new(reader),
             shared,
             threads: Mutex::new(vec![writer, background]),
+            listener,
         }))
     }
 
@@ -274,6 +318,41 @@ impl Journal {
             .send(writer::Op::Append(Box::new(event), reply))
             .map_err(|_| JournalError::Closed)?;
         rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Announces every event committed from now on to `listener` (the dispatcher).
+    pub fn set_listener(&self, listener: tokio::sync::mpsc::UnboundedSender<Committed>) {
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
+    }
+
+    /// Runs `job` in the writer's next transaction (in a savepoint of its own) and returns its
+    /// result once that transaction has committed.
+    pub async fn write<R, F>(&self, job: F) -> Result<R, JournalError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, rusqlite::Error> + Send + 'static,
+    {
+        let (value_tx, value_rx) = oneshot::channel();
+        let (reply, done) = oneshot::channel();
+        let job: writer::Job = Box::new(move |conn| {
+            let value = job(conn)?;
+            let _ = value_tx.send(value);
+            Ok(())
+        });
+        self.ops
+            .send(writer::Op::Job(job, reply))
+            .map_err(|_| JournalError::Closed)?;
+        done.await.map_err(|_| JournalError::Closed)??;
+        value_rx.await.map_err(|_| JournalError::Closed)
+    }
+
+    /// Runs a read on the reader connection. Blocking: call from a blocking context.
+    pub fn read<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, rusqlite::Error>,
+    ) -> Result<R, JournalError> {
+        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&conn)?)
     }
 
     /// Reads the stored record of one event. Blocking: call from a blocking context.
@@ -319,7 +398,7 @@ pub(crate) fn read_record(
 ) -> Result<Option<EventRecord>, rusqlite::Error> {
     conn.prepare_cached(
         "SELECT id, type, version, subject, revision, source, time, format, received_at, state, \
-         updated_at FROM events WHERE id = ?1",
+         updated_at, error, finished_at FROM events WHERE id = ?1",
     )?
     .query_row([id], |row| {
         Ok(EventRecord {
@@ -334,6 +413,8 @@ pub(crate) fn read_record(
             received_at: row.get(8)?,
             state: row.get(9)?,
             updated_at: row.get(10)?,
+            error: row.get(11)?,
+            finished_at: row.get(12)?,
         })
     })
     .optional()

@@ -32,6 +32,37 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_by_state ON events (state, seq);
     "#,
+    // 2: application: per-route delivery state, per-subject revisions, the status-report outbox.
+    r#"
+    ALTER TABLE events ADD COLUMN error TEXT;        -- why it was parked or failed
+    ALTER TABLE events ADD COLUMN finished_at TEXT;  -- when it reached its final state
+    CREATE TABLE deliveries (
+        event_seq       INTEGER NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
+        route           TEXT    NOT NULL,
+        sink            TEXT    NOT NULL,
+        state           TEXT    NOT NULL,  -- pending | applied | filtered | failed
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms INTEGER,           -- unix ms of the next try while pending after a failure
+        last_error      TEXT,
+        updated_at      TEXT    NOT NULL,
+        PRIMARY KEY (event_seq, route)
+    );
+    CREATE TABLE subjects (
+        subject       TEXT    PRIMARY KEY,
+        last_revision INTEGER NOT NULL     -- highest revision applied for the subject
+    );
+    CREATE TABLE outbox (
+        seq             INTEGER PRIMARY KEY,
+        event_id        TEXT    NOT NULL,
+        message_id      TEXT    NOT NULL,
+        body            TEXT    NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+        last_error      TEXT,
+        created_at      TEXT    NOT NULL
+    );
+    CREATE INDEX outbox_by_due ON outbox (next_attempt_ms, seq);
+    "#,
 ];
 
 /// The schema version this build writes.

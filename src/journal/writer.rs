@@ -3,25 +3,39 @@
 //! The thread blocks for the first queued operation, then takes every operation already queued
 //! (up to the batch limit) into the same transaction. One commit, one fsync, answers them all.
 //! Nobody is answered before the commit returns; when the commit fails, every operation in the
-//! batch gets the error and nothing of the batch is stored.
+//! batch gets the error and nothing of the batch is stored. A job (a state change of the
+//! dispatcher or the admin API) runs inside its own savepoint, so a job that fails rolls back
+//! alone and the rest of the batch still commits.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
 
 use rusqlite::{Connection, TransactionBehavior, params};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Appended, JournalError, NewEvent, Shared, now_rfc3339, read_record, state};
 
 /// Where the outcome of one append is sent.
 pub(super) type Reply = oneshot::Sender<Result<Appended, JournalError>>;
 
+/// A state change run inside the writer's transaction.
+pub(super) type Job = Box<dyn FnOnce(&Connection) -> Result<(), rusqlite::Error> + Send>;
+
 /// An operation for the writer thread.
 pub(super) enum Op {
     Append(Box<NewEvent>, Reply),
+    Job(Job, oneshot::Sender<Result<(), JournalError>>),
     /// Finish what is queued before this, checkpoint, and stop.
     Close(Sender<()>),
+}
+
+/// An event that was committed, for the dispatcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub seq: i64,
+    pub id: String,
+    pub subject: String,
 }
 
 pub(super) struct Writer {
@@ -29,6 +43,13 @@ pub(super) struct Writer {
     rx: Receiver<Op>,
     max_batch: usize,
     shared: Arc<Shared>,
+    listener: Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<Committed>>>>,
+}
+
+/// What one operation of a batch produced, before the commit.
+enum Outcome {
+    Appended(Appended, Option<Committed>),
+    Job(Result<(), rusqlite::Error>),
 }
 
 impl Writer {
@@ -37,12 +58,14 @@ impl Writer {
         rx: Receiver<Op>,
         max_batch: usize,
         shared: Arc<Shared>,
+        listener: Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<Committed>>>>,
     ) -> Self {
         Self {
             conn,
             rx,
             max_batch: max_batch.max(1),
             shared,
+            listener,
         }
     }
 
@@ -51,13 +74,13 @@ impl Writer {
         while let Ok(first) = self.rx.recv() {
             let mut close = None;
             match first {
-                Op::Append(event, reply) => batch.push((event, reply)),
                 Op::Close(done) => close = Some(done),
+                op => batch.push(op),
             }
             while close.is_none() && batch.len() < self.max_batch {
                 match self.rx.try_recv() {
-                    Ok(Op::Append(event, reply)) => batch.push((event, reply)),
                     Ok(Op::Close(done)) => close = Some(done),
+                    Ok(op) => batch.push(op),
                     Err(_) => break,
                 }
             }
@@ -77,65 +100,122 @@ impl Writer {
         }
     }
 
-    fn commit_batch(&mut self, batch: &mut Vec<(Box<NewEvent>, Reply)>) {
+    fn commit_batch(&mut self, batch: &mut Vec<Op>) {
+        let started = std::time::Instant::now();
         match self.write(batch) {
             Ok(outcomes) => {
+                self.shared.commits.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(
+                    micros = started.elapsed().as_micros() as u64,
+                    operations = batch.len(),
+                    "journal commit"
+                );
+                // Count the backlog before anyone is answered, so a caller that got its answer
+                // sees it.
                 let accepted = outcomes
                     .iter()
-                    .filter(|o| matches!(o, Appended::Accepted))
+                    .filter(|o| matches!(o, Outcome::Appended(_, Some(_))))
                     .count() as u64;
                 self.shared.backlog.fetch_add(accepted, Ordering::Relaxed);
-                self.shared.commits.fetch_add(1, Ordering::Relaxed);
-                for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
+                let mut committed = Vec::new();
+                for (op, outcome) in batch.drain(..).zip(outcomes) {
+                    match (op, outcome) {
+                        (Op::Append(_, reply), Outcome::Appended(appended, event)) => {
+                            if let Some(event) = event {
+                                committed.push(event);
+                            }
+                            let _ = reply.send(Ok(appended));
+                        }
+                        (Op::Job(_, reply), Outcome::Job(result)) => {
+                            let _ = reply.send(result.map_err(JournalError::from));
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(listener) = &*self.listener.lock().unwrap_or_else(|p| p.into_inner()) {
+                    for event in committed {
+                        let _ = listener.send(event);
+                    }
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, events = batch.len(), "journal commit failed; the events were refused with 503");
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(clone_error(&e)));
+                tracing::error!(error = %e, operations = batch.len(), "journal commit failed; nothing of the batch was stored");
+                for op in batch.drain(..) {
+                    match op {
+                        Op::Append(_, reply) => {
+                            let _ = reply.send(Err(clone_error(&e)));
+                        }
+                        Op::Job(_, reply) => {
+                            let _ = reply.send(Err(clone_error(&e)));
+                        }
+                        Op::Close(_) => {}
+                    }
                 }
             }
         }
     }
 
     /// Writes the batch in one transaction. Nothing is visible or durable until it returns Ok.
-    fn write(&mut self, batch: &[(Box<NewEvent>, Reply)]) -> Result<Vec<Appended>, JournalError> {
-        let tx = self
+    fn write(&mut self, batch: &mut [Op]) -> Result<Vec<Outcome>, JournalError> {
+        let mut tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut outcomes = Vec::with_capacity(batch.len());
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO events (id, type, version, subject, revision, source, time, format, \
-                 content_type, received_at, raw_body, envelope, state, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?10) \
-                 ON CONFLICT (id) DO NOTHING",
-            )?;
-            let now = now_rfc3339();
-            for (e, _) in batch {
-                let inserted = insert.execute(params![
-                    e.id,
-                    e.event_type,
-                    e.version as i64,
-                    e.subject,
-                    e.revision.map(|r| r as i64),
-                    e.source,
-                    e.time,
-                    e.format.as_str(),
-                    e.content_type,
-                    now,
-                    &e.raw_body[..],
-                    e.envelope,
-                    state::ACCEPTED,
-                ])?;
-                if inserted == 1 {
-                    outcomes.push(Appended::Accepted);
-                } else {
-                    let record = read_record(&tx, &e.id)?
-                        .ok_or_else(|| JournalError::Io(rusqlite::Error::QueryReturnedNoRows))?;
-                    outcomes.push(Appended::Duplicate(Box::new(record)));
+        let now = now_rfc3339();
+        for op in batch.iter_mut() {
+            match op {
+                Op::Append(e, _) => {
+                    let inserted = tx
+                        .prepare_cached(
+                            "INSERT INTO events (id, type, version, subject, revision, source, \
+                             time, format, content_type, received_at, raw_body, envelope, state, \
+                             updated_at) \
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?10) \
+                             ON CONFLICT (id) DO NOTHING",
+                        )?
+                        .execute(params![
+                            e.id,
+                            e.event_type,
+                            e.version as i64,
+                            e.subject,
+                            e.revision.map(|r| r as i64),
+                            e.source,
+                            e.time,
+                            e.format.as_str(),
+                            e.content_type,
+                            now,
+                            &e.raw_body[..],
+                            e.envelope,
+                            state::ACCEPTED,
+                        ])?;
+                    if inserted == 1 {
+                        let committed = Committed {
+                            seq: tx.last_insert_rowid(),
+                            id: e.id.clone(),
+                            subject: e.subject.clone(),
+                        };
+                        outcomes.push(Outcome::Appended(Appended::Accepted, Some(committed)));
+                    } else {
+                        let record = read_record(&tx, &e.id)?
+                            .ok_or(JournalError::Io(rusqlite::Error::QueryReturnedNoRows))?;
+                        outcomes.push(Outcome::Appended(
+                            Appended::Duplicate(Box::new(record)),
+                            None,
+                        ));
+                    }
                 }
+                Op::Job(job, _) => {
+                    // The job is taken out of the batch; its reply stays for after the commit.
+                    let job = std::mem::replace(job, Box::new(|_| Ok(())));
+                    let sp = tx.savepoint()?;
+                    let result = job(&sp);
+                    match result {
+                        Ok(()) => sp.commit()?,
+                        Err(_) => drop(sp), // rolls back to the savepoint
+                    }
+                    outcomes.push(Outcome::Job(result));
+                }
+                Op::Close(_) => {}
             }
         }
         tx.commit()?;

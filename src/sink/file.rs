@@ -1,43 +1,861 @@
-//! PLACEHOLDER: the file sink is being written; this stub only fixes the interface.
+//! The `file` sink: writes each output record to a file under a root directory, exactly once per
+//! file name (PROTOCOL.md §3).
+//!
+//! # How a write is made durable
+//!
+//! The output is split into records (an array gives one record per element, anything else is
+//! one record). Every record's name is rendered from the `name` template and checked with
+//! [`safe_relative_path`] before anything is written, so a hostile value (`../../etc/passwd`, an
+//! absolute path, a NUL) or two records with the same name refuse the whole event and leave the
+//! disk untouched. Then, for each record:
+//!
+//! 1. missing directories are created, one level at a time;
+//! 2. the content goes to a hidden temporary file in the target directory
+//!    (`.<name>.tmp-<random>`), which is fsynced;
+//!
+//! and once every temporary file is complete:
+//!
+//! 3. each is renamed over its final name;
+//! 4. every directory that received a new entry (a renamed file or a created subdirectory) is
+//!    fsynced.
+//!
+//! Only then does `apply` return Ok. Names are derived from the event, so a retry writes the same
+//! names and replaces the files: each name exists once, with the last content. A failure before
+//! step 3 removes the temporary files and leaves nothing visible; a failure during step 3 may
+//! leave some records renamed and others not, which the retry completes.
+//!
+//! # Content
+//!
+//! A JSON string output is written byte for byte as its text, for CSV, XML or fixed-width
+//! records the adapter has already formatted. Any other value is written as compact JSON
+//! followed by a newline.
+//!
+//! # Error classification
+//!
+//! Classification is by `errno`, never by message text.
+//!
+//! - **Permanent** (dead-lettered; someone must change something): `EACCES`, `EPERM` (fix the
+//!   ownership or mode of the directory, then replay), `EROFS` (the filesystem is mounted
+//!   read-only), `ENOTDIR` and `EISDIR` (a path component or the target name is of the wrong
+//!   kind), `ENAMETOOLONG`, `ELOOP`, `EINVAL`, `EFBIG`, `EXDEV`; plus names refused by the
+//!   template or the path check, and two records with the same name. Permission errors are
+//!   permanent even on network mounts that might recover on their own: retrying them for a day
+//!   hides a misconfiguration that an operator should see at once.
+//! - **Retryable** (backoff, then try again): `ENOSPC` and `EDQUOT` (space may be freed), `EIO`,
+//!   `EAGAIN`, `EINTR`, `EBUSY`, `ESTALE`, `ETIMEDOUT`, `ENOMEM`, `EMFILE`, `ENFILE`, `ENOENT`
+//!   (a mount that vanished underneath us) and every other I/O error. A missing root directory
+//!   with `create_dir = false` is retryable too: it is usually a share that is not mounted yet.
+//!   Unknown errors are retried because the retry policy still dead-letters them after
+//!   `max_attempts` or `max_age_secs`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::template::{Template, safe_relative_path};
 use super::{EventMeta, RetryConfig, Sink, SinkError};
 use crate::config::Problem;
 
+/// Configuration of a `file` sink.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// The root directory files are written under. Relative paths are resolved against the
+    /// configuration file's directory. Required.
     pub dir: PathBuf,
+    /// Create `dir` (and its missing parents) on the first write when it does not exist. When
+    /// false, a missing `dir` is treated as a share that is not mounted yet and the write is
+    /// retried. Default: true.
+    #[serde(default = "default_true")]
+    pub create_dir: bool,
+    /// Template of each file's name relative to `dir`, e.g. `{subject}/{id}.json`; `/` makes
+    /// subdirectories, which are created as needed. Placeholders: `{id}` `{type}` `{version}`
+    /// `{subject}` `{revision}` `{source}` `{partner}` `{route}` `{index}` `{output.<field>}`;
+    /// `{{` and `}}` are literal braces. Required.
     pub name: String,
+    /// Permission bits of written files as an octal string, e.g. `"0640"`. Default: none, so
+    /// files get `0666` minus the process umask.
+    #[serde(default)]
+    pub file_mode: Option<String>,
+    /// Retry policy for retryable failures. Default: see [`RetryConfig`].
     #[serde(default)]
     pub retry: RetryConfig,
 }
 
+fn default_true() -> bool {
+    true
+}
+
+/// Parses an octal permission string such as `"0640"` or `"640"`.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    let mode = (!digits.is_empty() && digits.len() <= 4)
+        .then(|| u32::from_str_radix(digits, 8).ok())
+        .flatten()
+        .ok_or_else(|| {
+            format!("{text:?} is not an octal permission string: write it like \"0640\"")
+        })?;
+    if mode > 0o777 {
+        return Err(format!(
+            "{text:?} sets setuid, setgid or sticky bits: use permission bits only, like \"0640\""
+        ));
+    }
+    Ok(mode)
+}
+
 impl FileConfig {
+    /// Resolves a relative `dir` against `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
         if self.dir.is_relative() {
             self.dir = base.join(&self.dir);
         }
     }
-    pub fn validate(&self, _key: &str) -> Vec<Problem> {
-        Vec::new()
+
+    /// Pure checks; `key` is this sink's key path.
+    pub fn validate(&self, key: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut bad = |field: &str, message: String| {
+            problems.push(Problem {
+                key: format!("{key}.{field}"),
+                message,
+            })
+        };
+        if self.dir.as_os_str().is_empty() {
+            bad(
+                "dir",
+                "must not be empty: set the directory to write into".into(),
+            );
+        }
+        match Template::parse(&self.name) {
+            Err(message) => bad("name", message),
+            Ok(_) if self.name.starts_with('/') => bad(
+                "name",
+                format!(
+                    "{:?} is absolute: names are relative to dir; put the fixed part of the path \
+                     in dir",
+                    self.name
+                ),
+            ),
+            Ok(template) => {
+                // Render every placeholder as a plain word, so that only the literal parts are
+                // checked: `../{id}` or `a//{id}` can never render to a safe name.
+                let sample = template.render_with(|_| Ok("x".into())).unwrap_or_default();
+                if let Err(e) = safe_relative_path(&sample) {
+                    bad(
+                        "name",
+                        format!(
+                            "{:?} can never render a safe name ({e}); write it like \
+                             \"{{subject}}/{{id}}.json\"",
+                            self.name
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(mode) = &self.file_mode
+            && let Err(message) = parse_mode(mode)
+        {
+            bad("file_mode", message);
+        }
+        problems
     }
 }
 
-pub struct FileSink;
+/// The `file` sink.
+#[derive(Debug)]
+pub struct FileSink {
+    dir: PathBuf,
+    create_dir: bool,
+    name: Template,
+    file_mode: Option<u32>,
+}
 
 impl FileSink {
-    pub fn new(_config: &FileConfig) -> Result<FileSink, String> {
-        Ok(FileSink)
+    /// Builds the sink. Touches no file: the directory is created (if allowed) on the first
+    /// write, so that `ess-agent validate` has no side effects.
+    pub fn new(config: &FileConfig) -> Result<FileSink, String> {
+        let name = Template::parse(&config.name).map_err(|e| format!("name: {e}"))?;
+        let file_mode = config
+            .file_mode
+            .as_deref()
+            .map(parse_mode)
+            .transpose()
+            .map_err(|e| format!("file_mode: {e}"))?;
+        Ok(FileSink {
+            dir: config.dir.clone(),
+            create_dir: config.create_dir,
+            name,
+            file_mode,
+        })
     }
+
+    /// Renders and checks every record's name and content. Pure: nothing is written.
+    fn plan(&self, event: &EventMeta, output: &Value) -> Result<Vec<Planned>, SinkError> {
+        let records: Vec<&Value> = match output {
+            Value::Array(items) => items.iter().collect(),
+            other => vec![other],
+        };
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut planned = Vec::with_capacity(records.len());
+        for (index, record) in records.into_iter().enumerate() {
+            let name = self.name.render(event, record, index).map_err(|e| {
+                SinkError::Permanent(format!(
+                    "record {index}: cannot render the file name {:?}: {e}",
+                    self.name.text()
+                ))
+            })?;
+            let components = safe_relative_path(&name)
+                .map_err(|e| SinkError::Permanent(format!("record {index}: {e}")))?;
+            let (file_name, parents) = match components.split_last() {
+                Some((last, parents)) => (last.to_string(), parents),
+                None => return Err(SinkError::Permanent("the rendered name is empty".into())),
+            };
+            let mut dir = self.dir.clone();
+            dir.extend(parents);
+            if let Some(first) = seen.insert(name.clone(), index) {
+                return Err(SinkError::Permanent(format!(
+                    "records {first} and {index} both render the name {name:?}: make the name \
+                     template unique per record, e.g. add {{index}} or an output field"
+                )));
+            }
+            let content = match record {
+                Value::String(text) => text.clone().into_bytes(),
+                other => {
+                    let mut bytes = serde_json::to_vec(other).map_err(|e| {
+                        SinkError::Permanent(format!("record {index}: cannot encode as JSON: {e}"))
+                    })?;
+                    bytes.push(b'\n');
+                    bytes
+                }
+            };
+            planned.push(Planned {
+                dir,
+                file_name,
+                content,
+            });
+        }
+        Ok(planned)
+    }
+}
+
+/// One file to write.
+struct Planned {
+    /// The directory the file goes into (root plus the name's parent components).
+    dir: PathBuf,
+    /// The last component of the rendered name.
+    file_name: String,
+    content: Vec<u8>,
 }
 
 #[async_trait::async_trait]
 impl Sink for FileSink {
-    async fn apply(&self, _event: &EventMeta, _output: &Value) -> Result<(), SinkError> {
-        Err(SinkError::Permanent("not implemented".into()))
+    async fn apply(&self, event: &EventMeta, output: &Value) -> Result<(), SinkError> {
+        let planned = self.plan(event, output)?;
+        if planned.is_empty() {
+            return Ok(());
+        }
+        let writer = Writer {
+            root: self.dir.clone(),
+            create_dir: self.create_dir,
+            file_mode: self.file_mode,
+        };
+        tokio::task::spawn_blocking(move || writer.write_all(&planned))
+            .await
+            .map_err(|e| join_error(&e))?
+    }
+
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        let dir = self.dir.clone();
+        let create_dir = self.create_dir;
+        tokio::task::spawn_blocking(move || match std::fs::metadata(&dir) {
+            Ok(meta) if meta.is_dir() => Ok(()),
+            Ok(_) => Err(SinkError::Permanent(format!(
+                "{} is not a directory: point dir at a directory",
+                dir.display()
+            ))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create_dir => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(missing_root(&dir)),
+            Err(e) => Err(classify("cannot inspect", &dir, &e)),
+        })
+        .await
+        .map_err(|e| join_error(&e))?
+    }
+}
+
+fn join_error(e: &tokio::task::JoinError) -> SinkError {
+    if e.is_cancelled() {
+        SinkError::Retryable("the write was cancelled (the agent is shutting down)".into())
+    } else {
+        SinkError::Permanent(format!("the file writer failed unexpectedly: {e}"))
+    }
+}
+
+fn missing_root(dir: &Path) -> SinkError {
+    SinkError::Retryable(format!(
+        "{} does not exist: create or mount it, or set create_dir = true",
+        dir.display()
+    ))
+}
+
+/// The blocking half of the sink.
+struct Writer {
+    root: PathBuf,
+    create_dir: bool,
+    file_mode: Option<u32>,
+}
+
+impl Writer {
+    fn write_all(&self, planned: &[Planned]) -> Result<(), SinkError> {
+        // Directories whose entries changed and must be fsynced before we report success.
+        let mut to_sync = BTreeSet::new();
+        match std::fs::metadata(&self.root) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(SinkError::Permanent(format!(
+                    "{} is not a directory: point dir at a directory",
+                    self.root.display()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !self.create_dir {
+                    return Err(missing_root(&self.root));
+                }
+                ensure_dir(&self.root, &mut to_sync)?;
+            }
+            Err(e) => return Err(classify("cannot inspect", &self.root, &e)),
+        }
+
+        let mut temps: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(planned.len());
+        let result = self.write_temps(planned, &mut to_sync, &mut temps);
+        if let Err(e) = result {
+            remove_temps(&temps);
+            return Err(e);
+        }
+        for (i, (temp, target)) in temps.iter().enumerate() {
+            if let Err(e) = std::fs::rename(temp, target) {
+                remove_temps(&temps[i..]);
+                return Err(classify("cannot rename into", target, &e));
+            }
+        }
+        for dir in &to_sync {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Creates directories and writes every record to an fsynced temporary file. Every
+    /// temporary file created is pushed onto `temps`, so that the caller can remove them.
+    fn write_temps(
+        &self,
+        planned: &[Planned],
+        to_sync: &mut BTreeSet<PathBuf>,
+        temps: &mut Vec<(PathBuf, PathBuf)>,
+    ) -> Result<(), SinkError> {
+        for record in planned {
+            ensure_dir(&record.dir, to_sync)?;
+            let target = record.dir.join(&record.file_name);
+            let temp = record.dir.join(temp_name(&record.file_name));
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&temp)
+                .map_err(|e| classify("cannot create", &temp, &e))?;
+            temps.push((temp.clone(), target));
+            if let Some(mode) = self.file_mode {
+                // fchmod is not subject to the umask, unlike the mode given to open.
+                file.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| classify("cannot set the mode of", &temp, &e))?;
+            }
+            file.write_all(&record.content)
+                .map_err(|e| classify("cannot write", &temp, &e))?;
+            file.sync_all()
+                .map_err(|e| classify("cannot fsync", &temp, &e))?;
+            to_sync.insert(record.dir.clone());
+        }
+        Ok(())
+    }
+}
+
+/// A hidden name next to the target, unique per attempt. The target's name is kept so that an
+/// operator can tell what a leftover belongs to, cut to 200 bytes so that the temporary name
+/// (at most 222 bytes) fits the usual 255-byte limit even when the final name nearly fills it.
+fn temp_name(file_name: &str) -> String {
+    let mut end = file_name.len().min(200);
+    while !file_name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(".{}.tmp-{:016x}", &file_name[..end], rand::random::<u64>())
+}
+
+fn remove_temps(temps: &[(PathBuf, PathBuf)]) {
+    for (temp, _) in temps {
+        if let Err(e) = std::fs::remove_file(temp)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %temp.display(), error = %e, "cannot remove a temporary file");
+        }
+    }
+}
+
+/// Makes sure `dir` exists, creating missing levels one at a time. The parent of every level
+/// created is added to `to_sync`, because a new directory entry is durable only once its parent
+/// is fsynced.
+fn ensure_dir(dir: &Path, to_sync: &mut BTreeSet<PathBuf>) -> Result<(), SinkError> {
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(_) => {
+            return Err(SinkError::Permanent(format!(
+                "{} exists and is not a directory: remove it or change the name template",
+                dir.display()
+            )));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(classify("cannot inspect", dir, &e)),
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(parent) = parent {
+        ensure_dir(parent, to_sync)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        // Another writer created it in the meantime.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(classify("cannot create the directory", dir, &e)),
+    }
+    if let Some(parent) = parent {
+        to_sync.insert(parent.to_owned());
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SinkError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| classify("cannot fsync the directory", dir, &e))
+}
+
+/// Classifies an I/O error by errno (see the module documentation).
+fn classify(action: &str, path: &Path, e: &io::Error) -> SinkError {
+    let errno = e.raw_os_error().map(Errno::from_raw);
+    let path = path.display();
+    match errno {
+        Some(Errno::EACCES | Errno::EPERM) => SinkError::Permanent(format!(
+            "{action} {path}: {e}: give the agent's user write access to the directory, then \
+             replay the event"
+        )),
+        Some(Errno::EROFS) => SinkError::Permanent(format!(
+            "{action} {path}: {e}: the filesystem is mounted read-only; remount it read-write, \
+             then replay the event"
+        )),
+        Some(Errno::ENAMETOOLONG) => SinkError::Permanent(format!(
+            "{action} {path}: {e}: shorten the name template or the values it uses"
+        )),
+        Some(
+            Errno::ENOTDIR
+            | Errno::EISDIR
+            | Errno::ELOOP
+            | Errno::EINVAL
+            | Errno::EFBIG
+            | Errno::EXDEV,
+        ) => SinkError::Permanent(format!(
+            "{action} {path}: {e}: fix the directory layout or the name template, then replay \
+             the event"
+        )),
+        Some(Errno::ENOSPC | Errno::EDQUOT) => SinkError::Retryable(format!(
+            "{action} {path}: {e}: free space on the filesystem; the write will be retried"
+        )),
+        _ => SinkError::Retryable(format!("{action} {path}: {e}; the write will be retried")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event() -> EventMeta {
+        EventMeta {
+            id: "evt-1".into(),
+            event_type: "case.updated".into(),
+            version: 1,
+            subject: "case-42".into(),
+            revision: Some(3),
+            source: None,
+            route: "courts".into(),
+            partner: "p1".into(),
+        }
+    }
+
+    fn config(dir: &Path, name: &str) -> FileConfig {
+        FileConfig {
+            dir: dir.to_owned(),
+            create_dir: true,
+            name: name.into(),
+            file_mode: None,
+            retry: RetryConfig::default(),
+        }
+    }
+
+    fn sink(dir: &Path, name: &str) -> FileSink {
+        FileSink::new(&config(dir, name)).unwrap()
+    }
+
+    /// Every file under `dir`, as relative paths, sorted.
+    fn files(dir: &Path) -> Vec<String> {
+        fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(base, &path, out);
+                } else {
+                    let rel = path.strip_prefix(base).unwrap();
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if dir.exists() {
+            walk(dir, dir, &mut out);
+        }
+        out.sort();
+        out
+    }
+
+    #[tokio::test]
+    async fn string_output_is_written_byte_exact() {
+        let tmp = tempfile::tempdir().unwrap();
+        let text = "id;name\r\n1;Ödön\r\nno newline at end";
+        sink(tmp.path(), "{id}.csv")
+            .apply(&event(), &json!(text))
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(tmp.path().join("evt-1.csv")).unwrap(),
+            text.as_bytes()
+        );
+        assert_eq!(files(tmp.path()), ["evt-1.csv"]);
+    }
+
+    #[tokio::test]
+    async fn other_output_is_compact_json_with_newline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = json!({"b": 1, "a": [true, null], "c": "x"});
+        sink(tmp.path(), "{id}.json")
+            .apply(&event(), &out)
+            .await
+            .unwrap();
+        let written = std::fs::read_to_string(tmp.path().join("evt-1.json")).unwrap();
+        assert_eq!(written, "{\"b\":1,\"a\":[true,null],\"c\":\"x\"}\n");
+    }
+
+    #[tokio::test]
+    async fn array_output_writes_one_file_per_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = json!([{"k": "a", "v": 1}, {"k": "b", "v": 2}, "plain text"]);
+        sink(tmp.path(), "{id}-{index}.out")
+            .apply(&event(), &out)
+            .await
+            .unwrap();
+        assert_eq!(
+            files(tmp.path()),
+            ["evt-1-0.out", "evt-1-1.out", "evt-1-2.out"]
+        );
+        let read = |n: &str| std::fs::read_to_string(tmp.path().join(n)).unwrap();
+        assert_eq!(read("evt-1-0.out"), "{\"k\":\"a\",\"v\":1}\n");
+        assert_eq!(read("evt-1-1.out"), "{\"k\":\"b\",\"v\":2}\n");
+        assert_eq!(read("evt-1-2.out"), "plain text");
+    }
+
+    #[tokio::test]
+    async fn empty_array_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        sink(&root, "{id}")
+            .apply(&event(), &json!([]))
+            .await
+            .unwrap();
+        assert!(!root.exists());
+    }
+
+    #[tokio::test]
+    async fn subdirectories_and_root_are_created() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("a/b");
+        let out = json!([{"court": "north", "n": 1}, {"court": "south", "n": 2}]);
+        sink(&root, "{subject}/{output.court}/{revision}-{output.n}.json")
+            .apply(&event(), &out)
+            .await
+            .unwrap();
+        assert_eq!(
+            files(&root),
+            ["case-42/north/3-1.json", "case-42/south/3-2.json"]
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_root_without_create_dir_is_retryable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("share");
+        let mut c = config(&root, "{id}");
+        c.create_dir = false;
+        let s = FileSink::new(&c).unwrap();
+        let e = s.apply(&event(), &json!(1)).await.unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("create_dir"), "{e}");
+        assert!(s.healthcheck().await.unwrap_err().is_retryable());
+        assert!(!root.exists());
+        std::fs::create_dir(&root).unwrap();
+        s.apply(&event(), &json!(1)).await.unwrap();
+        s.healthcheck().await.unwrap();
+        assert_eq!(files(&root), ["evt-1"]);
+    }
+
+    #[tokio::test]
+    async fn traversal_is_refused_and_nothing_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let s = sink(&root, "{output.name}");
+        for bad in [
+            "../../etc/passwd",
+            "/etc/passwd",
+            "a/../../b",
+            "a\0b",
+            "x/./y",
+            "a\\b",
+        ] {
+            // A good record first: the bad one must stop the whole event before any write.
+            let out = json!([{"name": "fine"}, {"name": bad}]);
+            let e = s.apply(&event(), &out).await.unwrap_err();
+            assert!(!e.is_retryable(), "{bad:?}: {e}");
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{bad:?}: {e}");
+            assert!(e.to_string().contains("record 1"), "{e}");
+        }
+        assert_eq!(files(tmp.path()), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn traversal_through_event_fields_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut e = event();
+        e.subject = "../../escape".into();
+        let err = sink(tmp.path(), "{subject}/{id}.json")
+            .apply(&e, &json!({}))
+            .await
+            .unwrap_err();
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("../../escape"), "{err}");
+        assert_eq!(files(tmp.path()), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn render_failure_is_permanent_and_names_the_field() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = sink(tmp.path(), "{output.missing}.json")
+            .apply(&event(), &json!({"a": 1}))
+            .await
+            .unwrap_err();
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("{output.missing}"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn two_records_with_the_same_name_are_refused_before_writing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = json!([{"k": "a"}, {"k": "b"}, {"k": "a"}]);
+        let e = sink(tmp.path(), "{output.k}.json")
+            .apply(&event(), &out)
+            .await
+            .unwrap_err();
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("records 0 and 2"), "{e}");
+        assert!(e.to_string().contains("\"a.json\""), "{e}");
+        assert_eq!(files(tmp.path()), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn retry_overwrites_so_each_name_exists_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = sink(tmp.path(), "{subject}/{id}.json");
+        s.apply(&event(), &json!({"v": 1})).await.unwrap();
+        s.apply(&event(), &json!({"v": 2})).await.unwrap();
+        assert_eq!(files(tmp.path()), ["case-42/evt-1.json"]);
+        let written = std::fs::read_to_string(tmp.path().join("case-42/evt-1.json")).unwrap();
+        assert_eq!(written, "{\"v\":2}\n");
+    }
+
+    #[tokio::test]
+    async fn file_mode_is_applied_regardless_of_umask() {
+        let tmp = tempfile::tempdir().unwrap();
+        for mode in ["0640", "0777", "600"] {
+            let mut c = config(tmp.path(), "{id}");
+            c.file_mode = Some(mode.into());
+            FileSink::new(&c)
+                .unwrap()
+                .apply(&event(), &json!(1))
+                .await
+                .unwrap();
+            let got = std::fs::metadata(tmp.path().join("evt-1"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777;
+            assert_eq!(got, u32::from_str_radix(mode, 8).unwrap(), "{mode}");
+        }
+    }
+
+    #[tokio::test]
+    async fn no_temporary_file_is_left_behind_on_failure() {
+        let tmp = tempfile::tempdir().unwrap();
+        // The second record's name is taken by a directory, so its rename fails with EISDIR
+        // after both temporary files were written.
+        std::fs::create_dir_all(tmp.path().join("b.json/inner")).unwrap();
+        let out = json!([{"k": "a"}, {"k": "b"}]);
+        let s = sink(tmp.path(), "{output.k}.json");
+        let e = s.apply(&event(), &out).await.unwrap_err();
+        assert!(!e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("cannot rename"), "{e}");
+        let leftovers: Vec<_> = files(tmp.path())
+            .into_iter()
+            .filter(|f| f.contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failure_before_renaming_leaves_nothing_visible() {
+        let tmp = tempfile::tempdir().unwrap();
+        // The first record's temporary file is complete when the second record's directory
+        // turns out to be a plain file.
+        std::fs::write(tmp.path().join("blocked"), "x").unwrap();
+        let out = json!([{"d": "fine"}, {"d": "blocked"}]);
+        let e = sink(tmp.path(), "{output.d}/{id}.json")
+            .apply(&event(), &out)
+            .await
+            .unwrap_err();
+        assert!(!e.is_retryable(), "{e}");
+        assert_eq!(files(tmp.path()), ["blocked"]);
+    }
+
+    #[tokio::test]
+    async fn a_file_where_a_directory_is_needed_is_permanent() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("case-42"), "x").unwrap();
+        let e = sink(tmp.path(), "{subject}/{id}.json")
+            .apply(&event(), &json!({}))
+            .await
+            .unwrap_err();
+        assert!(!e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("not a directory"), "{e}");
+        assert_eq!(files(tmp.path()), ["case-42"]);
+    }
+
+    #[tokio::test]
+    async fn unwritable_directory_is_permanent_and_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("locked");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o555)).unwrap();
+        // Root ignores permission bits; there the write simply succeeds.
+        if std::fs::write(root.join("probe"), "").is_ok() {
+            return;
+        }
+        let e = sink(&root, "{id}")
+            .apply(&event(), &json!({}))
+            .await
+            .unwrap_err();
+        assert!(!e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("write access"), "{e}");
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(files(&root), Vec::<String>::new());
+    }
+
+    #[test]
+    fn classification_is_by_errno() {
+        let p = Path::new("/x");
+        let of = |errno: Errno| {
+            classify(
+                "cannot write",
+                p,
+                &io::Error::from_raw_os_error(errno as i32),
+            )
+        };
+        for errno in [
+            Errno::EACCES,
+            Errno::EPERM,
+            Errno::EROFS,
+            Errno::ENOTDIR,
+            Errno::EISDIR,
+            Errno::ENAMETOOLONG,
+        ] {
+            assert!(!of(errno).is_retryable(), "{errno}");
+        }
+        for errno in [
+            Errno::ENOSPC,
+            Errno::EDQUOT,
+            Errno::EIO,
+            Errno::EAGAIN,
+            Errno::ESTALE,
+            Errno::ENOENT,
+        ] {
+            assert!(of(errno).is_retryable(), "{errno}");
+        }
+        assert!(
+            classify("x", p, &io::Error::other("no errno")).is_retryable(),
+            "errors without errno are retried"
+        );
+        assert!(of(Errno::ENOSPC).to_string().contains("free space"));
+    }
+
+    #[test]
+    fn validate_reports_bad_templates_modes_and_absolute_names() {
+        let dir = Path::new("/data");
+        assert!(
+            config(dir, "{subject}/{id}.json")
+                .validate("sinks.f")
+                .is_empty()
+        );
+        let problems = |name: &str, mode: Option<&str>| {
+            let mut c = config(dir, name);
+            c.file_mode = mode.map(str::to_string);
+            c.validate("sinks.f")
+        };
+        let p = problems("{nope}.json", None);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].key, "sinks.f.name");
+        assert!(p[0].message.contains("{nope}"), "{}", p[0].message);
+        for name in ["/abs/{id}", "../{id}", "a//{id}", "{id}/", "./{id}", ""] {
+            let p = problems(name, None);
+            assert_eq!(p.len(), 1, "{name:?}: {p:?}");
+            assert_eq!(p[0].key, "sinks.f.name");
+        }
+        for mode in ["0640", "640", "0o600", "0"] {
+            assert!(problems("{id}", Some(mode)).is_empty(), "{mode}");
+        }
+        for mode in ["rw-r-----", "0999", "4755", "", "01234567"] {
+            let p = problems("{id}", Some(mode));
+            assert_eq!(p.len(), 1, "{mode:?}");
+            assert_eq!(p[0].key, "sinks.f.file_mode");
+        }
+    }
+
+    #[test]
+    fn config_parses_with_defaults_and_refuses_unknown_keys() {
+        let c: FileConfig = toml::from_str("dir = \"out\"\nname = \"{id}.json\"\n").unwrap();
+        assert!(c.create_dir);
+        assert_eq!(c.file_mode, None);
+        assert_eq!(c.retry, RetryConfig::default());
+        let e = toml::from_str::<FileConfig>("dir = \"out\"\nname = \"x\"\nmode = \"0640\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let mut c = c;
+        c.resolve_paths(Path::new("/etc/ess"));
+        assert_eq!(c.dir, Path::new("/etc/ess/out"));
     }
 }

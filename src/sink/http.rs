@@ -1,40 +1,976 @@
-//! PLACEHOLDER: the HTTP sink is being written; this stub only fixes the interface.
-use std::path::Path;
+//! The `http` sink: sends the adapter's output to a partner's HTTP(S) endpoint in one request.
+//!
+//! The whole output goes in one request: a JSON string output as its text
+//! (`text/plain; charset=utf-8`), anything else as JSON (`application/json`); `content_type`
+//! overrides either. Every request carries `ess-event-id`, `ess-event-type`, `ess-route` and
+//! `Idempotency-Key: <event id>:<route>`. The guarantee is at least once: a request whose answer
+//! was lost is sent again, and the partner deduplicates by the idempotency key.
+//!
+//! # Error classification
+//!
+//! By status code and error type, never by message text:
+//!
+//! - 2xx: applied.
+//! - **Retryable**: 408, 425, 429 and every 5xx; connection errors (refused, reset, TLS
+//!   handshake failures, DNS failures) and timeouts (`timeout_ms` covers connecting, sending and
+//!   receiving the answer). A certificate the agent does not trust is retried
+//!   too: it is usually fixed on the partner's side (a renewed certificate) without a change
+//!   here, and the retry policy still dead-letters the event in the end.
+//! - **Permanent**: every other status, including 3xx (redirects are not followed: point `url`
+//!   at the final address) and the other 4xx. The message has the status and the first 500
+//!   bytes of the response body, which is usually where the partner says what it disliked.
+//!
+//! Secret header values are read once when the sink is built, are marked sensitive (HTTP/2
+//! never indexes them) and never appear in logs, errors or `Debug` output.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 use serde_json::Value;
+use tokio::time::{Instant, timeout_at};
 
 use super::{EventMeta, RetryConfig, Sink, SinkError};
-use crate::config::Problem;
+use crate::config::{Problem, SecretSource, read_secret};
+use crate::http_client::{ClientTls, HttpClient, client};
 
+/// The request method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum HttpMethod {
+    #[default]
+    #[serde(rename = "POST", alias = "post")]
+    Post,
+    #[serde(rename = "PUT", alias = "put")]
+    Put,
+}
+
+impl HttpMethod {
+    fn method(self) -> Method {
+        match self {
+            HttpMethod::Post => Method::POST,
+            HttpMethod::Put => Method::PUT,
+        }
+    }
+}
+
+/// Configuration of an `http` sink.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
+    /// The endpoint, `http://` or `https://`, e.g. `https://partner.example/ess/changes`.
+    /// Credentials do not belong here: send them with `secret_headers`. Required.
     pub url: String,
+    /// `POST` or `PUT`. Default: `POST`.
+    #[serde(default)]
+    pub method: HttpMethod,
+    /// Static headers sent with every request, name → value. The headers the sink sets itself
+    /// (`Content-Type`, `ess-event-id`, `ess-event-type`, `ess-route`, `Idempotency-Key`) and
+    /// hop-by-hop headers cannot be set here. Default: none.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Headers whose values are secrets (API keys, `Authorization`), name → `{ file = "…" }` or
+    /// `{ env = "…" }`. Read once when the sink is built; never logged. Default: none.
+    #[serde(default)]
+    pub secret_headers: BTreeMap<String, SecretSource>,
+    /// How long one attempt may take, from connecting until the response has arrived, in
+    /// milliseconds; a timeout is retried. Default: 10000.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// A PEM file with the CA certificate(s) to trust for an `https` URL instead of the
+    /// system's roots. Relative paths are resolved against the configuration file's directory.
+    /// Default: the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The `Content-Type` of every request, overriding the default of `application/json` for
+    /// JSON output and `text/plain; charset=utf-8` for string output. Default: none.
+    #[serde(default)]
+    pub content_type: Option<String>,
+    /// Retry policy for retryable failures. Default: see [`RetryConfig`].
     #[serde(default)]
     pub retry: RetryConfig,
 }
 
-impl HttpConfig {
-    pub fn resolve_paths(&mut self, base: &Path) {
-        let _ = base;
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+/// Headers the sink sets itself, or that would break the message framing.
+const RESERVED: &[&str] = &[
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "host",
+    "te",
+    "upgrade",
+    "ess-event-id",
+    "ess-event-type",
+    "ess-route",
+    "idempotency-key",
+];
+
+const JSON: &str = "application/json";
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// How much of an error response's body goes into the message.
+const EXCERPT_BYTES: usize = 500;
+/// How much of a successful response's body is read so that the connection can be reused.
+const DRAIN_BYTES: usize = 64 * 1024;
+
+fn parse_url(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url.parse().map_err(|e| {
+        format!("{url:?} is not a valid URL ({e}): write it like https://partner.example/ess")
+    })?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => {
+            return Err(format!(
+                "{url:?} must start with http:// or https://, e.g. https://partner.example/ess"
+            ));
+        }
     }
-    pub fn validate(&self, _key: &str) -> Vec<Problem> {
-        Vec::new()
+    let Some(authority) = uri.authority() else {
+        return Err(format!(
+            "{url:?} has no host: write it like https://partner.example/ess"
+        ));
+    };
+    if authority.as_str().contains('@') {
+        return Err(format!(
+            "{} carries credentials in the URL: remove them and send them with secret_headers",
+            redact(&uri)
+        ));
+    }
+    if authority.host().is_empty() {
+        return Err(format!(
+            "{url:?} has no host: write it like https://partner.example/ess"
+        ));
+    }
+    Ok(uri)
+}
+
+/// The URL without query (which might carry a token) and user info, for messages.
+fn redact(uri: &Uri) -> String {
+    let host = uri.host().unwrap_or("");
+    let port = uri.port().map(|p| format!(":{p}")).unwrap_or_default();
+    format!(
+        "{}://{host}{port}{}",
+        uri.scheme_str().unwrap_or(""),
+        uri.path()
+    )
+}
+
+fn header_name(name: &str) -> Result<HeaderName, String> {
+    let parsed = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{name:?} is not a valid header name"))?;
+    if parsed == CONTENT_TYPE {
+        return Err("set the content type with content_type, not as a header".into());
+    }
+    if RESERVED.contains(&parsed.as_str()) {
+        return Err(format!(
+            "{name} is set by the sink itself and cannot be configured; remove it"
+        ));
+    }
+    Ok(parsed)
+}
+
+impl HttpConfig {
+    /// Resolves relative file paths (`ca_file`, secret files) against `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(ca) = &mut self.ca_file {
+            fix(ca);
+        }
+        for source in self.secret_headers.values_mut() {
+            if let Some(file) = &mut source.file {
+                fix(file);
+            }
+        }
+    }
+
+    /// Pure checks; `key` is this sink's key path.
+    pub fn validate(&self, key: &str) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut bad = |field: String, message: String| {
+            problems.push(Problem {
+                key: format!("{key}.{field}"),
+                message,
+            })
+        };
+        if let Err(message) = parse_url(&self.url) {
+            bad("url".into(), message);
+        }
+        let mut seen: std::collections::HashMap<HeaderName, &str> = Default::default();
+        let names = self
+            .headers
+            .keys()
+            .map(|n| ("headers", n))
+            .chain(self.secret_headers.keys().map(|n| ("secret_headers", n)));
+        for (table, name) in names {
+            match header_name(name) {
+                Err(message) => bad(format!("{table}.{name}"), message),
+                Ok(parsed) => {
+                    if let Some(first) = seen.insert(parsed, table) {
+                        bad(
+                            format!("{table}.{name}"),
+                            format!("is also set in {first}: set each header once"),
+                        );
+                    }
+                }
+            }
+        }
+        for (name, value) in &self.headers {
+            if HeaderValue::from_str(value).is_err() {
+                bad(
+                    format!("headers.{name}"),
+                    "is not a valid header value: remove control characters".into(),
+                );
+            }
+        }
+        for (name, source) in &self.secret_headers {
+            match (&source.file, &source.env) {
+                (Some(_), Some(_)) => bad(
+                    format!("secret_headers.{name}"),
+                    "set either file or env, not both".into(),
+                ),
+                (None, None) => bad(
+                    format!("secret_headers.{name}"),
+                    "set file = \"/path/to/secret\" or env = \"VARIABLE\"".into(),
+                ),
+                _ => {}
+            }
+        }
+        if self.timeout_ms == 0 {
+            bad(
+                "timeout_ms".into(),
+                "must be at least 1 (the default is 10000)".into(),
+            );
+        }
+        if let Some(ct) = &self.content_type
+            && (ct.trim().is_empty() || HeaderValue::from_str(ct).is_err())
+        {
+            bad(
+                "content_type".into(),
+                format!("{ct:?} is not a valid content type: write it like \"application/xml\""),
+            );
+        }
+        problems
     }
 }
 
-pub struct HttpSink;
+/// The `http` sink.
+pub struct HttpSink {
+    client: HttpClient,
+    uri: Uri,
+    /// The URL for messages (no query, no user info).
+    shown: String,
+    method: Method,
+    /// Static and secret headers; secret values are marked sensitive.
+    headers: HeaderMap,
+    timeout: Duration,
+    content_type: Option<HeaderValue>,
+}
+
+impl std::fmt::Debug for HttpSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Header names only: values may be secrets.
+        f.debug_struct("HttpSink")
+            .field("url", &self.shown)
+            .field("method", &self.method)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
 
 impl HttpSink {
-    pub fn new(_config: &HttpConfig) -> Result<HttpSink, String> {
-        Ok(HttpSink)
+    /// Builds the sink: reads the secret headers and the CA file. Opens no connection.
+    pub fn new(config: &HttpConfig) -> Result<HttpSink, String> {
+        let uri = parse_url(&config.url).map_err(|e| format!("url: {e}"))?;
+        if config.timeout_ms == 0 {
+            return Err("timeout_ms: must be at least 1".into());
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in &config.headers {
+            let parsed = header_name(name).map_err(|e| format!("headers.{name}: {e}"))?;
+            let value = HeaderValue::from_str(value).map_err(|_| {
+                format!("headers.{name}: not a valid header value: remove control characters")
+            })?;
+            headers.insert(parsed, value);
+        }
+        for (name, source) in &config.secret_headers {
+            let parsed = header_name(name).map_err(|e| format!("secret_headers.{name}: {e}"))?;
+            let secret = read_secret(source).map_err(|e| format!("secret_headers.{name}: {e}"))?;
+            // The error must not echo the secret.
+            let mut value = HeaderValue::from_str(&secret).map_err(|_| {
+                format!(
+                    "secret_headers.{name}: the secret is not a valid header value: remove \
+                     control characters from it"
+                )
+            })?;
+            value.set_sensitive(true);
+            headers.insert(parsed, value);
+        }
+        let content_type = config
+            .content_type
+            .as_deref()
+            .map(HeaderValue::from_str)
+            .transpose()
+            .map_err(|_| "content_type: not a valid header value".to_string())?;
+        let tls = ClientTls {
+            ca_file: config.ca_file.as_deref(),
+            client_cert: None,
+        };
+        let client = client(&tls).map_err(|e| format!("ca_file: {e}"))?;
+        Ok(HttpSink {
+            client,
+            shown: redact(&uri),
+            uri,
+            method: config.method.method(),
+            headers,
+            timeout: Duration::from_millis(config.timeout_ms),
+            content_type,
+        })
+    }
+
+    fn request(
+        &self,
+        event: &EventMeta,
+        output: &Value,
+    ) -> Result<Request<Full<Bytes>>, SinkError> {
+        let (body, default_type) = match output {
+            Value::String(text) => (Bytes::from(text.clone().into_bytes()), TEXT),
+            other => (
+                Bytes::from(serde_json::to_vec(other).map_err(|e| {
+                    SinkError::Permanent(format!("cannot encode the output as JSON: {e}"))
+                })?),
+                JSON,
+            ),
+        };
+        let event_header = |what: &str, value: &str| {
+            HeaderValue::from_str(value).map_err(|_| {
+                SinkError::Permanent(format!(
+                    "the {what} {value:?} cannot be sent as a header value (it holds control \
+                     characters): this event cannot be sent to an http sink"
+                ))
+            })
+        };
+        let mut request = Request::builder()
+            .method(self.method.clone())
+            .uri(self.uri.clone())
+            .body(Full::new(body))
+            .map_err(|e| SinkError::Permanent(format!("cannot build the request: {e}")))?;
+        let headers = request.headers_mut();
+        headers.clone_from(&self.headers);
+        headers.insert(
+            CONTENT_TYPE,
+            self.content_type
+                .clone()
+                .unwrap_or(HeaderValue::from_static(default_type)),
+        );
+        headers.insert("ess-event-id", event_header("event id", &event.id)?);
+        headers.insert(
+            "ess-event-type",
+            event_header("event type", &event.event_type)?,
+        );
+        headers.insert("ess-route", event_header("route", &event.route)?);
+        headers.insert(
+            "idempotency-key",
+            event_header("idempotency key", &format!("{}:{}", event.id, event.route))?,
+        );
+        Ok(request)
     }
 }
 
 #[async_trait::async_trait]
 impl Sink for HttpSink {
-    async fn apply(&self, _event: &EventMeta, _output: &Value) -> Result<(), SinkError> {
-        Err(SinkError::Permanent("not implemented".into()))
+    async fn apply(&self, event: &EventMeta, output: &Value) -> Result<(), SinkError> {
+        let request = self.request(event, output)?;
+        let deadline = Instant::now() + self.timeout;
+        let response = match timeout_at(deadline, self.client.request(request)).await {
+            Err(_) => {
+                return Err(SinkError::Retryable(format!(
+                    "{} did not answer within {} ms; the request will be retried (raise \
+                     timeout_ms if the endpoint is just slow)",
+                    self.shown,
+                    self.timeout.as_millis()
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(SinkError::Retryable(format!(
+                    "cannot reach {}: {}; the request will be retried",
+                    self.shown,
+                    error_chain(&e)
+                )));
+            }
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        if status.is_success() {
+            // Read a small body to the end so that the connection goes back to the pool; the
+            // status already says the output was taken, so a failure here changes nothing.
+            let _ = read_prefix(response.into_body(), deadline, DRAIN_BYTES).await;
+            return Ok(());
+        }
+        let body = read_prefix(response.into_body(), deadline, EXCERPT_BYTES).await;
+        let excerpt = match excerpt(&body) {
+            text if text.is_empty() => "(empty body)".to_string(),
+            text => format!("{text:?}"),
+        };
+        let status_text = format!(
+            "{} {}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
+        let status_text = status_text.trim_end();
+        Err(if is_retryable(status) {
+            SinkError::Retryable(format!(
+                "{} answered {status_text}: {excerpt}; the request will be retried",
+                self.shown
+            ))
+        } else if status.is_redirection() {
+            SinkError::Permanent(format!(
+                "{} answered {status_text}: {excerpt}: redirects are not followed; set url to \
+                 the final address, then replay the event",
+                self.shown
+            ))
+        } else {
+            SinkError::Permanent(format!(
+                "{} answered {status_text}: {excerpt}: fix the adapter output or the endpoint, \
+                 then replay the event",
+                self.shown
+            ))
+        })
+    }
+}
+
+/// Statuses that say "later" rather than "no".
+fn is_retryable(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 425 | 429) || status.is_server_error()
+}
+
+/// Reads up to `limit` bytes of a body, stopping at the deadline or an error.
+async fn read_prefix(mut body: hyper::body::Incoming, deadline: Instant, limit: usize) -> Vec<u8> {
+    let mut buf = Vec::new();
+    while buf.len() < limit {
+        match timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+            }
+            _ => break,
+        }
+    }
+    buf.truncate(limit);
+    buf
+}
+
+/// The body as text for a message, without a character cut in half at the end.
+fn excerpt(body: &[u8]) -> String {
+    let body = match std::str::from_utf8(body) {
+        Err(e) if e.error_len().is_none() => &body[..e.valid_up_to()],
+        _ => body,
+    };
+    String::from_utf8_lossy(body).into_owned()
+}
+
+/// An error and its causes, joined: hyper's own message ("client error (Connect)") says little.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+
+    use hyper::body::Incoming;
+    use hyper::service::service_fn;
+    use hyper::{Response, StatusCode};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    use serde_json::json;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A request as the test server saw it.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        method: Method,
+        path: String,
+        headers: HeaderMap,
+        body: Bytes,
+    }
+
+    type Log = Arc<Mutex<Vec<Seen>>>;
+
+    async fn handle(
+        request: Request<Incoming>,
+        log: Log,
+        status: StatusCode,
+        reply: String,
+    ) -> Result<Response<Full<Bytes>>, hyper::Error> {
+        let (parts, body) = request.into_parts();
+        let body = body.collect().await?.to_bytes();
+        log.lock().unwrap().push(Seen {
+            method: parts.method,
+            path: parts.uri.to_string(),
+            headers: parts.headers,
+            body,
+        });
+        Ok(Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from(reply)))
+            .unwrap())
+    }
+
+    /// Starts a server on 127.0.0.1:0 that answers every request with `status` and `reply`,
+    /// over TLS when `tls` is given.
+    async fn serve(
+        status: StatusCode,
+        reply: &str,
+        tls: Option<crate::ingress::tls::TlsAcceptor>,
+    ) -> (SocketAddr, Log) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log: Log = Arc::default();
+        let reply = reply.to_string();
+        let server_log = log.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let log = server_log.clone();
+                let reply = reply.clone();
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let service =
+                        service_fn(move |req| handle(req, log.clone(), status, reply.clone()));
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(stream).await else {
+                                return;
+                            };
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                        None => {
+                            let _ = builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, log)
+    }
+
+    fn event() -> EventMeta {
+        EventMeta {
+            id: "evt-1".into(),
+            event_type: "case.updated".into(),
+            version: 1,
+            subject: "case-42".into(),
+            revision: None,
+            source: None,
+            route: "courts".into(),
+            partner: "p1".into(),
+        }
+    }
+
+    fn config(url: &str) -> HttpConfig {
+        HttpConfig {
+            url: url.into(),
+            method: HttpMethod::Post,
+            headers: BTreeMap::new(),
+            secret_headers: BTreeMap::new(),
+            timeout_ms: 5000,
+            ca_file: None,
+            content_type: None,
+            retry: RetryConfig::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn json_output_is_posted_with_event_headers() {
+        let (addr, log) = serve(StatusCode::CREATED, "ok", None).await;
+        let mut c = config(&format!("http://{addr}/ess/changes?tenant=7"));
+        c.headers.insert("X-Partner".into(), "north".into());
+        let sink = HttpSink::new(&c).unwrap();
+        let output = json!({"case": 42, "items": [1, 2]});
+        sink.apply(&event(), &output).await.unwrap();
+        let seen = log.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1);
+        let r = &seen[0];
+        assert_eq!(r.method, Method::POST);
+        assert_eq!(r.path, "/ess/changes?tenant=7");
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(r.headers["ess-event-id"], "evt-1");
+        assert_eq!(r.headers["ess-event-type"], "case.updated");
+        assert_eq!(r.headers["ess-route"], "courts");
+        assert_eq!(r.headers["idempotency-key"], "evt-1:courts");
+        assert_eq!(r.headers["x-partner"], "north");
+        assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap(), output);
+        assert_eq!(r.body, serde_json::to_vec(&output).unwrap());
+    }
+
+    #[tokio::test]
+    async fn string_output_is_sent_as_text_and_put_works() {
+        let (addr, log) = serve(StatusCode::NO_CONTENT, "", None).await;
+        let mut c = config(&format!("http://{addr}/"));
+        c.method = HttpMethod::Put;
+        let sink = HttpSink::new(&c).unwrap();
+        let text = "a;b\r\n1;Ő\r\n";
+        sink.apply(&event(), &json!(text)).await.unwrap();
+        let seen = log.lock().unwrap().clone();
+        assert_eq!(seen[0].method, Method::PUT);
+        assert_eq!(seen[0].headers["content-type"], "text/plain; charset=utf-8");
+        assert_eq!(seen[0].body, text.as_bytes());
+    }
+
+    #[tokio::test]
+    async fn content_type_override_applies_to_every_output() {
+        let (addr, log) = serve(StatusCode::OK, "", None).await;
+        let mut c = config(&format!("http://{addr}/"));
+        c.content_type = Some("application/xml".into());
+        let sink = HttpSink::new(&c).unwrap();
+        sink.apply(&event(), &json!("<a/>")).await.unwrap();
+        sink.apply(&event(), &json!({"a": 1})).await.unwrap();
+        let seen = log.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2);
+        for r in &seen {
+            assert_eq!(r.headers["content-type"], "application/xml");
+            assert_eq!(r.headers.get_all("content-type").iter().count(), 1);
+        }
+        assert_eq!(seen[0].body, "<a/>");
+    }
+
+    #[tokio::test]
+    async fn server_errors_and_throttling_are_retryable() {
+        for status in [500, 502, 503, 408, 425, 429] {
+            let status = StatusCode::from_u16(status).unwrap();
+            let (addr, _) = serve(status, "busy", None).await;
+            let sink = HttpSink::new(&config(&format!("http://{addr}/"))).unwrap();
+            let e = sink.apply(&event(), &json!({})).await.unwrap_err();
+            assert!(e.is_retryable(), "{status}: {e}");
+            assert!(e.to_string().contains(status.as_str()), "{e}");
+            assert!(e.to_string().contains("busy"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn client_errors_are_permanent_with_a_body_excerpt() {
+        let reply = format!("field case is invalid {}", "x".repeat(2000));
+        let (addr, _) = serve(StatusCode::BAD_REQUEST, &reply, None).await;
+        let sink = HttpSink::new(&config(&format!("http://{addr}/x?token=hidden"))).unwrap();
+        let e = sink.apply(&event(), &json!({})).await.unwrap_err();
+        assert!(!e.is_retryable(), "{e}");
+        let message = e.to_string();
+        assert!(message.contains("400 Bad Request"), "{message}");
+        assert!(message.contains("field case is invalid"), "{message}");
+        assert!(message.contains(&reply[..EXCERPT_BYTES]), "{message}");
+        assert!(!message.contains(&reply[..EXCERPT_BYTES + 1]), "{message}");
+        assert!(
+            !message.contains("hidden"),
+            "the query is not shown: {message}"
+        );
+        for status in [301, 302, 401, 403, 404, 409, 422] {
+            let status = StatusCode::from_u16(status).unwrap();
+            let (addr, _) = serve(status, "no", None).await;
+            let sink = HttpSink::new(&config(&format!("http://{addr}/"))).unwrap();
+            let e = sink.apply(&event(), &json!({})).await.unwrap_err();
+            assert!(!e.is_retryable(), "{status}: {e}");
+            assert!(e.to_string().contains(status.as_str()), "{e}");
+        }
+    }
+
+    #[test]
+    fn excerpt_does_not_split_a_character() {
+        let text = "aé".as_bytes();
+        assert_eq!(excerpt(&text[..2]), "a");
+        assert_eq!(excerpt(text), "aé");
+        assert_eq!(excerpt(b"\xff\xfe ok"), "\u{fffd}\u{fffd} ok");
+    }
+
+    #[tokio::test]
+    async fn connection_refused_is_retryable() {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let sink = HttpSink::new(&config(&format!("http://{addr}/"))).unwrap();
+        let e = sink.apply(&event(), &json!({})).await.unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("cannot reach"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_times_out_as_retryable() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            // Accept and hold connections without reading or answering.
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let mut c = config(&format!("http://{addr}/"));
+        c.timeout_ms = 200;
+        let sink = HttpSink::new(&c).unwrap();
+        let started = std::time::Instant::now();
+        let e = sink.apply(&event(), &json!({})).await.unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("within 200 ms"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn secret_headers_are_read_from_files_and_env_and_never_shown() {
+        let (addr, log) = serve(StatusCode::OK, "", None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "  s3cret-from-file\n").unwrap();
+        let mut c = config(&format!("http://{addr}/"));
+        c.secret_headers.insert(
+            "X-Api-Key".into(),
+            SecretSource {
+                file: Some("key".into()),
+                env: None,
+            },
+        );
+        c.resolve_paths(dir.path());
+        assert!(c.validate("sinks.h").is_empty());
+        let sink = HttpSink::new(&c).unwrap();
+        assert!(!format!("{sink:?}").contains("s3cret"));
+        sink.apply(&event(), &json!({})).await.unwrap();
+        let seen = log.lock().unwrap().clone();
+        assert_eq!(seen[0].headers["x-api-key"], "s3cret-from-file");
+
+        // The PATH variable is always set; its value stands in for a secret from the
+        // environment without the test modifying the process environment.
+        let path = std::env::var("PATH").unwrap();
+        let mut c = config(&format!("http://{addr}/"));
+        c.secret_headers.insert(
+            "Authorization".into(),
+            SecretSource {
+                file: None,
+                env: Some("PATH".into()),
+            },
+        );
+        let sink = HttpSink::new(&c).unwrap();
+        sink.apply(&event(), &json!({})).await.unwrap();
+        let seen = log.lock().unwrap().clone();
+        assert_eq!(seen[1].headers["authorization"], path.trim());
+    }
+
+    #[test]
+    fn unreadable_secret_fails_the_build_without_echoing_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config("https://partner.example/");
+        c.secret_headers.insert(
+            "X-Api-Key".into(),
+            SecretSource {
+                file: Some(dir.path().join("missing")),
+                env: None,
+            },
+        );
+        let e = HttpSink::new(&c).unwrap_err();
+        assert!(
+            e.starts_with("secret_headers.X-Api-Key: cannot read secret file"),
+            "{e}"
+        );
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "line1\nline2-secret").unwrap();
+        c.secret_headers.get_mut("X-Api-Key").unwrap().file = Some(bad);
+        let e = HttpSink::new(&c).unwrap_err();
+        assert!(e.contains("not a valid header value"), "{e}");
+        assert!(!e.contains("line2-secret"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn https_with_a_configured_ca_file() {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let tls = crate::config::TlsConfig {
+            cert: write("server.pem", &leaf.pem()),
+            key: write("server.key", &key.serialize_pem()),
+            client_ca: None,
+            client_allowed_names: Vec::new(),
+        };
+        let ca_file = write("ca.pem", &ca.pem());
+        let acceptor = crate::ingress::tls::TlsAcceptor::new(&tls).unwrap();
+        let (addr, log) = serve(StatusCode::OK, "", Some(acceptor)).await;
+        let url = format!("https://{addr}/");
+
+        let mut c = config(&url);
+        c.ca_file = Some(ca_file);
+        HttpSink::new(&c)
+            .unwrap()
+            .apply(&event(), &json!({"a": 1}))
+            .await
+            .unwrap();
+        assert_eq!(log.lock().unwrap().len(), 1);
+
+        // Without the CA the certificate is not trusted: retryable, and nothing arrives.
+        let e = HttpSink::new(&config(&url))
+            .unwrap()
+            .apply(&event(), &json!({"a": 1}))
+            .await
+            .unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert_eq!(log.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn missing_ca_file_fails_the_build() {
+        let mut c = config("https://partner.example/");
+        c.ca_file = Some("/nonexistent/ca.pem".into());
+        let e = HttpSink::new(&c).unwrap_err();
+        assert!(e.starts_with("ca_file: "), "{e}");
+    }
+
+    #[test]
+    fn validate_checks_url_headers_and_timeout() {
+        assert!(
+            config("https://partner.example/ess")
+                .validate("sinks.h")
+                .is_empty()
+        );
+        assert!(
+            config("http://127.0.0.1:8080")
+                .validate("sinks.h")
+                .is_empty()
+        );
+        for url in [
+            "partner.example/ess",
+            "ftp://partner.example/",
+            "https://",
+            "https:///path",
+            "https://user:pw@partner.example/",
+            "not a url",
+            "",
+        ] {
+            let p = config(url).validate("sinks.h");
+            assert_eq!(p.len(), 1, "{url:?}: {p:?}");
+            assert_eq!(p[0].key, "sinks.h.url");
+            assert!(!p[0].message.contains("pw"), "{}", p[0].message);
+        }
+
+        let mut c = config("https://partner.example/");
+        c.headers.insert("bad name".into(), "v".into());
+        c.headers.insert("X-Ok".into(), "bad\nvalue".into());
+        c.headers.insert("Content-Type".into(), "text/csv".into());
+        c.headers.insert("Idempotency-Key".into(), "x".into());
+        c.headers.insert("X-Twice".into(), "1".into());
+        c.secret_headers.insert(
+            "x-twice".into(),
+            SecretSource {
+                file: Some("f".into()),
+                env: None,
+            },
+        );
+        c.secret_headers.insert(
+            "X-Neither".into(),
+            SecretSource {
+                file: None,
+                env: None,
+            },
+        );
+        c.secret_headers.insert(
+            "X-Both".into(),
+            SecretSource {
+                file: Some("f".into()),
+                env: Some("E".into()),
+            },
+        );
+        c.timeout_ms = 0;
+        c.content_type = Some("".into());
+        let mut keys: Vec<String> = c.validate("sinks.h").into_iter().map(|p| p.key).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "sinks.h.content_type",
+                "sinks.h.headers.Content-Type",
+                "sinks.h.headers.Idempotency-Key",
+                "sinks.h.headers.X-Ok",
+                "sinks.h.headers.bad name",
+                "sinks.h.secret_headers.X-Both",
+                "sinks.h.secret_headers.X-Neither",
+                "sinks.h.secret_headers.x-twice",
+                "sinks.h.timeout_ms",
+            ]
+        );
+    }
+
+    #[test]
+    fn config_parses_with_defaults_and_refuses_unknown_keys() {
+        let c: HttpConfig = toml::from_str("url = \"https://p.example/\"\n").unwrap();
+        assert_eq!(c.method, HttpMethod::Post);
+        assert_eq!(c.timeout_ms, 10_000);
+        assert!(c.headers.is_empty() && c.secret_headers.is_empty());
+        assert_eq!(c.ca_file, None);
+        assert_eq!(c.content_type, None);
+        let text = r#"
+url = "https://p.example/"
+method = "PUT"
+timeout_ms = 2500
+ca_file = "ca.pem"
+headers = { "X-A" = "1" }
+secret_headers = { Authorization = { file = "token" } }
+"#;
+        let mut c: HttpConfig = toml::from_str(text).unwrap();
+        assert_eq!(c.method, HttpMethod::Put);
+        c.resolve_paths(Path::new("/etc/ess"));
+        assert_eq!(c.ca_file.as_deref(), Some(Path::new("/etc/ess/ca.pem")));
+        assert_eq!(
+            c.secret_headers["Authorization"].file.as_deref(),
+            Some(Path::new("/etc/ess/token"))
+        );
+        assert_eq!(c, c.clone());
+        let e = toml::from_str::<HttpConfig>("url = \"https://p/\"\ntimeout = 1\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let e =
+            toml::from_str::<HttpConfig>("url = \"https://p/\"\nmethod = \"GET\"\n").unwrap_err();
+        assert!(e.to_string().contains("unknown variant"), "{e}");
     }
 }

@@ -2,5 +2,7 @@
 
 mod support;
 
+mod adapter_fixtures;
+mod apply;
 mod jsonata_conformance;
 mod receive;

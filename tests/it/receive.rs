@@ -1,6 +1,7 @@
 //! Receiving events: authentication, validation, durability and acknowledgement.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -26,18 +27,25 @@ async fn signed_event_is_accepted_stored_and_deduplicated() {
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
     assert_eq!(reply.body, json!({"ack": "evt-1", "status": "accepted"}));
 
+    // No route is configured: the event is kept as a dead letter ("parked"), never lost.
+    agent
+        .wait_for_log(Duration::from_secs(10), |v| {
+            v["message"] == "event final" && v["event_id"] == "evt-1"
+        })
+        .expect("the event reached a final state");
     let stored = admin_get(&agent, "/v1/events/evt-1").await;
     assert_eq!(stored.status, StatusCode::OK);
     assert_eq!(stored.body["id"], "evt-1");
     assert_eq!(stored.body["type"], "rule.updated");
     assert_eq!(stored.body["subject"], "S1");
-    assert_eq!(stored.body["state"], "accepted");
+    assert_eq!(stored.body["state"], "parked");
+    assert!(stored.body["error"].as_str().unwrap().contains("no route"));
 
     let again = post_event(&client, &agent, "evt-1").await.unwrap();
     assert_eq!(again.status, StatusCode::OK);
     assert_eq!(again.body["ack"], "evt-1");
     assert_eq!(again.body["status"], "duplicate");
-    assert_eq!(again.body["state"], "accepted");
+    assert_eq!(again.body["state"], "parked");
     assert_eq!(agent.journal_ids(), vec!["evt-1"]);
 
     let unknown = admin_get(&agent, "/v1/events/nope").await;
@@ -668,12 +676,18 @@ async fn slow_clients_are_cut_off() {
 
 #[tokio::test]
 async fn backpressure_refuses_with_retry_after() {
-    // Backlog high-water mark of 2: the third event is refused, never acknowledged.
+    // Backlog high-water mark of 2, and a partner endpoint that is down (so events stay in the
+    // backlog): the third event is refused, never acknowledged.
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(
-        dir.path(),
-        "[limits]\nmin_free_disk_bytes = 0\nbacklog_high_water = 2\nretry_after_secs = 7\n",
+    std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+    std::fs::write(dir.path().join("adapters/a.jsonata"), "payload").unwrap();
+    let extra = format!(
+        "adapters_dir = {:?}\n[[routes]]\nname = \"r\"\nadapter = \"a.jsonata\"\nsink = \"down\"\n\
+         [sinks.down]\ntype = \"http\"\nurl = \"http://127.0.0.1:1/\"\nretry = {{ initial_ms = 60000 }}\n\
+         [limits]\nmin_free_disk_bytes = 0\nbacklog_high_water = 2\nretry_after_secs = 7\n",
+        dir.path().join("adapters").display().to_string()
     );
+    let agent = Agent::start(dir.path(), &extra);
     let client = plain();
     for id in ["b1", "b2"] {
         assert_eq!(
@@ -966,37 +980,56 @@ fn every_shipped_config_is_valid() {
 
 #[tokio::test]
 async fn the_embedded_default_runs_and_send_delivers() {
-    // The default config as shipped, with only the listeners and state moved so that tests can
-    // run side by side.
+    // The shipped configuration, laid out as in the repository (config/, adapters/), with only
+    // the listeners moved to free ports so that tests can run side by side.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/ess-agent.toml"
-    ))
+    let config_dir = dir.path().join("config");
+    std::fs::create_dir_all(config_dir.join("dev")).unwrap();
+    std::fs::copy(
+        root.join("config/dev/hub-secret"),
+        config_dir.join("dev/hub-secret"),
+    )
     .unwrap();
-    let secret = concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev/hub-secret");
+    std::os::unix::fs::symlink(root.join("adapters"), dir.path().join("adapters")).unwrap();
+    let shipped = std::fs::read_to_string(root.join("config/ess-agent.toml")).unwrap();
     let text = shipped
         .replace("127.0.0.1:8787", "127.0.0.1:0")
-        .replace("127.0.0.1:8788", "127.0.0.1:0")
-        .replace(
-            "\"../state\"",
-            &format!("{:?}", dir.path().join("state").display().to_string()),
+        .replace("127.0.0.1:8788", "127.0.0.1:0");
+    let config_path = config_dir.join("ess-agent.toml");
+    std::fs::write(&config_path, text).unwrap();
+    let agent = Agent::start_config(&config_path, &[]);
+
+    // The court deadline fixture, sent with `ess-agent send` as an operator would.
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            root.join("adapters/court-calendar.tests/deadline-moved-to-1600.json"),
         )
-        .replace("\"dev/hub-secret\"", &format!("{secret:?}"));
-    let agent = Agent::start_with(dir.path(), &text);
+        .unwrap(),
+    )
+    .unwrap();
+    let event = &fixture["event"];
     let payload = dir.path().join("payload.json");
-    std::fs::write(&payload, r#"{"deadline": "16:00"}"#).unwrap();
+    std::fs::write(&payload, event["payload"].to_string()).unwrap();
+    let secret = config_dir.join("dev/hub-secret");
     let out = std::process::Command::new(support::binary())
+        .args(["send", "--url", &agent.url(EVENTS), "--secret-file"])
+        .arg(&secret)
         .args([
-            "send",
-            "--url",
-            &agent.url(EVENTS),
-            "--secret-file",
-            secret,
             "--id",
-            "sent-1",
+            event["id"].as_str().unwrap(),
+            "--type",
+            "rule.updated",
         ])
-        .args(["--type", "rule.updated", "--subject", "RULE-1", "--payload"])
+        .args([
+            "--subject",
+            "RULE-COURT-DEADLINE",
+            "--revision",
+            "7",
+            "--source",
+            "courts-gov",
+        ])
+        .arg("--payload")
         .arg(&payload)
         .output()
         .unwrap();
@@ -1008,23 +1041,50 @@ async fn the_embedded_default_runs_and_send_delivers() {
     );
     assert!(stdout.starts_with("202"), "{stdout}");
     assert!(stdout.contains("\"accepted\""), "{stdout}");
-    let stored = admin_get(&agent, "/v1/events/sent-1").await;
-    assert_eq!(stored.body["subject"], "RULE-1");
-    // --test is a dry run: answered, not stored.
+    let id = event["id"].as_str().unwrap();
+    agent
+        .wait_for_log(Duration::from_secs(10), |v| {
+            v["message"] == "event final" && v["event_id"] == id
+        })
+        .expect("the event was applied");
+    let stored = admin_get(&agent, &format!("/v1/events/{id}")).await;
+    assert_eq!(stored.body["state"], "applied", "{:?}", stored.body);
+
+    // It lands as the fixture's expected record (written for another partner id).
+    let file = dir.path().join(format!(
+        "out/court-calendar/RULE-COURT-DEADLINE/{id}-0.json"
+    ));
+    let written: Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    let mut expected = fixture["expect"].clone();
+    expected["updated_by"] = json!("dev-partner");
+    assert_eq!(written, expected);
+    // And the law firm's calendar gets its CSV line.
+    let csv = std::fs::read_to_string(dir.path().join(format!("out/law-firm-calendar/{id}.csv")))
+        .unwrap();
+    assert!(
+        csv.contains("IL-COOK-CIRCUIT") && csv.contains("dev-partner"),
+        "{csv}"
+    );
+
+    // --test is a dry run: answered with the outputs, not stored, nothing written.
     let out = std::process::Command::new(support::binary())
+        .args(["send", "--url", &agent.url(EVENTS), "--secret-file"])
+        .arg(&secret)
         .args([
-            "send",
-            "--url",
-            &agent.url(EVENTS),
-            "--secret-file",
-            secret,
             "--id",
             "dry-1",
+            "--type",
+            "rule.updated",
             "--test",
+            "--payload",
         ])
+        .arg(&payload)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("dry_run"), "{stdout}");
-    assert_eq!(agent.journal_ids(), vec!["sent-1"]);
+    assert!(
+        stdout.contains("dry_run") && stdout.contains("court-calendar-v1"),
+        "{stdout}"
+    );
+    assert_eq!(agent.journal_ids(), vec![id.to_string()]);
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod hub;
 pub mod tls;
 
 use std::io::{BufRead, BufReader};
@@ -64,9 +65,17 @@ pub fn config_text(dir: &Path, extra: &str) -> String {
         std::fs::write(&secret_file, SECRET).expect("write secret");
     }
     let state_dir = dir.join("state");
+    // Top-level keys of `extra` (those before its first table) must precede every table.
+    let split = extra
+        .lines()
+        .position(|l| l.trim_start().starts_with('['))
+        .unwrap_or(extra.lines().count());
+    let top: Vec<&str> = extra.lines().take(split).collect();
+    let extra = extra.lines().skip(split).collect::<Vec<_>>().join("\n") + "\n";
     let mut text = format!(
-        "agent_id = \"test-partner\"\nstate_dir = {state:?}\n",
-        state = state_dir.display().to_string()
+        "agent_id = \"test-partner\"\nstate_dir = {state:?}\n{top}\n",
+        state = state_dir.display().to_string(),
+        top = top.join("\n")
     );
     if !extra.contains("[ingress]") {
         text.push_str("[ingress]\nlisten = \"127.0.0.1:0\"\n");
@@ -84,7 +93,7 @@ pub fn config_text(dir: &Path, extra: &str) -> String {
         // Tests fill small file systems on purpose; the free-disk guard is tested on its own.
         text.push_str("[limits]\nmin_free_disk_bytes = 0\n");
     }
-    text.push_str(extra);
+    text.push_str(&extra);
     text
 }
 
@@ -136,8 +145,7 @@ impl Agent {
                 logs.changed.notify_all();
             });
         }
-        let text = std::fs::read_to_string(config_path).unwrap_or_default();
-        let config = ess_agent::config::Config::parse(&text).expect("test config parses");
+        let config = ess_agent::config::Config::load(config_path).expect("test config loads");
         let mut agent = Agent {
             child,
             ingress: "0.0.0.0:0".parse().unwrap(),

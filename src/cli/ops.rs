@@ -1,0 +1,156 @@
+//! Operator commands that talk to a running agent's admin API: `status`, `replay` and
+//! `dead-letters`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Method, Request, header};
+use http_body_util::{BodyExt, Full};
+use serde_json::Value;
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH, read_secret};
+use crate::http_client::{ClientTls, client};
+
+/// How to reach the admin API.
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// The agent's configuration file; the admin address and token are read from it.
+    #[arg(long, global = true, env = "ESS_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// The admin API's base URL, instead of the address in the configuration.
+    #[arg(long, global = true)]
+    pub admin_url: Option<String>,
+}
+
+/// `dead-letters` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum DeadLetterCommand {
+    /// List dead letters (failed and parked events), oldest first.
+    List {
+        /// Show dead letters after this sequence number (from `next_after` of an earlier page).
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        /// Page size.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Apply a dead letter again (after fixing its adapter, route or sink).
+    Retry { id: String },
+    /// Drop a dead letter. The id stays known, so a redelivery is answered as a duplicate.
+    Drop { id: String },
+}
+
+/// Percent-encodes an event id for a path segment.
+pub fn encode_id(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+impl AdminArgs {
+    fn base_and_token(&self) -> anyhow::Result<(String, Option<String>)> {
+        let config = Config::load(&self.config).ok();
+        let token = config
+            .as_ref()
+            .and_then(|c| c.admin.token.as_ref())
+            .map(read_secret)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("admin.token: {e}"))?;
+        let base = match (&self.admin_url, &config) {
+            (Some(url), _) => url.trim_end_matches('/').to_string(),
+            (None, Some(config)) => {
+                let mut addr = config.admin.listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("http://{addr}")
+            }
+            (None, None) => anyhow::bail!(
+                "cannot read {}: pass --config with the agent's configuration, or --admin-url",
+                self.config.display()
+            ),
+        };
+        Ok((base, token))
+    }
+
+    /// Sends one request to the admin API, prints the JSON reply, and maps the status to an
+    /// exit code.
+    pub fn call(&self, method: Method, path: &str) -> anyhow::Result<ExitCode> {
+        let (base, token) = self.base_and_token()?;
+        let url = format!("{base}{path}");
+        let mut request = Request::builder().method(method).uri(&url);
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request.body(Full::new(Bytes::new()))?;
+        let client = client(&ClientTls::default())?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (status, body) = runtime.block_on(async {
+            let response = client.request(request).await.with_context(|| {
+                format!("cannot reach the agent's admin API at {base}: is the agent running?")
+            })?;
+            let status = response.status();
+            let body = response.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, body))
+        })?;
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(value) => println!("{}", serde_json::to_string_pretty(&value)?),
+            Err(_) => println!("{}", String::from_utf8_lossy(&body)),
+        }
+        Ok(if status.is_success() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+}
+
+/// `ess-agent status ID`.
+pub fn status(admin: &AdminArgs, id: &str) -> anyhow::Result<ExitCode> {
+    admin.call(Method::GET, &format!("/v1/events/{}", encode_id(id)))
+}
+
+/// `ess-agent replay ID [--force]`.
+pub fn replay(admin: &AdminArgs, id: &str, force: bool) -> anyhow::Result<ExitCode> {
+    let query = if force { "?force=true" } else { "" };
+    admin.call(
+        Method::POST,
+        &format!("/v1/events/{}/replay{query}", encode_id(id)),
+    )
+}
+
+/// `ess-agent dead-letters …`.
+pub fn dead_letters(admin: &AdminArgs, command: &DeadLetterCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DeadLetterCommand::List { after, limit } => admin.call(
+            Method::GET,
+            &format!("/v1/dead-letters?after={after}&limit={limit}"),
+        ),
+        DeadLetterCommand::Retry { id } => admin.call(
+            Method::POST,
+            &format!("/v1/dead-letters/{}/retry", encode_id(id)),
+        ),
+        DeadLetterCommand::Drop { id } => admin.call(
+            Method::DELETE,
+            &format!("/v1/dead-letters/{}", encode_id(id)),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids_are_encoded_for_paths() {
+        assert_eq!(super::encode_id("evt-1"), "evt-1");
+        assert_eq!(super::encode_id("a b/c?%"), "a%20b%2Fc%3F%25");
+    }
+}

@@ -1,0 +1,585 @@
+//! The dispatcher: takes journaled events to their routes' adapters and sinks.
+//!
+//! - Events of one subject are applied strictly one after another, in the order they were
+//!   received: an event waits until every earlier event of its subject is final. Different
+//!   subjects proceed in parallel, at most `dispatch.max_parallel` events at a time.
+//! - An event whose revision is lower than the highest revision applied for its subject is not
+//!   applied: it becomes `superseded`.
+//! - A route's adapter runs within its limits; `undefined` skips the route (`filtered`). A sink
+//!   failure that may pass is retried with exponential backoff and full jitter (the subject
+//!   waits); a permanent failure, or retries running out, makes the event a dead letter.
+//! - Every state change is journaled, so a restart resumes where the agent stopped: routes that
+//!   were applied stay applied, the others are tried again. Sinks write idempotently (same file
+//!   name, same key), so an apply interrupted by a crash is not duplicated.
+
+pub mod routes;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::journal::{
+    Committed, DeliveryRecord, DeliveryUpdate, Finish, Journal, JournalError, StoredEvent,
+    now_rfc3339, state,
+};
+use crate::sink::{EventMeta, SinkError};
+use routes::{Route, Routing};
+
+/// How an event ended, for a hub waiting in ack mode `applied`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub state: String,
+    pub error: Option<String>,
+}
+
+/// One route's result in a dry run.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRunOutput {
+    pub route: String,
+    pub sink: String,
+    /// The adapter output; absent when the adapter returned `undefined` or failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// True when the adapter returned `undefined` (the route would be skipped).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub filtered: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+}
+
+/// What one processing pass of an event came to.
+enum Step {
+    /// Final (or gone): take the next event of the subject.
+    Done,
+    /// Some route waits for a retry: try again at this unix time (ms).
+    RetryAt(i64),
+}
+
+/// The dispatcher. Shared behind an `Arc`.
+pub struct Dispatcher {
+    journal: Arc<Journal>,
+    partner: String,
+    routing: RwLock<Arc<Routing>>,
+    /// Subject → sequence numbers waiting, head first. A subject has a worker task exactly while
+    /// it has an entry here.
+    queues: Mutex<HashMap<String, VecDeque<i64>>>,
+    parallel: Arc<Semaphore>,
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Outcome>>>>,
+    /// Set when status reports are configured; woken when one is queued.
+    report_wake: Option<Arc<Notify>>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs a blocking journal read off the async threads.
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, JournalError> + Send + 'static,
+) -> Result<R, JournalError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or(Err(JournalError::Closed))
+}
+
+impl Dispatcher {
+    /// A dispatcher over `journal` with the given routing.
+    pub fn new(
+        journal: Arc<Journal>,
+        partner: String,
+        routing: Routing,
+        max_parallel: usize,
+        report_wake: Option<Arc<Notify>>,
+    ) -> Arc<Dispatcher> {
+        Arc::new(Dispatcher {
+            journal,
+            partner,
+            routing: RwLock::new(Arc::new(routing)),
+            queues: Mutex::new(HashMap::new()),
+            parallel: Arc::new(Semaphore::new(max_parallel.max(1))),
+            waiters: Mutex::new(HashMap::new()),
+            report_wake,
+            stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// Starts applying: first every event left unfinished by an earlier run, then each event the
+    /// journal commits from now on.
+    pub async fn start(self: &Arc<Self>) -> Result<(), JournalError> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Committed>();
+        // Listen before reading the backlog, so no event falls between the two. An event seen
+        // twice is harmless: the second pass finds it final.
+        self.journal.set_listener(tx);
+        let journal = self.journal.clone();
+        let pending = blocking(move || journal.pending()).await?;
+        if !pending.is_empty() {
+            tracing::info!(events = pending.len(), "resuming events left unfinished");
+        }
+        for (seq, subject) in pending {
+            self.submit(seq, subject);
+        }
+        let this = self.clone();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = this.stop.cancelled() => return,
+                    event = rx.recv() => match event {
+                        Some(event) => this.submit(event.seq, event.subject),
+                        None => return,
+                    },
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// The routing in force.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the routing. Events being applied finish with the routing they started with.
+    pub fn replace_routing(&self, routing: Routing) {
+        *self.routing.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
+    }
+
+    /// Queues an event behind the earlier events of its subject.
+    pub fn submit(self: &Arc<Self>, seq: i64, subject: String) {
+        if self.stop.is_cancelled() {
+            return;
+        }
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        match queues.get_mut(&subject) {
+            Some(queue) => queue.push_back(seq),
+            None => {
+                queues.insert(subject.clone(), VecDeque::from([seq]));
+                self.tracker.spawn(self.clone().run_subject(subject));
+            }
+        }
+    }
+
+    /// Registers interest in an event's final state (ack mode `applied`). Call before the event
+    /// is appended, and [`Dispatcher::forget`] when no longer waiting.
+    pub fn wait_for(&self, id: &str) -> oneshot::Receiver<Outcome> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_owned())
+            .or_default()
+            .push(tx);
+        rx
+    }
+
+    /// Drops waiters for `id` that nobody listens to any more.
+    pub fn forget(&self, id: &str) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = waiters.get_mut(id) {
+            list.retain(|tx| !tx.is_closed());
+            if list.is_empty() {
+                waiters.remove(id);
+            }
+        }
+    }
+
+    /// Routes an event and runs its adapters without applying anything (a dry run).
+    pub async fn dry_run(
+        &self,
+        document: Value,
+        event_type: &str,
+        version: u64,
+    ) -> Vec<DryRunOutput> {
+        let routing = self.routing();
+        let partner = self.partner.clone();
+        let event_type = event_type.to_owned();
+        tokio::task::spawn_blocking(move || {
+            routing
+                .matching(&event_type, version)
+                .into_iter()
+                .map(|route| {
+                    let mut out = DryRunOutput {
+                        route: route.name.clone(),
+                        sink: route.sink_name.clone(),
+                        output: None,
+                        filtered: false,
+                        error: None,
+                    };
+                    match route.adapter.evaluate(&document, &partner, &route.limits) {
+                        Ok(Some(value)) => out.output = Some(value),
+                        Ok(None) => out.filtered = true,
+                        Err(e) => {
+                            out.error = Some(json!({
+                                "code": e.code,
+                                "message": e.message,
+                                "position": e.position,
+                                "detail": e.render(&route.adapter.path.display().to_string(), route.adapter.source()),
+                            }))
+                        }
+                    }
+                    out
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// Stops taking new events, lets events being applied finish within `grace`, and names the
+    /// subjects still busy when it runs out.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            let busy: Vec<String> = self
+                .queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .take(20)
+                .cloned()
+                .collect();
+            tracing::warn!(subjects = ?busy, "grace period over while events were being applied; they are resumed at the next start");
+        }
+    }
+
+    async fn run_subject(self: Arc<Self>, subject: String) {
+        loop {
+            let Some(seq) = self
+                .queues
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&subject)
+                .and_then(|q| q.front().copied())
+            else {
+                return;
+            };
+            let step = {
+                let permit = tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    permit = self.parallel.clone().acquire_owned() => permit,
+                };
+                let Ok(_permit) = permit else { return };
+                if self.stop.is_cancelled() {
+                    return;
+                }
+                match self.process(seq).await {
+                    Ok(step) => step,
+                    Err(e) => {
+                        // The journal could not record progress (disk full, shutting down):
+                        // nothing is lost, the event is tried again.
+                        tracing::warn!(seq, error = %e, "could not record the progress of an event; trying again shortly");
+                        Step::RetryAt(now_ms() + 1000)
+                    }
+                }
+            };
+            match step {
+                Step::Done => {
+                    let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(queue) = queues.get_mut(&subject) {
+                        queue.pop_front();
+                        if queue.is_empty() {
+                            queues.remove(&subject);
+                            return;
+                        }
+                    }
+                }
+                Step::RetryAt(at) => {
+                    let wait = Duration::from_millis((at - now_ms()).max(0) as u64);
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pass over an event: applies every route that is due, then finishes the event when
+    /// every route is final.
+    async fn process(&self, seq: i64) -> Result<Step, JournalError> {
+        let journal = self.journal.clone();
+        let Some(event) = blocking(move || journal.load_event(seq)).await? else {
+            return Ok(Step::Done);
+        };
+        if state::is_final(&event.state) {
+            return Ok(Step::Done);
+        }
+        let routing = self.routing();
+        let envelope: Value = match serde_json::from_str(&event.envelope) {
+            Ok(v) => v,
+            Err(e) => {
+                let error = format!(
+                    "the stored envelope is not valid JSON ({e}); the journal may be damaged"
+                );
+                return self.finish(&event, state::FAILED, Some(error), &[]).await;
+            }
+        };
+        if let Some(revision) = event.revision {
+            let journal = self.journal.clone();
+            let subject = event.subject.clone();
+            if let Some(applied) = blocking(move || journal.subject_revision(&subject)).await?
+                && revision < applied
+            {
+                let reason = format!(
+                    "revision {revision} is lower than revision {applied} already applied for subject {:?}",
+                    event.subject
+                );
+                return self
+                    .finish(&event, state::SUPERSEDED, Some(reason), &[])
+                    .await;
+            }
+        }
+        let routes = routing.matching(&event.event_type, event.version);
+        if routes.is_empty() {
+            let reason = format!(
+                "no route matches type {:?} version {}: add a route for it, then replay the event",
+                event.event_type, event.version
+            );
+            tracing::warn!(event_id = %event.id, "{reason}");
+            return self.finish(&event, state::PARKED, Some(reason), &[]).await;
+        }
+        let journal = self.journal.clone();
+        let mut deliveries = blocking(move || journal.deliveries(seq)).await?;
+        let mut retry_at: Option<i64> = None;
+        for route in &routes {
+            let existing = deliveries.iter().find(|d| d.route == route.name).cloned();
+            if let Some(d) = &existing {
+                if d.state != state::PENDING {
+                    continue;
+                }
+                if let Some(due) = d.next_attempt_ms
+                    && due > now_ms()
+                {
+                    retry_at = Some(retry_at.map_or(due, |r| r.min(due)));
+                    continue;
+                }
+            }
+            let attempts = existing.as_ref().map_or(0, |d| d.attempts);
+            let update = self.apply_route(&event, &envelope, route, attempts).await;
+            if let Some(due) = update.next_attempt_ms {
+                retry_at = Some(retry_at.map_or(due, |r| r.min(due)));
+            }
+            let record = DeliveryRecord {
+                route: update.route.clone(),
+                sink: update.sink.clone(),
+                state: update.state.to_owned(),
+                attempts: update.attempts,
+                next_attempt_ms: update.next_attempt_ms,
+                last_error: update.last_error.clone(),
+                updated_at: now_rfc3339(),
+            };
+            self.journal.set_delivery(update).await?;
+            deliveries.retain(|d| d.route != record.route);
+            deliveries.push(record);
+        }
+        if let Some(at) = retry_at {
+            return Ok(Step::RetryAt(at));
+        }
+        let current: Vec<&DeliveryRecord> = deliveries
+            .iter()
+            .filter(|d| routes.iter().any(|r| r.name == d.route))
+            .collect();
+        let failed: Vec<String> = current
+            .iter()
+            .filter(|d| d.state == state::FAILED)
+            .map(|d| {
+                format!(
+                    "route {}: {}",
+                    d.route,
+                    d.last_error.as_deref().unwrap_or("failed")
+                )
+            })
+            .collect();
+        let (final_state, error) = if !failed.is_empty() {
+            (state::FAILED, Some(failed.join("; ")))
+        } else if current.iter().all(|d| d.state == state::FILTERED) {
+            (state::FILTERED, None)
+        } else {
+            (state::APPLIED, None)
+        };
+        let owned: Vec<DeliveryRecord> = current.into_iter().cloned().collect();
+        self.finish(&event, final_state, error, &owned).await
+    }
+
+    /// Runs one route's adapter and sink; returns the delivery's new state.
+    async fn apply_route(
+        &self,
+        event: &StoredEvent,
+        envelope: &Value,
+        route: &Route,
+        attempts: u32,
+    ) -> DeliveryUpdate {
+        let mut update = DeliveryUpdate {
+            seq: event.seq,
+            route: route.name.clone(),
+            sink: route.sink_name.clone(),
+            state: state::FAILED,
+            attempts,
+            next_attempt_ms: None,
+            last_error: None,
+        };
+        let adapter = route.adapter.clone();
+        let limits = route.limits.clone();
+        let partner = self.partner.clone();
+        let input = envelope.clone();
+        let result =
+            tokio::task::spawn_blocking(move || adapter.evaluate(&input, &partner, &limits))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(crate::adapter::engine::EngineError {
+                        code: crate::adapter::engine::CODE_ENGINE.into(),
+                        message: format!("the evaluation task failed: {e}"),
+                        position: None,
+                        token: None,
+                        value: None,
+                    })
+                });
+        let output = match result {
+            Ok(Some(output)) => output,
+            Ok(None) => {
+                update.state = state::FILTERED;
+                tracing::info!(event_id = %event.id, route = %route.name, "adapter returned undefined: route skipped");
+                return update;
+            }
+            Err(e) => {
+                let message = format!(
+                    "adapter {} failed on event {}: {}",
+                    route.adapter.path.display(),
+                    event.id,
+                    e.render(
+                        &route.adapter.path.display().to_string(),
+                        route.adapter.source()
+                    )
+                );
+                tracing::warn!(event_id = %event.id, route = %route.name, code = %e.code, "{message}");
+                update.last_error = Some(message);
+                return update;
+            }
+        };
+        let meta = EventMeta {
+            id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            version: event.version,
+            subject: event.subject.clone(),
+            revision: event.revision,
+            source: event.source.clone(),
+            route: route.name.clone(),
+            partner: self.partner.clone(),
+        };
+        update.attempts = attempts.saturating_add(1);
+        match route.sink.apply(&meta, &output).await {
+            Ok(()) => {
+                update.state = state::APPLIED;
+                tracing::info!(event_id = %event.id, route = %route.name, sink = %route.sink_name, attempts = update.attempts, "applied");
+            }
+            Err(SinkError::Permanent(message)) => {
+                tracing::warn!(event_id = %event.id, route = %route.name, sink = %route.sink_name, error = %message, "sink refused the output permanently: dead letter");
+                update.last_error = Some(message);
+            }
+            Err(SinkError::Retryable(message)) => {
+                let retry = &route.retry;
+                let age_secs = (now_ms() - event.received_at_ms).max(0) as u64 / 1000;
+                let out_of_attempts =
+                    retry.max_attempts != 0 && update.attempts >= retry.max_attempts;
+                let too_old = retry.max_age_secs != 0 && age_secs >= retry.max_age_secs;
+                if out_of_attempts || too_old {
+                    let why = if out_of_attempts {
+                        format!("gave up after {} attempts", update.attempts)
+                    } else {
+                        format!("gave up after {age_secs} s")
+                    };
+                    tracing::warn!(event_id = %event.id, route = %route.name, sink = %route.sink_name, error = %message, "{why}: dead letter");
+                    update.last_error = Some(format!("{why}; last error: {message}"));
+                } else {
+                    let delay = retry.delay(update.attempts, rand::random::<f64>());
+                    update.state = state::PENDING;
+                    update.next_attempt_ms = Some(now_ms() + delay.as_millis() as i64);
+                    tracing::info!(event_id = %event.id, route = %route.name, sink = %route.sink_name, attempts = update.attempts, retry_in_ms = delay.as_millis() as u64, error = %message, "apply failed; will retry");
+                    update.last_error = Some(message);
+                }
+            }
+        }
+        update
+    }
+
+    /// Journals the final state, queues the status report, and answers waiting hubs.
+    async fn finish(
+        &self,
+        event: &StoredEvent,
+        final_state: &'static str,
+        error: Option<String>,
+        deliveries: &[DeliveryRecord],
+    ) -> Result<Step, JournalError> {
+        let subject_revision = match (final_state, event.revision) {
+            (state::APPLIED | state::FILTERED, Some(revision)) => {
+                Some((event.subject.clone(), revision))
+            }
+            _ => None,
+        };
+        let report = self.report_wake.as_ref().map(|_| {
+            let status = match final_state {
+                state::APPLIED | state::FILTERED => "applied",
+                state::SUPERSEDED => "superseded",
+                _ => "failed",
+            };
+            let at = now_rfc3339();
+            let body = json!({
+                "ack": event.id,
+                "partner": self.partner,
+                "status": status,
+                "at": at,
+                "attempts": deliveries.iter().map(|d| d.attempts).max().unwrap_or(0),
+                "error": if status == "failed" { error.clone() } else { None },
+            });
+            (
+                format!("{}:{status}:{}", event.id, now_ms()),
+                body.to_string(),
+            )
+        });
+        let has_report = report.is_some();
+        self.journal
+            .finish(Finish {
+                seq: event.seq,
+                state: final_state,
+                error: error.clone(),
+                subject_revision,
+                report,
+                event_id: event.id.clone(),
+            })
+            .await?;
+        tracing::info!(event_id = %event.id, state = final_state, error = error.as_deref(), "event final");
+        if has_report && let Some(wake) = &self.report_wake {
+            wake.notify_one();
+        }
+        let waiters = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&event.id);
+        for tx in waiters.into_iter().flatten() {
+            let _ = tx.send(Outcome {
+                state: final_state.to_owned(),
+                error: error.clone(),
+            });
+        }
+        Ok(Step::Done)
+    }
+}

@@ -1,0 +1,264 @@
+//! The routing table: which events go through which adapter to which sink.
+//!
+//! A [`Routing`] is immutable once built. The dispatcher holds the current one behind a lock and
+//! every event takes a snapshot when its processing starts, so a reload never changes the
+//! adapter or sink under an event that is being applied.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::adapter::Adapter;
+use crate::adapter::engine::Limits;
+use crate::config::{Config, Problem, RouteConfig};
+use crate::sink::{RetryConfig, Sink, SinkConfig};
+
+/// A range of schema versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionRange {
+    pub min: Option<u64>,
+    pub max: Option<u64>,
+}
+
+impl VersionRange {
+    /// Parses `*`, `3`, `1-2`, `2-` or `-2`.
+    pub fn parse(text: &str) -> Result<VersionRange, String> {
+        let text = text.trim();
+        let number = |s: &str| -> Result<Option<u64>, String> {
+            let s = s.trim();
+            if s.is_empty() {
+                return Ok(None);
+            }
+            s.parse::<u64>().map(Some).map_err(|_| {
+                format!(
+                    "{text:?} is not a version range: use \"*\", \"3\", \"1-2\", \"2-\" or \"-2\""
+                )
+            })
+        };
+        if text == "*" {
+            return Ok(VersionRange {
+                min: None,
+                max: None,
+            });
+        }
+        let range = match text.split_once('-') {
+            None => {
+                let v = number(text)?
+                    .ok_or_else(|| "must not be empty (use \"*\" for any)".to_string())?;
+                VersionRange {
+                    min: Some(v),
+                    max: Some(v),
+                }
+            }
+            Some((lo, hi)) => VersionRange {
+                min: number(lo)?,
+                max: number(hi)?,
+            },
+        };
+        if let (Some(lo), Some(hi)) = (range.min, range.max)
+            && lo > hi
+        {
+            return Err(format!(
+                "{text:?} is empty: the lower bound is above the upper bound"
+            ));
+        }
+        Ok(range)
+    }
+
+    /// True when `version` is in the range.
+    pub fn contains(&self, version: u64) -> bool {
+        self.min.is_none_or(|lo| version >= lo) && self.max.is_none_or(|hi| version <= hi)
+    }
+}
+
+/// Matches `text` against a glob: `*` any run of characters (also empty), `?` one character.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    // Iterative matching with one backtrack point: linear in practice, never exponential.
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// One usable route.
+pub struct Route {
+    pub name: String,
+    pub types: Vec<String>,
+    pub versions: VersionRange,
+    pub adapter: Arc<Adapter>,
+    pub sink_name: String,
+    pub sink: Arc<dyn Sink>,
+    pub retry: RetryConfig,
+    pub limits: Limits,
+}
+
+impl Route {
+    /// True when the route takes events of this type and version.
+    pub fn matches(&self, event_type: &str, version: u64) -> bool {
+        self.versions.contains(version) && self.types.iter().any(|t| glob_match(t, event_type))
+    }
+}
+
+/// A built sink with the configuration it was built from.
+pub struct BuiltSink {
+    pub config: SinkConfig,
+    pub sink: Arc<dyn Sink>,
+}
+
+/// The routes and sinks in force.
+#[derive(Default)]
+pub struct Routing {
+    pub routes: Vec<Route>,
+    pub sinks: BTreeMap<String, BuiltSink>,
+}
+
+fn limits(route: &RouteConfig) -> Limits {
+    let default = Limits::default();
+    Limits {
+        time: route
+            .time_limit_ms
+            .map(Duration::from_millis)
+            .unwrap_or(default.time),
+        max_depth: route.max_depth.unwrap_or(default.max_depth),
+        max_output_bytes: route.max_output_bytes.unwrap_or(default.max_output_bytes),
+    }
+}
+
+impl Routing {
+    /// Builds the routing of a validated configuration: compiles every adapter and builds every
+    /// sink. A sink whose configuration equals one in `previous` is reused, not rebuilt. Every
+    /// problem is reported, not only the first.
+    pub fn build(config: &Config, previous: Option<&Routing>) -> Result<Routing, Vec<Problem>> {
+        let mut problems = Vec::new();
+        let mut sinks = BTreeMap::new();
+        for (name, sink_config) in &config.sinks {
+            let reused = previous
+                .and_then(|p| p.sinks.get(name))
+                .filter(|built| built.config == *sink_config)
+                .map(|built| built.sink.clone());
+            let sink = match reused {
+                Some(sink) => sink,
+                None => match sink_config.build(&format!("sinks.{name}")) {
+                    Ok(sink) => sink,
+                    Err(problem) => {
+                        problems.push(problem);
+                        continue;
+                    }
+                },
+            };
+            sinks.insert(
+                name.clone(),
+                BuiltSink {
+                    config: sink_config.clone(),
+                    sink,
+                },
+            );
+        }
+        let mut adapters: BTreeMap<std::path::PathBuf, Arc<Adapter>> = BTreeMap::new();
+        let mut routes = Vec::new();
+        for (i, route) in config.routes.iter().enumerate() {
+            let adapter = match adapters.get(&route.adapter) {
+                Some(adapter) => adapter.clone(),
+                None => match Adapter::load(&route.adapter) {
+                    Ok(adapter) => {
+                        let adapter = Arc::new(adapter);
+                        adapters.insert(route.adapter.clone(), adapter.clone());
+                        adapter
+                    }
+                    Err(e) => {
+                        problems.push(Problem {
+                            key: format!("routes[{i}].adapter"),
+                            message: e.to_string(),
+                        });
+                        continue;
+                    }
+                },
+            };
+            let (Some(built), Ok(versions)) =
+                (sinks.get(&route.sink), VersionRange::parse(&route.versions))
+            else {
+                // Reported by Config::validate already.
+                continue;
+            };
+            routes.push(Route {
+                name: route.name.clone(),
+                types: route.types.clone(),
+                versions,
+                adapter,
+                sink_name: route.sink.clone(),
+                sink: built.sink.clone(),
+                retry: built.config.retry().clone(),
+                limits: limits(route),
+            });
+        }
+        if problems.is_empty() {
+            Ok(Routing { routes, sinks })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The routes that take an event of this type and version, in configuration order.
+    pub fn matching(&self, event_type: &str, version: u64) -> Vec<&Route> {
+        self.routes
+            .iter()
+            .filter(|r| r.matches(event_type, version))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", ""));
+        assert!(glob_match("*", "rule.updated"));
+        assert!(glob_match("rule.*", "rule.updated"));
+        assert!(!glob_match("rule.*", "rules.updated"));
+        assert!(glob_match("court.?", "court.1"));
+        assert!(!glob_match("court.?", "court.12"));
+        assert!(glob_match("*Updated", "PolicyUpdated"));
+        assert!(glob_match("a*b*c", "aXXbYYc"));
+        assert!(!glob_match("a*b*c", "aXXbYY"));
+        assert!(glob_match("PolicyUpdated", "PolicyUpdated"));
+        assert!(!glob_match("policy_update", "PolicyUpdated"));
+        // Pathological patterns finish quickly.
+        let long = "a".repeat(10_000);
+        assert!(!glob_match("*a*a*a*a*a*a*b", &long));
+    }
+
+    #[test]
+    fn version_ranges() {
+        let r = |s| VersionRange::parse(s).unwrap();
+        assert!(r("*").contains(1) && r("*").contains(99));
+        assert!(r("3").contains(3) && !r("3").contains(2) && !r("3").contains(4));
+        assert!(r("1-2").contains(1) && r("1-2").contains(2) && !r("1-2").contains(3));
+        assert!(r("2-").contains(2) && r("2-").contains(1000) && !r("2-").contains(1));
+        assert!(r("-2").contains(1) && !r("-2").contains(3));
+        assert!(VersionRange::parse("3-1").is_err());
+        assert!(VersionRange::parse("v3").is_err());
+        assert!(VersionRange::parse("").is_err());
+    }
+}

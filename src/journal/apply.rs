@@ -1,0 +1,462 @@
+//! What the dispatcher, the status reporter and the admin API read and change in the journal:
+//! per-route delivery state, final states, per-subject revisions, dead letters and the outbox.
+//!
+//! Every change goes through the writer thread ([`Journal::write`]); reads use the reader
+//! connection and are blocking.
+
+use std::sync::atomic::Ordering;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use super::{EventRecord, Journal, JournalError, now_rfc3339, read_record, state};
+
+/// An event as the dispatcher needs it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub id: String,
+    pub event_type: String,
+    pub version: u64,
+    pub subject: String,
+    pub revision: Option<u64>,
+    pub source: Option<String>,
+    /// Unix milliseconds.
+    pub received_at_ms: i64,
+    pub state: String,
+    /// The normalised envelope (JSON text).
+    pub envelope: String,
+}
+
+/// The delivery of one event through one route.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    pub route: String,
+    pub sink: String,
+    pub state: String,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub updated_at: String,
+}
+
+/// A change of one delivery.
+#[derive(Debug, Clone)]
+pub struct DeliveryUpdate {
+    pub seq: i64,
+    pub route: String,
+    pub sink: String,
+    pub state: &'static str,
+    pub attempts: u32,
+    pub next_attempt_ms: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+/// An event reaching its final state.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub seq: i64,
+    pub state: &'static str,
+    pub error: Option<String>,
+    /// Raise the subject's applied revision to this (only ever raised).
+    pub subject_revision: Option<(String, u64)>,
+    /// A status report for the hub: (message id, JSON body).
+    pub report: Option<(String, String)>,
+    pub event_id: String,
+}
+
+/// The result of a replay request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requeue {
+    /// Back in the backlog.
+    Queued {
+        seq: i64,
+        subject: String,
+    },
+    NotFound,
+    /// Not yet final: it is being applied already.
+    Pending,
+    /// Applied (or filtered/superseded): replaying needs `force`.
+    NeedsForce {
+        state: String,
+    },
+}
+
+/// The result of dropping a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DropOutcome {
+    Dropped,
+    NotFound,
+    /// Not a dead letter; carries the state.
+    NotDeadLetter(String),
+}
+
+/// A dead letter for the listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub seq: i64,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub version: u64,
+    pub subject: String,
+    pub state: String,
+    pub error: Option<String>,
+    pub received_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// A pending status report.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub event_id: String,
+    pub message_id: String,
+    pub body: String,
+    pub attempts: u32,
+}
+
+/// Parses the RFC 3339 timestamps the journal writes into unix milliseconds.
+fn rfc3339_ms(text: &str) -> i64 {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+        .unwrap_or(0)
+}
+
+fn deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, rusqlite::Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT route, sink, state, attempts, next_attempt_ms, last_error, updated_at \
+         FROM deliveries WHERE event_seq = ?1 ORDER BY route",
+    )?;
+    stmt.query_map([seq], |r| {
+        Ok(DeliveryRecord {
+            route: r.get(0)?,
+            sink: r.get(1)?,
+            state: r.get(2)?,
+            attempts: r.get(3)?,
+            next_attempt_ms: r.get(4)?,
+            last_error: r.get(5)?,
+            updated_at: r.get(6)?,
+        })
+    })?
+    .collect()
+}
+
+impl Journal {
+    /// Every event not yet final, in receive order: (seq, subject). Blocking.
+    pub fn pending(&self) -> Result<Vec<(i64, String)>, JournalError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT seq, subject FROM events WHERE state = ?1 ORDER BY seq")?;
+            stmt.query_map([state::ACCEPTED], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+        })
+    }
+
+    /// One event with its envelope. Blocking.
+    pub fn load_event(&self, seq: i64) -> Result<Option<StoredEvent>, JournalError> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT seq, id, type, version, subject, revision, source, received_at, state, \
+                 envelope FROM events WHERE seq = ?1",
+            )?
+            .query_row([seq], |r| {
+                Ok(StoredEvent {
+                    seq: r.get(0)?,
+                    id: r.get(1)?,
+                    event_type: r.get(2)?,
+                    version: r.get(3)?,
+                    subject: r.get(4)?,
+                    revision: r.get(5)?,
+                    source: r.get(6)?,
+                    received_at_ms: rfc3339_ms(&r.get::<_, String>(7)?),
+                    state: r.get(8)?,
+                    envelope: r.get(9)?,
+                })
+            })
+            .optional()
+        })
+    }
+
+    /// The deliveries of one event. Blocking.
+    pub fn deliveries(&self, seq: i64) -> Result<Vec<DeliveryRecord>, JournalError> {
+        self.read(|conn| deliveries(conn, seq))
+    }
+
+    /// The highest revision applied for `subject`. Blocking.
+    pub fn subject_revision(&self, subject: &str) -> Result<Option<u64>, JournalError> {
+        self.read(|conn| {
+            conn.prepare_cached("SELECT last_revision FROM subjects WHERE subject = ?1")?
+                .query_row([subject], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    /// The stored record of an event with its deliveries. Blocking.
+    pub fn get_detail(
+        &self,
+        id: &str,
+    ) -> Result<Option<(EventRecord, Vec<DeliveryRecord>)>, JournalError> {
+        self.read(|conn| {
+            let Some(record) = read_record(conn, id)? else {
+                return Ok(None);
+            };
+            let seq: i64 =
+                conn.query_row("SELECT seq FROM events WHERE id = ?1", [id], |r| r.get(0))?;
+            Ok(Some((record, deliveries(conn, seq)?)))
+        })
+    }
+
+    /// Records the state of one delivery.
+    pub async fn set_delivery(&self, update: DeliveryUpdate) -> Result<(), JournalError> {
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO deliveries (event_seq, route, sink, state, attempts, next_attempt_ms, \
+                 last_error, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT (event_seq, route) DO UPDATE SET sink = ?3, state = ?4, \
+                 attempts = ?5, next_attempt_ms = ?6, last_error = ?7, updated_at = ?8",
+            )?
+            .execute(params![
+                update.seq,
+                update.route,
+                update.sink,
+                update.state,
+                update.attempts,
+                update.next_attempt_ms,
+                update.last_error,
+                now_rfc3339(),
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Puts an event in its final state, raises the subject's revision and queues the status
+    /// report, all in one transaction.
+    pub async fn finish(&self, finish: Finish) -> Result<(), JournalError> {
+        let changed = self
+            .write(move |conn| {
+                let now = now_rfc3339();
+                let changed = conn
+                    .prepare_cached(
+                        "UPDATE events SET state = ?2, error = ?3, finished_at = ?4, \
+                         updated_at = ?4 WHERE seq = ?1 AND state = ?5",
+                    )?
+                    .execute(params![
+                        finish.seq,
+                        finish.state,
+                        finish.error,
+                        now,
+                        state::ACCEPTED
+                    ])?;
+                if changed == 0 {
+                    return Ok(false);
+                }
+                if let Some((subject, revision)) = &finish.subject_revision {
+                    conn.prepare_cached(
+                        "INSERT INTO subjects (subject, last_revision) VALUES (?1, ?2) \
+                         ON CONFLICT (subject) DO UPDATE SET \
+                         last_revision = max(last_revision, excluded.last_revision)",
+                    )?
+                    .execute(params![subject, *revision as i64])?;
+                }
+                if let Some((message_id, body)) = &finish.report {
+                    conn.prepare_cached(
+                        "INSERT INTO outbox (event_id, message_id, body, created_at) \
+                         VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![
+                        finish.event_id,
+                        message_id,
+                        body,
+                        now
+                    ])?;
+                }
+                Ok(true)
+            })
+            .await?;
+        if changed {
+            let _ = self
+                .shared
+                .backlog
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                    Some(b.saturating_sub(1))
+                });
+        }
+        Ok(())
+    }
+
+    /// Puts a final event back into the backlog. Without `force` only dead letters (failed,
+    /// parked, dropped) are requeued, and routes already applied stay applied; with `force`
+    /// every route is applied again.
+    pub async fn requeue(&self, id: &str, force: bool) -> Result<Requeue, JournalError> {
+        let id = id.to_owned();
+        let outcome = self
+            .write(move |conn| {
+                let row: Option<(i64, String, String)> = conn
+                    .query_row(
+                        "SELECT seq, subject, state FROM events WHERE id = ?1",
+                        [&id],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?;
+                let Some((seq, subject, current)) = row else {
+                    return Ok(Requeue::NotFound);
+                };
+                let dead =
+                    [state::FAILED, state::PARKED, state::DROPPED].contains(&current.as_str());
+                if current == state::ACCEPTED {
+                    return Ok(Requeue::Pending);
+                }
+                if !dead && !force {
+                    return Ok(Requeue::NeedsForce { state: current });
+                }
+                if force {
+                    conn.execute("DELETE FROM deliveries WHERE event_seq = ?1", [seq])?;
+                } else {
+                    conn.execute(
+                        "DELETE FROM deliveries WHERE event_seq = ?1 AND state NOT IN (?2, ?3)",
+                        params![seq, state::APPLIED, state::FILTERED],
+                    )?;
+                }
+                conn.execute(
+                    "UPDATE events SET state = ?2, error = NULL, finished_at = NULL, \
+                     updated_at = ?3 WHERE seq = ?1",
+                    params![seq, state::ACCEPTED, now_rfc3339()],
+                )?;
+                Ok(Requeue::Queued { seq, subject })
+            })
+            .await?;
+        if matches!(outcome, Requeue::Queued { .. }) {
+            self.shared.backlog.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(outcome)
+    }
+
+    /// Marks a dead letter dropped. The event stays known (a redelivery is a duplicate).
+    pub async fn drop_dead_letter(&self, id: &str) -> Result<DropOutcome, JournalError> {
+        let id = id.to_owned();
+        self.write(move |conn| {
+            let current: Option<String> = conn
+                .query_row("SELECT state FROM events WHERE id = ?1", [&id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            match current.as_deref() {
+                None => Ok(DropOutcome::NotFound),
+                Some(state::FAILED) | Some(state::PARKED) => {
+                    conn.execute(
+                        "UPDATE events SET state = ?2, updated_at = ?3 WHERE id = ?1",
+                        params![id, state::DROPPED, now_rfc3339()],
+                    )?;
+                    Ok(DropOutcome::Dropped)
+                }
+                Some(other) => Ok(DropOutcome::NotDeadLetter(other.to_owned())),
+            }
+        })
+        .await
+    }
+
+    /// Dead letters (failed and parked events) after `after_seq`, oldest first. Blocking.
+    pub fn dead_letters(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, JournalError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, id, type, version, subject, state, error, received_at, finished_at \
+                 FROM events WHERE state IN (?1, ?2) AND seq > ?3 ORDER BY seq LIMIT ?4",
+            )?;
+            stmt.query_map(
+                params![state::FAILED, state::PARKED, after_seq, limit],
+                |r| {
+                    Ok(DeadLetter {
+                        seq: r.get(0)?,
+                        id: r.get(1)?,
+                        event_type: r.get(2)?,
+                        version: r.get(3)?,
+                        subject: r.get(4)?,
+                        state: r.get(5)?,
+                        error: r.get(6)?,
+                        received_at: r.get(7)?,
+                        finished_at: r.get(8)?,
+                    })
+                },
+            )?
+            .collect()
+        })
+    }
+
+    /// Number of dead letters. Blocking.
+    pub fn dead_letter_count(&self) -> Result<u64, JournalError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT count(*) FROM events WHERE state IN (?1, ?2)",
+                params![state::FAILED, state::PARKED],
+                |r| r.get(0),
+            )
+        })
+    }
+
+    /// Status reports due at `now_ms`, oldest first. Blocking.
+    pub fn outbox_due(&self, now_ms: i64, limit: u32) -> Result<Vec<OutboxRow>, JournalError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, event_id, message_id, body, attempts FROM outbox \
+                 WHERE next_attempt_ms <= ?1 ORDER BY seq LIMIT ?2",
+            )?;
+            stmt.query_map(params![now_ms, limit], |r| {
+                Ok(OutboxRow {
+                    seq: r.get(0)?,
+                    event_id: r.get(1)?,
+                    message_id: r.get(2)?,
+                    body: r.get(3)?,
+                    attempts: r.get(4)?,
+                })
+            })?
+            .collect()
+        })
+    }
+
+    /// The earliest time a pending report is due, unix ms. Blocking.
+    pub fn outbox_next_due(&self) -> Result<Option<i64>, JournalError> {
+        self.read(|conn| {
+            conn.query_row("SELECT min(next_attempt_ms) FROM outbox", [], |r| r.get(0))
+        })
+    }
+
+    /// Pending status reports. Blocking.
+    pub fn outbox_len(&self) -> Result<u64, JournalError> {
+        self.read(|conn| conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0)))
+    }
+
+    /// A report was delivered.
+    pub async fn outbox_done(&self, seq: i64) -> Result<(), JournalError> {
+        self.write(move |conn| {
+            conn.execute("DELETE FROM outbox WHERE seq = ?1", [seq])
+                .map(|_| ())
+        })
+        .await
+    }
+
+    /// A report failed; try again at `next_attempt_ms`.
+    pub async fn outbox_retry(
+        &self,
+        seq: i64,
+        attempts: u32,
+        next_attempt_ms: i64,
+        error: String,
+    ) -> Result<(), JournalError> {
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE outbox SET attempts = ?2, next_attempt_ms = ?3, last_error = ?4 WHERE seq = ?1",
+                params![seq, attempts, next_attempt_ms, error],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+}
