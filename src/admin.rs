@@ -51,6 +51,7 @@ impl Readiness {
 pub struct Admin {
     pub journal: Arc<Journal>,
     pub dispatcher: Arc<Dispatcher>,
+    pub reloader: Option<Arc<crate::reload::Reloader>>,
     pub readiness: Arc<Readiness>,
     pub token: Option<BearerToken>,
 }
@@ -100,6 +101,10 @@ impl Admin {
                         self.replay(id, query_flag(query, "force")).await
                     }
                     (&Method::GET, ["v1", "dead-letters"]) => self.dead_letters(query).await,
+                    (&Method::GET, ["v1", "adapters"]) => Ok(json_response(
+                        StatusCode::OK,
+                        &json!({"adapters": self.reloader.as_ref().map(|r| r.adapters()).unwrap_or_default()}),
+                    )),
                     (&Method::POST, ["v1", "dead-letters", id, "retry"]) => {
                         self.replay(id, false).await
                     }

@@ -17,6 +17,7 @@ use crate::ingress::handler::{HandlerLimits, HubAuth};
 use crate::ingress::tls::{TlsAcceptor, TlsError};
 use crate::ingress::{self, Handler, InFlight, ServerSettings};
 use crate::journal::{Journal, JournalError, JournalOptions};
+use crate::reload::Reloader;
 use crate::report::{ReportError, Reporter};
 
 /// Why the agent could not start.
@@ -81,6 +82,7 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 
 /// Runs the agent until `stop` is cancelled, then drains and closes the journal.
 pub async fn run(
+    config_path: &std::path::Path,
     config: Config,
     secrets: Secrets,
     stop: CancellationToken,
@@ -137,9 +139,16 @@ pub async fn run(
         reporter.as_ref().map(|r| r.wake()),
     );
     dispatcher.start().await?;
+    let reloader = Reloader::new(config_path.to_owned(), config.clone(), dispatcher.clone());
     let background = CancellationToken::new();
     if let Some(reporter) = &reporter {
         tokio::spawn(reporter.clone().run(background.clone()));
+    }
+    if let Err(e) = reloader.spawn_watcher(background.clone()) {
+        tracing::warn!(error = %e, "cannot watch adapters for changes; reload with SIGHUP");
+    }
+    if let Err(e) = crate::reload::spawn_sighup(reloader.clone(), background.clone()) {
+        tracing::warn!(error = %e, "cannot install the SIGHUP handler");
     }
 
     let ingress_listener = bind("ingress", config.ingress.listen).await?;
@@ -155,6 +164,7 @@ pub async fn run(
         let admin = Arc::new(Admin {
             journal: journal.clone(),
             dispatcher: dispatcher.clone(),
+            reloader: Some(reloader.clone()),
             readiness: readiness.clone(),
             token: admin_token,
         });

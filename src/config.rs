@@ -22,7 +22,7 @@ use crate::sink::SinkConfig;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ess-agent/ess-agent.toml";
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Identifies this agent (the partner) to the hub. Required.
@@ -181,7 +181,7 @@ fn default_state_dir() -> PathBuf {
 }
 
 /// The hub-facing listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngressConfig {
     /// Address and port to listen on. Default: `127.0.0.1:8787`.
@@ -225,7 +225,7 @@ impl Default for IngressConfig {
 }
 
 /// TLS for the ingress listener (rustls, TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM file with the server certificate chain, leaf first. Required.
@@ -255,7 +255,7 @@ pub struct SecretSource {
 }
 
 /// Authentication of the hub (PROTOCOL.md §1.2). Every configured method must pass.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Standard Webhooks HMAC secrets (`whsec_…`). Several may be listed while a secret is
@@ -289,7 +289,7 @@ impl Default for AuthConfig {
 }
 
 /// Limits that protect the agent and the disk.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Largest accepted request body in bytes; larger ones get 413. Default: 1048576 (1 MiB).
@@ -356,7 +356,7 @@ impl Default for LimitsConfig {
 }
 
 /// The admin listener (plain HTTP).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address and port. Default: `127.0.0.1:8788`. Set `enabled = false` to turn it off.
@@ -389,7 +389,7 @@ impl Default for AdminConfig {
 }
 
 /// Journal tuning. The defaults suit almost every installation.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JournalConfig {
     /// Most events one commit (one fsync) may carry. Default: 512.
@@ -418,7 +418,7 @@ impl Default for JournalConfig {
 }
 
 /// Graceful shutdown on SIGTERM / SIGINT.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
     /// How long in-flight requests may take to finish before the agent exits anyway. Seconds.

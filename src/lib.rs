@@ -10,6 +10,7 @@
 //! - [`adapter`]: the JSONata engine seam and the compiled adapter scripts.
 //! - [`sink`]: where adapter output is applied (files, HTTP, ...).
 //! - [`report`]: status reports to the hub from the journal's outbox.
+//! - [`reload`]: hot reload of adapters, routes and sinks (file watch and SIGHUP).
 //! - [`admin`]: health, readiness, event status, replay and dead letters on the admin listener.
 //! - [`shutdown`]: signal handling and the graceful drain.
 //! - [`cli`]: the command line (`run`, `validate`, `send`, `adapter eval`).
@@ -23,6 +24,7 @@ pub mod dispatch;
 pub mod http_client;
 pub mod ingress;
 pub mod journal;
+pub mod reload;
 pub mod report;
 pub mod shutdown;
 pub mod sink;

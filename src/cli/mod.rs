@@ -150,7 +150,7 @@ pub fn run(args: &ConfigArg) -> anyhow::Result<ExitCode> {
     runtime.block_on(async {
         let stop = tokio_util::sync::CancellationToken::new();
         crate::shutdown::spawn_signal_handler(stop.clone())?;
-        match crate::agent::run(config, secrets, stop).await {
+        match crate::agent::run(&args.config, config, secrets, stop).await {
             Ok(()) => Ok(ExitCode::SUCCESS),
             Err(e) => {
                 tracing::error!("cannot start: {e}");

@@ -149,6 +149,20 @@ impl Routing {
     /// sink. A sink whose configuration equals one in `previous` is reused, not rebuilt. Every
     /// problem is reported, not only the first.
     pub fn build(config: &Config, previous: Option<&Routing>) -> Result<Routing, Vec<Problem>> {
+        Routing::build_with(config, previous, &mut |path| {
+            Adapter::load(path).map(Arc::new)
+        })
+    }
+
+    /// As [`Routing::build`], with the adapters loaded by `load` (so a caller can record what
+    /// each load gave).
+    pub fn build_with(
+        config: &Config,
+        previous: Option<&Routing>,
+        load: &mut dyn FnMut(
+            &std::path::Path,
+        ) -> Result<Arc<Adapter>, crate::adapter::AdapterError>,
+    ) -> Result<Routing, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut sinks = BTreeMap::new();
         for (name, sink_config) in &config.sinks {
@@ -179,9 +193,8 @@ impl Routing {
         for (i, route) in config.routes.iter().enumerate() {
             let adapter = match adapters.get(&route.adapter) {
                 Some(adapter) => adapter.clone(),
-                None => match Adapter::load(&route.adapter) {
+                None => match load(&route.adapter) {
                     Ok(adapter) => {
-                        let adapter = Arc::new(adapter);
                         adapters.insert(route.adapter.clone(), adapter.clone());
                         adapter
                     }

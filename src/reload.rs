@@ -1,0 +1,359 @@
+//! Reloading adapters, routes and sinks while the agent runs.
+//!
+//! A reload is triggered by a save in the adapters directory or of the configuration file (a
+//! debounced file watch that also sees editors' rename-over saves), or by SIGHUP. It reads the
+//! configuration, compiles every adapter the routes name and builds the sinks (a sink whose
+//! settings did not change is kept as it is), and swaps the new routing in only if all of it is
+//! good. On any error the running set stays, and the error is logged and shown per adapter at
+//! `GET /v1/adapters`. Events being applied finish with the routing they started with.
+//!
+//! Settings that only take effect at start (listeners, TLS, state directory, authentication,
+//! limits, the journal, the admin API, status reports, the agent id) are compared with what the
+//! agent started with; a change is reported as needing a restart and is not half-applied.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use notify::RecursiveMode;
+use notify_debouncer_full::{DebounceEventResult, new_debouncer};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::adapter::{Adapter, AdapterError};
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::dispatch::routes::Routing;
+use crate::journal::now_rfc3339;
+
+/// What `GET /v1/adapters` shows for one adapter file.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AdapterStatus {
+    pub file: PathBuf,
+    /// The routes that use it.
+    pub routes: Vec<String>,
+    /// SHA-256 of the version in use.
+    pub checksum: Option<String>,
+    /// When the version in use was loaded.
+    pub loaded_at: Option<String>,
+    /// Why the latest version on disk is not in use (with line:col and a caret excerpt).
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+}
+
+/// The result of one reload.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReloadOutcome {
+    /// The new routing is in force.
+    pub applied: bool,
+    /// Why it was not applied.
+    pub problems: Vec<String>,
+    /// Changed settings that take effect only after a restart.
+    pub restart_needed: Vec<String>,
+}
+
+/// Reloads on demand; shared behind an `Arc`.
+pub struct Reloader {
+    config_path: PathBuf,
+    /// The configuration the agent started with: restart-only settings are compared with it.
+    started: Config,
+    /// The configuration whose routing is in force.
+    current: Mutex<Config>,
+    dispatcher: Arc<Dispatcher>,
+    adapters: Mutex<BTreeMap<PathBuf, AdapterStatus>>,
+    reloads: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Reloader {
+    /// A reloader for the agent started with `config` from `config_path`.
+    pub fn new(config_path: PathBuf, config: Config, dispatcher: Arc<Dispatcher>) -> Arc<Reloader> {
+        let reloader = Arc::new(Reloader {
+            config_path,
+            started: config.clone(),
+            current: Mutex::new(config.clone()),
+            dispatcher,
+            adapters: Mutex::new(BTreeMap::new()),
+            reloads: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        });
+        // The routing in force was built at start; record its adapters.
+        let routing = reloader.dispatcher.routing();
+        let mut statuses = reloader.lock_adapters();
+        for route in &routing.routes {
+            let status = statuses
+                .entry(route.adapter.path.clone())
+                .or_insert_with(|| fresh_status(&route.adapter));
+            status.routes.push(route.name.clone());
+        }
+        drop(statuses);
+        reloader
+    }
+
+    fn lock_adapters(&self) -> std::sync::MutexGuard<'_, BTreeMap<PathBuf, AdapterStatus>> {
+        self.adapters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Each adapter's status.
+    pub fn adapters(&self) -> Vec<AdapterStatus> {
+        self.lock_adapters().values().cloned().collect()
+    }
+
+    /// Reloads completed (applied or not) and failed.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.reloads.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The directories to watch: the configuration file's and every adapter's.
+    pub fn watched_dirs(&self) -> BTreeSet<PathBuf> {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dirs = BTreeSet::new();
+        if let Some(dir) = self.config_path.parent() {
+            dirs.insert(absolute(dir));
+        }
+        dirs.insert(absolute(&current.adapters_dir));
+        for route in &current.routes {
+            if let Some(dir) = route.adapter.parent() {
+                dirs.insert(absolute(dir));
+            }
+        }
+        dirs
+    }
+
+    /// True when a change of `path` can affect the routing.
+    fn is_relevant(&self, path: &Path) -> bool {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        absolute(path) == absolute(&self.config_path)
+            || path.extension().is_some_and(|e| e == "jsonata")
+            || current
+                .routes
+                .iter()
+                .any(|r| absolute(&r.adapter) == absolute(path))
+    }
+
+    /// Reads the configuration and adapters again and swaps them in if all of it is good.
+    /// Blocking: reads files and compiles scripts.
+    pub fn reload(&self, trigger: &str) -> ReloadOutcome {
+        let mut outcome = ReloadOutcome::default();
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        let config = match Config::load(&self.config_path) {
+            Ok(config) => config,
+            Err(e) => {
+                outcome.problems = e.problems().iter().map(ToString::to_string).collect();
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(trigger, problems = ?outcome.problems, "configuration not reloaded: the running configuration stays in force until the file is fixed");
+                return outcome;
+            }
+        };
+        outcome.restart_needed = restart_only_changes(&self.started, &config);
+        if !outcome.restart_needed.is_empty() {
+            tracing::warn!(trigger, settings = ?outcome.restart_needed, "these settings changed but take effect only after a restart: restart the agent to apply them");
+        }
+        let now = now_rfc3339();
+        let mut loaded: BTreeMap<PathBuf, Result<Arc<Adapter>, AdapterError>> = BTreeMap::new();
+        let previous = self.dispatcher.routing();
+        let result = Routing::build_with(&config, Some(&previous), &mut |path| {
+            let result = loaded
+                .entry(path.to_owned())
+                .or_insert_with(|| Adapter::load(path).map(Arc::new));
+            result.clone()
+        });
+        // Record each adapter's result, whether or not the whole set is applied.
+        {
+            let mut statuses = self.lock_adapters();
+            let in_force: BTreeMap<PathBuf, Arc<Adapter>> = previous
+                .routes
+                .iter()
+                .map(|r| (r.adapter.path.clone(), r.adapter.clone()))
+                .collect();
+            let mut next = BTreeMap::new();
+            for route in &config.routes {
+                let path = &route.adapter;
+                let status = next.entry(path.clone()).or_insert_with(|| {
+                    statuses.get(path).cloned().unwrap_or(AdapterStatus {
+                        file: path.clone(),
+                        routes: Vec::new(),
+                        checksum: None,
+                        loaded_at: None,
+                        last_error: None,
+                        last_error_at: None,
+                    })
+                });
+                status
+                    .routes
+                    .retain(|r| config.routes.iter().any(|c| &c.name == r));
+                if !status.routes.contains(&route.name) {
+                    status.routes.push(route.name.clone());
+                }
+                if let Some(Err(e)) = loaded.get(path) {
+                    if status.last_error.as_deref() != Some(&e.to_string()) {
+                        tracing::error!(adapter = %path.display(), trigger, "adapter not reloaded: the previous version stays in use\n{e}");
+                    }
+                    status.last_error = Some(e.to_string());
+                    status.last_error_at = Some(now.clone());
+                    // The version in use is whatever is in force now (if any).
+                    if let Some(adapter) = in_force.get(path) {
+                        status.checksum = Some(adapter.checksum.clone());
+                    }
+                }
+            }
+            if let Err(problems) = &result {
+                outcome.problems = problems.iter().map(ToString::to_string).collect();
+            } else {
+                for (path, status) in next.iter_mut() {
+                    if let Some(Ok(adapter)) = loaded.get(path) {
+                        if status.checksum.as_deref() != Some(&adapter.checksum) {
+                            status.loaded_at = Some(now.clone());
+                            tracing::info!(adapter = %path.display(), checksum = %adapter.checksum, trigger, "adapter loaded");
+                        }
+                        status.checksum = Some(adapter.checksum.clone());
+                        status.last_error = None;
+                        status.last_error_at = None;
+                    }
+                }
+            }
+            *statuses = next;
+        }
+        match result {
+            Ok(routing) => {
+                self.dispatcher.replace_routing(routing);
+                *self.current.lock().unwrap_or_else(|p| p.into_inner()) = config;
+                outcome.applied = true;
+                tracing::info!(trigger, restart_needed = ?outcome.restart_needed, "reloaded routes, adapters and sinks");
+            }
+            Err(_) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(trigger, problems = ?outcome.problems, "reload refused: the running adapters, routes and sinks stay in force");
+            }
+        }
+        outcome
+    }
+
+    /// Watches the configuration and adapter directories and reloads after each save, until
+    /// `stop` is cancelled.
+    pub fn spawn_watcher(self: &Arc<Self>, stop: CancellationToken) -> notify::Result<()> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<PathBuf>>();
+        let mut debouncer = new_debouncer(
+            Duration::from_millis(150),
+            None,
+            move |result: DebounceEventResult| {
+                if let Ok(events) = result {
+                    let paths: Vec<PathBuf> = events
+                        .into_iter()
+                        .filter(|e| !e.kind.is_access())
+                        .flat_map(|e| e.event.paths)
+                        .collect();
+                    if !paths.is_empty() {
+                        let _ = tx.send(paths);
+                    }
+                }
+            },
+        )?;
+        let mut watched = BTreeSet::new();
+        for dir in self.watched_dirs() {
+            match debouncer.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(dir);
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch for changes; use SIGHUP to reload")
+                }
+            }
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let paths = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    paths = rx.recv() => match paths { Some(p) => p, None => return },
+                };
+                if !paths.iter().any(|p| this.is_relevant(p)) {
+                    continue;
+                }
+                let reloader = this.clone();
+                let _ = tokio::task::spawn_blocking(move || reloader.reload("file change")).await;
+                // The set of directories may have changed with the configuration.
+                let wanted = this.watched_dirs();
+                for dir in wanted.difference(&watched.clone()) {
+                    if debouncer.watch(dir, RecursiveMode::NonRecursive).is_ok() {
+                        watched.insert(dir.clone());
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+fn fresh_status(adapter: &Adapter) -> AdapterStatus {
+    AdapterStatus {
+        file: adapter.path.clone(),
+        routes: Vec::new(),
+        checksum: Some(adapter.checksum.clone()),
+        loaded_at: Some(
+            time::OffsetDateTime::from(adapter.loaded_at)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        ),
+        last_error: None,
+        last_error_at: None,
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// The settings that differ and take effect only at start.
+pub fn restart_only_changes(started: &Config, new: &Config) -> Vec<String> {
+    let mut changed = Vec::new();
+    let mut check = |name: &str, same: bool| {
+        if !same {
+            changed.push(name.to_string());
+        }
+    };
+    check("agent_id", started.agent_id == new.agent_id);
+    check("state_dir", started.state_dir == new.state_dir);
+    check(
+        "ingress.listen",
+        started.ingress.listen == new.ingress.listen,
+    );
+    check("ingress.tls", started.ingress.tls == new.ingress.tls);
+    check(
+        "ingress (ack mode, plain HTTP option)",
+        started.ingress.ack_mode == new.ingress.ack_mode
+            && started.ingress.ack_timeout_ms == new.ingress.ack_timeout_ms
+            && started.ingress.insecure_allow_plain_http_on_public_address
+                == new.ingress.insecure_allow_plain_http_on_public_address,
+    );
+    check("auth", started.auth == new.auth);
+    check("limits", started.limits == new.limits);
+    check("admin", started.admin == new.admin);
+    check("journal", started.journal == new.journal);
+    check("shutdown", started.shutdown == new.shutdown);
+    check("report", started.report == new.report);
+    check("dispatch", started.dispatch == new.dispatch);
+    changed
+}
+
+/// Reloads on every SIGHUP until `stop` is cancelled.
+pub fn spawn_sighup(reloader: Arc<Reloader>, stop: CancellationToken) -> std::io::Result<()> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                received = hup.recv() => if received.is_none() { return },
+            }
+            let reloader = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || reloader.reload("SIGHUP")).await;
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! Hot reload: adapters and configuration change while the agent runs.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::support::{self, Agent, admin_get, plain, request, signed_headers, unix_now};
+
+fn adapter_source(version: u64) -> String {
+    // Two copies of the version: a half-written file cannot produce a matching pair.
+    format!("{{\"version\": {version}, \"check\": \"{version}-{version}\", \"id\": id}}")
+}
+
+fn setup(dir: &Path) -> String {
+    std::fs::create_dir_all(dir.join("adapters")).unwrap();
+    std::fs::write(dir.join("adapters/live.jsonata"), adapter_source(1)).unwrap();
+    support::config_text(
+        dir,
+        &format!(
+            "adapters_dir = {:?}\n[[routes]]\nname = \"live\"\nadapter = \"live.jsonata\"\nsink = \"files\"\n\
+             [sinks.files]\ntype = \"file\"\ndir = {:?}\nname = \"{{id}}.json\"\n",
+            dir.join("adapters").display().to_string(),
+            dir.join("out").display().to_string()
+        ),
+    )
+}
+
+/// Saves like an editor that writes the file in place.
+fn save_in_place(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// Saves like vim, VS Code or `sed -i`: a new file renamed over the old one.
+fn save_by_rename(path: &Path, text: &str) {
+    let tmp = path.with_extension("jsonata.swp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn apply(agent: &Agent, id: &str) -> Value {
+    let body =
+        serde_json::to_vec(&json!({"id": id, "version": 1, "type": "t", "payload": {}})).unwrap();
+    let headers = signed_headers(id, unix_now(), &body);
+    let reply = request(
+        &plain(),
+        Method::POST,
+        &agent.url("/v1/events"),
+        &headers,
+        body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    agent
+        .wait_for_log(Duration::from_secs(10), |v| {
+            v["message"] == "event final" && v["event_id"] == id
+        })
+        .expect("event final");
+    let path = agent
+        .state_dir
+        .parent()
+        .unwrap()
+        .join(format!("out/{id}.json"));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Waits until the log says the adapter with this content is loaded; returns how long it took.
+fn wait_loaded(agent: &Agent, source: &str, since: Instant) -> Duration {
+    let checksum: String = ring::digest::digest(&ring::digest::SHA256, source.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    agent
+        .wait_for_log(Duration::from_secs(5), |v| {
+            v["message"] == "adapter loaded" && v["checksum"] == checksum.as_str()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "adapter {source} was not loaded; log:\n{}",
+                agent.log_text()
+            )
+        });
+    since.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_adapter_is_live_within_a_second_and_a_broken_one_keeps_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start_with(dir.path(), &setup(dir.path()));
+    let script = dir.path().join("adapters/live.jsonata");
+    assert_eq!(apply(&agent, "e1").await["version"], 1);
+
+    let v2 = adapter_source(2);
+    let saved = Instant::now();
+    save_in_place(&script, &v2);
+    let took = wait_loaded(&agent, &v2, saved);
+    assert!(
+        took < Duration::from_secs(1),
+        "write-in-place save live after {took:?}"
+    );
+    assert_eq!(apply(&agent, "e2").await["version"], 2);
+
+    let v3 = adapter_source(3);
+    let saved = Instant::now();
+    save_by_rename(&script, &v3);
+    let took = wait_loaded(&agent, &v3, saved);
+    assert!(
+        took < Duration::from_secs(1),
+        "rename-over save live after {took:?}"
+    );
+    assert_eq!(apply(&agent, "e3").await["version"], 3);
+
+    // A syntax error: the old adapter keeps serving, the error is shown with line:col.
+    save_by_rename(&script, "{\n  \"version\": 4,\n  \"check\": (\n}");
+    let logged = agent
+        .wait_for_log(Duration::from_secs(5), |v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("adapter not reloaded"))
+        })
+        .expect("the broken save is logged");
+    assert!(
+        logged["message"]
+            .as_str()
+            .unwrap()
+            .contains("live.jsonata:4:"),
+        "{logged}"
+    );
+    let status = admin_get(&agent, "/v1/adapters").await;
+    let adapter = &status.body["adapters"][0];
+    let error = adapter["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("live.jsonata:4:") && error.contains('^'),
+        "{error}"
+    );
+    assert_eq!(apply(&agent, "e4").await["version"], 3);
+
+    // The fix is picked up on the next save.
+    let v5 = adapter_source(5);
+    let saved = Instant::now();
+    save_in_place(&script, &v5);
+    wait_loaded(&agent, &v5, saved);
+    assert_eq!(apply(&agent, "e5").await["version"], 5);
+    let status = admin_get(&agent, "/v1/adapters").await;
+    assert!(status.body["adapters"][0]["last_error"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_saves_while_events_flow_never_applies_half_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start_with(dir.path(), &setup(dir.path()));
+    let script = dir.path().join("adapters/live.jsonata");
+    let url = agent.url("/v1/events");
+    let sender = tokio::spawn(async move {
+        let client = plain();
+        let mut ids = Vec::new();
+        for n in 0..300 {
+            let id = format!("b{n}");
+            let body = serde_json::to_vec(&json!({"id": id, "version": 1, "type": "t", "subject": format!("s{}", n % 7), "payload": {}})).unwrap();
+            let headers = signed_headers(&id, unix_now(), &body);
+            let reply = request(&client, Method::POST, &url, &headers, body)
+                .await
+                .unwrap();
+            assert_eq!(reply.status, StatusCode::ACCEPTED);
+            ids.push(id);
+        }
+        ids
+    });
+    let writer = std::thread::spawn(move || {
+        for version in 2..202 {
+            let text = adapter_source(version);
+            if version % 2 == 0 {
+                save_in_place(&script, &text);
+            } else {
+                save_by_rename(&script, &text);
+            }
+        }
+    });
+    writer.join().unwrap();
+    let ids = sender.await.unwrap();
+    for id in &ids {
+        agent
+            .wait_for_log(Duration::from_secs(30), |v| {
+                v["message"] == "event final" && v["event_id"] == id.as_str()
+            })
+            .unwrap_or_else(|| panic!("{id} not final"));
+        let path = dir.path().join(format!("out/{id}.json"));
+        let output: Value = serde_json::from_slice(
+            &std::fs::read(&path).unwrap_or_else(|_| panic!("{id} not applied")),
+        )
+        .unwrap();
+        let version = output["version"].as_u64().unwrap();
+        assert_eq!(
+            output["check"],
+            format!("{version}-{version}"),
+            "{id} was applied by half a file"
+        );
+    }
+    // Finally the last version is in force.
+    wait_loaded(&agent, &adapter_source(201), Instant::now());
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_a_listener_change_is_reported_as_needing_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    let agent = Agent::start_with(dir.path(), &config);
+    // Add a second route through the configuration file, and move the listener.
+    let changed = config.replace(
+        "[ingress]\nlisten = \"127.0.0.1:0\"",
+        "[ingress]\nlisten = \"127.0.0.1:1\"",
+    ) + "[[routes]]\nname = \"second\"\nadapter = \"live.jsonata\"\nsink = \"files\"\ntypes = [\"other\"]\n";
+    // Written under another name and renamed, so the file watch does not see a half-written file.
+    let tmp = dir.path().join("ess-agent.toml.new");
+    std::fs::write(&tmp, changed).unwrap();
+    std::fs::rename(&tmp, &agent.config_path).unwrap();
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let line = agent
+        .wait_for_log(Duration::from_secs(5), |v| {
+            v["message"] == "reloaded routes, adapters and sinks"
+        })
+        .expect("reloaded");
+    let restart = line["restart_needed"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(restart.contains("ingress.listen"), "{line}");
+    assert!(
+        agent
+            .wait_for_log(Duration::from_secs(5), |v| v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("take effect only after a restart")))
+            .is_some()
+    );
+    // Still serving on the original port, with the new route.
+    let status = admin_get(&agent, "/v1/adapters").await;
+    let routes = status.body["adapters"][0]["routes"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(routes, vec![json!("live"), json!("second")]);
+    assert_eq!(apply(&agent, "after-hup").await["version"], 1);
+}
