@@ -37,6 +37,11 @@ impl Readiness {
         self.lock().remove(component);
     }
 
+    /// Keeps only the components for which `keep` is true.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.lock().retain(|k, _| keep(k));
+    }
+
     /// The reasons the agent is not ready; empty when it is.
     pub fn reasons(&self) -> BTreeMap<String, String> {
         self.lock().clone()
@@ -52,6 +57,7 @@ pub struct Admin {
     pub journal: Arc<Journal>,
     pub dispatcher: Arc<Dispatcher>,
     pub reloader: Option<Arc<crate::reload::Reloader>>,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub readiness: Arc<Readiness>,
     pub token: Option<BearerToken>,
 }
@@ -69,6 +75,24 @@ impl Admin {
 
     async fn route(&self, req: &Request<Incoming>, path: &str) -> Result<Response<Body>, Problem> {
         match (req.method(), path) {
+            (&Method::GET, "/metrics") => {
+                let journal = self.journal.clone();
+                let _ =
+                    tokio::task::spawn_blocking(move || crate::telemetry::refresh_gauges(&journal))
+                        .await;
+                let text = self
+                    .metrics
+                    .as_ref()
+                    .map(|h| h.render())
+                    .unwrap_or_default();
+                let mut response =
+                    Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                Ok(response)
+            }
             (&Method::GET, "/healthz") => {
                 Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
             }

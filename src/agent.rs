@@ -165,6 +165,7 @@ pub async fn run(
             journal: journal.clone(),
             dispatcher: dispatcher.clone(),
             reloader: Some(reloader.clone()),
+            metrics: crate::telemetry::install(),
             readiness: readiness.clone(),
             token: admin_token,
         });
@@ -204,8 +205,22 @@ pub async fn run(
         "ready"
     );
 
+    crate::telemetry::ready(&{
+        let journal = journal.clone();
+        tokio::task::spawn_blocking(move || crate::telemetry::status_line(&journal))
+            .await
+            .unwrap_or_default()
+    });
+    crate::telemetry::spawn_watchdog(journal.clone(), dispatcher.clone(), background.clone());
+    spawn_sink_health(
+        dispatcher.clone(),
+        readiness.clone(),
+        Duration::from_millis(config.dispatch.healthcheck_interval_ms),
+        background.clone(),
+    );
     let graceful = ingress::serve(ingress_listener, tls, handler, settings, stop.clone()).await;
     shutting_down.store(true, Ordering::Relaxed);
+    crate::telemetry::stopping();
     readiness.not_ready("shutdown", "shutting down");
 
     let grace = Duration::from_secs(config.shutdown.grace_period_secs);
@@ -228,6 +243,52 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     tracing::info!("stopped: the journal is closed");
     Ok(())
+}
+
+/// Runs every sink's healthcheck periodically and reflects the result in readiness.
+fn spawn_sink_health(
+    dispatcher: Arc<Dispatcher>,
+    readiness: Arc<Readiness>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            let routing = dispatcher.routing();
+            for (name, built) in &routing.sinks {
+                let key = format!("sink {name}");
+                match tokio::time::timeout(
+                    interval.max(Duration::from_secs(1)),
+                    built.sink.healthcheck(),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {
+                        if readiness.reasons().contains_key(&key) {
+                            tracing::info!(sink = %name, "sink is healthy again");
+                        }
+                        readiness.ready(&key);
+                    }
+                    Ok(Err(e)) => {
+                        if !readiness.reasons().contains_key(&key) {
+                            tracing::warn!(sink = %name, error = %e, "sink healthcheck failed: not ready");
+                        }
+                        readiness.not_ready(&key, e.to_string());
+                    }
+                    Err(_) => readiness.not_ready(&key, "the healthcheck timed out".to_string()),
+                }
+            }
+            // Sinks removed by a reload no longer count.
+            readiness.retain(|k| {
+                k.strip_prefix("sink ")
+                    .is_none_or(|name| routing.sinks.contains_key(name))
+            });
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    });
 }
 
 fn fmt_addr(addr: Option<SocketAddr>) -> String {

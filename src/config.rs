@@ -150,6 +150,14 @@ pub struct DispatchConfig {
     /// subject are always applied one after another). Default: 32.
     #[serde(default = "default_parallel")]
     pub max_parallel: usize,
+    /// How often every sink's healthcheck runs; a failing sink makes `/readyz` answer 503 with
+    /// the reason. Milliseconds. Default: 10000.
+    #[serde(default = "default_healthcheck_interval")]
+    pub healthcheck_interval_ms: u64,
+}
+
+fn default_healthcheck_interval() -> u64 {
+    10_000
 }
 
 fn default_parallel() -> usize {
@@ -160,6 +168,7 @@ impl Default for DispatchConfig {
     fn default() -> Self {
         Self {
             max_parallel: default_parallel(),
+            healthcheck_interval_ms: default_healthcheck_interval(),
         }
     }
 }

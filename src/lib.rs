@@ -13,6 +13,7 @@
 //! - [`reload`]: hot reload of adapters, routes and sinks (file watch and SIGHUP).
 //! - [`admin`]: health, readiness, event status, replay and dead letters on the admin listener.
 //! - [`shutdown`]: signal handling and the graceful drain.
+//! - [`telemetry`]: Prometheus metrics and systemd notifications (readiness, watchdog).
 //! - [`cli`]: the command line (`run`, `validate`, `send`, `adapter eval`).
 
 pub mod adapter;
@@ -28,3 +29,4 @@ pub mod reload;
 pub mod report;
 pub mod shutdown;
 pub mod sink;
+pub mod telemetry;

@@ -142,11 +142,13 @@ impl Reloader {
     pub fn reload(&self, trigger: &str) -> ReloadOutcome {
         let mut outcome = ReloadOutcome::default();
         self.reloads.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("ess_agent_reloads_total").increment(1);
         let config = match Config::load(&self.config_path) {
             Ok(config) => config,
             Err(e) => {
                 outcome.problems = e.problems().iter().map(ToString::to_string).collect();
                 self.failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("ess_agent_reload_errors_total").increment(1);
                 tracing::error!(trigger, problems = ?outcome.problems, "configuration not reloaded: the running configuration stays in force until the file is fixed");
                 return outcome;
             }
@@ -229,6 +231,7 @@ impl Reloader {
             }
             Err(_) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("ess_agent_reload_errors_total").increment(1);
                 tracing::error!(trigger, problems = ?outcome.problems, "reload refused: the running adapters, routes and sinks stay in force");
             }
         }
@@ -351,8 +354,10 @@ pub fn spawn_sighup(reloader: Arc<Reloader>, stop: CancellationToken) -> std::io
                 _ = stop.cancelled() => return,
                 received = hup.recv() => if received.is_none() { return },
             }
+            crate::telemetry::reloading();
             let reloader = reloader.clone();
             let _ = tokio::task::spawn_blocking(move || reloader.reload("SIGHUP")).await;
+            crate::telemetry::ready("reloaded");
         }
     });
     Ok(())

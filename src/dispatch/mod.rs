@@ -38,6 +38,15 @@ pub struct Outcome {
     pub error: Option<String>,
 }
 
+/// Clears the intake flag when the intake task ends, however it ends.
+struct IntakeGuard<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for IntakeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// One route's result in a dry run.
 #[derive(Debug, Clone, Serialize)]
 pub struct DryRunOutput {
@@ -75,6 +84,8 @@ pub struct Dispatcher {
     report_wake: Option<Arc<Notify>>,
     stop: CancellationToken,
     tracker: TaskTracker,
+    /// Set while the task that takes newly committed events runs.
+    intake_running: std::sync::atomic::AtomicBool,
 }
 
 fn now_ms() -> i64 {
@@ -112,6 +123,7 @@ impl Dispatcher {
             report_wake,
             stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            intake_running: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -131,7 +143,10 @@ impl Dispatcher {
             self.submit(seq, subject);
         }
         let this = self.clone();
+        self.intake_running
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.tracker.spawn(async move {
+            let _running = IntakeGuard(&this.intake_running);
             loop {
                 tokio::select! {
                     _ = this.stop.cancelled() => return,
@@ -143,6 +158,12 @@ impl Dispatcher {
             }
         });
         Ok(())
+    }
+
+    /// True while the dispatcher takes newly committed events.
+    pub fn is_running(&self) -> bool {
+        self.intake_running
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The routing in force.
@@ -386,6 +407,17 @@ impl Dispatcher {
                 last_error: update.last_error.clone(),
                 updated_at: now_rfc3339(),
             };
+            let result = match update.state {
+                state::PENDING => "retry",
+                other => other,
+            };
+            metrics::counter!(
+                "ess_agent_deliveries_total",
+                "route" => update.route.clone(),
+                "sink" => update.sink.clone(),
+                "result" => result.to_owned()
+            )
+            .increment(1);
             self.journal.set_delivery(update).await?;
             deliveries.retain(|d| d.route != record.route);
             deliveries.push(record);
@@ -440,6 +472,7 @@ impl Dispatcher {
         let limits = route.limits.clone();
         let partner = self.partner.clone();
         let input = envelope.clone();
+        let started = std::time::Instant::now();
         let result =
             tokio::task::spawn_blocking(move || adapter.evaluate(&input, &partner, &limits))
                 .await
@@ -452,6 +485,8 @@ impl Dispatcher {
                         value: None,
                     })
                 });
+        metrics::histogram!("ess_agent_adapter_eval_seconds", "route" => route.name.clone())
+            .record(started.elapsed().as_secs_f64());
         let output = match result {
             Ok(Some(output)) => output,
             Ok(None) => {
@@ -485,7 +520,11 @@ impl Dispatcher {
             partner: self.partner.clone(),
         };
         update.attempts = attempts.saturating_add(1);
-        match route.sink.apply(&meta, &output).await {
+        let started = std::time::Instant::now();
+        let applied = route.sink.apply(&meta, &output).await;
+        metrics::histogram!("ess_agent_sink_apply_seconds", "sink" => route.sink_name.clone())
+            .record(started.elapsed().as_secs_f64());
+        match applied {
             Ok(()) => {
                 update.state = state::APPLIED;
                 tracing::info!(event_id = %event.id, route = %route.name, sink = %route.sink_name, attempts = update.attempts, "applied");
@@ -565,6 +604,7 @@ impl Dispatcher {
                 event_id: event.id.clone(),
             })
             .await?;
+        metrics::counter!("ess_agent_events_final_total", "state" => final_state).increment(1);
         tracing::info!(event_id = %event.id, state = final_state, error = error.as_deref(), "event final");
         if has_report && let Some(wake) = &self.report_wake {
             wake.notify_one();

@@ -79,6 +79,8 @@ impl Handler {
             Ok(response) => response,
             Err(problem) => problem.into_response(),
         };
+        metrics::counter!("ess_agent_requests_total", "status" => response.status().as_u16().to_string())
+            .increment(1);
         tracing::info!(
             target: "ess_agent::access",
             peer = %peer,
@@ -174,6 +176,17 @@ impl Handler {
             .journal
             .append(new_event(envelope, content_type, body))
             .await;
+        match &appended {
+            Ok(Appended::Accepted) => {
+                metrics::counter!("ess_agent_events_received_total", "result" => "accepted")
+                    .increment(1)
+            }
+            Ok(Appended::Duplicate(_)) => {
+                metrics::counter!("ess_agent_events_received_total", "result" => "duplicate")
+                    .increment(1)
+            }
+            Err(_) => {}
+        }
         let response = match (appended, waiter) {
             (Ok(Appended::Accepted), Some(waiter)) => {
                 match tokio::time::timeout(self.ack_timeout, waiter).await {

@@ -105,11 +105,9 @@ impl Writer {
         match self.write(batch) {
             Ok(outcomes) => {
                 self.shared.commits.fetch_add(1, Ordering::Relaxed);
-                tracing::trace!(
-                    micros = started.elapsed().as_micros() as u64,
-                    operations = batch.len(),
-                    "journal commit"
-                );
+                metrics::histogram!("ess_agent_journal_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!("ess_agent_journal_batch_size").record(batch.len() as f64);
                 // Count the backlog before anyone is answered, so a caller that got its answer
                 // sees it.
                 let accepted = outcomes

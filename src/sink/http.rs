@@ -450,6 +450,38 @@ impl Sink for HttpSink {
             ))
         })
     }
+
+    /// Opens (and closes) a TCP connection to the endpoint: reachability without sending the
+    /// partner a request.
+    async fn healthcheck(&self) -> Result<(), SinkError> {
+        let host = self
+            .uri
+            .host()
+            .unwrap_or("")
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let port = self.uri.port_u16().unwrap_or(match self.uri.scheme_str() {
+            Some("https") => 443,
+            _ => 80,
+        });
+        match tokio::time::timeout(
+            self.timeout,
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(SinkError::Retryable(format!(
+                "cannot connect to {}: {e}",
+                self.shown
+            ))),
+            Err(_) => Err(SinkError::Retryable(format!(
+                "cannot connect to {} within {} ms",
+                self.shown,
+                self.timeout.as_millis()
+            ))),
+        }
+    }
 }
 
 /// Statuses that say "later" rather than "no".

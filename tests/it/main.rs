@@ -5,5 +5,6 @@ mod support;
 mod adapter_fixtures;
 mod apply;
 mod jsonata_conformance;
+mod operations;
 mod receive;
 mod reload;

@@ -1,0 +1,287 @@
+//! Operations: systemd notifications, the watchdog, metrics and readiness.
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use http::{Method, StatusCode};
+use serde_json::json;
+
+use crate::support::hub::TestServer;
+use crate::support::{
+    self, Agent, admin_get, plain, post_event, request, signed_headers, unix_now,
+};
+
+/// A test-owned NOTIFY_SOCKET.
+struct NotifySocket {
+    socket: UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl NotifySocket {
+    fn bind(dir: &std::path::Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        NotifySocket { socket, path }
+    }
+
+    /// The next message, or None after `timeout`.
+    fn next(&self, timeout: Duration) -> Option<String> {
+        self.socket.set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = [0u8; 4096];
+        match self.socket.recv(&mut buf) {
+            Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(_) => None,
+        }
+    }
+
+    /// Waits for a message containing `needle`; returns it.
+    fn wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.next(left) {
+                Some(message) if message.lines().any(|l| l == needle) => return Some(message),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+        None
+    }
+
+    /// Counts watchdog pings during `window`.
+    fn count_pings(&self, window: Duration) -> usize {
+        let deadline = Instant::now() + window;
+        let mut pings = 0;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            if let Some(message) = self.next(left)
+                && message.lines().any(|l| l == "WATCHDOG=1")
+            {
+                pings += 1;
+            }
+        }
+        pings
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_notifications_ready_watchdog_reload_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = NotifySocket::bind(dir.path());
+    let config = support::config_text(dir.path(), "");
+    let config_path = dir.path().join("ess-agent.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let mut agent = Agent::start_config(
+        &config_path,
+        &[
+            ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    // READY=1 arrives, and by then the ingress port accepts.
+    let ready = notify
+        .wait_for("READY=1", Duration::from_secs(10))
+        .expect("READY=1");
+    assert!(ready.contains("STATUS=backlog 0"), "{ready}");
+    std::net::TcpStream::connect(agent.ingress).expect("the ingress port accepts after READY=1");
+
+    // Pings every 200 ms (half of WATCHDOG_USEC).
+    let pings = notify.count_pings(Duration::from_millis(1200));
+    assert!((3..=9).contains(&pings), "{pings} pings in 1.2 s");
+
+    // Another process holds the journal's write lock: the writer cannot commit, pings stop.
+    let conn = rusqlite::Connection::open(agent.state_dir.join("journal.sqlite3")).unwrap();
+    conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    // One ping may already be on its way.
+    let _ = notify.count_pings(Duration::from_millis(300));
+    let pings = notify.count_pings(Duration::from_millis(1200));
+    assert_eq!(
+        pings, 0,
+        "pings went on while the journal writer was blocked"
+    );
+    conn.execute_batch("ROLLBACK").unwrap();
+    let pings = notify.count_pings(Duration::from_millis(1200));
+    assert!(pings >= 2, "pings did not resume: {pings}");
+    assert!(agent.log_text().contains("watchdog pings stopped"));
+
+    // SIGHUP: RELOADING=1 with MONOTONIC_USEC, then READY=1.
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let reloading = notify
+        .wait_for("RELOADING=1", Duration::from_secs(5))
+        .expect("RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    notify
+        .wait_for("READY=1", Duration::from_secs(5))
+        .expect("READY=1 after the reload");
+
+    // SIGTERM: STOPPING=1.
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    notify
+        .wait_for("STOPPING=1", Duration::from_secs(5))
+        .expect("STOPPING=1");
+    assert!(agent.wait_exit(Duration::from_secs(10)).unwrap().success());
+}
+
+/// Parses Prometheus text format; panics on a malformed line. Returns sample → value.
+fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
+    let mut samples = BTreeMap::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('#') {
+            let rest = rest.trim_start();
+            assert!(
+                rest.starts_with("HELP ") || rest.starts_with("TYPE "),
+                "bad comment line: {line}"
+            );
+            continue;
+        }
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let metric = name.split('{').next().unwrap();
+        assert!(
+            metric
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name: {line}"
+        );
+        if let Some(labels) = name.strip_prefix(metric) {
+            assert!(
+                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+                "bad labels: {line}"
+            );
+        }
+        samples.insert(name.to_string(), value);
+    }
+    samples
+}
+
+#[tokio::test]
+async fn metrics_parse_and_count_what_was_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+    std::fs::write(dir.path().join("adapters/p.jsonata"), "payload").unwrap();
+    let extra = format!(
+        "adapters_dir = {:?}\n[[routes]]\nname = \"r1\"\nadapter = \"p.jsonata\"\nsink = \"files\"\n\
+         [sinks.files]\ntype = \"file\"\ndir = {:?}\nname = \"{{id}}.json\"\n",
+        dir.path().join("adapters").display().to_string(),
+        dir.path().join("out").display().to_string()
+    );
+    let agent = Agent::start(dir.path(), &extra);
+    let client = plain();
+    for id in ["m1", "m2", "m3"] {
+        assert_eq!(
+            post_event(&client, &agent, id).await.unwrap().status,
+            StatusCode::ACCEPTED
+        );
+    }
+    assert_eq!(
+        post_event(&client, &agent, "m1").await.unwrap().status,
+        StatusCode::OK
+    );
+    let bad = b"{".to_vec();
+    let reply = request(
+        &client,
+        Method::POST,
+        &agent.url("/v1/events"),
+        &signed_headers("x", unix_now(), &bad),
+        bad,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    for id in ["m1", "m2", "m3"] {
+        agent
+            .wait_for_log(Duration::from_secs(10), |v| {
+                v["message"] == "event final" && v["event_id"] == id
+            })
+            .expect("final");
+    }
+    let reply = admin_get(&agent, "/metrics").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        reply.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = reply.body.as_str().unwrap();
+    let samples = parse_prometheus(text);
+    let get = |k: &str| {
+        samples
+            .get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("{k} missing in\n{text}"))
+    };
+    assert_eq!(get("ess_agent_requests_total{status=\"202\"}"), 3.0);
+    assert_eq!(get("ess_agent_requests_total{status=\"200\"}"), 1.0);
+    assert_eq!(get("ess_agent_requests_total{status=\"400\"}"), 1.0);
+    assert_eq!(
+        get("ess_agent_events_received_total{result=\"accepted\"}"),
+        3.0
+    );
+    assert_eq!(
+        get("ess_agent_events_received_total{result=\"duplicate\"}"),
+        1.0
+    );
+    assert_eq!(get("ess_agent_events_final_total{state=\"applied\"}"), 3.0);
+    assert_eq!(
+        get("ess_agent_deliveries_total{route=\"r1\",sink=\"files\",result=\"applied\"}"),
+        3.0
+    );
+    assert_eq!(get("ess_agent_backlog"), 0.0);
+    assert_eq!(get("ess_agent_dead_letters"), 0.0);
+    assert!(get("ess_agent_journal_commit_seconds_count") >= 3.0);
+    assert!(get("ess_agent_adapter_eval_seconds_count{route=\"r1\"}") >= 3.0);
+    assert!(get("ess_agent_sink_apply_seconds_count{sink=\"files\"}") >= 3.0);
+    let _ = json!(null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reflects_a_sink_whose_server_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+    std::fs::write(dir.path().join("adapters/p.jsonata"), "payload").unwrap();
+    let server = TestServer::start(200).await;
+    let extra = format!(
+        "adapters_dir = {:?}\n[[routes]]\nname = \"r\"\nadapter = \"p.jsonata\"\nsink = \"partner\"\n\
+         [sinks.partner]\ntype = \"http\"\nurl = {:?}\ntimeout_ms = 500\n\
+         [dispatch]\nhealthcheck_interval_ms = 100\n",
+        dir.path().join("adapters").display().to_string(),
+        server.url("/x")
+    );
+    let agent = Agent::start(dir.path(), &extra);
+    let wait_ready = |want: StatusCode| {
+        let admin = agent.admin_url("/readyz");
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let reply = request(&plain(), Method::GET, &admin, &[], Vec::new())
+                    .await
+                    .unwrap();
+                if reply.status == want {
+                    return reply;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "readyz stayed {}: {:?}",
+                    reply.status,
+                    reply.body
+                );
+                // Readiness changes on the healthcheck's own schedule; poll it.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_ready(StatusCode::OK).await;
+    server.stop();
+    let reply = wait_ready(StatusCode::SERVICE_UNAVAILABLE).await;
+    let reason = reply.body["reasons"]["sink partner"].as_str().unwrap();
+    assert!(reason.contains("cannot connect"), "{reason}");
+    let _server = server.restart().await;
+    wait_ready(StatusCode::OK).await;
+}
