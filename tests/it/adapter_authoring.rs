@@ -1,6 +1,6 @@
 //! Writing adapters: `adapter test` on the shipped fixtures and on a wrong expectation, the
-//! exact text a partner reads for typical mistakes, `adapter eval --watch`, and the message of
-//! a dead letter.
+//! exact text a partner reads for typical mistakes, `adapter eval --watch`, the message of a
+//! dead letter, and the cookbook of docs/adapters.md.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -544,4 +544,42 @@ async fn a_dead_letter_names_the_adapter_the_event_the_part_and_the_value() {
             path.display()
         )
     );
+}
+
+// --- The cookbook -----------------------------------------------------------------------------
+
+#[test]
+fn the_cookbook_recipes_pass_and_the_guide_quotes_them_all() {
+    let repo = Path::new(REPO);
+    let run = ess_agent(
+        repo,
+        &[
+            "adapter",
+            "test",
+            "--adapters-dir",
+            "docs/cookbook",
+            "--time-limit-ms",
+            TIME_LIMIT_MS,
+        ],
+    );
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(!run.stdout.contains("NO CASES"), "{}", run.stdout);
+
+    // Every script of the guide is a tested recipe, and every recipe is in the guide.
+    let guide = std::fs::read_to_string(repo.join("docs/adapters.md")).unwrap();
+    let quoted: Vec<&str> = guide
+        .split("```jsonata\n")
+        .skip(1)
+        .map(|block| block.split("```").next().unwrap())
+        .collect();
+    let mut recipes: Vec<String> = std::fs::read_dir(repo.join("docs/cookbook"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "jsonata"))
+        .map(|path| std::fs::read_to_string(path).unwrap())
+        .collect();
+    recipes.sort();
+    let mut blocks: Vec<String> = quoted.iter().map(|block| (*block).to_owned()).collect();
+    blocks.sort();
+    assert_eq!(blocks, recipes);
 }
