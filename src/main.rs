@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         Command::Validate(args) => Ok(cli::validate(args)),
         Command::Send(args) => cli::send::send(args),
         Command::Adapter(AdapterCommand::Eval(args)) => cli::adapter::eval(args),
+        Command::Adapter(AdapterCommand::Test(args)) => cli::adapter::test(args),
         Command::Status { id, admin } => cli::ops::status(admin, id),
         Command::Replay { id, force, admin } => cli::ops::replay(admin, id, *force),
         Command::DeadLetters { command, admin } => cli::ops::dead_letters(admin, command),

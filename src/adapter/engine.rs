@@ -103,22 +103,13 @@ impl Expression {
         bindings: &Map<String, Value>,
         limits: &Limits,
     ) -> Result<Option<Value>, EngineError> {
-        let vars: jlens_core::Bindings = bindings
-            .iter()
-            .map(|(name, value)| (name.clone(), value.clone()))
-            .collect();
+        let vars = engine_bindings(bindings);
         // jlens reads the clock only every 256 evaluation steps, and one step can take long (a
         // range of millions of items): the watchdog cancels the evaluation at its deadline, and
         // the cancellation is checked at every step.
         let token = jlens_core::CancelToken::new();
         let _armed = watchdog::arm(limits.time, &token);
-        let options = jlens_core::Options::new()
-            .cancel_token(token)
-            .timeout(limits.time)
-            .max_depth(limits.max_depth)
-            .max_result_size(limits.max_output_bytes)
-            .max_string_length(limits.max_output_bytes)
-            .max_array_length(limits.max_output_bytes / 2);
+        let options = engine_options(limits, token);
         // The evaluation keeps all of its state to itself and the expression is immutable, so
         // nothing observable is left half-updated when the engine panics.
         let run = AssertUnwindSafe(|| self.inner.evaluate_with(input, &vars, &options));
@@ -127,11 +118,98 @@ impl Expression {
             Ok(Err(err)) => Err(EngineError::from_engine(
                 &err,
                 self.inner.source(),
-                Stage::Evaluate(limits),
+                Stage::Evaluate(limits, self.inner.ast()),
             )),
             Err(payload) => Err(EngineError::panicked(payload.as_ref())),
         }
     }
+
+    /// Evaluates the expression again, watching it, and returns the places whose evaluation
+    /// gave nothing: the paths that matched nothing and the conditions that were false and
+    /// have no else branch, outermost first, in source order, at most
+    /// [`MAX_UNDEFINED_CAUSES`]. Meant for explaining to a person why a result is undefined or
+    /// lacks a member; it is slower than [`Expression::evaluate`] and not for the agent's own
+    /// evaluations. An evaluation that fails gives the places seen before the failure.
+    pub fn undefined_causes(
+        &self,
+        input: Option<&Value>,
+        bindings: &Map<String, Value>,
+        limits: &Limits,
+    ) -> Vec<UndefinedCause> {
+        let vars = engine_bindings(bindings);
+        let token = jlens_core::CancelToken::new();
+        let _armed = watchdog::arm(limits.time, &token);
+        let options = engine_options(limits, token);
+        let mut tracer = causes::Tracer::default();
+        let run = AssertUnwindSafe(|| {
+            // Only what the tracer saw matters here, not the result.
+            let _ = self
+                .inner
+                .evaluate_traced(input, &vars, &options, &mut tracer);
+        });
+        if catch_unwind(run).is_err() {
+            return Vec::new();
+        }
+        tracer.causes(self.inner.source())
+    }
+}
+
+fn engine_bindings(bindings: &Map<String, Value>) -> jlens_core::Bindings {
+    bindings
+        .iter()
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+fn engine_options(limits: &Limits, token: jlens_core::CancelToken) -> jlens_core::Options {
+    jlens_core::Options::new()
+        .cancel_token(token)
+        .timeout(limits.time)
+        .max_depth(limits.max_depth)
+        .max_result_size(limits.max_output_bytes)
+        .max_string_length(limits.max_output_bytes)
+        .max_array_length(limits.max_output_bytes / 2)
+}
+
+/// The most places [`Expression::undefined_causes`] returns.
+pub const MAX_UNDEFINED_CAUSES: usize = 5;
+
+/// A place in a script whose evaluation gave nothing (JSONata `undefined`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndefinedCause {
+    pub kind: UndefinedKind,
+    /// Where the place starts in the source, in characters from 0.
+    pub position: usize,
+    /// The source text of the place, as written: the path up to the step that matched
+    /// nothing, or the condition that was false.
+    pub text: String,
+}
+
+/// Why a place gave nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UndefinedKind {
+    /// A path matched nothing in its input.
+    Unmatched,
+    /// A condition (`c ? a`) was false and has no else branch.
+    FalseCondition,
+}
+
+/// The names of JSONata's built-in functions, without their `$`.
+pub fn function_names() -> Vec<&'static str> {
+    jlens_core::function_catalog()
+        .iter()
+        .map(|function| function.name)
+        .collect()
+}
+
+/// What built-in function `name` (without its `$`) accepts as its argument `index` (from 1), in
+/// words ("a string", "an array of numbers"), read from its signature; `None` when there is no
+/// such function or argument.
+pub fn expected_argument(name: &str, index: usize) -> Option<String> {
+    let function = jlens_core::function_catalog()
+        .into_iter()
+        .find(|function| function.name == name)?;
+    signature::describe_parameter(&function.signature, index)
 }
 
 /// A compile or evaluation error, in terms that do not depend on the engine.
@@ -151,6 +229,23 @@ pub struct EngineError {
     pub token: Option<String>,
     /// The value involved, if any. Boxed to keep `Result<_, EngineError>` small.
     pub value: Option<Box<Value>>,
+    /// For an evaluation error, the part of the script that failed, when the engine says.
+    pub culprit: Option<Box<Culprit>>,
+}
+
+/// The part of a script whose evaluation failed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Culprit {
+    /// The source text, as written, of the operation or function call that failed.
+    pub expression: String,
+    /// The part of `expression` that held the offending value (the error's `value`): an
+    /// operator's operand or a function's argument, when the engine says which.
+    pub operand: Option<String>,
+    /// For a function argument the function does not accept: the argument's number, from 1,
+    /// counting a value piped in with `~>` or taken from the context as the first.
+    pub argument: Option<usize>,
+    /// What the function accepts as that argument, in words ("a string"), when known.
+    pub expected: Option<String>,
 }
 
 impl fmt::Display for EngineError {
@@ -166,7 +261,7 @@ impl fmt::Display for EngineError {
 #[derive(Clone, Copy)]
 enum Stage<'l> {
     Compile,
-    Evaluate(&'l Limits),
+    Evaluate(&'l Limits, &'l jlens_core::Ast),
 }
 
 impl EngineError {
@@ -179,30 +274,26 @@ impl EngineError {
         )
     }
 
-    /// Renders the error for a person: `file:line:col: CODE: message`, then, when the error has
-    /// a position, the source line and a caret under the column. Lines and columns count from 1,
+    /// An error of the agent rather than of the script (`U1004`), with `message` saying what
+    /// failed.
+    pub fn internal(message: String) -> EngineError {
+        EngineError {
+            code: CODE_ENGINE.to_owned(),
+            message,
+            position: None,
+            token: None,
+            value: None,
+            culprit: None,
+        }
+    }
+
+    /// Renders the error for a person, as
+    /// [`diagnostics::render`](super::diagnostics::render) describes: `file:line:col: error
+    /// CODE: what is wrong`, the line of the script with a caret under the column, what the
+    /// failing part got, and a sentence saying what to do. Lines and columns count from 1,
     /// columns in characters.
     pub fn render(&self, file_name: &str, source: &str) -> String {
-        let Some(position) = self.position else {
-            return format!("{file_name}: {}: {}", self.code, self.message);
-        };
-        let (line_no, line, column) = locate(source, position);
-        let mut out = format!(
-            "{file_name}:{line_no}:{}: {}: {}\n",
-            column + 1,
-            self.code,
-            self.message
-        );
-        out.push_str(line);
-        out.push('\n');
-        // Keep tabs so that the caret lines up with the text above it.
-        out.extend(
-            line.chars()
-                .take(column)
-                .map(|c| if c == '\t' { '\t' } else { ' ' }),
-        );
-        out.push('^');
-        out
+        super::diagnostics::render(self, file_name, source)
     }
 
     fn panicked(payload: &(dyn std::any::Any + Send)) -> EngineError {
@@ -213,10 +304,11 @@ impl EngineError {
             .unwrap_or_else(|| "unknown panic".to_owned());
         EngineError {
             code: CODE_ENGINE.to_owned(),
-            message: format!("The JSONata engine failed internally: {detail}"),
+            message: format!("the JSONata engine failed internally: {detail}"),
             position: None,
             token: None,
             value: None,
+            culprit: None,
         }
     }
 
@@ -225,27 +317,45 @@ impl EngineError {
         let code = match (err.code(), stage) {
             ("D1012" | "U1003" | "U1006", _) => CODE_TIMEOUT,
             ("D1011", _) | ("U1001", Stage::Compile) => CODE_DEPTH,
-            ("U1001", Stage::Evaluate(_)) => CODE_OUTPUT_SIZE,
+            ("U1001", Stage::Evaluate(..)) => CODE_OUTPUT_SIZE,
             (other, _) if other.starts_with('U') => CODE_ENGINE,
             (other, _) => other,
         };
         let message = match (code, stage) {
-            (CODE_TIMEOUT, Stage::Evaluate(limits)) => format!(
-                "Evaluation timeout: the time limit of {} ms was exceeded. Check for an \
-                 infinite loop",
+            (CODE_TIMEOUT, Stage::Evaluate(limits, _)) => format!(
+                "the time limit of {} ms was exceeded",
                 limits.time.as_millis()
             ),
-            (CODE_DEPTH, Stage::Evaluate(limits)) => format!(
-                "Stack overflow: the depth limit of {} was exceeded. Check for a \
-                 non-terminating recursive function, or rewrite it as tail-recursive",
-                limits.max_depth
+            (CODE_DEPTH, Stage::Evaluate(limits, _)) => {
+                format!("the depth limit of {} was exceeded", limits.max_depth)
+            }
+            (CODE_DEPTH, Stage::Compile) => {
+                "the expression is nested too deeply to be compiled".to_owned()
+            }
+            (CODE_OUTPUT_SIZE, Stage::Evaluate(limits, _)) => format!(
+                "the output size limit of {} bytes was exceeded",
+                limits.max_output_bytes
             ),
             _ => err.message(),
         };
         let position = if code.starts_with('U') {
             None
         } else {
-            error_start(err, source).map(|byte| char_offset_of_byte(source, byte))
+            error_start(err, source).map(|byte| {
+                let byte = match (code, stage) {
+                    // "Expected ... before the end": point just after the last character
+                    // written, not at the blank lines that may follow it.
+                    ("S0203" | "S0207", Stage::Compile) => byte.min(source.trim_end().len()),
+                    _ => byte,
+                };
+                char_offset_of_byte(source, byte)
+            })
+        };
+        let culprit = match stage {
+            Stage::Evaluate(_, ast) if !code.starts_with('U') => {
+                culprit::find(err, ast, source).map(Box::new)
+            }
+            _ => None,
         };
         EngineError {
             code: code.to_owned(),
@@ -253,6 +363,302 @@ impl EngineError {
             position,
             token: err.token(),
             value: err.value().cloned().map(Box::new),
+            culprit,
+        }
+    }
+}
+
+/// Finds the part of the script an evaluation error is about, in the syntax tree.
+mod culprit {
+    use jlens_core::{Ast, Node, NodeKind, Span};
+
+    use super::Culprit;
+
+    pub(super) fn find(err: &jlens_core::Error, ast: &Ast, source: &str) -> Option<Culprit> {
+        let span = err.span()?;
+        let code = err.code();
+        let wanted = |node: &Node| match code {
+            "T2001" | "T2002" => matches!(node.kind, NodeKind::Binary { .. }),
+            "T0410" | "T0411" | "T0412" => {
+                matches!(
+                    node.kind,
+                    NodeKind::Function { .. } | NodeKind::Partial { .. }
+                )
+            }
+            "D1002" => matches!(node.kind, NodeKind::Negate { .. }),
+            _ => true,
+        };
+        // Depth first with an explicit stack, so that a deeply nested script cannot overflow
+        // the caller's: an enclosing node comes before the nodes within it. Each node carries
+        // whether it is the function on the right of `~>`, which takes the piped value as its
+        // first argument.
+        let mut stack: Vec<(&Node, bool)> = vec![(&ast.root, false)];
+        let (node, piped) = loop {
+            let (node, piped) = stack.pop()?;
+            if node.span == span && wanted(node) {
+                break (node, piped);
+            }
+            if let NodeKind::Apply { lhs, rhs } = &node.kind {
+                stack.push((rhs, true));
+                stack.push((lhs, false));
+            } else {
+                let mut children = Vec::new();
+                node.for_each_child(|child| children.push((child, false)));
+                stack.extend(children.into_iter().rev());
+            }
+        };
+        let text = |span: Span| source.get(span.start..span.end).map(str::to_owned);
+        let mut culprit = Culprit {
+            expression: text(node.span)?,
+            ..Culprit::default()
+        };
+        match (&node.kind, code) {
+            (NodeKind::Binary { lhs, .. }, "T2001") => culprit.operand = text(lhs.span),
+            (NodeKind::Binary { rhs, .. }, "T2002") => culprit.operand = text(rhs.span),
+            (NodeKind::Negate { expr }, "D1002") => culprit.operand = text(expr.span),
+            (
+                NodeKind::Function { args, .. } | NodeKind::Partial { args, .. },
+                "T0410" | "T0411" | "T0412",
+            ) => {
+                let index = err
+                    .detail("index")
+                    .and_then(serde_json::Value::as_u64)
+                    .and_then(|index| usize::try_from(index).ok());
+                culprit.argument = index;
+                if code != "T0411"
+                    && let Some(index) = index
+                    && let Some(written) = index.checked_sub(1 + usize::from(piped))
+                {
+                    culprit.operand = args.get(written).and_then(|arg| text(arg.span));
+                }
+                if let (Some(index), Some(name)) = (index, err.token()) {
+                    culprit.expected = super::expected_argument(&name, index);
+                }
+            }
+            _ => {}
+        }
+        Some(culprit)
+    }
+}
+
+/// Reads a function signature (`<s-nn?:s>`) to say in words what a parameter accepts.
+mod signature {
+    /// What parameter `index` (from 1) of `signature` accepts, in words.
+    pub(super) fn describe_parameter(signature: &str, index: usize) -> Option<String> {
+        let params = signature.strip_prefix('<')?;
+        let mut chars = params.chars().peekable();
+        let mut position = 0;
+        while let Some(c) = chars.next() {
+            let words = match c {
+                '(' => {
+                    let mut choices = Vec::new();
+                    for c in chars.by_ref() {
+                        if c == ')' {
+                            break;
+                        }
+                        choices.push(one(c, None));
+                    }
+                    choices.join(" or ")
+                }
+                c if c.is_ascii_alphabetic() => {
+                    let mut sub = None;
+                    if chars.peek() == Some(&'<') {
+                        chars.next();
+                        let mut depth = 1;
+                        let mut inside = String::new();
+                        for c in chars.by_ref() {
+                            match c {
+                                '<' => depth += 1,
+                                '>' => {
+                                    depth -= 1;
+                                    if depth == 0 {
+                                        break;
+                                    }
+                                }
+                                _ => {}
+                            }
+                            inside.push(c);
+                        }
+                        sub = inside.chars().next();
+                    }
+                    one(c, sub)
+                }
+                // The result type follows `:`.
+                ':' | '>' => return None,
+                _ => continue,
+            };
+            while matches!(chars.peek(), Some('?' | '+' | '-')) {
+                chars.next();
+            }
+            position += 1;
+            if position == index {
+                return Some(words);
+            }
+        }
+        None
+    }
+
+    fn one(c: char, sub: Option<char>) -> String {
+        match (c, sub) {
+            ('a', Some(item)) => format!("an array of {}", plural(item)),
+            ('b', _) => "a boolean".into(),
+            ('n', _) => "a number".into(),
+            ('s', _) => "a string".into(),
+            ('l', _) => "null".into(),
+            ('a', None) => "an array".into(),
+            ('o', _) => "an object".into(),
+            ('f', _) => "a function".into(),
+            ('u', _) => "a boolean, number, string or null".into(),
+            _ => "any value".into(),
+        }
+    }
+
+    fn plural(c: char) -> &'static str {
+        match c {
+            'b' => "booleans",
+            'n' => "numbers",
+            's' => "strings",
+            'o' => "objects",
+            'a' => "arrays",
+            'f' => "functions",
+            _ => "values",
+        }
+    }
+}
+
+/// Watches an evaluation for the places that give nothing.
+mod causes {
+    use std::collections::{HashMap, HashSet};
+
+    use jlens_core::audit::{Branch, Outcome, ValueRef};
+    use jlens_core::{Node, NodeKind, Span};
+
+    use super::{MAX_UNDEFINED_CAUSES, UndefinedCause, UndefinedKind, char_offset_of_byte};
+
+    /// Bounds the memory a long evaluation can make the tracer use.
+    const MAX_RECORDED: usize = 1000;
+
+    struct Frame {
+        id: u32,
+        /// For a path: its steps, and the end of the last step evaluated so far, which is the
+        /// step that matched nothing when the path gives nothing (a path stops there).
+        steps: Option<HashSet<u32>>,
+        last_step_end: Option<usize>,
+        /// For a block: the expressions before the last, whose values are thrown away.
+        discarded: Option<HashSet<u32>>,
+        /// Within an expression whose value is thrown away (a guard such as
+        /// `version != 3 ? $error("...")`), where giving nothing is not why a result is
+        /// undefined. A binding's value is kept in its variable, so a binding is never quiet.
+        quiet: bool,
+    }
+
+    #[derive(Default)]
+    pub(super) struct Tracer {
+        frames: Vec<Frame>,
+        /// Conditions that took no branch, and the span of their test.
+        no_branch: HashMap<u32, Span>,
+        /// Node id → (kind, byte span), the first time the node gave nothing.
+        found: HashMap<u32, (UndefinedKind, Span)>,
+    }
+
+    impl jlens_core::audit::Tracer for Tracer {
+        fn enter(&mut self, node: &Node, _input: ValueRef<'_>) {
+            let steps = match &node.kind {
+                NodeKind::Path { steps, .. } => Some(steps.iter().map(|step| step.id).collect()),
+                _ => None,
+            };
+            let discarded = match &node.kind {
+                NodeKind::Block { exprs, .. } => Some(
+                    exprs
+                        .iter()
+                        .take(exprs.len().saturating_sub(1))
+                        .map(|expr| expr.id)
+                        .collect(),
+                ),
+                _ => None,
+            };
+            let quiet = self.frames.last().is_some_and(|parent| {
+                parent.quiet
+                    || (parent
+                        .discarded
+                        .as_ref()
+                        .is_some_and(|discarded| discarded.contains(&node.id))
+                        && !matches!(node.kind, NodeKind::Bind { .. }))
+            });
+            self.frames.push(Frame {
+                id: node.id,
+                steps,
+                last_step_end: None,
+                discarded,
+                quiet,
+            });
+        }
+
+        fn branch(&mut self, node: &Node, taken: Branch) {
+            if taken == Branch::None
+                && let NodeKind::Condition { condition, .. } = &node.kind
+                && self.no_branch.len() < MAX_RECORDED
+            {
+                self.no_branch.insert(node.id, condition.span);
+            }
+        }
+
+        fn exit(&mut self, node: &Node, outcome: Outcome<'_>) {
+            // Enter and exit pair up; an unpaired exit is ignored.
+            let Some(position) = self.frames.iter().rposition(|frame| frame.id == node.id) else {
+                return;
+            };
+            let frame = self.frames.swap_remove(position);
+            self.frames.truncate(position);
+            if let Some(parent) = self.frames.last_mut()
+                && parent
+                    .steps
+                    .as_ref()
+                    .is_some_and(|steps| steps.contains(&node.id))
+            {
+                parent.last_step_end = Some(node.span.end);
+            }
+            let undefined = matches!(outcome, Outcome::Value(value) if value.is_undefined());
+            if !undefined
+                || frame.quiet
+                || self.found.contains_key(&node.id)
+                || self.found.len() >= MAX_RECORDED
+            {
+                return;
+            }
+            let cause = match &node.kind {
+                NodeKind::Path { .. } => {
+                    let end = frame.last_step_end.unwrap_or(node.span.end);
+                    Some((UndefinedKind::Unmatched, Span::new(node.span.start, end)))
+                }
+                NodeKind::Condition { .. } => self
+                    .no_branch
+                    .get(&node.id)
+                    .map(|test| (UndefinedKind::FalseCondition, *test)),
+                _ => None,
+            };
+            if let Some(cause) = cause {
+                self.found.insert(node.id, cause);
+            }
+        }
+    }
+
+    impl Tracer {
+        /// The places found, in source order.
+        pub(super) fn causes(self, source: &str) -> Vec<UndefinedCause> {
+            let mut kept: Vec<(UndefinedKind, Span)> = self.found.into_values().collect();
+            kept.sort_by_key(|(kind, span)| (span.start, span.end, *kind as u8));
+            kept.dedup();
+            kept.into_iter()
+                .filter_map(|(kind, span)| {
+                    Some(UndefinedCause {
+                        kind,
+                        position: char_offset_of_byte(source, span.start),
+                        text: source.get(span.start..span.end)?.to_owned(),
+                    })
+                })
+                .take(MAX_UNDEFINED_CAUSES)
+                .collect()
         }
     }
 }
@@ -406,7 +812,7 @@ fn char_offset_of_byte(source: &str, byte: usize) -> usize {
 /// The 1-based line number, the text of the line (without its line ending) and the 0-based
 /// column in characters of character `position` of `source`. A position past the end points
 /// just after the last character.
-fn locate(source: &str, position: usize) -> (usize, &str, usize) {
+pub(crate) fn locate(source: &str, position: usize) -> (usize, &str, usize) {
     let mut line_no = 1;
     let mut line_start = 0;
     let mut column = 0;
@@ -534,38 +940,167 @@ mod tests {
     fn render_points_at_the_column() {
         let source = "(\n  $a := 1;\n\t$a + 'x'\n)";
         let err = eval(source, Value::Null).unwrap_err();
-        let rendered = err.render("adapter.jsonata", source);
-        let lines: Vec<&str> = rendered.lines().collect();
-        assert!(
-            lines[0].starts_with("adapter.jsonata:3:5: T2002: "),
-            "{rendered}"
+        assert_eq!(
+            err.render("adapter.jsonata", source),
+            "adapter.jsonata:3:5: error T2002: the right side of the \"+\" operator must be a \
+             number\n 3 | \t$a + 'x'\n   | \t   ^\n`'x'` is \"x\" (a string).\nTo join text, use & \
+             instead of +; to add, convert the text first with $number(...)."
         );
-        assert_eq!(lines[1], "\t$a + 'x'");
-        assert_eq!(lines[2], "\t   ^");
     }
 
     #[test]
     fn render_without_position_has_no_excerpt() {
-        let err = EngineError {
-            code: CODE_TIMEOUT.into(),
-            message: "too slow".into(),
-            position: None,
-            token: None,
-            value: None,
-        };
-        assert_eq!(err.render("f.jsonata", "x"), "f.jsonata: U1001: too slow");
+        let err = EngineError::internal("too slow".into());
+        assert_eq!(
+            err.render("f.jsonata", "x"),
+            "f.jsonata: error U1004: too slow\nThis is a fault in the agent, not in the script: \
+             report it with the script and the event; the event is kept and can be replayed."
+        );
     }
 
     #[test]
     fn render_survives_positions_past_the_end() {
         let err = EngineError {
-            code: "S0203".into(),
-            message: "end".into(),
+            code: "S0299".into(),
+            message: "End".into(),
             position: Some(99),
             token: None,
             value: None,
+            culprit: None,
         };
-        assert_eq!(err.render("f", "ab\r\ncd"), "f:2:3: S0203: end\ncd\n  ^");
+        assert_eq!(
+            err.render("f", "ab\r\ncd"),
+            "f:2:3: error S0299: end\n 2 | cd\n   |   ^"
+        );
+    }
+
+    #[test]
+    fn an_unclosed_bracket_points_after_the_last_character() {
+        let err = Expression::compile("[1,\n 2\n\n").unwrap_err();
+        assert_eq!((err.code.as_str(), err.position), ("S0203", Some(6)));
+    }
+
+    #[test]
+    fn an_evaluation_error_names_the_failing_part() {
+        let input = json!({"n": "3", "items": [1, 2]});
+        let culprit = |source: &str| {
+            let err = eval(source, input.clone()).unwrap_err();
+            (err.code.clone(), *err.culprit.unwrap())
+        };
+        let (code, found) = culprit("1 + (n + 1)");
+        assert_eq!(code, "T2001");
+        assert_eq!(found.expression, "n + 1");
+        assert_eq!(found.operand.as_deref(), Some("n"));
+        let (code, found) = culprit("2 * n");
+        assert_eq!(code, "T2002");
+        assert_eq!(found.operand.as_deref(), Some("n"));
+        let (code, found) = culprit("$substring(items, 1)");
+        assert_eq!(code, "T0410");
+        assert_eq!(found.operand.as_deref(), Some("items"));
+        assert_eq!(found.argument, Some(1));
+        assert_eq!(found.expected.as_deref(), Some("a string"));
+        // Piped with `~>`, the value on the left is the first argument.
+        let (_, found) = culprit("n ~> $substring('x')");
+        assert_eq!(found.operand.as_deref(), Some("'x'"));
+        assert_eq!(found.argument, Some(2));
+        assert_eq!(found.expected.as_deref(), Some("a number"));
+        let (code, found) = culprit("$join(items)");
+        assert_eq!(code, "T0412");
+        assert_eq!(found.expected.as_deref(), Some("an array of strings"));
+        let (code, found) = culprit("-n");
+        assert_eq!(code, "D1002");
+        assert_eq!(found.operand.as_deref(), Some("n"));
+        let (code, found) = culprit("n.$nosuch()");
+        assert_eq!(code, "T1006");
+        assert_eq!(
+            (found.expression.as_str(), found.operand),
+            ("$nosuch()", None)
+        );
+        // The limits have no place in the script.
+        let err = Expression::compile("( $f := function($x){ $f($x) }; $f(1) )")
+            .unwrap()
+            .evaluate(
+                &Value::Null,
+                &Map::new(),
+                &Limits {
+                    time: Duration::from_millis(20),
+                    ..Limits::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!((err.position, err.culprit), (None, None));
+    }
+
+    #[test]
+    fn signatures_read_as_words() {
+        let describe = signature::describe_parameter;
+        assert_eq!(describe("<s-nn?:s>", 1).as_deref(), Some("a string"));
+        assert_eq!(describe("<s-nn?:s>", 3).as_deref(), Some("a number"));
+        assert_eq!(describe("<s-nn?:s>", 4), None);
+        assert_eq!(
+            describe("<a<n>:n>", 1).as_deref(),
+            Some("an array of numbers")
+        );
+        assert_eq!(
+            describe("<s-(sf)(sf)n?:s>", 3).as_deref(),
+            Some("a string or a function")
+        );
+        assert_eq!(
+            describe("<s-f<s:o>n?:a<o>>", 3).as_deref(),
+            Some("a number")
+        );
+        assert_eq!(describe("<x-b?:s>", 2).as_deref(), Some("a boolean"));
+        assert_eq!(describe("", 1), None);
+        assert_eq!(
+            expected_argument("uppercase", 1).as_deref(),
+            Some("a string")
+        );
+        assert_eq!(expected_argument("no-such-function", 1), None);
+    }
+
+    fn causes(source: &str, input: Value) -> Vec<(UndefinedKind, usize, String)> {
+        Expression::compile(source)
+            .unwrap()
+            .undefined_causes(Some(&input), &Map::new(), &Limits::default())
+            .into_iter()
+            .map(|cause| (cause.kind, cause.position, cause.text))
+            .collect()
+    }
+
+    #[test]
+    fn undefined_causes_name_the_paths_that_matched_nothing() {
+        use UndefinedKind::{FalseCondition, Unmatched};
+        let input = json!({"payload": {"court_id": "IL-1", "items": [{"a": 1}]}});
+        // The path up to the step that matched nothing, not beyond.
+        assert_eq!(
+            causes("payload.cort_id.name", input.clone()),
+            vec![(Unmatched, 0, "payload.cort_id".to_owned())]
+        );
+        assert_eq!(
+            causes(
+                "(\n  $p := payload;\n  $p.kind = 'x' ? $p.items\n)",
+                input.clone()
+            ),
+            vec![
+                (Unmatched, 21, "$p.kind".to_owned()),
+                (FalseCondition, 21, "$p.kind = 'x'".to_owned())
+            ]
+        );
+        // A guard whose value is thrown away gives nothing on purpose; a binding does not.
+        assert_eq!(
+            causes(
+                "(payload.v != 3 ? $error('v3 only'); $n := payload.nothing; $n)",
+                input.clone()
+            ),
+            vec![(Unmatched, 43, "payload.nothing".to_owned())]
+        );
+        // Nothing gave nothing: a result that is defined, or undefined from a variable.
+        assert_eq!(causes("payload.court_id", input.clone()), vec![]);
+        assert_eq!(causes("$nothing", input.clone()), vec![]);
+        // At most five, in source order.
+        let many = causes("[a, b, c, d, e, f, g]", input);
+        assert_eq!(many.len(), MAX_UNDEFINED_CAUSES);
+        assert_eq!(many[0], (Unmatched, 1, "a".to_owned()));
     }
 
     #[test]

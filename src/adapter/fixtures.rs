@@ -1,4 +1,6 @@
-//! Adapter fixtures: example events with the output their adapter must produce, run as tests.
+//! Adapter fixtures: example events with the output their adapter must produce, run as tests
+//! (`ess-agent adapter test`). The format is documented for partners in docs/adapters.md; keep
+//! the two in step.
 //!
 //! # Where fixtures live
 //!
@@ -58,9 +60,12 @@
 //! - A result is compared with `expect` as JSON values: the order of an object's members does
 //!   not matter, the order of an array's items does, and numbers are compared by value (`1`
 //!   equals `1.0`). On a mismatch the case reports a line diff of the pretty-printed values,
-//!   `-` for what was expected and `+` for what the script produced.
+//!   `-` for what was expected and `+` for what the script produced. When the result is
+//!   undefined, or lacks a member `expect` has, the case also names the paths of the script
+//!   that matched nothing (see [`Expression::undefined_causes`]).
 //! - A script that does not compile fails every one of its cases with the compile error,
-//!   shown as `file:line:col: CODE: message` with the line and a caret under the column.
+//!   rendered as [`crate::adapter::diagnostics`] describes: `file:line:col: error CODE:
+//!   message`, the line with a caret under the column, and what to do.
 
 use std::fmt;
 use std::io;
@@ -70,7 +75,8 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderValue};
 use serde_json::{Map, Value};
 
-use crate::adapter::engine::{EngineError, Expression, Limits};
+use crate::adapter::diagnostics::undefined_reason;
+use crate::adapter::engine::{EngineError, Expression, Limits, UndefinedKind};
 use crate::ingress::envelope;
 
 /// The extension of an adapter script.
@@ -283,16 +289,39 @@ pub fn run_case(
         Ok(None) => Actual::Undefined,
         Err(err) => Actual::Error(err),
     };
-    let failure = judge(&fixture.expectation, &actual).map(|reason| match &actual {
-        Actual::Error(err) => format!(
+    let failure = judge(&fixture.expectation, &actual);
+    // Which paths of the script matched nothing, when the case failed for want of a value: the
+    // whole result, or an object member that was left out because its value was undefined.
+    let blank = match (&failure, &fixture.expectation, &actual) {
+        (Some(_), Expectation::Value(_), Actual::Undefined) => {
+            let causes =
+                expression.undefined_causes(Some(&fixture.input), &fixture.bindings, limits);
+            undefined_reason(&causes, expression.source())
+        }
+        (Some(_), Expectation::Value(want), Actual::Value(got)) if lacks_members(want, got) => {
+            let mut causes =
+                expression.undefined_causes(Some(&fixture.input), &fixture.bindings, limits);
+            causes.retain(|cause| cause.kind == UndefinedKind::Unmatched);
+            undefined_reason(&causes, expression.source())
+        }
+        _ => None,
+    };
+    let failure = failure.map(|reason| match (&actual, &blank) {
+        (Actual::Error(err), _) => format!(
             "{reason}:\n{}",
             err.render(script_name, expression.source())
         ),
-        _ => reason,
+        (Actual::Undefined, Some(why)) => reason.replacen(
+            "the result is undefined",
+            &format!("the result is undefined ({why})"),
+            1,
+        ),
+        (_, Some(why)) => format!("{reason} ({why})"),
+        (_, None) => reason,
     });
     let diff = failure
         .is_some()
-        .then(|| diff_outcomes(&fixture.expectation, &actual));
+        .then(|| diff_outcomes(&fixture.expectation, &actual, blank.as_deref()));
     CaseResult {
         fixture: fixture.path.clone(),
         description: fixture.description.clone(),
@@ -599,7 +628,22 @@ fn pretty(value: &Value) -> String {
     serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
 }
 
-fn diff_outcomes(expected: &Expectation, actual: &Actual) -> String {
+/// Whether `got` lacks an object member that `want` has, at any depth.
+fn lacks_members(want: &Value, got: &Value) -> bool {
+    match (want, got) {
+        (Value::Object(want), Value::Object(got)) => want
+            .iter()
+            .any(|(name, want)| got.get(name).is_none_or(|got| lacks_members(want, got))),
+        (Value::Array(want), Value::Array(got)) => want
+            .iter()
+            .zip(got)
+            .any(|(want, got)| lacks_members(want, got)),
+        _ => false,
+    }
+}
+
+/// `why` says which places of the script gave nothing, for an undefined result.
+fn diff_outcomes(expected: &Expectation, actual: &Actual, why: Option<&str>) -> String {
     let want = match expected {
         Expectation::Value(value) => pretty(&canonical(value)),
         Expectation::Undefined => "undefined".to_owned(),
@@ -617,7 +661,10 @@ fn diff_outcomes(expected: &Expectation, actual: &Actual) -> String {
             pretty(&align(&canonical(value), &canonical(want)))
         }
         (Actual::Value(value), _) => pretty(&canonical(value)),
-        (Actual::Undefined, _) => "undefined".to_owned(),
+        (Actual::Undefined, _) => match why {
+            Some(why) => format!("undefined ({why})"),
+            None => "undefined".to_owned(),
+        },
         (Actual::Error(err), _) => format!("error {}: {}", err.code, err.message),
     };
     line_diff(&want, &got)
@@ -887,7 +934,10 @@ mod tests {
         assert!(!results[1].passed);
         assert_eq!(
             results[1].diff.as_deref(),
-            Some("--- expected\n+++ actual\n- null\n+ undefined")
+            Some(
+                "--- expected\n+++ actual\n- null\n+ undefined (nothing matched \
+                 `undefined_on_purpose` at line 2)"
+            )
         );
     }
 
@@ -934,12 +984,17 @@ mod tests {
             failure.contains("with T2002 where `expect_error` wants D3137"),
             "{failure}"
         );
-        assert!(failure.contains("a.jsonata:5:"), "{failure}");
         assert!(
-            failure.contains("'total': payload.a + payload.b,\n"),
+            failure.contains("a.jsonata:5:22: error T2002: "),
             "{failure}"
         );
-        assert!(failure.ends_with('^'), "{failure}");
+        assert!(
+            failure.contains(
+                "\n 5 |   'total': payload.a + payload.b,\n   |                      ^\n\
+                 `payload.b` is \"x\" (a string).\n"
+            ),
+            "{failure}"
+        );
         let diff = results[2].diff.as_deref().unwrap();
         assert!(diff.contains("\n- error D3137\n+ error T2002: "), "{diff}");
         let diff = results[3].diff.as_deref().unwrap();
@@ -973,12 +1028,15 @@ mod tests {
             let script = dir.0.path().join("a.jsonata");
             assert!(
                 failure.starts_with(&format!(
-                    "the script does not compile:\n{}:3:8: S0211: ",
+                    "the script does not compile:\n{}:3:8: error S0211: ",
                     script.display()
                 )),
                 "{failure}"
             );
-            assert!(failure.ends_with("\n  $a + ]\n       ^"), "{failure}");
+            assert!(
+                failure.contains("\n 3 |   $a + ]\n   |        ^\n"),
+                "{failure}"
+            );
         }
     }
 

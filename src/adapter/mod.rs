@@ -1,8 +1,11 @@
 //! Adapters: the partner's JSONata scripts that reshape an event for the partner's system.
 //!
 //! [`engine`] is the seam to the JSONata implementation; [`Adapter`] is one compiled script
-//! file with what an operator needs to know about it (path, checksum, load time).
+//! file with what an operator needs to know about it (path, checksum, load time);
+//! [`diagnostics`] words errors for the people who write the scripts; [`fixtures`] runs the
+//! example events kept beside each script as tests.
 
+pub mod diagnostics;
 pub mod engine;
 pub mod fixtures;
 
@@ -79,8 +82,83 @@ impl Adapter {
     pub fn source(&self) -> &str {
         self.expression.source()
     }
+
+    /// The message for an event that `err` stopped in this adapter, as kept with the dead
+    /// letter: it names the script, the event, the line and column, the failing part of the
+    /// script and the value it got, and says what to do (see [`diagnostics`]).
+    pub fn describe_failure(&self, err: &EngineError, event_id: &str) -> String {
+        diagnostics::describe_failure(
+            err,
+            &self.path.display().to_string(),
+            self.source(),
+            event_id,
+        )
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_failure_names_the_adapter_the_event_and_the_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fees.jsonata");
+        std::fs::write(&path, "{\n  'total': payload.count + 1\n}").unwrap();
+        let adapter = Adapter::load(&path).unwrap();
+        let input = json!({"id": "evt-7", "payload": {"count": "3"}});
+        let err = adapter
+            .evaluate(&input, "acme", &Limits::default())
+            .unwrap_err();
+        assert_eq!(
+            adapter.describe_failure(&err, "evt-7"),
+            format!(
+                "adapter {} failed on event evt-7 at line 2, column 26: error T2001: the left \
+                 side of the \"+\" operator must be a number\n 2 |   'total': payload.count + \
+                 1\n   |                          ^\n`payload.count` is \"3\" (a string).\nTo \
+                 join text, use & instead of +; to add, convert the text first with \
+                 $number(...).",
+                path.display()
+            )
+        );
+        // A limit has no place in the script.
+        let err = EngineError {
+            message: "the time limit of 100 ms was exceeded".into(),
+            ..EngineError::internal(String::new())
+        };
+        let err = EngineError {
+            code: engine::CODE_TIMEOUT.into(),
+            ..err
+        };
+        assert!(
+            adapter
+                .describe_failure(&err, "evt-7")
+                .starts_with(&format!(
+                    "adapter {} failed on event evt-7: error U1001: the time limit of 100 ms \
+                     was exceeded\nLook for a loop",
+                    path.display()
+                ))
+        );
+    }
+
+    #[test]
+    fn a_compile_error_quotes_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jsonata");
+        std::fs::write(&path, "{\n  'a': [1, 2\n}").unwrap();
+        let err = Adapter::load(&path).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}:3:1: error S0202: expected \"]\" but found \"}}\"\n 3 | }}\n   | ^\nThe \"[\" \
+                 at line 2, column 8 must be closed with \"]\" before this \"}}\".",
+                path.display()
+            )
+        );
+    }
 }

@@ -1,5 +1,5 @@
-//! The command line: `run`, `validate`, `send`, `adapter eval`, and the operator commands
-//! `status`, `replay` and `dead-letters` that talk to a running agent.
+//! The command line: `run`, `validate`, `send`, `adapter eval`, `adapter test`, and the operator
+//! commands `status`, `replay` and `dead-letters` that talk to a running agent.
 
 pub mod adapter;
 pub mod ops;
@@ -81,6 +81,8 @@ pub enum Command {
 pub enum AdapterCommand {
     /// Evaluate a JSONata expression against an input document and print the result.
     Eval(adapter::EvalArgs),
+    /// Run the test cases kept beside each adapter (`NAME.tests/*.json`); exit 1 if any fails.
+    Test(adapter::TestArgs),
 }
 
 /// Loads the configuration or reports every problem on stderr.

@@ -477,13 +477,9 @@ impl Dispatcher {
             tokio::task::spawn_blocking(move || adapter.evaluate(&input, &partner, &limits))
                 .await
                 .unwrap_or_else(|e| {
-                    Err(crate::adapter::engine::EngineError {
-                        code: crate::adapter::engine::CODE_ENGINE.into(),
-                        message: format!("the evaluation task failed: {e}"),
-                        position: None,
-                        token: None,
-                        value: None,
-                    })
+                    Err(crate::adapter::engine::EngineError::internal(format!(
+                        "the evaluation task failed: {e}"
+                    )))
                 });
         metrics::histogram!("ess_agent_adapter_eval_seconds", "route" => route.name.clone())
             .record(started.elapsed().as_secs_f64());
@@ -495,15 +491,7 @@ impl Dispatcher {
                 return update;
             }
             Err(e) => {
-                let message = format!(
-                    "adapter {} failed on event {}: {}",
-                    route.adapter.path.display(),
-                    event.id,
-                    e.render(
-                        &route.adapter.path.display().to_string(),
-                        route.adapter.source()
-                    )
-                );
+                let message = route.adapter.describe_failure(&e, &event.id);
                 tracing::warn!(event_id = %event.id, route = %route.name, code = %e.code, "{message}");
                 update.last_error = Some(message);
                 return update;

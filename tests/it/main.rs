@@ -2,6 +2,7 @@
 
 mod support;
 
+mod adapter_authoring;
 mod adapter_fixtures;
 mod apply;
 mod jsonata_conformance;
