@@ -73,7 +73,8 @@ fn main() {
         ours.push(median(rounds));
     }
 
-    let cases_file = std::env::temp_dir().join(format!("ess-adapter-bench-{}.json", std::process::id()));
+    let cases_file =
+        std::env::temp_dir().join(format!("ess-adapter-bench-{}.json", std::process::id()));
     std::fs::write(&cases_file, serde_json::to_vec(&cases).unwrap()).unwrap();
     let output = Command::new("node")
         .arg(root.join("bench/jsonata-js/bench.mjs"))
@@ -120,7 +121,12 @@ fn main() {
         match js.get(i) {
             Some(j) => {
                 ratios.push(j / ours[i]);
-                println!("| {name} | {:.1} | {:.1} | {:.1}× |", ours[i], j, j / ours[i]);
+                println!(
+                    "| {name} | {:.1} | {:.1} | {:.1}× |",
+                    ours[i],
+                    j,
+                    j / ours[i]
+                );
             }
             None => println!("| {name} | {:.1} | – | – |", ours[i]),
         }
