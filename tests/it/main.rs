@@ -6,3 +6,4 @@ mod adapter_fixtures;
 mod apply;
 mod jsonata_conformance;
 mod receive;
+mod sink_sftp;
