@@ -93,7 +93,7 @@ fn default_true() -> bool {
 }
 
 /// Parses an octal permission string such as `"0640"` or `"640"`.
-fn parse_mode(text: &str) -> Result<u32, String> {
+pub(crate) fn parse_mode(text: &str) -> Result<u32, String> {
     let digits = text.strip_prefix("0o").unwrap_or(text);
     let mode = (!digits.is_empty() && digits.len() <= 4)
         .then(|| u32::from_str_radix(digits, 8).ok())

@@ -8,6 +8,7 @@
 
 pub mod file;
 pub mod http;
+pub mod sftp;
 pub mod template;
 
 use std::path::Path;
@@ -131,6 +132,7 @@ impl RetryConfig {
 pub enum SinkConfig {
     File(file::FileConfig),
     Http(http::HttpConfig),
+    Sftp(sftp::SftpConfig),
 }
 
 impl SinkConfig {
@@ -139,6 +141,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => &c.retry,
             SinkConfig::Http(c) => &c.retry,
+            SinkConfig::Sftp(c) => &c.retry,
         }
     }
 
@@ -147,6 +150,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => c.resolve_paths(base),
             SinkConfig::Http(c) => c.resolve_paths(base),
+            SinkConfig::Sftp(c) => c.resolve_paths(base),
         }
     }
 
@@ -155,6 +159,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => c.validate(key),
             SinkConfig::Http(c) => c.validate(key),
+            SinkConfig::Sftp(c) => c.validate(key),
         }
     }
 
@@ -173,6 +178,12 @@ impl SinkConfig {
                     message,
                 }
             })?)),
+            SinkConfig::Sftp(c) => Ok(Arc::new(sftp::SftpSink::new(c, key).map_err(
+                |message| Problem {
+                    key: key.to_string(),
+                    message,
+                },
+            )?)),
         }
     }
 }

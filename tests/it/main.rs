@@ -9,3 +9,4 @@ mod jsonata_conformance;
 mod operations;
 mod receive;
 mod reload;
+mod sink_sftp;
