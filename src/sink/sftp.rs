@@ -1178,9 +1178,16 @@ impl SftpSink {
             }
         }
         if !authenticated {
+            let fix = match (&self.credentials.key, &self.credentials.password) {
+                (Some(_), None) => "add the public key to the user's authorized_keys on the server",
+                (None, _) => "fix the password",
+                (Some(_), Some(_)) => {
+                    "add the public key to the user's authorized_keys on the server, or fix the \
+                     password"
+                }
+            };
             return Err(SinkError::Permanent(format!(
-                "{target} refused {} for user {}: add the public key to the user's \
-                 authorized_keys on the server (or fix the password), then replay the event",
+                "{target} refused {} for user {}: {fix}, then replay the event",
                 refused.join(" and "),
                 target.user
             )));

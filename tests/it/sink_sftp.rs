@@ -326,6 +326,14 @@ async fn a_reader_polling_during_500_uploads_never_sees_a_partial_file() {
         expected,
         "exactly the final files, no temporary ones"
     );
+    // One connection for all of them, and at most max_concurrent_uploads SFTP channels on it.
+    let log = sshd.log_text();
+    assert_eq!(log.matches("Accepted publickey").count(), 1, "{log}");
+    let channels = log.matches("subsystem 'sftp'").count();
+    assert!(
+        (1..=8).contains(&channels),
+        "{channels} sftp channels:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -672,7 +680,7 @@ async fn sshd_down_for_10_s_mid_stream_leaves_every_file_exactly_once() {
     );
     stop.store(true, Ordering::Relaxed);
     let accepted: BTreeMap<String, usize> = poster.await.unwrap().into_iter().collect();
-    assert!(accepted.len() > 200, "only {} events", accepted.len());
+    assert!(accepted.len() > 100, "only {} events", accepted.len());
     for id in accepted.keys() {
         assert_eq!(
             wait_final(&agent, id, Duration::from_secs(60)),
