@@ -690,6 +690,11 @@ impl Config {
                     .token
                     .iter()
                     .map(|s| ("admin.token".to_string(), s)),
+            )
+            .chain(
+                self.report
+                    .iter()
+                    .map(|r| ("report.secret".to_string(), &r.secret)),
             );
         for (key, source) in sources {
             match (&source.file, &source.env) {
@@ -748,6 +753,84 @@ impl Config {
                 "journal.checkpoint_interval_ms",
                 "must be at least 1".into(),
             );
+        }
+        if self.dispatch.max_parallel == 0 {
+            bad("dispatch.max_parallel", "must be at least 1".into());
+        }
+        if self.dispatch.healthcheck_interval_ms == 0 {
+            bad(
+                "dispatch.healthcheck_interval_ms",
+                "must be at least 1".into(),
+            );
+        }
+        if self.ingress.ack_timeout_ms == 0 {
+            bad("ingress.ack_timeout_ms", "must be at least 1".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            if route.name.trim().is_empty() {
+                bad(&format!("{key}.name"), "must not be empty".into());
+            } else if !names.insert(route.name.as_str()) {
+                bad(
+                    &format!("{key}.name"),
+                    format!(
+                        "{:?} is used by an earlier route: route names must be unique",
+                        route.name
+                    ),
+                );
+            }
+            if route.types.is_empty() {
+                bad(
+                    &format!("{key}.types"),
+                    "must list at least one type (\"*\" for all)".into(),
+                );
+            }
+            if let Err(e) = crate::dispatch::routes::VersionRange::parse(&route.versions) {
+                bad(&format!("{key}.versions"), e);
+            }
+            if !self.sinks.contains_key(&route.sink) {
+                let known: Vec<_> = self.sinks.keys().map(String::as_str).collect();
+                bad(
+                    &format!("{key}.sink"),
+                    format!(
+                        "no sink named {:?}: define [sinks.{}] (defined: {known:?})",
+                        route.sink, route.sink
+                    ),
+                );
+            }
+            if route.time_limit_ms == Some(0) {
+                bad(&format!("{key}.time_limit_ms"), "must be at least 1".into());
+            }
+            if route.max_depth == Some(0) {
+                bad(&format!("{key}.max_depth"), "must be at least 1".into());
+            }
+            if route.max_output_bytes == Some(0) {
+                bad(
+                    &format!("{key}.max_output_bytes"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
+        if let Some(report) = &self.report {
+            match report.url.parse::<http::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.host().is_some() => {}
+                _ => bad(
+                    "report.url",
+                    format!("{:?} is not an http(s) URL with a host", report.url),
+                ),
+            }
+            if report.timeout_ms == 0 || report.retry_initial_ms == 0 || report.retry_max_ms == 0 {
+                bad(
+                    "report",
+                    "timeout_ms, retry_initial_ms and retry_max_ms must be at least 1".into(),
+                );
+            }
+        }
+        for (name, sink) in &self.sinks {
+            problems.extend(sink.validate(&format!("sinks.{name}")));
         }
         problems
     }
@@ -875,6 +958,32 @@ state_dir = "state"
         let text = format!("{MINIMAL}\n[auth]\nbearer_token = {{}}\n");
         let problems = Config::parse(&text).unwrap().validate();
         assert_eq!(problems[0].key, "auth.bearer_token");
+    }
+
+    #[test]
+    fn routes_are_checked() {
+        let text = format!(
+            "{MINIMAL}\n[[routes]]\nname = \"a\"\nadapter = \"a.jsonata\"\nsink = \"nope\"\nversions = \"3-1\"\n\
+             [[routes]]\nname = \"a\"\nadapter = \"b.jsonata\"\nsink = \"files\"\ntypes = []\n\
+             [sinks.files]\ntype = \"file\"\ndir = \"out\"\nname = \"{{id}}.json\"\n\
+             [report]\nurl = \"ftp://x\"\nsecret = {{ env = \"S\" }}\n"
+        );
+        let keys: Vec<_> = Config::parse(&text)
+            .unwrap()
+            .validate()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                "routes[0].versions",
+                "routes[0].sink",
+                "routes[1].name",
+                "routes[1].types",
+                "report.url"
+            ]
+        );
     }
 
     #[test]
