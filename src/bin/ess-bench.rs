@@ -1,1 +1,1210 @@
-fn main() {}
+//! `ess-bench`: the benchmark of the receive path.
+//!
+//! `ess-bench accept --agent target/release/ess-agent` measures, in one invocation and with the
+//! same load generator, two targets that run as separate processes:
+//!
+//! 1. a bare hyper server (this binary re-executed as the hidden `bare-server` subcommand) built
+//!    with the agent's own connection builder ([`ess_agent::ingress::http_builder`]) and runtime
+//!    settings, which reads each body and answers 202 with a small JSON body without doing
+//!    anything else: the ceiling HTTP alone allows on this machine;
+//! 2. the real agent (`ess-agent run`) on plain HTTP on loopback, with its journal in a temporary
+//!    directory on the normal disk, which authenticates, validates and journals (fsync'd) every
+//!    event before it answers 202.
+//!
+//! Both are driven by C keep-alive HTTP/1.1 connections for T seconds, each connection sending
+//! one signed Change Event with a unique id at a time (closed loop). Then the agent is driven a
+//! second time at half the rate it reached, paced open-loop at a fixed rate spread over the C
+//! connections, to measure its latency at half load. Everything runs a fixed number of times
+//! (`--runs`), and the summary reports the median of each figure.
+//!
+//! Traffic goes only to 127.0.0.1; every phase is bounded in time and every child process is
+//! stopped before the benchmark exits.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use ess_agent::ingress::auth::WebhookSigner;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The HMAC secret both targets are given (a throwaway development secret).
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// How long a target may take to start and print its ready line.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one request may take before it counts as an error and its connection is replaced.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent gets to shut down gracefully before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the idle agent is left alone after its ready line before its RSS is read.
+const SETTLE: Duration = Duration::from_secs(1);
+/// The clock ticks per second of `/proc/<pid>/stat` (USER_HZ, fixed at 100 in the Linux ABI).
+const USER_HZ: f64 = 100.0;
+
+/// The targets this benchmark checks.
+const TARGET_RATIO: f64 = 0.70;
+const TARGET_HALF_P99_MS: f64 = 3.0;
+const TARGET_IDLE_RSS_MIB: f64 = 20.0;
+const TARGET_PEAK_RSS_MIB: f64 = 80.0;
+
+/// Set by SIGINT/SIGTERM: load phases stop early and the benchmark cleans up and exits.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Benchmarks of ess-agent's receive path.
+#[derive(Debug, Parser)]
+#[command(name = "ess-bench", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Durable-accept throughput and latency of `ess-agent run`, against a bare hyper server.
+    Accept(AcceptArgs),
+    /// The bare hyper server `accept` compares against (started by `accept` itself).
+    #[command(hide = true)]
+    BareServer(BareArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AcceptArgs {
+    /// The ess-agent binary to measure.
+    #[arg(long)]
+    agent: PathBuf,
+    /// Concurrent keep-alive HTTP/1.1 connections.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    connections: u32,
+    /// Seconds each measured phase lasts.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    seconds: u64,
+    /// Size of each event body in bytes.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(256..=1_000_000))]
+    body_bytes: u32,
+    /// Seconds of unrecorded load before each full-load phase.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=60))]
+    warmup_seconds: u64,
+    /// How many times the whole bare/agent/half-load sequence runs; figures are medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=9))]
+    runs: u32,
+    /// Worker threads of the load generator's runtime.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    client_threads: u32,
+    /// Where the agent's temporary state directory is created (default: the system temp
+    /// directory). It must be on the disk you mean to measure, not a tmpfs.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// How event ids are made: `uuid` (random UUIDv4 text, each insert lands on a random page of
+    /// the id index) or `ordered` (increasing, each insert appends to the index).
+    #[arg(long, value_enum, default_value_t = IdScheme::Uuid)]
+    ids: IdScheme,
+    /// Repeat a run (at most `--runs` times in all) when other processes used more than this
+    /// many CPUs during any of its phases. On a shared machine their load distorts the figures.
+    #[arg(long)]
+    max_other_cpu: Option<f64>,
+    /// Print the summary as JSON on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum IdScheme {
+    Uuid,
+    Ordered,
+}
+
+#[derive(Debug, clap::Args)]
+struct BareArgs {
+    /// Exit after this many seconds whatever happens.
+    #[arg(long, default_value_t = 3600)]
+    max_seconds: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Accept(args) => accept(&args),
+        Cmd::BareServer(args) => bare_server(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ess-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bare server.
+
+/// Serves 202 to every request on 127.0.0.1:0 with the agent's connection builder and runtime
+/// settings. Prints a ready line like the agent's, and exits when its stdin closes (the
+/// benchmark ended) or after `max_seconds`.
+fn bare_server(args: &BareArgs) -> anyhow::Result<()> {
+    let max = Duration::from_secs(args.max_seconds);
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 64];
+        // Blocks until the parent closes our stdin or dies.
+        while matches!(std::io::stdin().read(&mut sink), Ok(n) if n > 0) {}
+        std::process::exit(0);
+    });
+    std::thread::spawn(move || {
+        std::thread::sleep(max);
+        std::process::exit(0);
+    });
+    // The same runtime the agent builds in `ess-agent run`.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bare-server")
+        .build()?;
+    runtime.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "{}",
+            json!({"message": "ready", "ingress": addr.to_string()})
+        );
+        // The agent's default header read timeout.
+        let builder = ess_agent::ingress::http_builder(Duration::from_secs(10));
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let service = service_fn(|req: Request<Incoming>| async move {
+                    // Read the body as the agent must (bounded like the agent's default limit).
+                    let _ = Limited::new(req.into_body(), 1024 * 1024).collect().await;
+                    let mut response = Response::new(Full::new(Bytes::from_static(
+                        br#"{"ack":"bare","status":"accepted"}"#,
+                    )));
+                    *response.status_mut() = StatusCode::ACCEPTED;
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, std::convert::Infallible>(response)
+                });
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes.
+
+/// A target process: killed (and reaped) when dropped.
+struct Target {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Target {
+    /// Starts `command` with stderr piped, waits for its JSON ready line, and keeps draining its
+    /// stderr (to nowhere) afterwards so it never blocks on a full pipe.
+    fn start(mut command: Command, what: &str) -> anyhow::Result<Target> {
+        command.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("cannot start the {what}"))?;
+        let stderr = child.stderr.take().context("no stderr pipe")?;
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<SocketAddr, String>>();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut line = String::new();
+            let mut seen = Vec::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => {
+                        let _ = ready_tx.send(Err(seen.join("")));
+                        return;
+                    }
+                    Ok(_) => {}
+                }
+                let value: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                if value["message"] == "ready" {
+                    let addr = value["ingress"].as_str().and_then(|a| a.parse().ok());
+                    let _ = ready_tx.send(addr.ok_or_else(|| line.clone()));
+                    break;
+                }
+                if seen.len() < 50 {
+                    seen.push(line.clone());
+                }
+            }
+            // Drain the rest (one access log line per request) without keeping it.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let addr = match ready_rx.recv_timeout(START_TIMEOUT) {
+            Ok(Ok(addr)) => addr,
+            Ok(Err(log)) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the {what} exited or printed a bad ready line; its output:\n{log}");
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the {what} did not become ready within {START_TIMEOUT:?}");
+            }
+        };
+        Ok(Target { child, addr })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then waits for a graceful exit (killing it after [`STOP_TIMEOUT`]).
+    fn stop(mut self) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() && !INTERRUPTED.load(Ordering::Relaxed) {
+                    eprintln!("ess-bench: note: the target exited with {status}");
+                }
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("the target did not stop within {STOP_TIMEOUT:?}; it was killed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory removed with everything in it when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(parent: &Path) -> anyhow::Result<TempDir> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = parent.join(format!("ess-bench-{}-{nanos:08x}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Reads a `kB` field (`VmRSS`, `VmHWM`) of `/proc/<pid>/status`, in bytes.
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+/// User plus system CPU time a process has used so far, in seconds (all its threads).
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of the whole line (utime, stime) are the 12th and 13th after ')'.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / USER_HZ)
+}
+
+/// Busy CPU time of the whole machine so far (all CPUs, everything but idle and iowait), in
+/// seconds.
+fn machine_busy_seconds() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy: f64 = ticks.iter().take(8).sum::<f64>() - ticks.get(3)? - ticks.get(4)?;
+    Some(busy / USER_HZ)
+}
+
+/// The file system type and device of the mount holding `path`.
+fn mount_of(path: &Path) -> (String, String) {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut best: Option<(usize, String, String)> = None;
+    for line in mounts.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(device), Some(mount_point), Some(fs_type)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let mount_point = mount_point.replace("\\040", " ");
+        if path.starts_with(&mount_point) && best.as_ref().is_none_or(|b| mount_point.len() >= b.0)
+        {
+            best = Some((mount_point.len(), fs_type.to_owned(), device.to_owned()));
+        }
+    }
+    best.map(|(_, t, d)| (t, d))
+        .unwrap_or_else(|| ("unknown".into(), "unknown".into()))
+}
+
+/// Times `fdatasync` after 4 KiB writes in `dir`: the floor under every durable commit.
+/// Returns the median and the 99th percentile in microseconds.
+fn fsync_probe(dir: &Path) -> anyhow::Result<(u64, u64)> {
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path)?;
+    let block = [0x5au8; 4096];
+    let mut times = Vec::with_capacity(200);
+    for _ in 0..200 {
+        file.write_all(&block)?;
+        let start = Instant::now();
+        file.sync_data()?;
+        times.push(start.elapsed().as_micros() as u64);
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    times.sort_unstable();
+    Ok((percentile(&times, 0.50), percentile(&times, 0.99)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The load generator.
+
+/// What one load phase does.
+struct Load {
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    /// `None`: closed loop, each connection sends its next request as soon as the previous one
+    /// is answered. `Some(rate)`: open loop at `rate` requests per second over all connections.
+    rate: Option<f64>,
+    body_bytes: usize,
+    ids: IdScheme,
+    /// Makes ordered event ids unique across phases.
+    tag: String,
+    /// The next ordered id.
+    counter: AtomicU64,
+    signer: WebhookSigner,
+}
+
+/// What one phase measured.
+#[derive(Debug, Default)]
+struct PhaseResult {
+    /// 2xx answers.
+    ok: u64,
+    /// Answers with any other status, by status.
+    other: BTreeMap<u16, u64>,
+    /// Requests that failed without an answer (connection errors, timeouts).
+    errors: u64,
+    first_error: Option<String>,
+    /// Paced phases: requests that could not start on time because their connection was still
+    /// waiting for the previous answer.
+    late: u64,
+    elapsed: Duration,
+    /// Latency of each 2xx answer in microseconds, sorted.
+    latencies_us: Vec<u64>,
+}
+
+impl PhaseResult {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    fn non_2xx(&self) -> u64 {
+        self.other.values().sum()
+    }
+    fn ms(&self, p: f64) -> f64 {
+        percentile(&self.latencies_us, p) as f64 / 1000.0
+    }
+}
+
+/// The nearest-rank percentile of sorted values (0 when empty).
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// One connection's part of a phase.
+#[derive(Default)]
+struct ConnResult {
+    ok: u64,
+    other: BTreeMap<u16, u64>,
+    errors: u64,
+    first_error: Option<String>,
+    late: u64,
+    latencies_us: Vec<u64>,
+}
+
+/// Builds a Change Event body of exactly `size` bytes (when `size` allows) with a fixed-width id.
+fn event_body(id: &str, subject: &str, seq: u64, size: usize) -> String {
+    let mut body = String::with_capacity(size + 64);
+    let _ = write!(
+        body,
+        r#"{{"id":"{id}","version":1,"type":"bench.rule.updated","subject":"{subject}","revision":{seq},"payload":{{"rule":{{"name":"bench rule {seq:010}","enabled":true,"priority":5,"tags":["bench","accept","durable"],"limits":{{"rate":100,"burst":20}}}},"note":""#
+    );
+    let tail = r#""}}"#;
+    let pad = size.saturating_sub(body.len() + tail.len());
+    body.extend(
+        b"abcdefghijklmnopqrstuvwxyz0123456789"
+            .iter()
+            .cycle()
+            .take(pad)
+            .map(|&b| b as char),
+    );
+    body.push_str(tail);
+    body
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Builds the next signed request of connection `conn`.
+fn signed_request(load: &Load, host: &HeaderValue, conn: usize, seq: u64) -> Request<Full<Bytes>> {
+    let id = match load.ids {
+        IdScheme::Uuid => {
+            // Version 4, variant 1.
+            let v =
+                rand::random::<u128>() & !(0xf << 76) & !(0x3 << 62) | (0x4 << 76) | (0x2 << 62);
+            let h = format!("{v:032x}");
+            format!(
+                "{}-{}-{}-{}-{}",
+                &h[..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..]
+            )
+        }
+        IdScheme::Ordered => format!(
+            "{}-{:012}",
+            load.tag,
+            load.counter.fetch_add(1, Ordering::Relaxed)
+        ),
+    };
+    let subject = format!("bench-subject-{conn:04}");
+    let body = event_body(&id, &subject, seq, load.body_bytes);
+    let timestamp = unix_now();
+    let signature = load.signer.sign(&id, timestamp, body.as_bytes());
+    let mut request = Request::new(Full::new(Bytes::from(body)));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = http::Uri::from_static("/v1/events");
+    let headers = request.headers_mut();
+    headers.insert(header::HOST, host.clone());
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let value = |s: String| HeaderValue::try_from(s).expect("ASCII header value");
+    headers.insert("webhook-id", value(id));
+    headers.insert("webhook-timestamp", value(timestamp.to_string()));
+    headers.insert("webhook-signature", value(signature));
+    request
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
+    let stream = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .context("connect timed out")??;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// Sends one request and reads the whole answer.
+async fn exchange(
+    sender: &mut Sender,
+    request: Request<Full<Bytes>>,
+) -> anyhow::Result<StatusCode> {
+    sender.ready().await?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    response.into_body().collect().await?;
+    Ok(status)
+}
+
+async fn run_connection(load: Arc<Load>, conn: usize, start: Instant, end: Instant) -> ConnResult {
+    let mut result = ConnResult::default();
+    let host = HeaderValue::try_from(load.addr.to_string()).expect("address is ASCII");
+    // Paced: connection `conn` sends at start + (conn + k * connections) / rate.
+    let interval = load
+        .rate
+        .map(|rate| Duration::from_secs_f64(load.connections as f64 / rate));
+    let mut next_slot = load
+        .rate
+        .map(|rate| start + Duration::from_secs_f64(conn as f64 / rate));
+    let mut sender: Option<Sender> = None;
+    let mut seq = 0u64;
+    while !INTERRUPTED.load(Ordering::Relaxed) {
+        if let Some(slot) = next_slot
+            && slot >= end
+        {
+            break;
+        }
+        if next_slot.is_none() && Instant::now() >= end {
+            break;
+        }
+        let mut s = match sender.take() {
+            Some(s) => s,
+            None => match connect(load.addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    result.errors += 1;
+                    result.first_error.get_or_insert_with(|| format!("{e:#}"));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let request = signed_request(&load, &host, conn, seq);
+        seq += 1;
+        let sent_at = match (next_slot.as_mut(), interval) {
+            (Some(slot), Some(interval)) => {
+                let scheduled = *slot;
+                *slot += interval;
+                if Instant::now() < scheduled {
+                    // The connection was free at its slot: timer lateness (tokio's timer has a
+                    // 1 ms resolution) is the generator's, so latency counts from the real send.
+                    tokio::time::sleep_until(scheduled.into()).await;
+                    Instant::now()
+                } else {
+                    // Still busy with the previous answer at the slot: the wait is queueing the
+                    // target caused, so it counts (no coordinated omission).
+                    result.late += 1;
+                    scheduled
+                }
+            }
+            _ => Instant::now(),
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange(&mut s, request)).await {
+            Ok(Ok(status)) => {
+                if status.is_success() {
+                    result.ok += 1;
+                    result
+                        .latencies_us
+                        .push(sent_at.elapsed().as_micros() as u64);
+                } else {
+                    *result.other.entry(status.as_u16()).or_default() += 1;
+                }
+                sender = Some(s);
+            }
+            Ok(Err(e)) => {
+                result.errors += 1;
+                result.first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+            Err(_) => {
+                result.errors += 1;
+                result
+                    .first_error
+                    .get_or_insert_with(|| "request timed out".into());
+            }
+        }
+    }
+    result
+}
+
+/// Runs one phase on the load generator's runtime.
+async fn run_load(load: Load) -> PhaseResult {
+    let load = Arc::new(load);
+    let start = Instant::now();
+    let end = start + load.duration;
+    let tasks: Vec<_> = (0..load.connections)
+        .map(|conn| tokio::spawn(run_connection(load.clone(), conn, start, end)))
+        .collect();
+    let mut phase = PhaseResult::default();
+    for task in tasks {
+        let Ok(conn) = task.await else {
+            phase.errors += 1;
+            continue;
+        };
+        phase.ok += conn.ok;
+        for (status, n) in conn.other {
+            *phase.other.entry(status).or_default() += n;
+        }
+        phase.errors += conn.errors;
+        if phase.first_error.is_none() {
+            phase.first_error = conn.first_error;
+        }
+        phase.late += conn.late;
+        phase.latencies_us.extend(conn.latencies_us);
+    }
+    phase.elapsed = start.elapsed();
+    phase.latencies_us.sort_unstable();
+    phase
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmark.
+
+/// The figures of one target in one run.
+#[derive(Debug, Clone, Default)]
+struct Figures {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    non_2xx: u64,
+    errors: u64,
+    /// CPU the target used during the phase, in cores (1.0 = one core busy all the time).
+    server_cpu: f64,
+    /// CPU this benchmark process (the load generator) used during the phase, in cores.
+    client_cpu: f64,
+    /// CPU everything else on the machine used during the phase, in cores: noise.
+    other_cpu: f64,
+    late_fraction: f64,
+}
+
+impl Figures {
+    /// One progress line.
+    fn brief(&self) -> String {
+        format!(
+            "{:>8.0} 2xx/s  p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  CPU server {:.2} \
+             generator {:.2} other {:.2}",
+            self.rate,
+            self.p50_ms,
+            self.p99_ms,
+            self.p999_ms,
+            self.server_cpu,
+            self.client_cpu,
+            self.other_cpu
+        )
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "accepted_per_sec": round(self.rate, 1),
+            "p50_ms": self.p50_ms, "p99_ms": self.p99_ms, "p999_ms": self.p999_ms,
+            "max_ms": self.max_ms,
+            "non_2xx": self.non_2xx, "errors": self.errors,
+            "server_cpu_cores": round(self.server_cpu, 2),
+            "client_cpu_cores": round(self.client_cpu, 2),
+            "other_cpu_cores": round(self.other_cpu, 2),
+            "late_fraction": round(self.late_fraction, 4),
+        })
+    }
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Default)]
+struct Run {
+    bare: Figures,
+    bare_idle_rss: u64,
+    bare_peak_rss: u64,
+    agent: Figures,
+    agent_idle_rss: u64,
+    agent_peak_rss: u64,
+    half_rate: f64,
+    half: Figures,
+}
+
+impl Run {
+    fn ratio(&self) -> f64 {
+        self.agent.rate / self.bare.rate.max(1e-9)
+    }
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (v * f).round() / f
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Runs a phase against the process `pid`, measuring its CPU use and ours.
+fn measure(runtime: &tokio::runtime::Runtime, pid: u32, load: Load) -> anyhow::Result<Figures> {
+    let pid = pid.to_string();
+    let server_before = cpu_seconds(&pid).unwrap_or(0.0);
+    let client_before = cpu_seconds("self").unwrap_or(0.0);
+    let machine_before = machine_busy_seconds().unwrap_or(0.0);
+    let limit = load.duration + REQUEST_TIMEOUT + Duration::from_secs(10);
+    let phase = runtime
+        .block_on(async { tokio::time::timeout(limit, run_load(load)).await })
+        .context("a load phase overran its time limit")?;
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    let secs = phase.elapsed.as_secs_f64();
+    let server_cpu = (cpu_seconds(&pid).unwrap_or(0.0) - server_before) / secs;
+    let client_cpu = (cpu_seconds("self").unwrap_or(0.0) - client_before) / secs;
+    let machine = (machine_busy_seconds().unwrap_or(0.0) - machine_before) / secs;
+    let other_cpu = (machine - server_cpu - client_cpu).max(0.0);
+    if other_cpu > 0.25 {
+        eprintln!(
+            "ess-bench: warning: other processes used {other_cpu:.2} CPUs during this phase; \
+             its figures are disturbed"
+        );
+    }
+    if phase.ok == 0 {
+        bail!(
+            "no request succeeded (other answers: {:?}, errors: {}, first error: {})",
+            phase.other,
+            phase.errors,
+            phase.first_error.as_deref().unwrap_or("none")
+        );
+    }
+    if phase.non_2xx() > 0 || phase.errors > 0 {
+        eprintln!(
+            "ess-bench: warning: {} non-2xx answers {:?}, {} errors (first: {})",
+            phase.non_2xx(),
+            phase.other,
+            phase.errors,
+            phase.first_error.as_deref().unwrap_or("none")
+        );
+    }
+    let sent = phase.ok + phase.non_2xx() + phase.errors;
+    Ok(Figures {
+        rate: phase.rate(),
+        p50_ms: phase.ms(0.50),
+        p99_ms: phase.ms(0.99),
+        p999_ms: phase.ms(0.999),
+        max_ms: phase.latencies_us.last().copied().unwrap_or(0) as f64 / 1000.0,
+        non_2xx: phase.non_2xx(),
+        errors: phase.errors,
+        server_cpu,
+        client_cpu,
+        other_cpu,
+        late_fraction: phase.late as f64 / sent.max(1) as f64,
+    })
+}
+
+fn agent_config(dir: &Path) -> anyhow::Result<PathBuf> {
+    let secret = dir.join("hub-secret");
+    std::fs::write(&secret, SECRET)?;
+    // Nothing applies events during the benchmark, so the backlog only grows: the high-water
+    // mark is raised so it does not start refusing deliveries. Everything else is the default.
+    let text = format!(
+        "agent_id = \"bench\"\n\
+         state_dir = {state:?}\n\
+         [ingress]\nlisten = \"127.0.0.1:0\"\n\
+         [auth]\nhmac_secrets = [{{ file = {secret:?} }}]\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [limits]\nbacklog_high_water = 1000000000\n",
+        state = dir.join("state").display().to_string(),
+        secret = secret.display().to_string(),
+    );
+    let path = dir.join("ess-agent.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
+    let agent_bin = args
+        .agent
+        .canonicalize()
+        .with_context(|| format!("no agent binary at {}", args.agent.display()))?;
+    let self_bin = std::env::current_exe().context("cannot find this binary")?;
+    let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let (fs_type, device) = mount_of(&work_dir);
+    if matches!(fs_type.as_str(), "tmpfs" | "ramfs") {
+        eprintln!(
+            "ess-bench: warning: {} is on {fs_type}: fsync costs nothing there, so the agent's \
+             figures will not reflect a real disk (use --work-dir)",
+            work_dir.display()
+        );
+    }
+    let (fsync_p50, fsync_p99) = {
+        let probe = TempDir::new(&work_dir)?;
+        fsync_probe(&probe.0)?
+    };
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let connections = args.connections as usize;
+    let duration = Duration::from_secs(args.seconds);
+    let warmup = Duration::from_secs(args.warmup_seconds);
+    let body_bytes = args.body_bytes as usize;
+    let signer = WebhookSigner::new(SECRET).map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.client_threads as usize)
+        .thread_name("load")
+        .enable_all()
+        .build()?;
+    runtime.spawn(async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
+        }
+        INTERRUPTED.store(true, Ordering::Relaxed);
+    });
+
+    eprintln!(
+        "ess-bench accept: {connections} connections, {}s per phase ({}s warm-up), {body_bytes}-byte \
+         events, {:?} ids, {} run(s); {nproc} CPUs; state on {fs_type} ({device}), fdatasync p50 \
+         {fsync_p50} us",
+        args.seconds, args.warmup_seconds, args.ids, args.runs
+    );
+    let load = |addr, tag: String, secs: Duration, rate| Load {
+        addr,
+        connections,
+        duration: secs,
+        rate,
+        body_bytes,
+        ids: args.ids,
+        tag,
+        counter: AtomicU64::new(0),
+        signer: signer.clone(),
+    };
+
+    let mut runs = Vec::new();
+    let mut discarded = 0u32;
+    let mut attempt = 0u32;
+    while runs.len() < args.runs as usize {
+        attempt += 1;
+        let run_no = attempt;
+        let mut run = Run::default();
+
+        // 1. The bare server.
+        let mut command = Command::new(&self_bin);
+        command.arg("bare-server").stdin(Stdio::piped());
+        let bare = Target::start(command, "bare server")?;
+        std::thread::sleep(SETTLE);
+        run.bare_idle_rss = proc_status_kb(bare.pid(), "VmRSS").unwrap_or(0);
+        if !warmup.is_zero() {
+            measure(
+                &runtime,
+                bare.pid(),
+                load(bare.addr, format!("r{run_no}-bare-warm"), warmup, None),
+            )?;
+        }
+        run.bare = measure(
+            &runtime,
+            bare.pid(),
+            load(bare.addr, format!("r{run_no}-bare"), duration, None),
+        )?;
+        run.bare_peak_rss = proc_status_kb(bare.pid(), "VmHWM").unwrap_or(0);
+        drop(bare);
+        eprintln!("run {run_no}: bare:  {}", run.bare.brief());
+
+        // 2. The agent at full load, then 3. at half the rate it reached.
+        let dir = TempDir::new(&work_dir)?;
+        let config = agent_config(&dir.0)?;
+        let mut command = Command::new(&agent_bin);
+        command
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&config)
+            .env("ESS_AGENT_LOG", "info")
+            .stdin(Stdio::null());
+        let agent = Target::start(command, "agent")?;
+        std::thread::sleep(SETTLE);
+        run.agent_idle_rss = proc_status_kb(agent.pid(), "VmRSS").unwrap_or(0);
+        if !warmup.is_zero() {
+            measure(
+                &runtime,
+                agent.pid(),
+                load(agent.addr, format!("r{run_no}-agent-warm"), warmup, None),
+            )?;
+        }
+        run.agent = measure(
+            &runtime,
+            agent.pid(),
+            load(agent.addr, format!("r{run_no}-agent"), duration, None),
+        )?;
+        run.agent_peak_rss = proc_status_kb(agent.pid(), "VmHWM").unwrap_or(0);
+        eprintln!(
+            "run {run_no}: agent: {}  ratio {:.3}",
+            run.agent.brief(),
+            run.ratio()
+        );
+        run.half_rate = run.agent.rate / 2.0;
+        run.half = measure(
+            &runtime,
+            agent.pid(),
+            load(
+                agent.addr,
+                format!("r{run_no}-agent-half"),
+                duration,
+                Some(run.half_rate),
+            ),
+        )?;
+        eprintln!(
+            "run {run_no}: half:  {}  (paced at {:.0}/s, {:.1}% late)",
+            run.half.brief(),
+            run.half_rate,
+            run.half.late_fraction * 100.0
+        );
+        agent.stop()?;
+        drop(dir);
+        let other = run
+            .bare
+            .other_cpu
+            .max(run.agent.other_cpu)
+            .max(run.half.other_cpu);
+        match args.max_other_cpu {
+            Some(max) if other > max && discarded < args.runs => {
+                discarded += 1;
+                eprintln!(
+                    "run {run_no}: discarded: other processes used up to {other:.2} CPUs \
+                     (--max-other-cpu {max}); running it again"
+                );
+            }
+            _ => runs.push(run),
+        }
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+
+    let mut summary = Summary::new(&runs);
+    summary.discarded = discarded;
+    if args.json {
+        let out = json!({
+            "benchmark": "accept",
+            "connections": connections,
+            "seconds": args.seconds,
+            "warmup_seconds": args.warmup_seconds,
+            "body_bytes": body_bytes,
+            "ids": format!("{:?}", args.ids).to_lowercase(),
+            "client_threads": args.client_threads,
+            "machine": {
+                "nproc": nproc,
+                "state_fs": fs_type,
+                "state_device": device,
+                "fdatasync_p50_us": fsync_p50,
+                "fdatasync_p99_us": fsync_p99,
+            },
+            "runs": runs.iter().map(|r| json!({
+                "bare": r.bare.to_json(),
+                "bare_idle_rss_bytes": r.bare_idle_rss,
+                "bare_peak_rss_bytes": r.bare_peak_rss,
+                "agent": r.agent.to_json(),
+                "agent_idle_rss_bytes": r.agent_idle_rss,
+                "agent_peak_rss_bytes": r.agent_peak_rss,
+                "ratio": round(r.ratio(), 3),
+                "half_rate": round(r.half_rate, 1),
+                "half": r.half.to_json(),
+            })).collect::<Vec<_>>(),
+            "median": summary.to_json(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        summary.print(args, &fs_type, &device, nproc, fsync_p50);
+    }
+    Ok(())
+}
+
+/// The median of each figure over the runs.
+struct Summary {
+    bare: Figures,
+    agent: Figures,
+    half: Figures,
+    half_rate: f64,
+    ratio: f64,
+    bare_idle_rss: f64,
+    bare_peak_rss: f64,
+    agent_idle_rss: f64,
+    agent_peak_rss: f64,
+    runs: usize,
+    /// Runs repeated because other processes disturbed them.
+    discarded: u32,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+fn median_figures(all: &[&Figures]) -> Figures {
+    let m = |f: fn(&Figures) -> f64| median(all.iter().map(|x| f(x)).collect());
+    Figures {
+        rate: m(|f| f.rate),
+        p50_ms: m(|f| f.p50_ms),
+        p99_ms: m(|f| f.p99_ms),
+        p999_ms: m(|f| f.p999_ms),
+        max_ms: m(|f| f.max_ms),
+        non_2xx: all.iter().map(|f| f.non_2xx).sum(),
+        errors: all.iter().map(|f| f.errors).sum(),
+        server_cpu: m(|f| f.server_cpu),
+        client_cpu: m(|f| f.client_cpu),
+        other_cpu: m(|f| f.other_cpu),
+        late_fraction: m(|f| f.late_fraction),
+    }
+}
+
+impl Summary {
+    fn new(runs: &[Run]) -> Summary {
+        let figures =
+            |f: fn(&Run) -> &Figures| median_figures(&runs.iter().map(f).collect::<Vec<_>>());
+        let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        Summary {
+            bare: figures(|r| &r.bare),
+            agent: figures(|r| &r.agent),
+            half: figures(|r| &r.half),
+            half_rate: m(|r| r.half_rate),
+            ratio: m(Run::ratio),
+            bare_idle_rss: m(|r| mib(r.bare_idle_rss)),
+            bare_peak_rss: m(|r| mib(r.bare_peak_rss)),
+            agent_idle_rss: m(|r| mib(r.agent_idle_rss)),
+            agent_peak_rss: m(|r| mib(r.agent_peak_rss)),
+            runs: runs.len(),
+            discarded: 0,
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "bare": self.bare.to_json(),
+            "bare_idle_rss_mib": round(self.bare_idle_rss, 1),
+            "bare_peak_rss_mib": round(self.bare_peak_rss, 1),
+            "agent": self.agent.to_json(),
+            "agent_idle_rss_mib": round(self.agent_idle_rss, 1),
+            "agent_peak_rss_mib": round(self.agent_peak_rss, 1),
+            "ratio": round(self.ratio, 3),
+            "half_rate": round(self.half_rate, 1),
+            "half": self.half.to_json(),
+            "discarded_runs": self.discarded,
+            "targets": {
+                "ratio_min": TARGET_RATIO, "ratio_holds": self.ratio >= TARGET_RATIO,
+                "half_p99_ms_max": TARGET_HALF_P99_MS,
+                "half_p99_holds": self.half.p99_ms <= TARGET_HALF_P99_MS,
+                "idle_rss_mib_max": TARGET_IDLE_RSS_MIB,
+                "idle_rss_holds": self.agent_idle_rss <= TARGET_IDLE_RSS_MIB,
+                "peak_rss_mib_max": TARGET_PEAK_RSS_MIB,
+                "peak_rss_holds": self.agent_peak_rss <= TARGET_PEAK_RSS_MIB,
+            },
+        })
+    }
+
+    fn print(&self, args: &AcceptArgs, fs_type: &str, device: &str, nproc: usize, fsync: u64) {
+        let verdict = |ok: bool| if ok { "holds" } else { "MISSED" };
+        println!();
+        println!(
+            "ess-bench accept: C={} T={}s body={} B ids={:?}, median of {} run(s); {nproc} CPUs, \
+             state on {fs_type} ({device}), fdatasync p50 {fsync} us",
+            args.connections, args.seconds, args.body_bytes, args.ids, self.runs
+        );
+        if self.discarded > 0 {
+            println!(
+                "({} disturbed run(s) discarded and repeated)",
+                self.discarded
+            );
+        }
+        println!(
+            "{:<26} {:>10} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9}",
+            "target",
+            "2xx/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "non-2xx",
+            "errors",
+            "srv CPU",
+            "idle RSS",
+            "peak RSS"
+        );
+        let row = |name: &str, f: &Figures, idle: Option<f64>, peak: Option<f64>| {
+            let rss = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} MiB"));
+            println!(
+                "{:<26} {:>10.0} {:>8.3} {:>8.3} {:>9.3} {:>8} {:>7} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9}",
+                name,
+                f.rate,
+                f.p50_ms,
+                f.p99_ms,
+                f.p999_ms,
+                f.non_2xx,
+                f.errors,
+                f.server_cpu,
+                f.client_cpu,
+                f.other_cpu,
+                rss(idle),
+                rss(peak)
+            );
+        };
+        row(
+            "bare hyper (full load)",
+            &self.bare,
+            Some(self.bare_idle_rss),
+            Some(self.bare_peak_rss),
+        );
+        row(
+            "agent (full load)",
+            &self.agent,
+            Some(self.agent_idle_rss),
+            Some(self.agent_peak_rss),
+        );
+        row(
+            &format!("agent (paced {:.0}/s)", self.half_rate),
+            &self.half,
+            None,
+            None,
+        );
+        println!();
+        println!(
+            "ratio agent/bare: {:.3}  (target >= {TARGET_RATIO}: {})",
+            self.ratio,
+            verdict(self.ratio >= TARGET_RATIO)
+        );
+        println!(
+            "p99 at half load: {:.3} ms  (target <= {TARGET_HALF_P99_MS} ms: {})",
+            self.half.p99_ms,
+            verdict(self.half.p99_ms <= TARGET_HALF_P99_MS)
+        );
+        println!(
+            "agent RSS idle:   {:.1} MiB  (target <= {TARGET_IDLE_RSS_MIB} MiB: {})",
+            self.agent_idle_rss,
+            verdict(self.agent_idle_rss <= TARGET_IDLE_RSS_MIB)
+        );
+        println!(
+            "agent RSS peak:   {:.1} MiB  (target <= {TARGET_PEAK_RSS_MIB} MiB: {})",
+            self.agent_peak_rss,
+            verdict(self.agent_peak_rss <= TARGET_PEAK_RSS_MIB)
+        );
+    }
+}
