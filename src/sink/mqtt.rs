@@ -71,7 +71,7 @@ use http::Uri;
 use rumqttc::v5::mqttbytes::v5 as v5b;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -611,6 +611,9 @@ enum Attach {
     Publish,
 }
 
+/// How long a healthcheck waits for the outcome of a connection attempt under way.
+const HEALTH_WAIT: Duration = Duration::from_secs(5);
+
 /// How many confirmations that nobody waited for are remembered.
 const ORPHANS: usize = 65_536;
 
@@ -863,6 +866,8 @@ struct Link {
 struct Shared {
     book: Mutex<Book>,
     link: Mutex<Link>,
+    /// Woken whenever `link` changes.
+    link_changed: Notify,
     window: Arc<Semaphore>,
 }
 
@@ -873,6 +878,12 @@ impl Shared {
 
     fn link(&self) -> MutexGuard<'_, Link> {
         self.link.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Changes the link and wakes whoever waits for a change.
+    fn update_link(&self, change: impl FnOnce(&mut Link)) {
+        change(&mut self.link());
+        self.link_changed.notify_waiters();
     }
 }
 
@@ -1517,13 +1528,12 @@ async fn drive(shared: Arc<Shared>, mut driver: Driver, conn: Connection, stop: 
                 limits,
             }) => {
                 connected = true;
-                {
-                    let mut link = shared.link();
+                shared.update_link(|link| {
                     link.connected = true;
                     link.refused = None;
                     link.last_error = None;
                     link.limits = limits;
-                }
+                });
                 if !session_present {
                     shared.book().session_lost(&resend);
                 }
@@ -1547,10 +1557,10 @@ async fn drive(shared: Arc<Shared>, mut driver: Driver, conn: Connection, stop: 
             Err(Failure::Error(error)) => {
                 if connected {
                     connected = false;
-                    let mut link = shared.link();
-                    link.connected = false;
-                    link.last_error = Some(error.to_string());
-                    drop(link);
+                    shared.update_link(|link| {
+                        link.connected = false;
+                        link.last_error = Some(error.to_string());
+                    });
                     // Waiting applies keep waiting: their publishes are resent after the
                     // reconnect. Should that fail, they are told.
                     tracing::warn!(sink = %conn.name, broker = %conn.broker, error = %error, "mqtt connection lost; reconnecting");
@@ -1567,15 +1577,14 @@ async fn drive(shared: Arc<Shared>, mut driver: Driver, conn: Connection, stop: 
 
 /// A connection attempt failed: every waiting apply hears why (their publishes stay queued).
 fn connect_failed(shared: &Shared, conn: &Connection, error: &SinkError) {
-    {
-        let mut link = shared.link();
+    shared.update_link(|link| {
         link.connected = false;
         link.last_error = Some(error.to_string());
         link.refused = match error {
             SinkError::Permanent(message) => Some(message.clone()),
             SinkError::Retryable(_) => None,
         };
-    }
+    });
     shared.book().fail_waiters(error);
     tracing::warn!(sink = %conn.name, broker = %conn.broker, error = %error, "mqtt connection attempt failed");
 }
@@ -1862,6 +1871,7 @@ impl MqttSink {
             shared: Arc::new(Shared {
                 book: Mutex::new(Book::default()),
                 link: Mutex::new(Link::default()),
+                link_changed: Notify::new(),
                 window: Arc::new(Semaphore::new(usize::from(window))),
             }),
             idle: Mutex::new(Some((
@@ -2016,14 +2026,33 @@ impl Sink for MqttSink {
         Ok(())
     }
 
+    /// Healthy while connected. The first check starts the connection (so a broker that is
+    /// down or refuses the agent shows before the first event) and waits a little for its
+    /// outcome.
     async fn healthcheck(&self) -> Result<(), SinkError> {
-        let link = self.shared.link();
-        if let Some(refused) = &link.refused {
-            return Err(SinkError::Permanent(refused.clone()));
-        }
-        match (&link.connected, &link.last_error) {
-            (false, Some(error)) => Err(SinkError::Retryable(error.clone())),
-            _ => Ok(()),
+        self.start();
+        let deadline = Instant::now() + HEALTH_WAIT;
+        loop {
+            let changed = self.shared.link_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let link = self.shared.link();
+                if let Some(refused) = &link.refused {
+                    return Err(SinkError::Permanent(refused.clone()));
+                }
+                match (link.connected, &link.last_error) {
+                    (true, _) => return Ok(()),
+                    (false, Some(error)) => return Err(SinkError::Retryable(error.clone())),
+                    (false, None) => {}
+                }
+            }
+            if timeout_at(deadline, changed).await.is_err() {
+                return Err(SinkError::Retryable(format!(
+                    "still connecting to the MQTT broker at {}",
+                    self.broker
+                )));
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::support::mosquitto::{
     self, Mosquitto, Options, Received, SHARED_PORT, Subscriber, Subscription, TlsListener,
 };
-use crate::support::{self, Agent, plain, request, signed_headers, unix_now};
+use crate::support::{self, Agent, admin_get, plain, request, signed_headers, unix_now};
 
 const EVENTS: &str = "/v1/events";
 
@@ -785,6 +785,33 @@ retry = {{ initial_ms = 1000, max_ms = 1000 }}
         wrong_ca = wrong.ca.display().to_string(),
     );
     let agent = Agent::start(dir.path(), &config);
+    // The healthcheck connects before any event: the untrusted broker makes the agent not ready,
+    // with the reason.
+    let line = agent
+        .wait_for_log(Duration::from_secs(20), |v| {
+            v["message"] == "sink healthcheck failed: not ready" && v["sink"] == "wrong-ca"
+        })
+        .unwrap_or_else(|| panic!("no failed healthcheck; log:\n{}", agent.log_text()));
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap()
+            .contains("not signed by a CA the agent trusts"),
+        "{line}"
+    );
+    let ready = admin_get(&agent, "/readyz").await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        ready.body["reasons"].get("sink wrong-ca").is_some(),
+        "{}",
+        ready.body
+    );
+    assert!(
+        ready.body["reasons"].get("sink trusted").is_none(),
+        "{}",
+        ready.body
+    );
+
     let reply = post(
         &agent,
         "t1",
