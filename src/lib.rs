@@ -8,7 +8,7 @@
 //! - [`dispatch`]: routes journaled events through adapters to sinks, in order per subject,
 //!   with retries and dead letters.
 //! - [`adapter`]: the JSONata engine seam and the compiled adapter scripts.
-//! - [`sink`]: where adapter output is applied (files, HTTP, ...).
+//! - [`sink`]: where adapter output is applied (files, HTTP, MQTT, ...).
 //! - [`report`]: status reports to the hub from the journal's outbox.
 //! - [`reload`]: hot reload of adapters, routes and sinks (file watch and SIGHUP).
 //! - [`admin`]: health, readiness, event status, replay and dead letters on the admin listener.

@@ -2,12 +2,14 @@
 //!
 //! A sink is one small trait ([`Sink`]) and one variant of the closed, tagged configuration enum
 //! ([`SinkConfig`]). A sink reports success only once the destination has durably taken the
-//! output (files: fsync of file and directory; HTTP: a 2xx answer). Errors say whether trying
+//! output (files: fsync of file and directory; HTTP: a 2xx answer; MQTT: the broker's PUBACK or
+//! PUBCOMP). Errors say whether trying
 //! again can help ([`SinkError::Retryable`]) or not ([`SinkError::Permanent`]); the dispatcher
 //! retries the first kind with backoff and dead-letters the second.
 
 pub mod file;
 pub mod http;
+pub mod mqtt;
 pub mod sftp;
 pub mod template;
 
@@ -132,6 +134,7 @@ impl RetryConfig {
 pub enum SinkConfig {
     File(file::FileConfig),
     Http(http::HttpConfig),
+    Mqtt(mqtt::MqttConfig),
     Sftp(sftp::SftpConfig),
 }
 
@@ -141,6 +144,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => &c.retry,
             SinkConfig::Http(c) => &c.retry,
+            SinkConfig::Mqtt(c) => &c.retry,
             SinkConfig::Sftp(c) => &c.retry,
         }
     }
@@ -150,6 +154,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => c.resolve_paths(base),
             SinkConfig::Http(c) => c.resolve_paths(base),
+            SinkConfig::Mqtt(c) => c.resolve_paths(base),
             SinkConfig::Sftp(c) => c.resolve_paths(base),
         }
     }
@@ -159,6 +164,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => c.validate(key),
             SinkConfig::Http(c) => c.validate(key),
+            SinkConfig::Mqtt(c) => c.validate(key),
             SinkConfig::Sftp(c) => c.validate(key),
         }
     }
@@ -178,6 +184,15 @@ impl SinkConfig {
                     message,
                 }
             })?)),
+            SinkConfig::Mqtt(c) => {
+                let name = key.strip_prefix("sinks.").unwrap_or(key);
+                Ok(Arc::new(mqtt::MqttSink::new(c, name).map_err(
+                    |message| Problem {
+                        key: key.to_string(),
+                        message,
+                    },
+                )?))
+            }
             SinkConfig::Sftp(c) => Ok(Arc::new(sftp::SftpSink::new(c, key).map_err(
                 |message| Problem {
                     key: key.to_string(),

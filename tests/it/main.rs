@@ -9,4 +9,5 @@ mod jsonata_conformance;
 mod operations;
 mod receive;
 mod reload;
+mod sink_mqtt;
 mod sink_sftp;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod hub;
+pub mod mosquitto;
 pub mod sshd;
 pub mod tls;
 

@@ -1,0 +1,448 @@
+//! Confirmed QoS 1 publishes per second through the agent's `mqtt` sink, beside a bare rumqttc
+//! publisher loop with the same payloads, topics and in-flight window, in one run.
+//!
+//! Each round:
+//!
+//! 1. The agent (the release binary) takes `EVENTS` events while its sink points at a listener
+//!    that accepts connections and never answers, so nothing can be applied; then it is killed
+//!    (SIGKILL). The events wait in its journal.
+//! 2. The agent starts again, now pointed at a bench-owned Mosquitto, and applies the backlog:
+//!    dispatch, adapter, publish, PUBACK, journal. The rate is taken between its first and last
+//!    "applied" log lines (their timestamps).
+//! 3. A bare rumqttc client publishes the same messages to the same broker with the same
+//!    in-flight window; the rate is taken between its first and last PUBACK.
+//! 4. For comparison, the sink alone (the library's `MqttSink`, in this process) applies the
+//!    same messages from as many concurrent applies as the window, without ingress, journal or
+//!    adapter: the difference to the agent is the cost of the rest of the pipeline.
+//!
+//! Run: `cargo bench --bench mqtt` (`ESS_BENCH_ROUNDS`, `ESS_BENCH_EVENTS` and
+//! `ESS_BENCH_WINDOW` override the defaults of 5 rounds, 5000 events, window 64).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ess_agent::http_client::{ClientTls, client};
+use ess_agent::ingress::auth::WebhookSigner;
+use http_body_util::Full;
+use serde_json::{Value, json};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const SUBJECTS: usize = 256;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A bench-owned Mosquitto on a free port.
+struct Broker {
+    child: Child,
+    port: u16,
+}
+
+impl Broker {
+    fn start(dir: &Path) -> Broker {
+        let port = free_port();
+        let config = dir.join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "user root\nlog_dest stderr\nlog_type error\nlog_type information\n\
+                 listener {port} 127.0.0.1\nallow_anonymous true\n"
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("/usr/sbin/mosquitto")
+            .arg("-c")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start mosquitto");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if line.ends_with(" running") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(15))
+            .expect("mosquitto starts");
+        Broker { child, port }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running agent and its JSON log lines.
+struct Agent {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+}
+
+impl Agent {
+    fn start(config: &Path) -> (Agent, Value) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ess-agent"))
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(config)
+            .env("ESS_AGENT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ess-agent");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let mut agent = Agent { child, lines };
+        let ready = agent.wait(Duration::from_secs(30), |v| v["message"] == "ready");
+        (agent, ready)
+    }
+
+    fn wait(&mut self, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if pred(&v) => return v,
+                Ok(v) if v["level"] == "ERROR" => panic!("agent error: {v}"),
+                Ok(_) => {}
+                Err(e) => panic!("agent log ended or timed out ({e})"),
+            }
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn config(dir: &Path, port: u16, window: usize, client_id: &str) -> String {
+    format!(
+        r#"agent_id = "bench"
+state_dir = {state:?}
+adapters_dir = {adapters:?}
+
+[ingress]
+listen = "127.0.0.1:0"
+
+[auth]
+hmac_secrets = [{{ file = {secret:?} }}]
+
+[admin]
+listen = "127.0.0.1:0"
+
+[limits]
+min_free_disk_bytes = 0
+
+[dispatch]
+max_parallel = {window}
+
+[[routes]]
+name = "kiosks"
+adapter = "pass.jsonata"
+sink = "kiosks"
+
+[sinks.kiosks]
+type = "mqtt"
+url = "mqtt://127.0.0.1:{port}"
+protocol = "3.1.1"
+client_id = "{client_id}"
+topic = "bench/{{subject}}"
+qos = 1
+max_inflight = {window}
+timeout_ms = 3600000
+connect_timeout_secs = 3600
+"#,
+        state = dir.join("state").display().to_string(),
+        adapters = dir.join("adapters").display().to_string(),
+        secret = dir.join("hub-secret").display().to_string(),
+    )
+}
+
+fn event_id(n: usize) -> String {
+    format!("bench-{n:06}")
+}
+
+fn subject(n: usize) -> String {
+    format!("S{:03}", n % SUBJECTS)
+}
+
+fn payload(n: usize) -> Value {
+    json!({"rule": format!("RULE-{n}"), "deadline": "16:00", "court": "county", "note": "the clinic display shows this change"})
+}
+
+/// What the pass-through adapter makes of an event: the bare publisher sends the same bytes.
+fn output(n: usize) -> Vec<u8> {
+    serde_json::to_vec(&json!({"id": event_id(n), "subject": subject(n), "payload": payload(n)}))
+        .unwrap()
+}
+
+/// Phase 1: journals `events` events in an agent that cannot apply them, then kills it.
+async fn fill_backlog(dir: &Path, events: usize, window: usize) {
+    // Accepts connections and never answers: the sink waits for a CONNACK that does not come.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in hole.incoming() {
+            match stream {
+                Ok(s) => held.push(s),
+                Err(_) => return,
+            }
+        }
+    });
+    let path = dir.join("ess-agent.toml");
+    std::fs::write(&path, config(dir, hole_port, window, "ess-bench-agent")).unwrap();
+    let (mut agent, ready) = Agent::start(&path);
+    let url: String = format!("http://{}/v1/events", ready["ingress"].as_str().unwrap());
+    let http = client(&ClientTls::default()).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let http = http.clone();
+        let url = url.clone();
+        let signer = WebhookSigner::new(SECRET).unwrap();
+        tasks.push(tokio::spawn(async move {
+            for n in (0..events).filter(|n| n % 8 == t) {
+                let id = event_id(n);
+                let body = serde_json::to_vec(&json!({
+                    "id": id, "version": 1, "type": "rule.updated", "subject": subject(n),
+                    "payload": payload(n),
+                }))
+                .unwrap();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64;
+                let mut request = http::Request::post(&url)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body.clone())))
+                    .unwrap();
+                for (k, v) in signer.headers(&id, now, &body) {
+                    request.headers_mut().insert(k, v.parse().unwrap());
+                }
+                let response = http.request(request).await.expect("post event");
+                assert_eq!(response.status(), 202, "event {id} not accepted");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    agent.kill9();
+}
+
+fn timestamp(v: &Value) -> f64 {
+    let text = v["timestamp"]
+        .as_str()
+        .expect("log lines carry a timestamp");
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap();
+    t.unix_timestamp_nanos() as f64 / 1e9
+}
+
+/// Phase 2: the agent applies the backlog; confirmed publishes per second.
+fn agent_rate(dir: &Path, port: u16, events: usize, window: usize, round: usize) -> f64 {
+    let path = dir.join("ess-agent.toml");
+    std::fs::write(
+        &path,
+        config(dir, port, window, &format!("ess-bench-agent-{round}")),
+    )
+    .unwrap();
+    let (mut agent, _) = Agent::start(&path);
+    let mut first = None;
+    let mut last = 0.0;
+    let mut applied = 0;
+    agent.wait(Duration::from_secs(600), |v| {
+        if v["message"] == "applied" {
+            let t = timestamp(v);
+            first.get_or_insert(t);
+            last = t;
+            applied += 1;
+        }
+        applied == events
+    });
+    (events - 1) as f64 / (last - first.unwrap())
+}
+
+/// The bare publisher: confirmed publishes per second.
+async fn bare_rate(port: u16, events: usize, window: usize, round: usize) -> f64 {
+    let mut options =
+        rumqttc::MqttOptions::new(format!("ess-bench-bare-{round}"), "127.0.0.1", port);
+    options
+        .set_inflight(window as u16)
+        .set_max_packet_size(64 * 1024, 64 * 1024);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, window);
+    let messages: Vec<(String, Vec<u8>)> = (0..events)
+        .map(|n| (format!("bench/{}", subject(n)), output(n)))
+        .collect();
+    let publisher = tokio::spawn(async move {
+        for (topic, payload) in messages {
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+        client
+    });
+    let mut first = None;
+    let mut acked = 0;
+    while acked < events {
+        if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+            eventloop.poll().await.expect("bare publisher connection")
+        {
+            first.get_or_insert_with(Instant::now);
+            acked += 1;
+        }
+    }
+    let elapsed = first.unwrap().elapsed().as_secs_f64();
+    let _client = publisher.await.unwrap();
+    (events - 1) as f64 / elapsed
+}
+
+/// The sink alone, in this process: the same messages applied by `window` concurrent applies
+/// (one per subject at a time, as the dispatcher does), without ingress, journal or adapter.
+/// Shows how much of the agent's time is the sink's.
+async fn sink_rate(port: u16, events: usize, window: usize, round: usize) -> f64 {
+    use ess_agent::sink::Sink;
+    let config: ess_agent::sink::mqtt::MqttConfig = toml::from_str(&format!(
+        "url = \"mqtt://127.0.0.1:{port}\"\nprotocol = \"3.1.1\"\n\
+         client_id = \"ess-bench-sink-{round}\"\ntopic = \"bench/{{subject}}\"\n\
+         max_inflight = {window}\n"
+    ))
+    .unwrap();
+    let sink = std::sync::Arc::new(ess_agent::sink::mqtt::MqttSink::new(&config, "bench").unwrap());
+    let meta = |n: usize| ess_agent::sink::EventMeta {
+        id: event_id(n),
+        event_type: "rule.updated".into(),
+        version: 1,
+        subject: subject(n),
+        revision: None,
+        source: None,
+        route: "kiosks".into(),
+        partner: "bench".into(),
+    };
+    // Connected before the clock starts, as the agent is by its first "applied".
+    sink.apply(&meta(events), &json!({})).await.unwrap();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..window {
+        let sink = sink.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in (0..events).filter(|n| n % window == w) {
+                let output: Value = serde_json::from_slice(&output(n)).unwrap();
+                sink.apply(&meta(n), &output).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    events as f64 / started.elapsed().as_secs_f64()
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run one small round.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let rounds = if quick {
+        1
+    } else {
+        env_or("ESS_BENCH_ROUNDS", 5)
+    };
+    let events = if quick {
+        200
+    } else {
+        env_or("ESS_BENCH_EVENTS", 5000)
+    };
+    let window = env_or("ESS_BENCH_WINDOW", 64);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let broker_dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(broker_dir.path());
+    let mut agent_rates = Vec::new();
+    let mut bare_rates = Vec::new();
+    let mut sink_rates = Vec::new();
+    for round in 0..rounds {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hub-secret"), SECRET).unwrap();
+        std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+        std::fs::write(
+            dir.path().join("adapters/pass.jsonata"),
+            r#"{"id": id, "subject": subject, "payload": payload}"#,
+        )
+        .unwrap();
+        runtime.block_on(fill_backlog(dir.path(), events, window));
+        let agent = agent_rate(dir.path(), broker.port, events, window, round);
+        let bare = runtime.block_on(bare_rate(broker.port, events, window, round));
+        let sink = runtime.block_on(sink_rate(broker.port, events, window, round));
+        eprintln!(
+            "round {}: agent {agent:.0}/s, bare rumqttc {bare:.0}/s (ratio {:.2}); sink alone \
+             {sink:.0}/s (ratio {:.2})",
+            round + 1,
+            agent / bare,
+            sink / bare
+        );
+        agent_rates.push(agent);
+        bare_rates.push(bare);
+        sink_rates.push(sink);
+    }
+    let agent = median(&mut agent_rates);
+    let bare = median(&mut bare_rates);
+    let sink = median(&mut sink_rates);
+    println!(
+        "mqtt sink, QoS 1, MQTT 3.1.1, window {window}, {events} events x {rounds} rounds \
+         (medians, confirmed publishes/s): agent {agent:.0}, bare rumqttc {bare:.0}, ratio \
+         {:.2}; sink alone in-process {sink:.0}, ratio {:.2}",
+        agent / bare,
+        sink / bare
+    );
+}
