@@ -8,3 +8,4 @@ mod jsonata_conformance;
 mod operations;
 mod receive;
 mod reload;
+mod sink_sql;

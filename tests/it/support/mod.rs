@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod hub;
+pub mod proxy;
 pub mod tls;
 
 use std::io::{BufRead, BufReader};
