@@ -749,6 +749,9 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
+        for (name, sink) in &self.sinks {
+            problems.extend(sink.validate(&format!("sinks.{name}")));
+        }
         problems
     }
 
