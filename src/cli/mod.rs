@@ -112,6 +112,13 @@ pub fn validate(args: &ConfigArg) -> ExitCode {
             if let Err(list) = crate::dispatch::routes::Routing::build(&config, None) {
                 problems.extend(list.iter().map(ToString::to_string));
             }
+            // Outputs the adapters' fixtures expect must be ones their sinks can apply (a SQL
+            // statement's parameters are fields the adapter returns).
+            problems.extend(
+                crate::sink::check_fixture_outputs(&config)
+                    .iter()
+                    .map(ToString::to_string),
+            );
         }
         Err(e) => problems.extend(e.problems().iter().map(ToString::to_string)),
     }

@@ -11,6 +11,7 @@ pub mod file;
 pub mod http;
 pub mod mqtt;
 pub mod sftp;
+pub mod sql;
 pub mod template;
 
 use std::path::Path;
@@ -136,6 +137,7 @@ pub enum SinkConfig {
     Http(http::HttpConfig),
     Mqtt(mqtt::MqttConfig),
     Sftp(sftp::SftpConfig),
+    Sql(sql::SqlConfig),
 }
 
 impl SinkConfig {
@@ -146,6 +148,7 @@ impl SinkConfig {
             SinkConfig::Http(c) => &c.retry,
             SinkConfig::Mqtt(c) => &c.retry,
             SinkConfig::Sftp(c) => &c.retry,
+            SinkConfig::Sql(c) => &c.retry,
         }
     }
 
@@ -156,6 +159,7 @@ impl SinkConfig {
             SinkConfig::Http(c) => c.resolve_paths(base),
             SinkConfig::Mqtt(c) => c.resolve_paths(base),
             SinkConfig::Sftp(c) => c.resolve_paths(base),
+            SinkConfig::Sql(c) => c.resolve_paths(base),
         }
     }
 
@@ -166,6 +170,7 @@ impl SinkConfig {
             SinkConfig::Http(c) => c.validate(key),
             SinkConfig::Mqtt(c) => c.validate(key),
             SinkConfig::Sftp(c) => c.validate(key),
+            SinkConfig::Sql(c) => c.validate(key),
         }
     }
 
@@ -199,8 +204,72 @@ impl SinkConfig {
                     message,
                 },
             )?)),
+            SinkConfig::Sql(c) => Ok(Arc::new(sql::SqlSink::new(c).map_err(|message| {
+                Problem {
+                    key: key.to_string(),
+                    message,
+                }
+            })?)),
         }
     }
+
+    /// Checks that an output of a route's adapter (e.g. a fixture's expected output) is one this
+    /// sink can apply, as far as that can be told without the destination. Pure.
+    pub fn check_output(&self, output: &serde_json::Value) -> Result<(), String> {
+        match self {
+            SinkConfig::Sql(c) => c.check_output(output),
+            SinkConfig::File(_)
+            | SinkConfig::Http(_)
+            | SinkConfig::Mqtt(_)
+            | SinkConfig::Sftp(_) => Ok(()),
+        }
+    }
+}
+
+/// For every route whose sink can check outputs (see [`SinkConfig::check_output`]), checks each
+/// expected output among the fixtures of the route's adapter, e.g. that a SQL statement's
+/// parameters are fields the adapter returns. For `ess-agent validate`; reads only the fixture
+/// files. A fixture that cannot be read is left to the adapter tests.
+pub fn check_fixture_outputs(config: &crate::config::Config) -> Vec<Problem> {
+    use crate::adapter::fixtures::{Expectation, FIXTURE_EXTENSION, Fixture, tests_dir};
+    let mut problems = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        let Some(sink) = config.sinks.get(&route.sink) else {
+            continue;
+        };
+        if !matches!(sink, SinkConfig::Sql(_)) {
+            continue;
+        }
+        let Ok(entries) = std::fs::read_dir(tests_dir(&route.adapter)) else {
+            continue;
+        };
+        let mut cases: Vec<_> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == FIXTURE_EXTENSION))
+            .collect();
+        cases.sort();
+        for case in cases {
+            let Ok(fixture) = Fixture::load(&case) else {
+                continue;
+            };
+            if let Expectation::Value(output) = &fixture.expectation
+                && let Err(message) = sink.check_output(output)
+            {
+                problems.push(Problem {
+                    key: format!("routes[{i}]"),
+                    message: format!(
+                        "sink {} cannot apply the output fixture {} expects of adapter {}: \
+                         {message}",
+                        route.sink,
+                        case.display(),
+                        route.adapter.display()
+                    ),
+                });
+            }
+        }
+    }
+    problems
 }
 
 #[cfg(test)]

@@ -11,3 +11,4 @@ mod receive;
 mod reload;
 mod sink_mqtt;
 mod sink_sftp;
+mod sink_sql;
