@@ -9,13 +9,17 @@
 //!    anything else: the ceiling HTTP alone allows on this machine;
 //! 2. the real agent (`ess-agent run`) on plain HTTP on loopback, with its journal in a temporary
 //!    directory on the normal disk, which authenticates, validates and journals (fsync'd) every
-//!    event before it answers 202.
+//!    event before it answers 202. Its dispatcher runs as always: by default one route sends
+//!    every event to an adapter that returns `undefined`, so each event is also loaded, run
+//!    through the adapter and finished as `filtered`, without sink I/O (`--apply`).
 //!
 //! Both are driven by C keep-alive HTTP/1.1 connections for T seconds, each connection sending
-//! one signed Change Event with a unique id at a time (closed loop). Then the agent is driven a
-//! second time at half the rate it reached, paced open-loop at a fixed rate spread over the C
-//! connections, to measure its latency at half load. Everything runs a fixed number of times
-//! (`--runs`), and the summary reports the median of each figure.
+//! one signed Change Event with a unique id at a time (closed loop). Then, once the agent's
+//! dispatcher has caught up, the agent is driven a second time at half the rate it reached,
+//! paced open-loop at a fixed rate spread over the C connections, to measure its latency at half
+//! load. Everything runs a fixed number of times (`--runs`), and the summary reports the median
+//! of each figure, with the CPU the targets, the load generator and everything else on the
+//! machine used, and what the agent's own metrics say about its journal and dispatcher.
 //!
 //! Traffic goes only to 127.0.0.1; every phase is bounded in time and every child process is
 //! stopped before the benchmark exits.
@@ -53,6 +57,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent gets to shut down gracefully before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the agent's dispatcher may take to finish the events of a full-load pass.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+/// The `type` of every event sent.
+const EVENT_TYPE: &str = "bench.rule.updated";
 /// How long the idle agent is left alone after its ready line before its RSS is read.
 const SETTLE: Duration = Duration::from_secs(1);
 /// The clock ticks per second of `/proc/<pid>/stat` (USER_HZ, fixed at 100 in the Linux ABI).
@@ -115,6 +123,9 @@ struct AcceptArgs {
     /// the id index) or `ordered` (increasing, each insert appends to the index).
     #[arg(long, value_enum, default_value_t = IdScheme::Uuid)]
     ids: IdScheme,
+    /// What the agent does with the events after journaling them (it always dispatches them).
+    #[arg(long, value_enum, default_value_t = Apply::Filter)]
+    apply: Apply,
     /// Repeat a run (at most `--runs` times in all) when other processes used more than this
     /// many CPUs during any of its phases. On a shared machine their load distorts the figures.
     #[arg(long)]
@@ -122,6 +133,16 @@ struct AcceptArgs {
     /// Print the summary as JSON on stdout instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// What the agent's dispatcher does with each event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Apply {
+    /// A route whose adapter returns `undefined`: each event is loaded, run through the adapter
+    /// and finished as `filtered`, with no sink I/O. The cheapest apply a routed event gets.
+    Filter,
+    /// No routes: each event is parked as a dead letter (with a warning log line each).
+    Park,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -223,6 +244,8 @@ fn bare_server(args: &BareArgs) -> anyhow::Result<()> {
 struct Target {
     child: Child,
     addr: SocketAddr,
+    /// The agent's admin listener, from its ready line.
+    admin: Option<SocketAddr>,
 }
 
 impl Target {
@@ -234,7 +257,8 @@ impl Target {
             .spawn()
             .with_context(|| format!("cannot start the {what}"))?;
         let stderr = child.stderr.take().context("no stderr pipe")?;
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<SocketAddr, String>>();
+        type Ready = Result<(SocketAddr, Option<SocketAddr>), String>;
+        let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stderr);
             let mut line = String::new();
@@ -251,7 +275,8 @@ impl Target {
                 let value: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
                 if value["message"] == "ready" {
                     let addr = value["ingress"].as_str().and_then(|a| a.parse().ok());
-                    let _ = ready_tx.send(addr.ok_or_else(|| line.clone()));
+                    let admin = value["admin"].as_str().and_then(|a| a.parse().ok());
+                    let _ = ready_tx.send(addr.map(|a| (a, admin)).ok_or_else(|| line.clone()));
                     break;
                 }
                 if seen.len() < 50 {
@@ -261,8 +286,8 @@ impl Target {
             // Drain the rest (one access log line per request) without keeping it.
             let _ = std::io::copy(&mut reader, &mut std::io::sink());
         });
-        let addr = match ready_rx.recv_timeout(START_TIMEOUT) {
-            Ok(Ok(addr)) => addr,
+        let (addr, admin) = match ready_rx.recv_timeout(START_TIMEOUT) {
+            Ok(Ok(addrs)) => addrs,
             Ok(Err(log)) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -274,7 +299,7 @@ impl Target {
                 bail!("the {what} did not become ready within {START_TIMEOUT:?}");
             }
         };
-        Ok(Target { child, addr })
+        Ok(Target { child, addr, admin })
     }
 
     fn pid(&self) -> u32 {
@@ -483,7 +508,7 @@ fn event_body(id: &str, subject: &str, seq: u64, size: usize) -> String {
     let mut body = String::with_capacity(size + 64);
     let _ = write!(
         body,
-        r#"{{"id":"{id}","version":1,"type":"bench.rule.updated","subject":"{subject}","revision":{seq},"payload":{{"rule":{{"name":"bench rule {seq:010}","enabled":true,"priority":5,"tags":["bench","accept","durable"],"limits":{{"rate":100,"burst":20}}}},"note":""#
+        r#"{{"id":"{id}","version":1,"type":"{EVENT_TYPE}","subject":"{subject}","revision":{seq},"payload":{{"rule":{{"name":"bench rule {seq:010}","enabled":true,"priority":5,"tags":["bench","accept","durable"],"limits":{{"rate":100,"burst":20}}}},"note":""#
     );
     let tail = r#""}}"#;
     let pad = size.saturating_sub(body.len() + tail.len());
@@ -505,23 +530,24 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// A version 4 (random) UUID in its text form, from 128 random bits.
+fn uuid_v4(random: u128) -> String {
+    let v = random & !(0xf << 76) & !(0x3 << 62) | (0x4 << 76) | (0x2 << 62);
+    let h = format!("{v:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
 /// Builds the next signed request of connection `conn`.
 fn signed_request(load: &Load, host: &HeaderValue, conn: usize, seq: u64) -> Request<Full<Bytes>> {
     let id = match load.ids {
-        IdScheme::Uuid => {
-            // Version 4, variant 1.
-            let v =
-                rand::random::<u128>() & !(0xf << 76) & !(0x3 << 62) | (0x4 << 76) | (0x2 << 62);
-            let h = format!("{v:032x}");
-            format!(
-                "{}-{}-{}-{}-{}",
-                &h[..8],
-                &h[8..12],
-                &h[12..16],
-                &h[16..20],
-                &h[20..]
-            )
-        }
+        IdScheme::Uuid => uuid_v4(rand::random()),
         IdScheme::Ordered => format!(
             "{}-{:012}",
             load.tag,
@@ -560,6 +586,89 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
         let _ = conn.await;
     });
     Ok(sender)
+}
+
+/// Reads the agent's Prometheus metrics: each sample's name with its labels, and its value.
+async fn scrape(admin: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut sender = connect(admin).await?;
+    let mut request = Request::new(Full::new(Bytes::new()));
+    *request.uri_mut() = http::Uri::from_static("/metrics");
+    request
+        .headers_mut()
+        .insert(header::HOST, HeaderValue::try_from(admin.to_string())?);
+    let response = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
+        anyhow::Ok(response.into_body().collect().await?.to_bytes())
+    })
+    .await
+    .context("the metrics request timed out")??;
+    let text = String::from_utf8_lossy(&response);
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect())
+}
+
+/// What the agent's own metrics say about a phase.
+#[derive(Debug, Clone, Default)]
+struct Internals {
+    /// Journal commits (fsyncs) per second.
+    commits_per_sec: f64,
+    /// Writer operations (appends and the dispatcher's state changes) per commit.
+    ops_per_commit: f64,
+    /// Mean time of one commit, from BEGIN to the end of its fsync.
+    commit_ms: f64,
+    /// Events that reached a final state per second (the dispatcher's pace).
+    finished_per_sec: f64,
+    /// Events received and not yet final at the end of the phase.
+    backlog_end: f64,
+}
+
+impl Internals {
+    fn between(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, secs: f64) -> Self {
+        let delta = |name: &str| after.get(name).unwrap_or(&0.0) - before.get(name).unwrap_or(&0.0);
+        let finished: f64 = after
+            .keys()
+            .filter(|k| k.starts_with("ess_agent_events_final_total"))
+            .map(|k| delta(k))
+            .sum();
+        let commits = delta("ess_agent_journal_batch_size_count");
+        Internals {
+            commits_per_sec: commits / secs,
+            ops_per_commit: delta("ess_agent_journal_batch_size_sum") / commits.max(1.0),
+            commit_ms: delta("ess_agent_journal_commit_seconds_sum") * 1000.0 / commits.max(1.0),
+            finished_per_sec: finished / secs,
+            backlog_end: after.get("ess_agent_backlog").copied().unwrap_or(0.0),
+        }
+    }
+
+    /// The progress-line suffix.
+    fn brief(&self) -> String {
+        format!(
+            "\n        agent: {:.0} commits/s, {:.1} ops/commit, {:.3} ms/commit, {:.0} events \
+             finished/s, {:.0} left to apply",
+            self.commits_per_sec,
+            self.ops_per_commit,
+            self.commit_ms,
+            self.finished_per_sec,
+            self.backlog_end
+        )
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "commits_per_sec": round(self.commits_per_sec, 1),
+            "ops_per_commit": round(self.ops_per_commit, 2),
+            "commit_ms": round(self.commit_ms, 3),
+            "finished_per_sec": round(self.finished_per_sec, 1),
+            "backlog_end": self.backlog_end,
+        })
+    }
 }
 
 /// Sends one request and reads the whole answer.
@@ -704,6 +813,8 @@ struct Figures {
     /// CPU everything else on the machine used during the phase, in cores: noise.
     other_cpu: f64,
     late_fraction: f64,
+    /// The agent's own view of the phase (not for the bare server).
+    internals: Option<Internals>,
 }
 
 impl Figures {
@@ -719,7 +830,10 @@ impl Figures {
             self.server_cpu,
             self.client_cpu,
             self.other_cpu
-        )
+        ) + &self
+            .internals
+            .as_ref()
+            .map_or(String::new(), Internals::brief)
     }
 
     fn to_json(&self) -> Value {
@@ -732,6 +846,7 @@ impl Figures {
             "client_cpu_cores": round(self.client_cpu, 2),
             "other_cpu_cores": round(self.other_cpu, 2),
             "late_fraction": round(self.late_fraction, 4),
+            "agent_metrics": self.internals.as_ref().map(Internals::to_json),
         })
     }
 }
@@ -747,6 +862,8 @@ struct Run {
     agent_peak_rss: u64,
     half_rate: f64,
     half: Figures,
+    /// Seconds the agent's dispatcher took after the full-load pass to finish every event.
+    drain_secs: f64,
 }
 
 impl Run {
@@ -764,9 +881,18 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// Runs a phase against the process `pid`, measuring its CPU use and ours.
-fn measure(runtime: &tokio::runtime::Runtime, pid: u32, load: Load) -> anyhow::Result<Figures> {
-    let pid = pid.to_string();
+/// Runs a phase against `target`, measuring its CPU use and ours, and the agent's own metrics
+/// when it has an admin listener.
+fn measure(
+    runtime: &tokio::runtime::Runtime,
+    target: &Target,
+    load: Load,
+) -> anyhow::Result<Figures> {
+    let pid = target.pid().to_string();
+    let metrics_before = match target.admin {
+        Some(admin) => Some(runtime.block_on(scrape(admin))?),
+        None => None,
+    };
     let server_before = cpu_seconds(&pid).unwrap_or(0.0);
     let client_before = cpu_seconds("self").unwrap_or(0.0);
     let machine_before = machine_busy_seconds().unwrap_or(0.0);
@@ -806,6 +932,13 @@ fn measure(runtime: &tokio::runtime::Runtime, pid: u32, load: Load) -> anyhow::R
         );
     }
     let sent = phase.ok + phase.non_2xx() + phase.errors;
+    let internals = match (target.admin, metrics_before) {
+        (Some(admin), Some(before)) => {
+            let after = runtime.block_on(scrape(admin))?;
+            Some(Internals::between(&before, &after, secs))
+        }
+        _ => None,
+    };
     Ok(Figures {
         rate: phase.rate(),
         p50_ms: phase.ms(0.50),
@@ -818,24 +951,66 @@ fn measure(runtime: &tokio::runtime::Runtime, pid: u32, load: Load) -> anyhow::R
         client_cpu,
         other_cpu,
         late_fraction: phase.late as f64 / sent.max(1) as f64,
+        internals,
     })
 }
 
-fn agent_config(dir: &Path) -> anyhow::Result<PathBuf> {
+/// Waits (at most [`DRAIN_TIMEOUT`]) until the agent has no event left to apply; returns how
+/// long that took.
+fn wait_for_empty_backlog(
+    runtime: &tokio::runtime::Runtime,
+    agent: &Target,
+) -> anyhow::Result<f64> {
+    let Some(admin) = agent.admin else {
+        return Ok(0.0);
+    };
+    let start = Instant::now();
+    loop {
+        let metrics = runtime.block_on(scrape(admin))?;
+        if metrics.get("ess_agent_backlog").copied().unwrap_or(0.0) == 0.0 {
+            return Ok(start.elapsed().as_secs_f64());
+        }
+        if start.elapsed() >= DRAIN_TIMEOUT || INTERRUPTED.load(Ordering::Relaxed) {
+            eprintln!(
+                "ess-bench: warning: the agent still had {} events to apply after {DRAIN_TIMEOUT:?}",
+                metrics.get("ess_agent_backlog").copied().unwrap_or(0.0)
+            );
+            return Ok(start.elapsed().as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The adapter of the `filter` apply mode: it returns `undefined` for every event.
+const FILTER_ADAPTER: &str = "/* ess-bench: nothing to apply */\npayload.nothing\n";
+
+fn agent_config(dir: &Path, apply: Apply) -> anyhow::Result<PathBuf> {
     let secret = dir.join("hub-secret");
     std::fs::write(&secret, SECRET)?;
-    // Nothing applies events during the benchmark, so the backlog only grows: the high-water
-    // mark is raised so it does not start refusing deliveries. Everything else is the default.
-    let text = format!(
+    // The high-water mark is raised so that a dispatcher that falls behind during a pass does not
+    // make the agent refuse deliveries with 503. Everything else is the default.
+    let mut text = format!(
         "agent_id = \"bench\"\n\
          state_dir = {state:?}\n\
+         adapters_dir = {adapters:?}\n\
          [ingress]\nlisten = \"127.0.0.1:0\"\n\
          [auth]\nhmac_secrets = [{{ file = {secret:?} }}]\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\
          [limits]\nbacklog_high_water = 1000000000\n",
         state = dir.join("state").display().to_string(),
+        adapters = dir.join("adapters").display().to_string(),
         secret = secret.display().to_string(),
     );
+    std::fs::create_dir_all(dir.join("adapters"))?;
+    if apply == Apply::Filter {
+        std::fs::write(dir.join("adapters/bench-filter.jsonata"), FILTER_ADAPTER)?;
+        text.push_str(&format!(
+            "[[routes]]\nname = \"bench\"\ntypes = [\"{EVENT_TYPE}\"]\nversions = \"1\"\n\
+             adapter = \"bench-filter.jsonata\"\nsink = \"bench-files\"\n\
+             [sinks.bench-files]\ntype = \"file\"\ndir = {out:?}\nname = \"{{id}}.json\"\n",
+            out = dir.join("out").display().to_string(),
+        ));
+    }
     let path = dir.join("ess-agent.toml");
     std::fs::write(&path, text)?;
     Ok(path)
@@ -917,13 +1092,13 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         if !warmup.is_zero() {
             measure(
                 &runtime,
-                bare.pid(),
+                &bare,
                 load(bare.addr, format!("r{run_no}-bare-warm"), warmup, None),
             )?;
         }
         run.bare = measure(
             &runtime,
-            bare.pid(),
+            &bare,
             load(bare.addr, format!("r{run_no}-bare"), duration, None),
         )?;
         run.bare_peak_rss = proc_status_kb(bare.pid(), "VmHWM").unwrap_or(0);
@@ -932,7 +1107,7 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
 
         // 2. The agent at full load, then 3. at half the rate it reached.
         let dir = TempDir::new(&work_dir)?;
-        let config = agent_config(&dir.0)?;
+        let config = agent_config(&dir.0, args.apply)?;
         let mut command = Command::new(&agent_bin);
         command
             .args(["--log-format", "json", "run", "--config"])
@@ -945,13 +1120,13 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         if !warmup.is_zero() {
             measure(
                 &runtime,
-                agent.pid(),
+                &agent,
                 load(agent.addr, format!("r{run_no}-agent-warm"), warmup, None),
             )?;
         }
         run.agent = measure(
             &runtime,
-            agent.pid(),
+            &agent,
             load(agent.addr, format!("r{run_no}-agent"), duration, None),
         )?;
         run.agent_peak_rss = proc_status_kb(agent.pid(), "VmHWM").unwrap_or(0);
@@ -960,10 +1135,13 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
             run.agent.brief(),
             run.ratio()
         );
+        // The dispatcher may still be working through what the full load left: the half-load
+        // pass starts once it has caught up, so it measures a steady state.
+        run.drain_secs = wait_for_empty_backlog(&runtime, &agent)?;
         run.half_rate = run.agent.rate / 2.0;
         run.half = measure(
             &runtime,
-            agent.pid(),
+            &agent,
             load(
                 agent.addr,
                 format!("r{run_no}-agent-half"),
@@ -1025,6 +1203,7 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
                 "ratio": round(r.ratio(), 3),
                 "half_rate": round(r.half_rate, 1),
                 "half": r.half.to_json(),
+                "drain_secs": round(r.drain_secs, 2),
             })).collect::<Vec<_>>(),
             "median": summary.to_json(),
         });
@@ -1046,6 +1225,7 @@ struct Summary {
     bare_peak_rss: f64,
     agent_idle_rss: f64,
     agent_peak_rss: f64,
+    drain_secs: f64,
     runs: usize,
     /// Runs repeated because other processes disturbed them.
     discarded: u32,
@@ -1075,7 +1255,23 @@ fn median_figures(all: &[&Figures]) -> Figures {
         client_cpu: m(|f| f.client_cpu),
         other_cpu: m(|f| f.other_cpu),
         late_fraction: m(|f| f.late_fraction),
+        internals: median_internals(all),
     }
+}
+
+fn median_internals(all: &[&Figures]) -> Option<Internals> {
+    let list: Vec<&Internals> = all.iter().filter_map(|f| f.internals.as_ref()).collect();
+    if list.is_empty() {
+        return None;
+    }
+    let m = |f: fn(&Internals) -> f64| median(list.iter().map(|x| f(x)).collect());
+    Some(Internals {
+        commits_per_sec: m(|i| i.commits_per_sec),
+        ops_per_commit: m(|i| i.ops_per_commit),
+        commit_ms: m(|i| i.commit_ms),
+        finished_per_sec: m(|i| i.finished_per_sec),
+        backlog_end: m(|i| i.backlog_end),
+    })
 }
 
 impl Summary {
@@ -1093,6 +1289,7 @@ impl Summary {
             bare_peak_rss: m(|r| mib(r.bare_peak_rss)),
             agent_idle_rss: m(|r| mib(r.agent_idle_rss)),
             agent_peak_rss: m(|r| mib(r.agent_peak_rss)),
+            drain_secs: m(|r| r.drain_secs),
             runs: runs.len(),
             discarded: 0,
         }
@@ -1109,6 +1306,7 @@ impl Summary {
             "ratio": round(self.ratio, 3),
             "half_rate": round(self.half_rate, 1),
             "half": self.half.to_json(),
+            "drain_secs": round(self.drain_secs, 2),
             "discarded_runs": self.discarded,
             "targets": {
                 "ratio_min": TARGET_RATIO, "ratio_holds": self.ratio >= TARGET_RATIO,
@@ -1137,7 +1335,7 @@ impl Summary {
             );
         }
         println!(
-            "{:<26} {:>10} {:>8} {:>8} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9}",
+            "{:<26} {:>10} {:>8} {:>8} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9}",
             "target",
             "2xx/s",
             "p50 ms",
@@ -1146,6 +1344,8 @@ impl Summary {
             "non-2xx",
             "errors",
             "srv CPU",
+            "gen CPU",
+            "oth CPU",
             "idle RSS",
             "peak RSS"
         );
@@ -1185,6 +1385,23 @@ impl Summary {
             None,
             None,
         );
+        for (name, f) in [("full load", &self.agent), ("half load", &self.half)] {
+            if let Some(i) = &f.internals {
+                println!(
+                    "agent at {name}: {:.0} commits/s, {:.1} writer ops per commit, {:.3} ms per \
+                     commit, {:.0} events finished/s by the dispatcher, {:.0} left at the end",
+                    i.commits_per_sec,
+                    i.ops_per_commit,
+                    i.commit_ms,
+                    i.finished_per_sec,
+                    i.backlog_end
+                );
+            }
+        }
+        println!(
+            "the dispatcher finished the full-load backlog {:.1} s after the pass",
+            self.drain_secs
+        );
         println!();
         println!(
             "ratio agent/bare: {:.3}  (target >= {TARGET_RATIO}: {})",
@@ -1206,5 +1423,87 @@ impl Summary {
             self.agent_peak_rss,
             verdict(self.agent_peak_rss <= TARGET_PEAK_RSS_MIB)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<u64> = (1..=1000).collect();
+        assert_eq!(percentile(&v, 0.50), 500);
+        assert_eq!(percentile(&v, 0.99), 990);
+        assert_eq!(percentile(&v, 0.999), 999);
+        assert_eq!(percentile(&v, 1.0), 1000);
+        assert_eq!(percentile(&[7], 0.99), 7);
+        assert_eq!(percentile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(vec![]), 0.0);
+    }
+
+    #[test]
+    fn event_body_has_the_requested_size_and_is_a_change_event() {
+        let id = uuid_v4(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        let body = event_body(&id, "bench-subject-0001", 42, 1024);
+        assert_eq!(body.len(), 1024);
+        let value: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(value["id"], id.as_str());
+        assert_eq!(value["type"], EVENT_TYPE);
+        assert_eq!(value["version"], 1);
+        assert_eq!(value["revision"], 42);
+        assert!(value["payload"].is_object());
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let envelope = ess_agent::ingress::envelope::parse(&headers, body.as_bytes()).unwrap();
+        assert_eq!(envelope.id, id);
+    }
+
+    #[test]
+    fn uuid_v4_sets_version_and_variant() {
+        let id = uuid_v4(u128::MAX);
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+        assert_eq!(&id[19..20], "b");
+        assert_eq!(uuid_v4(0), "00000000-0000-4000-8000-000000000000");
+    }
+
+    #[test]
+    fn internals_come_from_metric_deltas() {
+        let before: BTreeMap<String, f64> = [
+            ("ess_agent_journal_batch_size_count", 10.0),
+            ("ess_agent_journal_batch_size_sum", 100.0),
+            ("ess_agent_journal_commit_seconds_sum", 0.01),
+            ("ess_agent_events_final_total{state=\"filtered\"}", 50.0),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let after: BTreeMap<String, f64> = [
+            ("ess_agent_journal_batch_size_count", 30.0),
+            ("ess_agent_journal_batch_size_sum", 500.0),
+            ("ess_agent_journal_commit_seconds_sum", 0.05),
+            ("ess_agent_events_final_total{state=\"filtered\"}", 250.0),
+            ("ess_agent_events_final_total{state=\"parked\"}", 20.0),
+            ("ess_agent_backlog", 7.0),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let i = Internals::between(&before, &after, 2.0);
+        assert_eq!(i.commits_per_sec, 10.0);
+        assert_eq!(i.ops_per_commit, 20.0);
+        assert!((i.commit_ms - 2.0).abs() < 1e-9);
+        assert_eq!(i.finished_per_sec, 110.0);
+        assert_eq!(i.backlog_end, 7.0);
     }
 }
