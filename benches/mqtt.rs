@@ -16,7 +16,7 @@
 //!    adapter: the difference to the agent is the cost of the rest of the pipeline.
 //!
 //! Run: `cargo bench --bench mqtt` (`ESS_BENCH_ROUNDS`, `ESS_BENCH_EVENTS` and
-//! `ESS_BENCH_WINDOW` override the defaults of 5 rounds, 5000 events, window 64).
+//! `ESS_BENCH_WINDOW` override the defaults of 5 rounds, 20000 events, window 64).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -99,6 +99,8 @@ impl Drop for Broker {
 struct Agent {
     child: Child,
     lines: mpsc::Receiver<Value>,
+    /// Lines read while waiting for something else, not yet shown to a `wait`.
+    seen: std::collections::VecDeque<Value>,
 }
 
 impl Agent {
@@ -123,12 +125,30 @@ impl Agent {
                 }
             }
         });
-        let mut agent = Agent { child, lines };
-        let ready = agent.wait(Duration::from_secs(30), |v| v["message"] == "ready");
+        let mut agent = Agent {
+            child,
+            lines,
+            seen: Default::default(),
+        };
+        // The dispatcher starts before the agent says "ready": keep what comes first.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ready = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match agent.lines.recv_timeout(left) {
+                Ok(v) if v["message"] == "ready" => break v,
+                Ok(v) => agent.seen.push_back(v),
+                Err(e) => panic!("agent did not become ready ({e})"),
+            }
+        };
         (agent, ready)
     }
 
     fn wait(&mut self, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        while let Some(v) = self.seen.pop_front() {
+            if pred(&v) {
+                return v;
+            }
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -217,15 +237,12 @@ fn output(n: usize) -> Vec<u8> {
 /// Phase 1: journals `events` events in an agent that cannot apply them, then kills it.
 async fn fill_backlog(dir: &Path, events: usize, window: usize) {
     // Accepts connections and never answers: the sink waits for a CONNACK that does not come.
-    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let hole_port = hole.local_addr().unwrap().port();
-    std::thread::spawn(move || {
+    let hole = tokio::spawn(async move {
         let mut held = Vec::new();
-        for stream in hole.incoming() {
-            match stream {
-                Ok(s) => held.push(s),
-                Err(_) => return,
-            }
+        while let Ok((stream, _)) = hole.accept().await {
+            held.push(stream);
         }
     });
     let path = dir.join("ess-agent.toml");
@@ -266,6 +283,7 @@ async fn fill_backlog(dir: &Path, events: usize, window: usize) {
         t.await.unwrap();
     }
     agent.kill9();
+    hole.abort();
 }
 
 fn timestamp(v: &Value) -> f64 {
@@ -360,14 +378,19 @@ async fn sink_rate(port: u16, events: usize, window: usize, round: usize) -> f64
     };
     // Connected before the clock starts, as the agent is by its first "applied".
     sink.apply(&meta(events), &json!({})).await.unwrap();
+    // Inputs are made before the clock starts: only the sink is timed.
+    let mut inputs: Vec<Vec<(ess_agent::sink::EventMeta, Value)>> = vec![Vec::new(); window];
+    for n in 0..events {
+        let output: Value = serde_json::from_slice(&output(n)).unwrap();
+        inputs[n % window].push((meta(n), output));
+    }
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for w in 0..window {
+    for input in inputs {
         let sink = sink.clone();
         tasks.push(tokio::spawn(async move {
-            for n in (0..events).filter(|n| n % window == w) {
-                let output: Value = serde_json::from_slice(&output(n)).unwrap();
-                sink.apply(&meta(n), &output).await.unwrap();
+            for (meta, output) in input {
+                sink.apply(&meta, &output).await.unwrap();
             }
         }));
     }
@@ -398,7 +421,7 @@ fn main() {
     let events = if quick {
         200
     } else {
-        env_or("ESS_BENCH_EVENTS", 5000)
+        env_or("ESS_BENCH_EVENTS", 20_000)
     };
     let window = env_or("ESS_BENCH_WINDOW", 64);
     let runtime = tokio::runtime::Builder::new_multi_thread()
