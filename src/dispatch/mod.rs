@@ -336,8 +336,24 @@ impl Dispatcher {
     /// One pass over an event: applies every route that is due, then finishes the event when
     /// every route is final.
     async fn process(&self, seq: i64) -> Result<Step, JournalError> {
+        // One trip off the async threads for everything this pass reads.
         let journal = self.journal.clone();
-        let Some(event) = blocking(move || journal.load_event(seq)).await? else {
+        let Some((event, mut deliveries, applied_revision)) = blocking(move || {
+            let Some(event) = journal.load_event(seq)? else {
+                return Ok(None);
+            };
+            if state::is_final(&event.state) {
+                return Ok(Some((event, Vec::new(), None)));
+            }
+            let deliveries = journal.deliveries(seq)?;
+            let revision = match event.revision {
+                Some(_) => journal.subject_revision(&event.subject)?,
+                None => None,
+            };
+            Ok(Some((event, deliveries, revision)))
+        })
+        .await?
+        else {
             return Ok(Step::Done);
         };
         if state::is_final(&event.state) {
@@ -350,24 +366,24 @@ impl Dispatcher {
                 let error = format!(
                     "the stored envelope is not valid JSON ({e}); the journal may be damaged"
                 );
-                return self.finish(&event, state::FAILED, Some(error), &[]).await;
-            }
-        };
-        if let Some(revision) = event.revision {
-            let journal = self.journal.clone();
-            let subject = event.subject.clone();
-            if let Some(applied) = blocking(move || journal.subject_revision(&subject)).await?
-                && revision < applied
-            {
-                let reason = format!(
-                    "revision {revision} is lower than revision {applied} already applied for subject {:?}",
-                    event.subject
-                );
                 return self
-                    .finish(&event, state::SUPERSEDED, Some(reason), &[])
+                    .finish(&event, state::FAILED, Some(error), &[], Vec::new())
                     .await;
             }
+        };
+        if let Some(revision) = event.revision
+            && let Some(applied) = applied_revision
+            && revision < applied
+        {
+            let reason = format!(
+                "revision {revision} is lower than revision {applied} already applied for subject {:?}",
+                event.subject
+            );
+            return self
+                .finish(&event, state::SUPERSEDED, Some(reason), &[], Vec::new())
+                .await;
         }
+
         let routes = routing.matching(&event.event_type, event.version);
         if routes.is_empty() {
             let reason = format!(
@@ -375,10 +391,14 @@ impl Dispatcher {
                 event.event_type, event.version
             );
             tracing::warn!(event_id = %event.id, "{reason}");
-            return self.finish(&event, state::PARKED, Some(reason), &[]).await;
+            return self
+                .finish(&event, state::PARKED, Some(reason), &[], Vec::new())
+                .await;
         }
-        let journal = self.journal.clone();
-        let mut deliveries = blocking(move || journal.deliveries(seq)).await?;
+        // Delivery states are written with the event's final state in one transaction, or on
+        // their own when a route waits for a retry. A crash before that write applies the
+        // routes again, which the sinks make idempotent.
+        let mut updates = Vec::new();
         let mut retry_at: Option<i64> = None;
         for route in &routes {
             let existing = deliveries.iter().find(|d| d.route == route.name).cloned();
@@ -418,11 +438,12 @@ impl Dispatcher {
                 "result" => result.to_owned()
             )
             .increment(1);
-            self.journal.set_delivery(update).await?;
+            updates.push(update);
             deliveries.retain(|d| d.route != record.route);
             deliveries.push(record);
         }
         if let Some(at) = retry_at {
+            self.journal.set_deliveries(updates).await?;
             return Ok(Step::RetryAt(at));
         }
         let current: Vec<&DeliveryRecord> = deliveries
@@ -448,7 +469,8 @@ impl Dispatcher {
             (state::APPLIED, None)
         };
         let owned: Vec<DeliveryRecord> = current.into_iter().cloned().collect();
-        self.finish(&event, final_state, error, &owned).await
+        self.finish(&event, final_state, error, &owned, updates)
+            .await
     }
 
     /// Runs one route's adapter and sink; returns the delivery's new state.
@@ -554,6 +576,7 @@ impl Dispatcher {
         final_state: &'static str,
         error: Option<String>,
         deliveries: &[DeliveryRecord],
+        updates: Vec<DeliveryUpdate>,
     ) -> Result<Step, JournalError> {
         let subject_revision = match (final_state, event.revision) {
             (state::APPLIED | state::FILTERED, Some(revision)) => {
@@ -583,14 +606,17 @@ impl Dispatcher {
         });
         let has_report = report.is_some();
         self.journal
-            .finish(Finish {
-                seq: event.seq,
-                state: final_state,
-                error: error.clone(),
-                subject_revision,
-                report,
-                event_id: event.id.clone(),
-            })
+            .finish_with(
+                updates,
+                Finish {
+                    seq: event.seq,
+                    state: final_state,
+                    error: error.clone(),
+                    subject_revision,
+                    report,
+                    event_id: event.id.clone(),
+                },
+            )
             .await?;
         metrics::counter!("ess_agent_events_final_total", "state" => final_state).increment(1);
         tracing::info!(event_id = %event.id, state = final_state, error = error.as_deref(), "event final");

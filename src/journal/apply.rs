@@ -144,6 +144,69 @@ fn deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, rusqli
     .collect()
 }
 
+/// Upserts delivery states.
+fn write_deliveries(conn: &Connection, updates: &[DeliveryUpdate]) -> Result<(), rusqlite::Error> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let now = now_rfc3339();
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO deliveries (event_seq, route, sink, state, attempts, next_attempt_ms, \
+         last_error, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+         ON CONFLICT (event_seq, route) DO UPDATE SET sink = ?3, state = ?4, \
+         attempts = ?5, next_attempt_ms = ?6, last_error = ?7, updated_at = ?8",
+    )?;
+    for update in updates {
+        stmt.execute(params![
+            update.seq,
+            update.route,
+            update.sink,
+            update.state,
+            update.attempts,
+            update.next_attempt_ms,
+            update.last_error,
+            now,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Moves an event from the backlog to its final state; false when it was not in the backlog.
+fn finish_event(conn: &Connection, finish: &Finish) -> Result<bool, rusqlite::Error> {
+    let now = now_rfc3339();
+    let changed = conn
+        .prepare_cached(
+            "UPDATE events SET state = ?2, error = ?3, finished_at = ?4, \
+             updated_at = ?4 WHERE seq = ?1 AND state = ?5",
+        )?
+        .execute(params![
+            finish.seq,
+            finish.state,
+            finish.error,
+            now,
+            state::ACCEPTED
+        ])?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    if let Some((subject, revision)) = &finish.subject_revision {
+        conn.prepare_cached(
+            "INSERT INTO subjects (subject, last_revision) VALUES (?1, ?2) \
+             ON CONFLICT (subject) DO UPDATE SET \
+             last_revision = max(last_revision, excluded.last_revision)",
+        )?
+        .execute(params![subject, *revision as i64])?;
+    }
+    if let Some((message_id, body)) = &finish.report {
+        conn.prepare_cached(
+            "INSERT INTO outbox (event_id, message_id, body, created_at) \
+             VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![finish.event_id, message_id, body, now])?;
+    }
+    Ok(true)
+}
+
 impl Journal {
     /// Every event not yet final, in receive order: (seq, subject). Blocking.
     pub fn pending(&self) -> Result<Vec<(i64, String)>, JournalError> {
@@ -211,70 +274,31 @@ impl Journal {
 
     /// Records the state of one delivery.
     pub async fn set_delivery(&self, update: DeliveryUpdate) -> Result<(), JournalError> {
-        self.write(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO deliveries (event_seq, route, sink, state, attempts, next_attempt_ms, \
-                 last_error, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
-                 ON CONFLICT (event_seq, route) DO UPDATE SET sink = ?3, state = ?4, \
-                 attempts = ?5, next_attempt_ms = ?6, last_error = ?7, updated_at = ?8",
-            )?
-            .execute(params![
-                update.seq,
-                update.route,
-                update.sink,
-                update.state,
-                update.attempts,
-                update.next_attempt_ms,
-                update.last_error,
-                now_rfc3339(),
-            ])?;
-            Ok(())
-        })
-        .await
+        self.set_deliveries(vec![update]).await
+    }
+
+    /// Records the state of several deliveries in one transaction.
+    pub async fn set_deliveries(&self, updates: Vec<DeliveryUpdate>) -> Result<(), JournalError> {
+        self.write(move |conn| write_deliveries(conn, &updates))
+            .await
     }
 
     /// Puts an event in its final state, raises the subject's revision and queues the status
     /// report, all in one transaction.
     pub async fn finish(&self, finish: Finish) -> Result<(), JournalError> {
+        self.finish_with(Vec::new(), finish).await
+    }
+
+    /// As [`Journal::finish`], recording the deliveries' last states in the same transaction.
+    pub async fn finish_with(
+        &self,
+        updates: Vec<DeliveryUpdate>,
+        finish: Finish,
+    ) -> Result<(), JournalError> {
         let changed = self
             .write(move |conn| {
-                let now = now_rfc3339();
-                let changed = conn
-                    .prepare_cached(
-                        "UPDATE events SET state = ?2, error = ?3, finished_at = ?4, \
-                         updated_at = ?4 WHERE seq = ?1 AND state = ?5",
-                    )?
-                    .execute(params![
-                        finish.seq,
-                        finish.state,
-                        finish.error,
-                        now,
-                        state::ACCEPTED
-                    ])?;
-                if changed == 0 {
-                    return Ok(false);
-                }
-                if let Some((subject, revision)) = &finish.subject_revision {
-                    conn.prepare_cached(
-                        "INSERT INTO subjects (subject, last_revision) VALUES (?1, ?2) \
-                         ON CONFLICT (subject) DO UPDATE SET \
-                         last_revision = max(last_revision, excluded.last_revision)",
-                    )?
-                    .execute(params![subject, *revision as i64])?;
-                }
-                if let Some((message_id, body)) = &finish.report {
-                    conn.prepare_cached(
-                        "INSERT INTO outbox (event_id, message_id, body, created_at) \
-                         VALUES (?1, ?2, ?3, ?4)",
-                    )?
-                    .execute(params![
-                        finish.event_id,
-                        message_id,
-                        body,
-                        now
-                    ])?;
-                }
-                Ok(true)
+                write_deliveries(conn, &updates)?;
+                finish_event(conn, &finish)
             })
             .await?;
         if changed {
