@@ -633,7 +633,17 @@ struct Shared {
 /// The `sql` sink.
 pub struct SqlSink {
     shared: Arc<Shared>,
-    queue: OnceLock<mpsc::UnboundedSender<Job>>,
+    engine: OnceLock<Result<Engine, String>>,
+}
+
+/// The sink's own thread: a single-threaded runtime that runs the workers and owns the pool.
+///
+/// Database round trips are latency-bound: a worker waiting for the server's answer should run
+/// the moment it arrives, not after the dispatcher's hundreds of tasks queued on the agent's
+/// runtime. A thread of its own gets that from the kernel's scheduler.
+struct Engine {
+    queue: mpsc::UnboundedSender<Job>,
+    handle: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for SqlSink {
@@ -795,22 +805,51 @@ impl SqlSink {
                 ledger_ready: tokio::sync::OnceCell::new(),
                 my_columns: Mutex::new(HashMap::new()),
             }),
-            queue: OnceLock::new(),
+            engine: OnceLock::new(),
         })
     }
 
-    /// The queue of the workers, started on first use.
-    fn queue(&self) -> &mpsc::UnboundedSender<Job> {
-        self.queue.get_or_init(|| {
-            // Unbounded is bounded in practice: the dispatcher has at most
-            // `dispatch.max_parallel` applies in flight.
-            let (tx, rx) = mpsc::unbounded_channel();
-            let rx = Arc::new(tokio::sync::Mutex::new(rx));
-            for _ in 0..self.shared.workers {
-                tokio::spawn(worker(self.shared.clone(), rx.clone()));
-            }
-            tx
-        })
+    /// The sink's thread, started on first use. The thread ends when the sink is dropped (its
+    /// queue closes).
+    fn engine(&self) -> Result<&Engine, SinkError> {
+        self.engine
+            .get_or_init(|| {
+                let (queue, rx) = mpsc::unbounded_channel::<Job>();
+                let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+                let shared = self.shared.clone();
+                std::thread::Builder::new()
+                    .name("sql-sink".into())
+                    .spawn(move || {
+                        let runtime = match tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                        {
+                            Ok(runtime) => runtime,
+                            Err(e) => {
+                                let _ = handle_tx.send(Err(e.to_string()));
+                                return;
+                            }
+                        };
+                        let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                        // Unbounded is bounded in practice: the dispatcher has at most
+                        // `dispatch.max_parallel` applies in flight.
+                        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+                        runtime.block_on(async move {
+                            let mut workers = tokio::task::JoinSet::new();
+                            for _ in 0..shared.workers {
+                                workers.spawn(worker(shared.clone(), rx.clone()));
+                            }
+                            while workers.join_next().await.is_some() {}
+                        });
+                    })
+                    .map_err(|e| format!("cannot start the sink's thread: {e}"))?;
+                let handle = handle_rx
+                    .recv()
+                    .map_err(|_| "the sink's thread did not start".to_string())??;
+                Ok(Engine { queue, handle })
+            })
+            .as_ref()
+            .map_err(|e| SinkError::Retryable(e.clone()))
     }
 }
 
@@ -958,7 +997,7 @@ impl Sink for SqlSink {
             ops,
             reply,
         };
-        self.queue().send(job).map_err(|_| {
+        self.engine()?.queue.send(job).map_err(|_| {
             SinkError::Retryable("the sink's workers have stopped (shutting down)".into())
         })?;
         answer.await.unwrap_or_else(|_| {
@@ -972,36 +1011,16 @@ impl Sink for SqlSink {
         if !self.shared.healthcheck {
             return Ok(());
         }
-        let shared = &self.shared;
-        match shared.backend() {
-            Backend::Postgres(pool) => {
-                let mut conn = shared.acquire_pg(pool).await.map_err(|f| f.error)?;
-                shared
-                    .timed(conn.execute("SELECT 1"))
-                    .await
-                    .map_err(|f| f.error)?;
-            }
-            Backend::MySql(pool) => {
-                let mut conn = shared.acquire_my(pool).await.map_err(|f| f.error)?;
-                shared
-                    .timed(conn.execute("SELECT 1"))
-                    .await
-                    .map_err(|f| f.error)?;
-            }
-            Backend::Sqlite(cell) => {
-                let cell = cell.clone();
-                let shared = shared.clone();
-                tokio::task::spawn_blocking(move || {
-                    let mut guard = cell.lock().unwrap_or_else(|p| p.into_inner());
-                    let conn = shared.sqlite_open(&mut guard).map_err(|f| f.error)?;
-                    conn.query_row("SELECT 1", [], |_| Ok(()))
-                        .map_err(|e| shared.sqlite_failure(&e, "the healthcheck").error)
-                })
-                .await
-                .map_err(|e| SinkError::Retryable(format!("the healthcheck task failed: {e}")))??;
-            }
-        }
-        Ok(())
+        let shared = self.shared.clone();
+        self.engine()?
+            .handle
+            .spawn(async move { shared.select_one().await })
+            .await
+            .unwrap_or_else(|e| {
+                Err(SinkError::Retryable(format!(
+                    "the healthcheck task failed: {e}"
+                )))
+            })
     }
 }
 
@@ -1037,7 +1056,13 @@ async fn worker(shared: Arc<Shared>, rx: Arc<tokio::sync::Mutex<mpsc::UnboundedR
             }
             batch
         };
+        let (events, started) = (batch.len(), Instant::now());
         shared.run(batch).await;
+        tracing::debug!(
+            events,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "sql batch done"
+        );
     }
 }
 
@@ -1125,6 +1150,37 @@ impl Shared {
             }
             Connector::Sqlite(_) => Backend::Sqlite(Arc::new(Mutex::new(None))),
         })
+    }
+
+    /// `SELECT 1`, for the healthcheck. Runs on the sink's thread.
+    async fn select_one(self: Arc<Self>) -> Result<(), SinkError> {
+        match self.backend() {
+            Backend::Postgres(pool) => {
+                let mut conn = self.acquire_pg(pool).await.map_err(|f| f.error)?;
+                self.timed(conn.execute("SELECT 1"))
+                    .await
+                    .map_err(|f| f.error)?;
+            }
+            Backend::MySql(pool) => {
+                let mut conn = self.acquire_my(pool).await.map_err(|f| f.error)?;
+                self.timed(conn.execute("SELECT 1"))
+                    .await
+                    .map_err(|f| f.error)?;
+            }
+            Backend::Sqlite(cell) => {
+                let cell = cell.clone();
+                let shared = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut guard = cell.lock().unwrap_or_else(|p| p.into_inner());
+                    let conn = shared.sqlite_open(&mut guard).map_err(|f| f.error)?;
+                    conn.query_row("SELECT 1", [], |_| Ok(()))
+                        .map_err(|e| shared.sqlite_failure(&e, "the healthcheck").error)
+                })
+                .await
+                .map_err(|e| SinkError::Retryable(format!("the healthcheck task failed: {e}")))??;
+            }
+        }
+        Ok(())
     }
 
     /// Applies a batch: replies to every job.
