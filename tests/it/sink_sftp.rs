@@ -209,13 +209,13 @@ async fn a_reader_polling_during_500_uploads_never_sees_a_partial_file() {
         &routes(
             dir.path(),
             &[("rule.*", "partner")],
-            &sink(
+            &(sink(
                 &sshd,
                 "partner",
                 &remote,
                 "{id}.txt",
                 &format!("{}\nmax_concurrent_uploads = 8", pinned(&sshd)),
-            ) + "[dispatch]\nhealthcheck_interval_ms = 3600000\n",
+            ) + "[dispatch]\nhealthcheck_interval_ms = 3600000\n"),
         ),
     );
     // Mostly 1 KiB files; every tenth spans several SFTP write requests.
