@@ -1260,7 +1260,7 @@ impl Shared {
     ) -> Result<T, Failure> {
         match timeout(self.statement_timeout + Duration::from_secs(1), fut).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.failure(&e, None)),
+            Ok(Err(e)) => Err(self.failure(&e)),
             Err(_) => Err(Failure {
                 error: SinkError::Retryable(format!(
                     "{} at {} did not answer within {} ms (statement_timeout_ms)",
@@ -1275,11 +1275,11 @@ impl Shared {
     }
 
     async fn acquire_pg(&self, pool: &sqlx::PgPool) -> Result<PoolConnection<Postgres>, Failure> {
-        pool.acquire().await.map_err(|e| self.failure(&e, None))
+        pool.acquire().await.map_err(|e| self.failure(&e))
     }
 
     async fn acquire_my(&self, pool: &sqlx::MySqlPool) -> Result<PoolConnection<MySql>, Failure> {
-        pool.acquire().await.map_err(|e| self.failure(&e, None))
+        pool.acquire().await.map_err(|e| self.failure(&e))
     }
 
     fn missing_ledger(&self) -> Failure {
@@ -1354,13 +1354,14 @@ impl Shared {
                 )
                 .await
                 .map_err(|f| (None, f))?;
-            let claimed: HashSet<(String, String)> = rows
+            let mut claimed: HashSet<(String, String)> = rows
                 .iter()
                 .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
                 .collect();
             let mut found = Vec::with_capacity(jobs.len());
             for (i, job) in jobs.iter().enumerate() {
-                let new = claimed.contains(&(job.id.clone(), job.route.clone()));
+                // `remove`: should a pair appear twice in one batch, only the first writes.
+                let new = claimed.remove(&(job.id.clone(), job.route.clone()));
                 found.push(!new);
                 if !new {
                     continue;
@@ -1505,9 +1506,14 @@ impl Shared {
                 .iter()
                 .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
                 .collect();
+            // A pair seen earlier in the batch counts as found, so that it is written once.
+            let mut seen = HashSet::new();
             let found: Vec<bool> = jobs
                 .iter()
-                .map(|j| applied.contains(&(j.id.clone(), j.route.clone())))
+                .map(|j| {
+                    let pair = (j.id.clone(), j.route.clone());
+                    applied.contains(&pair) || !seen.insert(pair)
+                })
                 .collect();
             let new: Vec<&Job> = jobs
                 .iter()
@@ -1753,7 +1759,7 @@ impl Shared {
     // --- Error classification ---------------------------------------------------------------
 
     /// Classifies an sqlx error (by SQLSTATE / error number and error kind, never by text).
-    fn failure(&self, e: &sqlx::Error, _context: Option<&str>) -> Failure {
+    fn failure(&self, e: &sqlx::Error) -> Failure {
         let db = self.dialect.name();
         let at = &self.shown;
         let retry_all = |message: String| Failure::whole(SinkError::Retryable(message));
