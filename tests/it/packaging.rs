@@ -349,6 +349,18 @@ fn the_man_pages_match_the_command_line() {
     assert!(names.contains(&"ess-agent-validate.1".to_string()));
 }
 
+/// cargo-deb takes the package version from Cargo.toml; the changelog it ships must agree.
+#[test]
+fn the_debian_changelog_names_this_version() {
+    let changelog = read(Path::new(ROOT).join("packaging/debian/changelog"));
+    let first = changelog.lines().next().unwrap_or_default();
+    let expected = format!("ess-agent ({}-1) ", env!("CARGO_PKG_VERSION"));
+    assert!(
+        first.starts_with(&expected),
+        "packaging/debian/changelog begins {first:?}: add an entry for this version"
+    );
+}
+
 /// The package named by `var`, or None when the variable is unset (said on stderr).
 fn package_under_test(var: &str) -> Option<PathBuf> {
     match std::env::var_os(var) {
