@@ -7,6 +7,7 @@ mod adapter_fixtures;
 mod apply;
 mod jsonata_conformance;
 mod operations;
+mod packaging;
 mod receive;
 mod reload;
 mod sink_mqtt;
