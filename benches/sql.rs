@@ -254,6 +254,50 @@ async fn wait_rows(pool: &sqlx::PgPool, table: &str) {
     assert_eq!(count(pool, table).await, EVENTS as i64);
 }
 
+/// The sink alone, in this process: `SqlSink::apply` called as the dispatcher calls it (one
+/// event per subject at a time, up to `BATCH * CONNECTIONS * 2` at once), without ingress,
+/// journal or adapter.
+async fn sink_alone(pool: &sqlx::PgPool, table: &str, ledger: &str) -> f64 {
+    use ess_agent::sink::Sink as _;
+    let config: ess_agent::sink::sql::SqlConfig = toml::from_str(&format!(
+        "url = {PG_URL:?}\nstatement = \"INSERT INTO {table} (event_id, subject, n, amount, at, \
+         doc) VALUES (:id, :subject, :n, :amount, :at, :doc)\"\nledger_table = {ledger:?}\n\
+         max_batch = {BATCH}\nmax_connections = {CONNECTIONS}\n"
+    ))
+    .unwrap();
+    let sink = Arc::new(ess_agent::sink::sql::SqlSink::new(&config).unwrap());
+    let permits = Arc::new(tokio::sync::Semaphore::new(BATCH * CONNECTIONS * 2));
+    let start = Instant::now();
+    let subjects: Vec<_> = (0..SUBJECTS)
+        .map(|subject| {
+            let (sink, permits) = (sink.clone(), permits.clone());
+            tokio::spawn(async move {
+                for i in (subject..EVENTS).step_by(SUBJECTS) {
+                    let output = row(i);
+                    let event = ess_agent::sink::EventMeta {
+                        id: output["id"].as_str().unwrap().to_string(),
+                        event_type: "rule.updated".into(),
+                        version: 1,
+                        subject: output["subject"].as_str().unwrap().to_string(),
+                        revision: None,
+                        source: None,
+                        route: "bench".into(),
+                        partner: "bench".into(),
+                    };
+                    let _permit = permits.acquire().await.unwrap();
+                    sink.apply(&event, &output).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for s in subjects {
+        s.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(count(pool, table).await, EVENTS as i64);
+    EVENTS as f64 / elapsed
+}
+
 /// End to end: events/s from the first post to the last row, and the rate of acceptance.
 async fn through_agent(pool: &sqlx::PgPool, table: &str, ledger: &str) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
@@ -305,8 +349,14 @@ fn main() {
             .await
             .expect("PostgreSQL on 127.0.0.1:5432, database test");
         let suffix = format!("{:08x}", rand::random::<u32>());
-        let (mut end_to_end, mut accepted, mut backlog, mut base, mut base_one) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut end_to_end, mut accepted, mut backlog, mut base, mut base_one, mut alone) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         let drop_tables = |tables: Vec<String>| {
             let pool = pool.clone();
             async move {
@@ -340,6 +390,14 @@ fn main() {
             pool.execute(sqlx::AssertSqlSafe(table_ddl(&table)))
                 .await
                 .unwrap();
+            let rate = sink_alone(&pool, &table, &ledger).await;
+            drop_tables(vec![table.clone(), ledger.clone()]).await;
+            eprintln!("round {round}: sink alone {rate:.0} events/s applied");
+            alone.push(rate);
+
+            pool.execute(sqlx::AssertSqlSafe(table_ddl(&table)))
+                .await
+                .unwrap();
             let rate = backlog_through_agent(&pool, &table, &ledger).await;
             drop_tables(vec![table.clone(), ledger.clone()]).await;
             eprintln!("round {round}: agent, backlog {rate:.0} events/s applied");
@@ -359,7 +417,7 @@ fn main() {
         }
         let (end_to_end, accepted, backlog) =
             (median(end_to_end), median(accepted), median(backlog));
-        let (base, base_one) = (median(base), median(base_one));
+        let (base, base_one, alone) = (median(base), median(base_one), median(alone));
         println!(
             "{EVENTS} events, {SUBJECTS} subjects, batch {BATCH}, agent pool {CONNECTIONS} \
              connections, {ROUNDS} rounds (medians)"
@@ -368,6 +426,12 @@ fn main() {
             "baseline, sqlx, same rows and batches, {CONNECTIONS} connections: {base:.0} rows/s"
         );
         println!("baseline, sqlx, same rows and batches, 1 connection: {base_one:.0} rows/s");
+        println!(
+            "sink alone (SqlSink::apply in process): {alone:.0} events/s applied; ratio {:.2} \
+             ({CONNECTIONS} connections), {:.2} (1 connection)",
+            alone / base,
+            alone / base_one
+        );
         println!(
             "agent, journaled backlog → adapter → sql sink: {backlog:.0} events/s applied; \
              ratio {:.2} ({CONNECTIONS} connections), {:.2} (1 connection); target ≥ 0.5",
