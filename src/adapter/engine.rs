@@ -103,12 +103,45 @@ impl Expression {
         bindings: &Map<String, Value>,
         limits: &Limits,
     ) -> Result<Option<Value>, EngineError> {
+        self.run(input, bindings, limits, true)
+    }
+
+    /// Like [`Expression::evaluate`] with the time limit cut to `budget`, checked by the
+    /// engine's own clock only (no watchdog): for a caller that must not be held up long and
+    /// tries again with [`Expression::evaluate`] when the budget runs out (`U1001`). The clock
+    /// is read every few hundred evaluation steps, so an evaluation whose single steps are huge
+    /// (a range of millions of items) can overrun the budget by the time such a step takes.
+    pub fn evaluate_brief(
+        &self,
+        input: &Value,
+        bindings: &Map<String, Value>,
+        limits: &Limits,
+        budget: Duration,
+    ) -> Result<Option<Value>, EngineError> {
+        let limits = Limits {
+            time: budget.min(limits.time),
+            ..limits.clone()
+        };
+        self.run(Some(input), bindings, &limits, false)
+    }
+
+    fn run(
+        &self,
+        input: Option<&Value>,
+        bindings: &Map<String, Value>,
+        limits: &Limits,
+        watched: bool,
+    ) -> Result<Option<Value>, EngineError> {
         let vars = engine_bindings(bindings);
         // jlens reads the clock only every 256 evaluation steps, and one step can take long (a
         // range of millions of items): the watchdog cancels the evaluation at its deadline, and
         // the cancellation is checked at every step.
         let token = jlens_core::CancelToken::new();
-        let _armed = watchdog::arm(limits.time, &token);
+        let _armed = if watched {
+            watchdog::arm(limits.time, &token)
+        } else {
+            None
+        };
         let options = engine_options(limits, token);
         // The evaluation keeps all of its state to itself and the expression is immutable, so
         // nothing observable is left half-updated when the engine panics.
@@ -672,7 +705,13 @@ mod watchdog {
 
     use jlens_core::CancelToken;
 
-    type Deadlines = BTreeMap<(Instant, u64), CancelToken>;
+    #[derive(Default)]
+    struct Deadlines {
+        armed: BTreeMap<(Instant, u64), CancelToken>,
+        /// When the thread wakes next by itself; `None` while it sleeps until woken. An arm
+        /// whose deadline is no earlier needs no wake-up: the thread looks again then.
+        wakes_at: Option<Instant>,
+    }
 
     struct Watchdog {
         deadlines: Mutex<Deadlines>,
@@ -690,14 +729,16 @@ mod watchdog {
             let mut deadlines = self.lock();
             loop {
                 let now = Instant::now();
-                while let Some(entry) = deadlines.first_entry() {
+                while let Some(entry) = deadlines.armed.first_entry() {
                     if entry.key().0 > now {
                         break;
                     }
                     entry.remove().cancel();
                 }
-                deadlines = match deadlines.first_key_value() {
-                    Some(((deadline, _), _)) => {
+                let next = deadlines.armed.first_key_value().map(|(key, _)| key.0);
+                deadlines.wakes_at = next;
+                deadlines = match next {
+                    Some(deadline) => {
                         let wait = deadline.saturating_duration_since(now);
                         self.changed
                             .wait_timeout(deadlines, wait)
@@ -720,7 +761,7 @@ mod watchdog {
         WATCHDOG
             .get_or_init(|| {
                 let watchdog = Arc::new(Watchdog {
-                    deadlines: Mutex::new(BTreeMap::new()),
+                    deadlines: Mutex::new(Deadlines::default()),
                     changed: Condvar::new(),
                 });
                 let runner = Arc::clone(&watchdog);
@@ -741,7 +782,8 @@ mod watchdog {
 
     impl Drop for Armed {
         fn drop(&mut self) {
-            self.watchdog.lock().remove(&self.key);
+            // The thread is not told: if it wakes for this deadline, it finds it gone.
+            self.watchdog.lock().armed.remove(&self.key);
         }
     }
 
@@ -752,12 +794,15 @@ mod watchdog {
         let deadline = Instant::now().checked_add(time)?;
         let key = (deadline, NEXT_ID.fetch_add(1, Ordering::Relaxed));
         let mut deadlines = watchdog.lock();
-        let earliest = deadlines
-            .first_key_value()
-            .is_none_or(|(first, _)| key < *first);
-        deadlines.insert(key, token.clone());
+        deadlines.armed.insert(key, token.clone());
+        // Back to back evaluations with the same limit arm ever later deadlines: only the
+        // first one wakes the thread.
+        let wake = deadlines.wakes_at.is_none_or(|at| deadline < at);
+        if wake {
+            deadlines.wakes_at = Some(deadline);
+        }
         drop(deadlines);
-        if earliest {
+        if wake {
             watchdog.changed.notify_one();
         }
         Some(Armed {

@@ -78,6 +78,21 @@ impl Adapter {
         self.expression.evaluate(input, &bindings, limits)
     }
 
+    /// Like [`Adapter::evaluate`] with the time limit cut to `budget` (see
+    /// [`Expression::evaluate_brief`]).
+    pub fn evaluate_brief(
+        &self,
+        input: &Value,
+        partner: &str,
+        limits: &Limits,
+        budget: std::time::Duration,
+    ) -> Result<Option<Value>, EngineError> {
+        let mut bindings = Map::new();
+        bindings.insert("partner".into(), Value::String(partner.to_owned()));
+        self.expression
+            .evaluate_brief(input, &bindings, limits, budget)
+    }
+
     /// The script's source text.
     pub fn source(&self) -> &str {
         self.expression.source()

@@ -17,7 +17,10 @@
 //! one signed Change Event with a unique id at a time (closed loop). Then, once the agent's
 //! dispatcher has caught up, the agent is driven a second time at half the rate it reached,
 //! paced open-loop at a fixed rate spread over the C connections, to measure its latency at half
-//! load. Everything runs a fixed number of times (`--runs`), and the summary reports the median
+//! load. Last, a second agent whose route reshapes every event and writes it into the file sink
+//! takes a full-load pass, timed from its first request until its last event is applied: the
+//! end-to-end rate, beside the accept-only rate of the same run. Everything runs a fixed number
+//! of times (`--runs`), and the summary reports the median
 //! of each figure, with the CPU the targets, the load generator and everything else on the
 //! machine used, and what the agent's own metrics say about its journal and dispatcher.
 //!
@@ -143,6 +146,10 @@ enum Apply {
     Filter,
     /// No routes: each event is parked as a dead letter (with a warning log line each).
     Park,
+    /// A route whose adapter reshapes the event and a file sink that writes it as
+    /// `<out>/<id>.json` (temporary file, fsync, rename, directory fsync). The end-to-end phase
+    /// always uses this one.
+    File,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -864,12 +871,44 @@ struct Run {
     half: Figures,
     /// Seconds the agent's dispatcher took after the full-load pass to finish every event.
     drain_secs: f64,
+    /// End to end: a second agent applying every event into the file sink, at full load.
+    e2e: Figures,
+    /// Events applied into the file sink per second, from the start of the pass until the
+    /// last of its events was applied.
+    e2e_applied_rate: f64,
+    /// Events the end-to-end pass applied, and the files found in the sink's directory after.
+    e2e_applied: u64,
+    e2e_files: u64,
 }
 
 impl Run {
     fn ratio(&self) -> f64 {
         self.agent.rate / self.bare.rate.max(1e-9)
     }
+
+    /// Applied into the file sink per second, as a fraction of the accept-only rate.
+    fn e2e_ratio(&self) -> f64 {
+        self.e2e_applied_rate / self.agent.rate.max(1e-9)
+    }
+}
+
+/// Events that ended `applied`, from the agent's metrics.
+fn applied_total(metrics: &BTreeMap<String, f64>) -> f64 {
+    metrics
+        .get("ess_agent_events_final_total{state=\"applied\"}")
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Starts `ess-agent run` on `config`, logging JSON at level info.
+fn start_agent(agent_bin: &Path, config: &Path) -> anyhow::Result<Target> {
+    let mut command = Command::new(agent_bin);
+    command
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(config)
+        .env("ESS_AGENT_LOG", "info")
+        .stdin(Stdio::null());
+    Target::start(command, "agent")
 }
 
 fn round(v: f64, digits: i32) -> f64 {
@@ -984,6 +1023,13 @@ fn wait_for_empty_backlog(
 /// The adapter of the `filter` apply mode: it returns `undefined` for every event.
 const FILTER_ADAPTER: &str = "/* ess-bench: nothing to apply */\npayload.nothing\n";
 
+/// The adapter of the `file` apply mode: a typical reshaping of the event.
+const FILE_ADAPTER: &str = "/* ess-bench: what a partner's rule file might hold */\n\
+    {\n  \"rule_id\": id,\n  \"subject\": subject,\n  \"revision\": revision,\n  \
+    \"name\": payload.rule.name,\n  \"active\": payload.rule.enabled,\n  \
+    \"priority\": payload.rule.priority,\n  \"limits\": payload.rule.limits,\n  \
+    \"partner\": $partner\n}\n";
+
 fn agent_config(dir: &Path, apply: Apply) -> anyhow::Result<PathBuf> {
     let secret = dir.join("hub-secret");
     std::fs::write(&secret, SECRET)?;
@@ -1002,11 +1048,16 @@ fn agent_config(dir: &Path, apply: Apply) -> anyhow::Result<PathBuf> {
         secret = secret.display().to_string(),
     );
     std::fs::create_dir_all(dir.join("adapters"))?;
-    if apply == Apply::Filter {
-        std::fs::write(dir.join("adapters/bench-filter.jsonata"), FILTER_ADAPTER)?;
+    let adapter = match apply {
+        Apply::Filter => Some(("bench-filter.jsonata", FILTER_ADAPTER)),
+        Apply::File => Some(("bench-file.jsonata", FILE_ADAPTER)),
+        Apply::Park => None,
+    };
+    if let Some((name, source)) = adapter {
+        std::fs::write(dir.join("adapters").join(name), source)?;
         text.push_str(&format!(
             "[[routes]]\nname = \"bench\"\ntypes = [\"{EVENT_TYPE}\"]\nversions = \"1\"\n\
-             adapter = \"bench-filter.jsonata\"\nsink = \"bench-files\"\n\
+             adapter = \"{name}\"\nsink = \"bench-files\"\n\
              [sinks.bench-files]\ntype = \"file\"\ndir = {out:?}\nname = \"{{id}}.json\"\n",
             out = dir.join("out").display().to_string(),
         ));
@@ -1108,13 +1159,7 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         // 2. The agent at full load, then 3. at half the rate it reached.
         let dir = TempDir::new(&work_dir)?;
         let config = agent_config(&dir.0, args.apply)?;
-        let mut command = Command::new(&agent_bin);
-        command
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&config)
-            .env("ESS_AGENT_LOG", "info")
-            .stdin(Stdio::null());
-        let agent = Target::start(command, "agent")?;
+        let agent = start_agent(&agent_bin, &config)?;
         std::thread::sleep(SETTLE);
         run.agent_idle_rss = proc_status_kb(agent.pid(), "VmRSS").unwrap_or(0);
         if !warmup.is_zero() {
@@ -1157,11 +1202,58 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         );
         agent.stop()?;
         drop(dir);
+
+        // 4. End to end: a fresh agent whose route reshapes every event and writes it into
+        // the file sink, at full load, timed until its last event is applied.
+        let dir = TempDir::new(&work_dir)?;
+        let config = agent_config(&dir.0, Apply::File)?;
+        let agent = start_agent(&agent_bin, &config)?;
+        let admin = agent.admin.context("the agent printed no admin address")?;
+        if !warmup.is_zero() {
+            measure(
+                &runtime,
+                &agent,
+                load(agent.addr, format!("r{run_no}-e2e-warm"), warmup, None),
+            )?;
+            wait_for_empty_backlog(&runtime, &agent)?;
+        }
+        let before = applied_total(&runtime.block_on(scrape(admin))?);
+        let started = Instant::now();
+        run.e2e = measure(
+            &runtime,
+            &agent,
+            load(agent.addr, format!("r{run_no}-e2e"), duration, None),
+        )?;
+        wait_for_empty_backlog(&runtime, &agent)?;
+        let secs = started.elapsed().as_secs_f64();
+        let applied = applied_total(&runtime.block_on(scrape(admin))?) - before;
+        run.e2e_applied = applied as u64;
+        run.e2e_applied_rate = applied / secs;
+        agent.stop()?;
+        run.e2e_files = std::fs::read_dir(dir.0.join("out"))
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                    .count() as u64
+            })
+            .unwrap_or(0);
+        drop(dir);
+        eprintln!(
+            "run {run_no}: e2e:   {}\n        applied into the file sink: {:.0}/s over {secs:.1} s \
+             ({} events, {} files), {:.3} of the accept-only rate",
+            run.e2e.brief(),
+            run.e2e_applied_rate,
+            run.e2e_applied,
+            run.e2e_files,
+            run.e2e_ratio()
+        );
         let other = run
             .bare
             .other_cpu
             .max(run.agent.other_cpu)
-            .max(run.half.other_cpu);
+            .max(run.half.other_cpu)
+            .max(run.e2e.other_cpu);
         match args.max_other_cpu {
             Some(max) if other > max && discarded < args.runs => {
                 discarded += 1;
@@ -1204,6 +1296,11 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
                 "half_rate": round(r.half_rate, 1),
                 "half": r.half.to_json(),
                 "drain_secs": round(r.drain_secs, 2),
+                "e2e": r.e2e.to_json(),
+                "e2e_applied_per_sec": round(r.e2e_applied_rate, 1),
+                "e2e_applied": r.e2e_applied,
+                "e2e_files": r.e2e_files,
+                "e2e_ratio": round(r.e2e_ratio(), 3),
             })).collect::<Vec<_>>(),
             "median": summary.to_json(),
         });
@@ -1226,6 +1323,9 @@ struct Summary {
     agent_idle_rss: f64,
     agent_peak_rss: f64,
     drain_secs: f64,
+    e2e: Figures,
+    e2e_applied_rate: f64,
+    e2e_ratio: f64,
     runs: usize,
     /// Runs repeated because other processes disturbed them.
     discarded: u32,
@@ -1290,6 +1390,9 @@ impl Summary {
             agent_idle_rss: m(|r| mib(r.agent_idle_rss)),
             agent_peak_rss: m(|r| mib(r.agent_peak_rss)),
             drain_secs: m(|r| r.drain_secs),
+            e2e: figures(|r| &r.e2e),
+            e2e_applied_rate: m(|r| r.e2e_applied_rate),
+            e2e_ratio: m(Run::e2e_ratio),
             runs: runs.len(),
             discarded: 0,
         }
@@ -1307,6 +1410,9 @@ impl Summary {
             "half_rate": round(self.half_rate, 1),
             "half": self.half.to_json(),
             "drain_secs": round(self.drain_secs, 2),
+            "e2e": self.e2e.to_json(),
+            "e2e_applied_per_sec": round(self.e2e_applied_rate, 1),
+            "e2e_ratio": round(self.e2e_ratio, 3),
             "discarded_runs": self.discarded,
             "targets": {
                 "ratio_min": TARGET_RATIO, "ratio_holds": self.ratio >= TARGET_RATIO,
@@ -1385,7 +1491,12 @@ impl Summary {
             None,
             None,
         );
-        for (name, f) in [("full load", &self.agent), ("half load", &self.half)] {
+        row("agent, file sink (full)", &self.e2e, None, None);
+        for (name, f) in [
+            ("full load", &self.agent),
+            ("half load", &self.half),
+            ("full load, file sink", &self.e2e),
+        ] {
             if let Some(i) = &f.internals {
                 println!(
                     "agent at {name}: {:.0} commits/s, {:.1} writer ops per commit, {:.3} ms per \
@@ -1401,6 +1512,11 @@ impl Summary {
         println!(
             "the dispatcher finished the full-load backlog {:.1} s after the pass",
             self.drain_secs
+        );
+        println!(
+            "end to end: {:.0} events/s applied into the file sink (accepted at {:.0}/s in that \
+             pass), {:.3} of the accept-only rate ({:.0}/s)",
+            self.e2e_applied_rate, self.e2e.rate, self.e2e_ratio, self.agent.rate
         );
         println!();
         println!(

@@ -15,6 +15,7 @@
 pub mod routes;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -62,6 +63,22 @@ pub struct DryRunOutput {
     pub error: Option<Value>,
 }
 
+/// An event waiting in its subject's queue.
+struct Queued {
+    seq: i64,
+    /// The event as the writer stored it, when it came straight from a commit: its first pass
+    /// then reads nothing back from the journal.
+    fresh: Option<Box<StoredEvent>>,
+}
+
+/// An event read for a pass: the event, its deliveries so far, and the highest revision applied
+/// for its subject.
+type Loaded = (StoredEvent, Vec<DeliveryRecord>, Option<u64>);
+
+/// At most this many bytes of envelopes are held in the queues; beyond that, events are read
+/// back from the journal when their turn comes, so a long backlog costs disk reads, not memory.
+const FRESH_BYTES_MAX: usize = 8 << 20;
+
 /// What one processing pass of an event came to.
 enum Step {
     /// Final (or gone): take the next event of the subject.
@@ -75,9 +92,15 @@ pub struct Dispatcher {
     journal: Arc<Journal>,
     partner: String,
     routing: RwLock<Arc<Routing>>,
-    /// Subject → sequence numbers waiting, head first. A subject has a worker task exactly while
-    /// it has an entry here.
-    queues: Mutex<HashMap<String, VecDeque<i64>>>,
+    /// Subject → events waiting, head first. A subject has a worker task exactly while it has
+    /// an entry here.
+    queues: Mutex<HashMap<String, VecDeque<Queued>>>,
+    /// Bytes of envelopes held by [`Queued::fresh`].
+    fresh_bytes: AtomicUsize,
+    /// Events up to this sequence number may have been queued twice at start (from the backlog
+    /// read and from the commit listener); their fresh copy is not used, so the second pass
+    /// reads the journal and finds them final.
+    fresh_floor: AtomicI64,
     parallel: Arc<Semaphore>,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Outcome>>>>,
     /// Set when status reports are configured; woken when one is queued.
@@ -118,6 +141,8 @@ impl Dispatcher {
             partner,
             routing: RwLock::new(Arc::new(routing)),
             queues: Mutex::new(HashMap::new()),
+            fresh_bytes: AtomicUsize::new(0),
+            fresh_floor: AtomicI64::new(0),
             parallel: Arc::new(Semaphore::new(max_parallel.max(1))),
             waiters: Mutex::new(HashMap::new()),
             report_wake,
@@ -139,6 +164,8 @@ impl Dispatcher {
         if !pending.is_empty() {
             tracing::info!(events = pending.len(), "resuming events left unfinished");
         }
+        let floor = pending.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
+        self.fresh_floor.store(floor, Ordering::Relaxed);
         for (seq, subject) in pending {
             self.submit(seq, subject);
         }
@@ -151,7 +178,7 @@ impl Dispatcher {
                 tokio::select! {
                     _ = this.stop.cancelled() => return,
                     event = rx.recv() => match event {
-                        Some(event) => this.submit(event.seq, event.subject),
+                        Some(event) => this.submit_committed(event),
                         None => return,
                     },
                 }
@@ -181,17 +208,58 @@ impl Dispatcher {
 
     /// Queues an event behind the earlier events of its subject.
     pub fn submit(self: &Arc<Self>, seq: i64, subject: String) {
+        self.enqueue(Queued { seq, fresh: None }, subject);
+    }
+
+    /// Queues an event the journal has just committed, keeping its stored form while memory
+    /// allows.
+    fn submit_committed(self: &Arc<Self>, event: Committed) {
+        let size = event.event.envelope.len();
+        let keep = event.seq > self.fresh_floor.load(Ordering::Relaxed)
+            && self
+                .fresh_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                    (held + size <= FRESH_BYTES_MAX).then_some(held + size)
+                })
+                .is_ok();
+        let queued = Queued {
+            seq: event.seq,
+            fresh: keep.then_some(event.event),
+        };
+        self.enqueue(queued, event.subject);
+    }
+
+    fn enqueue(self: &Arc<Self>, queued: Queued, subject: String) {
         if self.stop.is_cancelled() {
+            if let Some(fresh) = queued.fresh {
+                self.fresh_bytes
+                    .fetch_sub(fresh.envelope.len(), Ordering::Relaxed);
+            }
             return;
         }
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
         match queues.get_mut(&subject) {
-            Some(queue) => queue.push_back(seq),
+            Some(queue) => queue.push_back(queued),
             None => {
-                queues.insert(subject.clone(), VecDeque::from([seq]));
+                queues.insert(subject.clone(), VecDeque::from([queued]));
                 self.tracker.spawn(self.clone().run_subject(subject));
             }
         }
+    }
+
+    /// Takes the fresh copy of the event at the head of `subject`'s queue, if it has one.
+    fn take_fresh(&self, subject: &str) -> Option<Box<StoredEvent>> {
+        let fresh = self
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(subject)?
+            .front_mut()?
+            .fresh
+            .take()?;
+        self.fresh_bytes
+            .fetch_sub(fresh.envelope.len(), Ordering::Relaxed);
+        Some(fresh)
     }
 
     /// Registers interest in an event's final state (ack mode `applied`). Call before the event
@@ -288,7 +356,7 @@ impl Dispatcher {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&subject)
-                .and_then(|q| q.front().copied())
+                .and_then(|q| q.front().map(|queued| queued.seq))
             else {
                 return;
             };
@@ -301,7 +369,8 @@ impl Dispatcher {
                 if self.stop.is_cancelled() {
                     return;
                 }
-                match self.process(seq).await {
+                let fresh = self.take_fresh(&subject);
+                match self.process(seq, fresh).await {
                     Ok(step) => step,
                     Err(e) => {
                         // The journal could not record progress (disk full, shutting down):
@@ -315,7 +384,13 @@ impl Dispatcher {
                 Step::Done => {
                     let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(queue) = queues.get_mut(&subject) {
-                        queue.pop_front();
+                        if let Some(Queued {
+                            fresh: Some(fresh), ..
+                        }) = queue.pop_front()
+                        {
+                            self.fresh_bytes
+                                .fetch_sub(fresh.envelope.len(), Ordering::Relaxed);
+                        }
                         if queue.is_empty() {
                             queues.remove(&subject);
                             return;
@@ -334,26 +409,26 @@ impl Dispatcher {
     }
 
     /// One pass over an event: applies every route that is due, then finishes the event when
-    /// every route is final.
-    async fn process(&self, seq: i64) -> Result<Step, JournalError> {
-        // One trip off the async threads for everything this pass reads.
-        let journal = self.journal.clone();
-        let Some((event, mut deliveries, applied_revision)) = blocking(move || {
-            let Some(event) = journal.load_event(seq)? else {
-                return Ok(None);
-            };
-            if state::is_final(&event.state) {
-                return Ok(Some((event, Vec::new(), None)));
-            }
-            let deliveries = journal.deliveries(seq)?;
-            let revision = match event.revision {
-                Some(_) => journal.subject_revision(&event.subject)?,
-                None => None,
-            };
-            Ok(Some((event, deliveries, revision)))
-        })
-        .await?
-        else {
+    /// every route is final. `fresh` is the event as just committed, when this is its first pass.
+    async fn process(
+        &self,
+        seq: i64,
+        fresh: Option<Box<StoredEvent>>,
+    ) -> Result<Step, JournalError> {
+        let loaded = match fresh {
+            // Just committed: nothing to read back but the subject's revision, if it has one.
+            Some(event) => match event.revision {
+                None => Some((*event, Vec::new(), None)),
+                Some(_) => {
+                    let journal = self.journal.clone();
+                    let subject = event.subject.clone();
+                    let revision = blocking(move || journal.subject_revision(&subject)).await?;
+                    Some((*event, Vec::new(), revision))
+                }
+            },
+            None => self.load(seq).await?,
+        };
+        let Some((event, mut deliveries, applied_revision)) = loaded else {
             return Ok(Step::Done);
         };
         if state::is_final(&event.state) {
@@ -473,6 +548,27 @@ impl Dispatcher {
             .await
     }
 
+    /// Reads an event, its deliveries and its subject's applied revision, in one trip off the
+    /// async threads. `None` when the event is gone.
+    async fn load(&self, seq: i64) -> Result<Option<Loaded>, JournalError> {
+        let journal = self.journal.clone();
+        blocking(move || {
+            let Some(event) = journal.load_event(seq)? else {
+                return Ok(None);
+            };
+            if state::is_final(&event.state) {
+                return Ok(Some((event, Vec::new(), None)));
+            }
+            let deliveries = journal.deliveries(seq)?;
+            let revision = match event.revision {
+                Some(_) => journal.subject_revision(&event.subject)?,
+                None => None,
+            };
+            Ok(Some((event, deliveries, revision)))
+        })
+        .await
+    }
+
     /// Runs one route's adapter and sink; returns the delivery's new state.
     async fn apply_route(
         &self,
@@ -490,26 +586,15 @@ impl Dispatcher {
             next_attempt_ms: None,
             last_error: None,
         };
-        let adapter = route.adapter.clone();
-        let limits = route.limits.clone();
-        let partner = self.partner.clone();
-        let input = envelope.clone();
         let started = std::time::Instant::now();
-        let result =
-            tokio::task::spawn_blocking(move || adapter.evaluate(&input, &partner, &limits))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(crate::adapter::engine::EngineError::internal(format!(
-                        "the evaluation task failed: {e}"
-                    )))
-                });
+        let result = route.evaluate(envelope, &self.partner).await;
         metrics::histogram!("ess_agent_adapter_eval_seconds", "route" => route.name.clone())
             .record(started.elapsed().as_secs_f64());
         let output = match result {
             Ok(Some(output)) => output,
             Ok(None) => {
                 update.state = state::FILTERED;
-                tracing::info!(event_id = %event.id, route = %route.name, "adapter returned undefined: route skipped");
+                tracing::debug!(event_id = %event.id, route = %route.name, "adapter returned undefined: route skipped");
                 return update;
             }
             Err(e) => {

@@ -6,10 +6,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use serde_json::Value;
+
 use crate::adapter::Adapter;
-use crate::adapter::engine::Limits;
+use crate::adapter::engine::{CODE_TIMEOUT, EngineError, Limits};
 use crate::config::{Config, Problem, RouteConfig};
 use crate::sink::{RetryConfig, Sink, SinkConfig};
 
@@ -110,9 +113,58 @@ pub struct Route {
     pub sink: Arc<dyn Sink>,
     pub retry: RetryConfig,
     pub limits: Limits,
+    /// How many more evaluations go straight to the blocking pool, after one ran past
+    /// [`INLINE_BUDGET`].
+    offload: AtomicU32,
 }
 
+/// How long an adapter evaluation may run on the async thread that dispatches the event.
+/// Most scripts take microseconds, and handing each evaluation to another thread would cost
+/// more than the evaluation. An evaluation that runs out of this budget is dropped and run
+/// again, with the route's full limits, on the blocking pool (evaluations have no side
+/// effects), and the route's next [`OFFLOAD_AFTER_OVERRUN`] evaluations go there directly.
+pub const INLINE_BUDGET: Duration = Duration::from_millis(1);
+
+/// See [`INLINE_BUDGET`].
+pub const OFFLOAD_AFTER_OVERRUN: u32 = 256;
+
 impl Route {
+    /// Runs the route's adapter on `input`: on this thread within [`INLINE_BUDGET`], or on the
+    /// blocking pool with the route's full limits when that does not suffice.
+    pub async fn evaluate(
+        &self,
+        input: &Value,
+        partner: &str,
+    ) -> Result<Option<Value>, EngineError> {
+        let offloaded = self
+            .offload
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if !offloaded && self.limits.time > INLINE_BUDGET {
+            match self
+                .adapter
+                .evaluate_brief(input, partner, &self.limits, INLINE_BUDGET)
+            {
+                Err(e) if e.code == CODE_TIMEOUT => {
+                    self.offload.store(OFFLOAD_AFTER_OVERRUN, Ordering::Relaxed);
+                }
+                done => return done,
+            }
+        }
+        let adapter = self.adapter.clone();
+        let limits = self.limits.clone();
+        let partner = partner.to_owned();
+        let input = input.clone();
+        tokio::task::spawn_blocking(move || adapter.evaluate(&input, &partner, &limits))
+            .await
+            .unwrap_or_else(|e| {
+                Err(EngineError::internal(format!(
+                    "the evaluation task failed: {e}"
+                )))
+            })
+    }
+
+    /// True when the route takes events of this type and version.
     /// True when the route takes events of this type and version.
     pub fn matches(&self, event_type: &str, version: u64) -> bool {
         self.versions.contains(version) && self.types.iter().any(|t| glob_match(t, event_type))
@@ -222,6 +274,7 @@ impl Routing {
                 sink: built.sink.clone(),
                 retry: built.config.retry().clone(),
                 limits: limits(route),
+                offload: AtomicU32::new(0),
             });
         }
         if problems.is_empty() {
@@ -260,6 +313,73 @@ mod tests {
         // Pathological patterns finish quickly.
         let long = "a".repeat(10_000);
         assert!(!glob_match("*a*a*a*a*a*a*b", &long));
+    }
+
+    struct Nowhere;
+
+    #[async_trait::async_trait]
+    impl Sink for Nowhere {
+        async fn apply(
+            &self,
+            _: &crate::sink::EventMeta,
+            _: &Value,
+        ) -> Result<(), crate::sink::SinkError> {
+            Ok(())
+        }
+    }
+
+    fn route(source: &str, time: Duration) -> (tempfile::TempDir, Route) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonata");
+        std::fs::write(&path, source).unwrap();
+        let route = Route {
+            name: "r".into(),
+            types: vec!["*".into()],
+            versions: VersionRange::parse("*").unwrap(),
+            adapter: Arc::new(Adapter::load(&path).unwrap()),
+            sink_name: "s".into(),
+            sink: Arc::new(Nowhere),
+            retry: serde_json::from_value(serde_json::json!({})).unwrap(),
+            limits: Limits {
+                time,
+                ..Limits::default()
+            },
+            offload: AtomicU32::new(0),
+        };
+        (dir, route)
+    }
+
+    #[tokio::test]
+    async fn an_evaluation_longer_than_the_inline_budget_still_gets_the_routes_full_limit() {
+        // Far more than a millisecond of work, far less than the route's five seconds.
+        let (_dir, slow) = route("$count([1..300000][$ % 2 = 0])", Duration::from_secs(5));
+        let input = serde_json::json!({});
+        let out = slow.evaluate(&input, "acme").await.unwrap();
+        assert_eq!(out, Some(serde_json::json!(150_000)));
+        // The next evaluations of that route skip the inline attempt.
+        assert_eq!(slow.offload.load(Ordering::Relaxed), OFFLOAD_AFTER_OVERRUN);
+        slow.evaluate(&input, "acme").await.unwrap();
+        assert_eq!(
+            slow.offload.load(Ordering::Relaxed),
+            OFFLOAD_AFTER_OVERRUN - 1
+        );
+
+        // A quick script stays inline and never sets the route aside.
+        let (_dir, quick) = route("$partner & ':' & id", Duration::from_secs(5));
+        let out = quick
+            .evaluate(&serde_json::json!({"id": "e-1"}), "acme")
+            .await
+            .unwrap();
+        assert_eq!(out, Some(serde_json::json!("acme:e-1")));
+        assert_eq!(quick.offload.load(Ordering::Relaxed), 0);
+
+        // A script that overruns the route's own limit still fails with the time limit.
+        let (_dir, endless) = route(
+            "($f := function($n) { $n < 0 ? 0 : $f($n + 1) }; $f(0))",
+            Duration::from_millis(50),
+        );
+        let err = endless.evaluate(&input, "acme").await.unwrap_err();
+        assert_eq!(err.code, CODE_TIMEOUT, "{err:?}");
     }
 
     #[test]

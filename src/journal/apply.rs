@@ -119,7 +119,7 @@ pub struct OutboxRow {
 }
 
 /// Parses the RFC 3339 timestamps the journal writes into unix milliseconds.
-fn rfc3339_ms(text: &str) -> i64 {
+pub(super) fn rfc3339_ms(text: &str) -> i64 {
     time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
         .unwrap_or(0)

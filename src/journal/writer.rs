@@ -14,7 +14,10 @@ use std::sync::mpsc::{Receiver, Sender};
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Appended, JournalError, NewEvent, Shared, now_rfc3339, read_record, state};
+use super::apply::rfc3339_ms;
+use super::{
+    Appended, JournalError, NewEvent, Shared, StoredEvent, now_rfc3339, read_record, state,
+};
 
 /// Where the outcome of one append is sent.
 pub(super) type Reply = oneshot::Sender<Result<Appended, JournalError>>;
@@ -31,11 +34,13 @@ pub(super) enum Op {
 }
 
 /// An event that was committed, for the dispatcher.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Committed {
     pub seq: i64,
     pub id: String,
     pub subject: String,
+    /// The event as stored, so that the dispatcher need not read back what was just written.
+    pub event: Box<StoredEvent>,
 }
 
 pub(super) struct Writer {
@@ -160,6 +165,7 @@ impl Writer {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut outcomes = Vec::with_capacity(batch.len());
         let now = now_rfc3339();
+        let now_ms = rfc3339_ms(&now);
         for op in batch.iter_mut() {
             match op {
                 Op::Append(e, _) => {
@@ -187,10 +193,26 @@ impl Writer {
                             state::ACCEPTED,
                         ])?;
                     if inserted == 1 {
+                        let seq = tx.last_insert_rowid();
+                        // The envelope is not needed here any more: it moves on to the
+                        // dispatcher rather than being copied.
+                        let event = StoredEvent {
+                            seq,
+                            id: e.id.clone(),
+                            event_type: e.event_type.clone(),
+                            version: e.version,
+                            subject: e.subject.clone(),
+                            revision: e.revision,
+                            source: e.source.clone(),
+                            received_at_ms: now_ms,
+                            state: state::ACCEPTED.to_owned(),
+                            envelope: std::mem::take(&mut e.envelope),
+                        };
                         let committed = Committed {
-                            seq: tx.last_insert_rowid(),
+                            seq,
                             id: e.id.clone(),
                             subject: e.subject.clone(),
+                            event: Box::new(event),
                         };
                         outcomes.push(Outcome::Appended(Appended::Accepted, Some(committed)));
                     } else {
