@@ -405,16 +405,25 @@ pub struct JournalConfig {
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
     /// How often the background checkpoint moves the write-ahead log into the database and the
-    /// free-disk check runs. Milliseconds. Default: 1000.
+    /// free-disk check runs. Milliseconds. Default: 250.
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval_ms: u64,
+    /// Size of the write-ahead log, in MiB, past which the writer finishes a checkpoint after
+    /// its next commit so that the log starts over from its beginning. Under continuous writes
+    /// a background checkpoint alone never catches up with the log's end, and the log would
+    /// grow without bound. Default: 64.
+    #[serde(default = "default_wal_restart_mib")]
+    pub wal_restart_mib: u64,
 }
 
 fn default_max_batch() -> usize {
     512
 }
 fn default_checkpoint_interval() -> u64 {
-    1000
+    250
+}
+fn default_wal_restart_mib() -> u64 {
+    64
 }
 
 impl Default for JournalConfig {
@@ -422,6 +431,7 @@ impl Default for JournalConfig {
         Self {
             max_batch: default_max_batch(),
             checkpoint_interval_ms: default_checkpoint_interval(),
+            wal_restart_mib: default_wal_restart_mib(),
         }
     }
 }

@@ -185,6 +185,9 @@ pub struct JournalOptions {
     pub max_batch: usize,
     /// How often the checkpoint and free-disk check run.
     pub checkpoint_interval: Duration,
+    /// Size of the write-ahead log past which the writer restarts it (see
+    /// [`crate::config::JournalConfig::wal_restart_mib`]).
+    pub wal_restart_bytes: u64,
     /// Free bytes the state directory's file system must keep.
     pub min_free_disk_bytes: u64,
 }
@@ -193,7 +196,8 @@ impl Default for JournalOptions {
     fn default() -> Self {
         Self {
             max_batch: 512,
-            checkpoint_interval: Duration::from_secs(1),
+            checkpoint_interval: Duration::from_millis(250),
+            wal_restart_bytes: 64 << 20,
             min_free_disk_bytes: 64 * 1024 * 1024,
         }
     }
@@ -210,6 +214,10 @@ struct Shared {
     closing: AtomicBool,
     /// Commits completed, for progress checks.
     commits: AtomicU64,
+    /// Set by the background thread when the write-ahead log has grown past its limit and has
+    /// been copied into the database: the writer finishes the checkpoint after its next commit,
+    /// so the next transaction starts the log over.
+    restart_wal: AtomicBool,
 }
 
 /// Where committed events are announced.
@@ -256,6 +264,10 @@ impl Journal {
         let mut conn = connect(&path, rw)?;
         // Checkpoints run on the background thread, never inside a request's commit.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // A log restarted from its beginning keeps its size (rewriting it costs less than
+        // growing it); past twice the restart size it is cut back.
+        let size_limit = i64::try_from(options.wal_restart_bytes.saturating_mul(2)).unwrap_or(-1);
+        conn.pragma_update(None, "journal_size_limit", size_limit)?;
         schema::migrate(&mut conn)?;
         // Make the new files' directory entries durable too.
         std::fs::File::open(state_dir)
@@ -422,6 +434,9 @@ pub(crate) fn read_record(
 
 /// The background thread: periodic passive checkpoints and the free-disk check.
 fn background(conn: Connection, dir: PathBuf, options: JournalOptions, shared: Arc<Shared>) {
+    let page_size: u64 = conn
+        .pragma_query_value(None, "page_size", |row| row.get(0))
+        .unwrap_or(4096);
     loop {
         let free = free_bytes(&dir);
         let low = free.is_some_and(|free| free < options.min_free_disk_bytes);
@@ -440,14 +455,32 @@ fn background(conn: Connection, dir: PathBuf, options: JournalOptions, shared: A
             }
         }
         // PASSIVE never blocks the writer; a checkpoint that cannot finish now finishes later.
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "journal checkpoint failed; it is retried");
+        // With writes going on it never finishes: the log's end moves on while it copies. Once
+        // the log is long, the writer (which nothing can overtake) copies the last few frames.
+        match checkpoint(&conn) {
+            Ok((frames, _)) => {
+                if frames.saturating_mul(page_size) > options.wal_restart_bytes {
+                    shared.restart_wal.store(true, Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "journal checkpoint failed; it is retried"),
         }
         std::thread::park_timeout(options.checkpoint_interval);
         if shared.closing.load(Ordering::Relaxed) {
             return;
         }
     }
+}
+
+/// Runs a PASSIVE checkpoint: copies what it can of the write-ahead log into the database
+/// without waiting for anyone. Returns the frames in the log and how many of them the database
+/// now holds; the two are equal when the next write transaction may start the log over.
+pub(super) fn checkpoint(conn: &Connection) -> Result<(u64, u64), rusqlite::Error> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        let frames: i64 = row.get(1)?;
+        let copied: i64 = row.get(2)?;
+        Ok((frames.max(0) as u64, copied.max(0) as u64))
+    })
 }
 
 /// Free bytes available to unprivileged users on the file system holding `dir`.
@@ -484,6 +517,53 @@ mod tests {
             raw_body: Bytes::from_static(b"{}"),
             envelope: "{}".into(),
         }
+    }
+
+    /// Appends `count` events with 2 KiB bodies from 32 concurrent writers, so the writer never
+    /// waits, and returns the largest size the write-ahead log file reached meanwhile.
+    async fn largest_log_under_continuous_writes(restart_bytes: u64, count: usize) -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let options = JournalOptions {
+            checkpoint_interval: Duration::from_millis(5),
+            wal_restart_bytes: restart_bytes,
+            ..JournalOptions::default()
+        };
+        let journal = Journal::open(dir.path(), options).unwrap();
+        let wal = dir.path().join(format!("{FILE_NAME}-wal"));
+        let body = Bytes::from(vec![b'x'; 2048]);
+        let mut tasks = tokio::task::JoinSet::new();
+        for writer in 0..32 {
+            let journal = journal.clone();
+            let body = body.clone();
+            tasks.spawn(async move {
+                for n in (writer..count).step_by(32) {
+                    let mut e = event(&format!("evt-{n:06}"));
+                    e.raw_body = body.clone();
+                    journal.append(e).await.unwrap();
+                }
+            });
+        }
+        let mut largest = 0;
+        while !tasks.is_empty() {
+            largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+            if let Ok(Some(done)) =
+                tokio::time::timeout(Duration::from_millis(2), tasks.join_next()).await
+            {
+                done.unwrap();
+            }
+        }
+        journal.close();
+        largest
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_log_starts_over_under_continuous_writes() {
+        // 6,000 events of 2 KiB write well over 12 MiB of log frames.
+        let largest = largest_log_under_continuous_writes(512 << 10, 6_000).await;
+        assert!(
+            largest < 4 << 20,
+            "the write-ahead log grew to {largest} bytes with a 512 KiB restart size"
+        );
     }
 
     #[tokio::test]

@@ -92,6 +92,9 @@ impl Writer {
             if !batch.is_empty() {
                 self.commit_batch(&mut batch);
             }
+            if self.shared.restart_wal.swap(false, Ordering::Relaxed) {
+                self.finish_checkpoint();
+            }
             if let Some(done) = close {
                 if let Err(e) = self
                     .conn
@@ -102,6 +105,22 @@ impl Writer {
                 let _ = done.send(());
                 return;
             }
+        }
+    }
+
+    /// Copies the frames the background checkpoint has not copied yet (those of the last few
+    /// commits), so that the next transaction starts the write-ahead log over from its beginning
+    /// instead of growing it. A reader still using the log can keep it from being restarted;
+    /// the background thread asks again later then.
+    fn finish_checkpoint(&self) {
+        let started = std::time::Instant::now();
+        match super::checkpoint(&self.conn) {
+            Ok((frames, copied)) => {
+                metrics::histogram!("ess_agent_journal_wal_restart_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                tracing::debug!(frames, copied, "journal log checkpointed by the writer");
+            }
+            Err(e) => tracing::warn!(error = %e, "journal checkpoint failed; it is retried"),
         }
     }
 
