@@ -7,8 +7,11 @@
 //! All writes go through one writer thread ([`writer`]) that does group commit: requests that
 //! arrive while a commit is in progress are gathered into the next transaction, so many
 //! concurrent deliveries share one fsync. Checkpoints (copying the log into the database file)
-//! and the free-disk check run on a separate thread, never on the request path. Reads (the admin
-//! API) use their own connection and never wait for the writer.
+//! and the free-disk check run on a separate thread, off the request path, with one exception:
+//! under continuous writes that thread never reaches the log's end, so once the log is longer
+//! than its restart size the writer copies the last few frames itself after a commit, and the
+//! log starts over instead of growing without bound. Reads (the admin API) use their own
+//! connection and never wait for the writer.
 //!
 //! The journal stores the exact body bytes the hub sent and the normalised envelope beside them;
 //! it never interprets payloads.
