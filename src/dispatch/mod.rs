@@ -231,9 +231,8 @@ impl Dispatcher {
 
     fn enqueue(self: &Arc<Self>, queued: Queued, subject: String) {
         if self.stop.is_cancelled() {
-            if let Some(fresh) = queued.fresh {
-                self.fresh_bytes
-                    .fetch_sub(fresh.envelope.len(), Ordering::Relaxed);
+            if let Some(fresh) = &queued.fresh {
+                self.release(fresh);
             }
             return;
         }
@@ -247,19 +246,10 @@ impl Dispatcher {
         }
     }
 
-    /// Takes the fresh copy of the event at the head of `subject`'s queue, if it has one.
-    fn take_fresh(&self, subject: &str) -> Option<Box<StoredEvent>> {
-        let fresh = self
-            .queues
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(subject)?
-            .front_mut()?
-            .fresh
-            .take()?;
+    /// Stops counting a fresh copy taken out of the queues.
+    fn release(&self, fresh: &StoredEvent) {
         self.fresh_bytes
             .fetch_sub(fresh.envelope.len(), Ordering::Relaxed);
-        Some(fresh)
     }
 
     /// Registers interest in an event's final state (ack mode `applied`). Call before the event
@@ -351,15 +341,21 @@ impl Dispatcher {
 
     async fn run_subject(self: Arc<Self>, subject: String) {
         loop {
-            let Some(seq) = self
+            // The head's fresh copy is taken at once: a later pass of the same event (a retry)
+            // reads the journal.
+            let Some((seq, fresh)) = self
                 .queues
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .get(&subject)
-                .and_then(|q| q.front().map(|queued| queued.seq))
+                .get_mut(&subject)
+                .and_then(|q| q.front_mut())
+                .map(|head| (head.seq, head.fresh.take()))
             else {
                 return;
             };
+            if let Some(event) = &fresh {
+                self.release(event);
+            }
             let step = {
                 let permit = tokio::select! {
                     _ = self.stop.cancelled() => return,
@@ -369,7 +365,6 @@ impl Dispatcher {
                 if self.stop.is_cancelled() {
                     return;
                 }
-                let fresh = self.take_fresh(&subject);
                 match self.process(seq, fresh).await {
                     Ok(step) => step,
                     Err(e) => {
@@ -384,13 +379,7 @@ impl Dispatcher {
                 Step::Done => {
                     let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(queue) = queues.get_mut(&subject) {
-                        if let Some(Queued {
-                            fresh: Some(fresh), ..
-                        }) = queue.pop_front()
-                        {
-                            self.fresh_bytes
-                                .fetch_sub(fresh.envelope.len(), Ordering::Relaxed);
-                        }
+                        queue.pop_front();
                         if queue.is_empty() {
                             queues.remove(&subject);
                             return;
