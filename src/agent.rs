@@ -114,6 +114,7 @@ pub async fn run(
         checkpoint_interval: Duration::from_millis(config.journal.checkpoint_interval_ms),
         wal_restart_bytes: config.journal.wal_restart_mib.saturating_mul(1 << 20),
         min_free_disk_bytes: config.limits.min_free_disk_bytes,
+        retention: config.journal.retention(),
     };
     let state_dir = config.state_dir.clone();
     let journal = tokio::task::spawn_blocking(move || Journal::open(&state_dir, options))

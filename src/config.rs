@@ -414,6 +414,22 @@ pub struct JournalConfig {
     /// grow without bound. Default: 64.
     #[serde(default = "default_wal_restart_mib")]
     pub wal_restart_mib: u64,
+    /// How long an event that reached a final state other than a dead letter (applied,
+    /// filtered, superseded, dropped) is kept, in days after it was received and last changed;
+    /// then it is deleted with its body and deliveries, and a redelivery of its id counts as a
+    /// new event. Dead letters (failed, parked) and events not yet final are never deleted.
+    /// Fractions are allowed; 0 keeps every event for ever. Default: 30.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: f64,
+}
+
+impl JournalConfig {
+    /// How long final events are kept; `None` for ever.
+    pub fn retention(&self) -> Option<Duration> {
+        (self.retention_days > 0.0)
+            .then(|| Duration::try_from_secs_f64(self.retention_days * 86_400.0).ok())
+            .flatten()
+    }
 }
 
 fn default_max_batch() -> usize {
@@ -425,6 +441,9 @@ fn default_checkpoint_interval() -> u64 {
 fn default_wal_restart_mib() -> u64 {
     64
 }
+fn default_retention_days() -> f64 {
+    30.0
+}
 
 impl Default for JournalConfig {
     fn default() -> Self {
@@ -432,6 +451,7 @@ impl Default for JournalConfig {
             max_batch: default_max_batch(),
             checkpoint_interval_ms: default_checkpoint_interval(),
             wal_restart_mib: default_wal_restart_mib(),
+            retention_days: default_retention_days(),
         }
     }
 }
@@ -764,6 +784,15 @@ impl Config {
                 "must be at least 1".into(),
             );
         }
+        let retention = self.journal.retention_days;
+        if !(0.0..=36_500.0).contains(&retention) {
+            bad(
+                "journal.retention_days",
+                format!(
+                    "{retention} is not between 0 (keep every event for ever) and 36500 (100 years)"
+                ),
+            );
+        }
         if self.dispatch.max_parallel == 0 {
             bad("dispatch.max_parallel", "must be at least 1".into());
         }
@@ -994,6 +1023,27 @@ state_dir = "state"
                 "report.url"
             ]
         );
+    }
+
+    #[test]
+    fn retention_is_in_days_and_bounded() {
+        let retention = |days: &str| {
+            let text = format!("{MINIMAL}\n[journal]\nretention_days = {days}\n");
+            let c = Config::parse(&text).unwrap();
+            (c.journal.retention(), c.validate())
+        };
+        assert_eq!(
+            Config::parse(MINIMAL).unwrap().journal.retention(),
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(retention("7").0, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(retention("0.5").0, Some(Duration::from_secs(43_200)));
+        assert_eq!(retention("0").0, None);
+        for bad in ["-1", "1e9", "nan"] {
+            let problems = retention(bad).1;
+            assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+            assert_eq!(problems[0].key, "journal.retention_days");
+        }
     }
 
     #[test]

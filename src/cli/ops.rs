@@ -38,7 +38,8 @@ pub enum DeadLetterCommand {
     },
     /// Apply a dead letter again (after fixing its adapter, route or sink).
     Retry { id: String },
-    /// Drop a dead letter. The id stays known, so a redelivery is answered as a duplicate.
+    /// Drop a dead letter. For `journal.retention_days` the id stays known, so a redelivery is
+    /// answered as a duplicate.
     Drop { id: String },
 }
 

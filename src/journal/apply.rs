@@ -207,6 +207,85 @@ fn finish_event(conn: &Connection, finish: &Finish) -> Result<bool, rusqlite::Er
     Ok(true)
 }
 
+/// The states an event can be pruned in: final, and not a dead letter waiting for the operator.
+const PRUNABLE: [&str; 4] = [
+    state::APPLIED,
+    state::FILTERED,
+    state::SUPERSEDED,
+    state::DROPPED,
+];
+
+/// The highest seq of an event received before `cutoff` (RFC 3339, UTC), found by bisecting
+/// seq (receive order is seq order) with point lookups rather than scanning.
+fn last_seq_received_before(conn: &Connection, cutoff: &str) -> Result<i64, rusqlite::Error> {
+    let (Some(mut lo), Some(mut hi)) =
+        conn.query_row("SELECT min(seq), max(seq) FROM events", [], |r| {
+            Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?
+    else {
+        return Ok(0);
+    };
+    let mut first_at_or_after = conn.prepare_cached(
+        "SELECT seq, received_at FROM events WHERE seq >= ?1 ORDER BY seq LIMIT 1",
+    )?;
+    let mut first = |from: i64| -> Result<Option<(i64, bool)>, rusqlite::Error> {
+        first_at_or_after
+            .query_row([from], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?.as_str() < cutoff,
+                ))
+            })
+            .optional()
+    };
+    if !first(lo)?.is_some_and(|(_, before)| before) {
+        return Ok(0);
+    }
+    // Invariant: the event at or after `lo` was received before the cutoff; none after `hi` is.
+    while lo < hi {
+        let mid = lo + (hi - lo + 1) / 2;
+        match first(mid)? {
+            Some((seq, true)) => lo = seq,
+            _ => hi = mid - 1,
+        }
+    }
+    Ok(lo)
+}
+
+/// Deletes up to `limit` final events (applied, filtered, superseded, dropped; never dead
+/// letters or the backlog) received and last changed before `cutoff` (RFC 3339, UTC), with their
+/// bodies and deliveries. Returns how many were deleted.
+pub(super) fn prune(conn: &Connection, cutoff: &str, limit: u32) -> Result<u32, rusqlite::Error> {
+    let last = last_seq_received_before(conn, cutoff)?;
+    if last == 0 {
+        return Ok(0);
+    }
+    let mut doomed = Vec::new();
+    let mut candidates = conn.prepare_cached(
+        "SELECT seq FROM events WHERE state = ?1 AND seq <= ?2 AND updated_at < ?3 \
+         ORDER BY seq LIMIT ?4",
+    )?;
+    for state in PRUNABLE {
+        let room = limit.saturating_sub(doomed.len() as u32);
+        if room == 0 {
+            break;
+        }
+        let seqs = candidates
+            .query_map(params![state, last, cutoff, room], |r| r.get::<_, i64>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        doomed.extend(seqs);
+    }
+    let mut deliveries = conn.prepare_cached("DELETE FROM deliveries WHERE event_seq = ?1")?;
+    let mut bodies = conn.prepare_cached("DELETE FROM event_bodies WHERE seq = ?1")?;
+    let mut events = conn.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
+    for seq in &doomed {
+        deliveries.execute([seq])?;
+        bodies.execute([seq])?;
+        events.execute([seq])?;
+    }
+    Ok(doomed.len() as u32)
+}
+
 impl Journal {
     /// Every event not yet final, in receive order: (seq, subject). Blocking.
     pub fn pending(&self) -> Result<Vec<(i64, String)>, JournalError> {
@@ -222,8 +301,9 @@ impl Journal {
     pub fn load_event(&self, seq: i64) -> Result<Option<StoredEvent>, JournalError> {
         self.read(|conn| {
             conn.prepare_cached(
-                "SELECT seq, id, type, version, subject, revision, source, received_at, state, \
-                 envelope FROM events WHERE seq = ?1",
+                "SELECT e.seq, id, type, version, subject, revision, source, received_at, \
+                 state, b.envelope FROM events e JOIN event_bodies b ON b.seq = e.seq \
+                 WHERE e.seq = ?1",
             )?
             .query_row([seq], |r| {
                 Ok(StoredEvent {
@@ -359,7 +439,8 @@ impl Journal {
         Ok(outcome)
     }
 
-    /// Marks a dead letter dropped. The event stays known (a redelivery is a duplicate).
+    /// Marks a dead letter dropped. The event stays known (a redelivery is a duplicate) until it
+    /// ages out with the other final events.
     pub async fn drop_dead_letter(&self, id: &str) -> Result<DropOutcome, JournalError> {
         let id = id.to_owned();
         self.write(move |conn| {

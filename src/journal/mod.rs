@@ -135,7 +135,8 @@ pub mod state {
     pub const FAILED: &str = "failed";
     /// A dead letter: no route matched.
     pub const PARKED: &str = "parked";
-    /// A dead letter the operator dropped. The id stays known, so a redelivery is a duplicate.
+    /// A dead letter the operator dropped. The id stays known for the retention period, so a
+    /// redelivery is a duplicate.
     pub const DROPPED: &str = "dropped";
     /// A delivery waiting for its (next) attempt.
     pub const PENDING: &str = "pending";
@@ -193,6 +194,9 @@ pub struct JournalOptions {
     pub wal_restart_bytes: u64,
     /// Free bytes the state directory's file system must keep.
     pub min_free_disk_bytes: u64,
+    /// How long final events are kept (see [`crate::config::JournalConfig::retention_days`]);
+    /// `None` keeps them for ever.
+    pub retention: Option<Duration>,
 }
 
 impl Default for JournalOptions {
@@ -202,6 +206,7 @@ impl Default for JournalOptions {
             checkpoint_interval: Duration::from_millis(250),
             wal_restart_bytes: 64 << 20,
             min_free_disk_bytes: 64 * 1024 * 1024,
+            retention: Some(Duration::from_secs(30 * 86_400)),
         }
     }
 }
@@ -305,9 +310,10 @@ impl Journal {
         let background = {
             let shared = shared.clone();
             let dir = state_dir.to_owned();
+            let ops = ops.clone();
             std::thread::Builder::new()
                 .name("journal-checkpoint".into())
-                .spawn(move || background(checkpointer, dir, options, shared))
+                .spawn(move || background(checkpointer, ops, dir, options, shared))
                 .map_err(state_err)?
         };
         Ok(Arc::new(Journal {
@@ -435,12 +441,32 @@ pub(crate) fn read_record(
     .optional()
 }
 
-/// The background thread: periodic passive checkpoints and the free-disk check.
-fn background(conn: Connection, dir: PathBuf, options: JournalOptions, shared: Arc<Shared>) {
+/// Most events one pruning transaction deletes, so that it never holds the writer for long.
+const PRUNE_BATCH: u32 = 256;
+
+/// The background thread: periodic passive checkpoints, the free-disk check and pruning.
+fn background(
+    conn: Connection,
+    ops: mpsc::Sender<writer::Op>,
+    dir: PathBuf,
+    options: JournalOptions,
+    shared: Arc<Shared>,
+) {
     let page_size: u64 = conn
         .pragma_query_value(None, "page_size", |row| row.get(0))
         .unwrap_or(4096);
+    // Prune a tenth of the retention period apart, at most a minute.
+    let prune_every = options
+        .retention
+        .map(|keep| (keep / 10).clamp(options.checkpoint_interval, Duration::from_secs(60)));
+    let mut next_prune = std::time::Instant::now();
     loop {
+        if let (Some(keep), Some(every)) = (options.retention, prune_every)
+            && next_prune <= std::time::Instant::now()
+        {
+            prune_expired(&ops, keep, &shared);
+            next_prune = std::time::Instant::now() + every;
+        }
         let free = free_bytes(&dir);
         let low = free.is_some_and(|free| free < options.min_free_disk_bytes);
         if low != shared.low_disk.swap(low, Ordering::Relaxed) {
@@ -472,6 +498,51 @@ fn background(conn: Connection, dir: PathBuf, options: JournalOptions, shared: A
         if shared.closing.load(Ordering::Relaxed) {
             return;
         }
+    }
+}
+
+/// Deletes the final events older than `keep`, one small transaction after another, until none
+/// is left or the journal closes.
+fn prune_expired(ops: &mpsc::Sender<writer::Op>, keep: Duration, shared: &Shared) {
+    let Some(cutoff) = time::Duration::try_from(keep)
+        .ok()
+        .and_then(|keep| time::OffsetDateTime::now_utc().checked_sub(keep))
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+    else {
+        return; // kept for longer than the calendar reaches back
+    };
+    let mut total = 0u64;
+    while !shared.closing.load(Ordering::Relaxed) {
+        let (value_tx, value_rx) = oneshot::channel();
+        let (reply, done) = oneshot::channel();
+        let batch_cutoff = cutoff.clone();
+        let job: writer::Job = Box::new(move |conn| {
+            let _ = value_tx.send(apply::prune(conn, &batch_cutoff, PRUNE_BATCH)?);
+            Ok(())
+        });
+        if ops.send(writer::Op::Job(job, reply)).is_err() {
+            break;
+        }
+        match done.blocking_recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "pruning old events from the journal failed; it is retried");
+                break;
+            }
+            Err(_) => break, // the writer has stopped
+        }
+        let pruned = value_rx.blocking_recv().unwrap_or(0);
+        metrics::counter!("ess_agent_journal_pruned_total").increment(u64::from(pruned));
+        total += u64::from(pruned);
+        if pruned < PRUNE_BATCH {
+            break;
+        }
+    }
+    if total > 0 {
+        tracing::info!(events = total, before = %cutoff, "pruned final events past the journal's retention");
     }
 }
 
@@ -613,6 +684,116 @@ mod tests {
         assert_eq!(journal.backlog(), 200);
         assert!(journal.commits() <= 200);
         journal.close();
+    }
+
+    fn finish(seq: i64, id: &str, final_state: &'static str) -> Finish {
+        Finish {
+            seq,
+            state: final_state,
+            error: None,
+            subject_revision: None,
+            report: None,
+            event_id: id.into(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pruning_deletes_old_final_events_and_keeps_dead_letters_and_the_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = JournalOptions {
+            retention: None,
+            ..JournalOptions::default()
+        };
+        let journal = Journal::open(dir.path(), options).unwrap();
+        let states = [
+            ("applied", Some(state::APPLIED)),
+            ("filtered", Some(state::FILTERED)),
+            ("superseded", Some(state::SUPERSEDED)),
+            ("failed", Some(state::FAILED)),
+            ("parked", Some(state::PARKED)),
+            ("pending", None),
+        ];
+        for (seq, (id, final_state)) in (1..).zip(states) {
+            assert_eq!(journal.append(event(id)).await.unwrap(), Appended::Accepted);
+            if let Some(final_state) = final_state {
+                journal.finish(finish(seq, id, final_state)).await.unwrap();
+            }
+        }
+        let cutoff = |offset: time::Duration| {
+            (time::OffsetDateTime::now_utc() + offset)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap()
+        };
+        let prune_at =
+            |cutoff: String, limit| journal.write(move |conn| apply::prune(conn, &cutoff, limit));
+        // Nothing is older than an hour ago.
+        assert_eq!(
+            prune_at(cutoff(-time::Duration::HOUR), 100).await.unwrap(),
+            0
+        );
+        // With the cutoff in the future every final event is old enough: two per transaction.
+        assert_eq!(prune_at(cutoff(time::Duration::HOUR), 2).await.unwrap(), 2);
+        assert_eq!(prune_at(cutoff(time::Duration::HOUR), 2).await.unwrap(), 1);
+        assert_eq!(prune_at(cutoff(time::Duration::HOUR), 2).await.unwrap(), 0);
+        for (id, kept) in [
+            ("applied", false),
+            ("filtered", false),
+            ("superseded", false),
+            ("failed", true),
+            ("parked", true),
+            ("pending", true),
+        ] {
+            assert_eq!(journal.get(id).unwrap().is_some(), kept, "{id}");
+        }
+        let bodies: i64 = journal
+            .read(|c| c.query_row("SELECT count(*) FROM event_bodies", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(bodies, 3);
+        assert_eq!(journal.backlog(), 1);
+        // A forgotten id is new again.
+        assert_eq!(
+            journal.append(event("applied")).await.unwrap(),
+            Appended::Accepted
+        );
+        journal.close();
+    }
+
+    #[test]
+    fn a_version_2_journal_keeps_its_bodies_when_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(schema::MIGRATIONS[0]).unwrap();
+            conn.execute_batch(schema::MIGRATIONS[1]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute(
+                "INSERT INTO events (id, type, version, subject, format, received_at, raw_body, \
+                 envelope, state, updated_at) VALUES ('old', 't', 1, 's', 'change_event', \
+                 '2026-01-01T00:00:00Z', x'7b2261223a317d', '{\"id\":\"old\"}', 'accepted', \
+                 '2026-01-01T00:00:00Z')",
+                [],
+            )
+            .unwrap();
+        }
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        assert_eq!(journal.backlog(), 1);
+        let event = journal.load_event(1).unwrap().unwrap();
+        assert_eq!(event.envelope, r#"{"id":"old"}"#);
+        let raw: Vec<u8> = journal
+            .read(|c| {
+                c.query_row("SELECT raw_body FROM event_bodies WHERE seq = 1", [], |r| {
+                    r.get(0)
+                })
+            })
+            .unwrap();
+        assert_eq!(raw, br#"{"a":1}"#);
+        journal.close();
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 
     #[test]

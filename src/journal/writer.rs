@@ -191,9 +191,8 @@ impl Writer {
                     let inserted = tx
                         .prepare_cached(
                             "INSERT INTO events (id, type, version, subject, revision, source, \
-                             time, format, content_type, received_at, raw_body, envelope, state, \
-                             updated_at) \
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?10) \
+                             time, format, content_type, received_at, state, updated_at) \
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?10) \
                              ON CONFLICT (id) DO NOTHING",
                         )?
                         .execute(params![
@@ -207,12 +206,19 @@ impl Writer {
                             e.format.as_str(),
                             e.content_type,
                             now,
-                            &e.raw_body[..],
-                            e.envelope,
                             state::ACCEPTED,
                         ])?;
                     if inserted == 1 {
                         let seq = tx.last_insert_rowid();
+                        tx.prepare_cached(
+                            "INSERT INTO event_bodies (seq, raw_body, envelope) \
+                             VALUES (?1, ?2, ?3)",
+                        )?
+                        .execute(params![
+                            seq,
+                            &e.raw_body[..],
+                            e.envelope
+                        ])?;
                         // The envelope is not needed here any more: it moves on to the
                         // dispatcher rather than being copied.
                         let event = StoredEvent {

@@ -404,6 +404,59 @@ async fn an_unrouted_event_is_parked_and_applied_once_a_route_exists() {
     assert!(dir.path().join("out/p1.json").exists());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_events_are_pruned_after_the_retention_and_dead_letters_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    write_adapter(dir.path(), "pass.jsonata", PASS_THROUGH);
+    // About 2.6 s of retention.
+    let config = file_route_config(
+        dir.path(),
+        "{id}.json",
+        "[journal]\nretention_days = 0.00003\n",
+    );
+    let agent = Agent::start(dir.path(), &config);
+    let applied = event("r1", "rule.updated", "R", None, json!({}));
+    assert_eq!(
+        post(&agent, "r1", applied.clone(), &[]).await.status,
+        StatusCode::ACCEPTED
+    );
+    let parked = event("r2", "PolicyUpdated", "P", None, json!({}));
+    assert_eq!(
+        post(&agent, "r2", parked, &[]).await.status,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(wait_final(&agent, "r1", Duration::from_secs(10)), "applied");
+    assert_eq!(wait_final(&agent, "r2", Duration::from_secs(10)), "parked");
+
+    let pruned = agent
+        .wait_for_log(Duration::from_secs(30), |v| {
+            v["message"] == "pruned final events past the journal's retention"
+        })
+        .unwrap_or_else(|| panic!("nothing was pruned; log:\n{}", agent.log_text()));
+    assert_eq!(pruned["events"], 1, "{pruned}");
+    assert_eq!(
+        admin_get(&agent, "/v1/events/r1").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let letter = admin_get(&agent, "/v1/events/r2").await;
+    assert_eq!(letter.status, StatusCode::OK);
+    assert_eq!(letter.body["state"], "parked");
+    assert_eq!(support::journal_ids(&agent.state_dir), ["r2"]);
+
+    // Past the retention the id is forgotten: a redelivery is a new event and applied again.
+    std::fs::remove_file(dir.path().join("out/r1.json")).unwrap();
+    let again = post(&agent, "r1", applied, &[]).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{:?}", again.body);
+    assert_eq!(again.body["status"], "accepted");
+    let mut finals = 0;
+    let second = agent.wait_for_log(Duration::from_secs(10), |v| {
+        finals += usize::from(v["message"] == "event final" && v["event_id"] == "r1");
+        finals == 2
+    });
+    assert_eq!(second.expect("applied again")["state"], "applied");
+    assert!(dir.path().join("out/r1.json").exists());
+}
+
 #[tokio::test]
 async fn runaway_adapters_become_dead_letters_and_the_agent_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();

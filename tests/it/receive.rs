@@ -492,7 +492,8 @@ async fn cloudevents_structured_and_binary_are_mapped() {
     let conn = rusqlite::Connection::open(agent.state_dir.join("journal.sqlite3")).unwrap();
     let row = |id: &str| -> (String, i64, String, i64, String, Value) {
         conn.query_row(
-            "SELECT type, version, subject, revision, format, envelope FROM events WHERE id = ?1",
+            "SELECT type, version, subject, revision, format, envelope FROM events \
+             JOIN event_bodies USING (seq) WHERE id = ?1",
             [id],
             |r| {
                 Ok((
