@@ -634,6 +634,12 @@ struct Internals {
     finished_per_sec: f64,
     /// Events received and not yet final at the end of the phase.
     backlog_end: f64,
+    /// Commits that took longer than 2.5 ms.
+    slow_commits: f64,
+    /// Times the writer finished a checkpoint so that the write-ahead log started over.
+    wal_restarts: f64,
+    /// Mean time of one such checkpoint.
+    wal_restart_ms: f64,
 }
 
 impl Internals {
@@ -645,12 +651,18 @@ impl Internals {
             .map(|k| delta(k))
             .sum();
         let commits = delta("ess_agent_journal_batch_size_count");
+        let wal_restarts = delta("ess_agent_journal_wal_restart_seconds_count");
         Internals {
             commits_per_sec: commits / secs,
             ops_per_commit: delta("ess_agent_journal_batch_size_sum") / commits.max(1.0),
             commit_ms: delta("ess_agent_journal_commit_seconds_sum") * 1000.0 / commits.max(1.0),
             finished_per_sec: finished / secs,
             backlog_end: after.get("ess_agent_backlog").copied().unwrap_or(0.0),
+            slow_commits: delta("ess_agent_journal_commit_seconds_count")
+                - delta("ess_agent_journal_commit_seconds_bucket{le=\"0.0025\"}"),
+            wal_restarts,
+            wal_restart_ms: delta("ess_agent_journal_wal_restart_seconds_sum") * 1000.0
+                / wal_restarts.max(1.0),
         }
     }
 
@@ -658,12 +670,16 @@ impl Internals {
     fn brief(&self) -> String {
         format!(
             "\n        agent: {:.0} commits/s, {:.1} ops/commit, {:.3} ms/commit, {:.0} events \
-             finished/s, {:.0} left to apply",
+             finished/s, {:.0} left to apply\n        journal: {:.0} commits over 2.5 ms, {:.0} log \
+             restarts of {:.1} ms on average",
             self.commits_per_sec,
             self.ops_per_commit,
             self.commit_ms,
             self.finished_per_sec,
-            self.backlog_end
+            self.backlog_end,
+            self.slow_commits,
+            self.wal_restarts,
+            self.wal_restart_ms
         )
     }
 
@@ -674,6 +690,9 @@ impl Internals {
             "commit_ms": round(self.commit_ms, 3),
             "finished_per_sec": round(self.finished_per_sec, 1),
             "backlog_end": self.backlog_end,
+            "slow_commits": self.slow_commits,
+            "wal_restarts": self.wal_restarts,
+            "wal_restart_ms": round(self.wal_restart_ms, 2),
         })
     }
 }
@@ -1379,6 +1398,9 @@ fn median_internals(all: &[&Figures]) -> Option<Internals> {
         commit_ms: m(|i| i.commit_ms),
         finished_per_sec: m(|i| i.finished_per_sec),
         backlog_end: m(|i| i.backlog_end),
+        slow_commits: m(|i| i.slow_commits),
+        wal_restarts: m(|i| i.wal_restarts),
+        wal_restart_ms: m(|i| i.wal_restart_ms),
     })
 }
 
@@ -1607,6 +1629,11 @@ mod tests {
             ("ess_agent_journal_batch_size_count", 10.0),
             ("ess_agent_journal_batch_size_sum", 100.0),
             ("ess_agent_journal_commit_seconds_sum", 0.01),
+            ("ess_agent_journal_commit_seconds_count", 10.0),
+            (
+                "ess_agent_journal_commit_seconds_bucket{le=\"0.0025\"}",
+                9.0,
+            ),
             ("ess_agent_events_final_total{state=\"filtered\"}", 50.0),
         ]
         .into_iter()
@@ -1616,6 +1643,13 @@ mod tests {
             ("ess_agent_journal_batch_size_count", 30.0),
             ("ess_agent_journal_batch_size_sum", 500.0),
             ("ess_agent_journal_commit_seconds_sum", 0.05),
+            ("ess_agent_journal_commit_seconds_count", 30.0),
+            (
+                "ess_agent_journal_commit_seconds_bucket{le=\"0.0025\"}",
+                25.0,
+            ),
+            ("ess_agent_journal_wal_restart_seconds_count", 2.0),
+            ("ess_agent_journal_wal_restart_seconds_sum", 0.03),
             ("ess_agent_events_final_total{state=\"filtered\"}", 250.0),
             ("ess_agent_events_final_total{state=\"parked\"}", 20.0),
             ("ess_agent_backlog", 7.0),
@@ -1629,5 +1663,8 @@ mod tests {
         assert!((i.commit_ms - 2.0).abs() < 1e-9);
         assert_eq!(i.finished_per_sec, 110.0);
         assert_eq!(i.backlog_end, 7.0);
+        assert_eq!(i.slow_commits, 4.0);
+        assert_eq!(i.wal_restarts, 2.0);
+        assert!((i.wal_restart_ms - 15.0).abs() < 1e-9);
     }
 }

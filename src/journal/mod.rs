@@ -483,16 +483,9 @@ fn background(
                 );
             }
         }
-        // PASSIVE never blocks the writer; a checkpoint that cannot finish now finishes later.
-        // With writes going on it never finishes: the log's end moves on while it copies. Once
-        // the log is long, the writer (which nothing can overtake) copies the last few frames.
-        match checkpoint(&conn) {
-            Ok((frames, _)) => {
-                if frames.saturating_mul(page_size) > options.wal_restart_bytes {
-                    shared.restart_wal.store(true, Ordering::Relaxed);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "journal checkpoint failed; it is retried"),
+        if let Err(e) = checkpoint_and_restart(&conn, page_size, options.wal_restart_bytes, &shared)
+        {
+            tracing::warn!(error = %e, "journal checkpoint failed; it is retried");
         }
         std::thread::park_timeout(options.checkpoint_interval);
         if shared.closing.load(Ordering::Relaxed) {
@@ -544,6 +537,47 @@ fn prune_expired(ops: &mpsc::Sender<writer::Op>, keep: Duration, shared: &Shared
     if total > 0 {
         tracing::info!(events = total, before = %cutoff, "pruned final events past the journal's retention");
     }
+}
+
+/// Frames the writer may be left to copy when it restarts the log (1 MiB of 4 KiB pages): its
+/// commits wait meanwhile.
+const WRITER_COPY_FRAMES: u64 = 256;
+
+/// Checkpoint passes the background thread makes to catch up with a log past its restart size
+/// before it hands the rest to the writer anyway (when events arrive faster than it copies).
+const CATCH_UP_PASSES: u32 = 20;
+
+/// A background checkpoint, and the log's restart once it is longer than `restart_bytes`.
+///
+/// PASSIVE never blocks the writer, and with writes going on it never finishes: the log's end
+/// moves on while it copies. So once the log is long, this copies pass after pass, each one
+/// shorter, until a pass finds little new, and then asks the writer (which nothing can
+/// overtake) to copy the last few frames after its next commit; the transaction after that
+/// starts the log over. The writer's share, and so the stall of the commits behind it, stays
+/// small.
+fn checkpoint_and_restart(
+    conn: &Connection,
+    page_size: u64,
+    restart_bytes: u64,
+    shared: &Shared,
+) -> Result<(), rusqlite::Error> {
+    let (frames, mut copied) = checkpoint(conn)?;
+    if frames.saturating_mul(page_size) <= restart_bytes {
+        return Ok(());
+    }
+    for _ in 0..CATCH_UP_PASSES {
+        if shared.closing.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let (_, now_copied) = checkpoint(conn)?;
+        let fresh = now_copied.saturating_sub(copied);
+        copied = now_copied;
+        if fresh <= WRITER_COPY_FRAMES {
+            break;
+        }
+    }
+    shared.restart_wal.store(true, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Runs a PASSIVE checkpoint: copies what it can of the write-ahead log into the database
