@@ -4,14 +4,37 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ess_agent::cli::{self, AdapterCommand, Cli, Command, LogFormat};
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
-fn init_tracing(format: LogFormat) {
+/// Lines the daemon's log thread may hold before logging waits for it (several seconds of
+/// logging at full load).
+const LOG_BUFFER_LINES: usize = 256 * 1024;
+
+/// Sets up logging to stderr. The daemon (`run`) writes from a thread of its own, so that a
+/// request never waits for the terminal, the pipe or journald to take its line: lines are
+/// queued (up to [`LOG_BUFFER_LINES`], then logging waits rather than drops), written in
+/// batches, and flushed when the returned guard is dropped. Other commands write directly.
+fn init_tracing(format: LogFormat, daemon: bool) -> Option<WorkerGuard> {
     let filter =
         EnvFilter::try_from_env("ESS_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = if daemon {
+        let (writer, guard) = NonBlockingBuilder::default()
+            .lossy(false)
+            .buffered_lines_limit(LOG_BUFFER_LINES)
+            .thread_name("log-writer")
+            .finish(std::io::BufWriter::with_capacity(
+                64 * 1024,
+                std::io::stderr(),
+            ));
+        (BoxMakeWriter::new(writer), Some(guard))
+    } else {
+        (BoxMakeWriter::new(std::io::stderr), None)
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     // Under systemd the journal adds its own timestamps.
     let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
     match (format, under_systemd) {
@@ -19,11 +42,12 @@ fn init_tracing(format: LogFormat) {
         (LogFormat::Text, true) => builder.without_time().with_ansi(false).init(),
         (LogFormat::Text, false) => builder.init(),
     }
+    guard
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let guard = init_tracing(cli.log_format, matches!(cli.command, Command::Run(_)));
     let result = match &cli.command {
         Command::Run(args) => cli::run(args),
         Command::Validate(args) => Ok(cli::validate(args)),
@@ -34,6 +58,8 @@ fn main() -> ExitCode {
         Command::Replay { id, force, admin } => cli::ops::replay(admin, id, *force),
         Command::DeadLetters { command, admin } => cli::ops::dead_letters(admin, command),
     };
+    // Every queued log line is out before the exit status (or an error) is.
+    drop(guard);
     match result {
         Ok(code) => code,
         Err(e) => {

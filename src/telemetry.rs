@@ -6,6 +6,7 @@
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
 //! | `requests_total` | counter | `status` | ingress answers by HTTP status |
+//! | `request_seconds` | histogram | | ingress request, from its headers to its answer (for a 2xx: the commit included) |
 //! | `events_received_total` | counter | `result` (`accepted`, `duplicate`) | deliveries that reached the journal |
 //! | `events_final_total` | counter | `state` (`applied`, `filtered`, `superseded`, `failed`, `parked`) | events reaching a final state |
 //! | `deliveries_total` | counter | `route`, `sink`, `result` (`applied`, `filtered`, `failed`, `retry`) | route attempts |

@@ -636,6 +636,9 @@ struct Internals {
     backlog_end: f64,
     /// Commits that took longer than 2.5 ms.
     slow_commits: f64,
+    /// Share of requests the agent took longer than 2.5 ms and 5 ms to answer, by its own
+    /// clock (the load generator's figures include its own scheduling).
+    slow_requests: (f64, f64),
     /// Times the writer finished a checkpoint so that the write-ahead log started over.
     wal_restarts: f64,
     /// Mean time of one such checkpoint.
@@ -652,6 +655,10 @@ impl Internals {
             .sum();
         let commits = delta("ess_agent_journal_batch_size_count");
         let wal_restarts = delta("ess_agent_journal_wal_restart_seconds_count");
+        let requests = delta("ess_agent_request_seconds_count").max(1.0);
+        let over = |le: &str| {
+            1.0 - delta(&format!("ess_agent_request_seconds_bucket{{le=\"{le}\"}}")) / requests
+        };
         Internals {
             commits_per_sec: commits / secs,
             ops_per_commit: delta("ess_agent_journal_batch_size_sum") / commits.max(1.0),
@@ -660,6 +667,7 @@ impl Internals {
             backlog_end: after.get("ess_agent_backlog").copied().unwrap_or(0.0),
             slow_commits: delta("ess_agent_journal_commit_seconds_count")
                 - delta("ess_agent_journal_commit_seconds_bucket{le=\"0.0025\"}"),
+            slow_requests: (over("0.0025"), over("0.005")),
             wal_restarts,
             wal_restart_ms: delta("ess_agent_journal_wal_restart_seconds_sum") * 1000.0
                 / wal_restarts.max(1.0),
@@ -671,7 +679,8 @@ impl Internals {
         format!(
             "\n        agent: {:.0} commits/s, {:.1} ops/commit, {:.3} ms/commit, {:.0} events \
              finished/s, {:.0} left to apply\n        journal: {:.0} commits over 2.5 ms, {:.0} log \
-             restarts of {:.1} ms on average",
+             restarts of {:.1} ms on average; requests over 2.5 ms {:.2} %, over 5 ms {:.2} % \
+             (agent's clock)",
             self.commits_per_sec,
             self.ops_per_commit,
             self.commit_ms,
@@ -679,7 +688,9 @@ impl Internals {
             self.backlog_end,
             self.slow_commits,
             self.wal_restarts,
-            self.wal_restart_ms
+            self.wal_restart_ms,
+            self.slow_requests.0 * 100.0,
+            self.slow_requests.1 * 100.0
         )
     }
 
@@ -693,6 +704,8 @@ impl Internals {
             "slow_commits": self.slow_commits,
             "wal_restarts": self.wal_restarts,
             "wal_restart_ms": round(self.wal_restart_ms, 2),
+            "requests_over_2_5_ms": round(self.slow_requests.0, 4),
+            "requests_over_5_ms": round(self.slow_requests.1, 4),
         })
     }
 }
@@ -1401,6 +1414,7 @@ fn median_internals(all: &[&Figures]) -> Option<Internals> {
         slow_commits: m(|i| i.slow_commits),
         wal_restarts: m(|i| i.wal_restarts),
         wal_restart_ms: m(|i| i.wal_restart_ms),
+        slow_requests: (m(|i| i.slow_requests.0), m(|i| i.slow_requests.1)),
     })
 }
 

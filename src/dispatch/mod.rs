@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::journal::{
-    Committed, DeliveryRecord, DeliveryUpdate, Finish, Journal, JournalError, StoredEvent,
+    self, Committed, DeliveryRecord, DeliveryUpdate, Finish, Journal, JournalError, StoredEvent,
     now_rfc3339, state,
 };
 use crate::sink::{EventMeta, SinkError};
@@ -409,9 +409,10 @@ impl Dispatcher {
             Some(event) => match event.revision {
                 None => Some((*event, Vec::new(), None)),
                 Some(_) => {
-                    let journal = self.journal.clone();
                     let subject = event.subject.clone();
-                    let revision = blocking(move || journal.subject_revision(&subject)).await?;
+                    let revision = self
+                        .read(move |conn| journal::subject_revision(conn, &subject))
+                        .await?;
                     Some((*event, Vec::new(), revision))
                 }
             },
@@ -537,25 +538,37 @@ impl Dispatcher {
             .await
     }
 
-    /// Reads an event, its deliveries and its subject's applied revision, in one trip off the
-    /// async threads. `None` when the event is gone.
+    /// Reads an event, its deliveries and its subject's applied revision. `None` when the
+    /// event is gone.
     async fn load(&self, seq: i64) -> Result<Option<Loaded>, JournalError> {
-        let journal = self.journal.clone();
-        blocking(move || {
-            let Some(event) = journal.load_event(seq)? else {
+        self.read(move |conn| {
+            let Some(event) = journal::load_event(conn, seq)? else {
                 return Ok(None);
             };
             if state::is_final(&event.state) {
                 return Ok(Some((event, Vec::new(), None)));
             }
-            let deliveries = journal.deliveries(seq)?;
+            let deliveries = journal::deliveries(conn, seq)?;
             let revision = match event.revision {
-                Some(_) => journal.subject_revision(&event.subject)?,
+                Some(_) => journal::subject_revision(conn, &event.subject)?,
                 None => None,
             };
             Ok(Some((event, deliveries, revision)))
         })
         .await
+    }
+
+    /// Runs a journal read for the event being dispatched: at once when the journal can
+    /// ([`Journal::read_now`]), else on the blocking pool.
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl Fn(&rusqlite::Connection) -> Result<R, rusqlite::Error> + Send + 'static,
+    ) -> Result<R, JournalError> {
+        if let Some(result) = self.journal.read_now(&f) {
+            return result;
+        }
+        let journal = self.journal.clone();
+        blocking(move || journal.read(f)).await
     }
 
     /// Runs one route's adapter and sink; returns the delivery's new state.

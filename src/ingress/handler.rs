@@ -79,8 +79,10 @@ impl Handler {
             Ok(response) => response,
             Err(problem) => problem.into_response(),
         };
+        let latency = start.elapsed();
         metrics::counter!("ess_agent_requests_total", "status" => response.status().as_u16().to_string())
             .increment(1);
+        metrics::histogram!("ess_agent_request_seconds").record(latency.as_secs_f64());
         tracing::info!(
             target: "ess_agent::access",
             peer = %peer,
@@ -88,7 +90,7 @@ impl Handler {
             path = %path,
             http = ?version,
             status = response.status().as_u16(),
-            latency_us = start.elapsed().as_micros() as u64,
+            latency_us = latency.as_micros() as u64,
             event_id = seen.id.as_deref(),
             event_type = seen.event_type.as_deref(),
             "request"

@@ -125,7 +125,38 @@ pub(super) fn rfc3339_ms(text: &str) -> i64 {
         .unwrap_or(0)
 }
 
-fn deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, rusqlite::Error> {
+/// One event with its envelope.
+pub fn load_event(conn: &Connection, seq: i64) -> Result<Option<StoredEvent>, rusqlite::Error> {
+    conn.prepare_cached(
+        "SELECT e.seq, id, type, version, subject, revision, source, received_at, state, \
+         b.envelope FROM events e JOIN event_bodies b ON b.seq = e.seq WHERE e.seq = ?1",
+    )?
+    .query_row([seq], |r| {
+        Ok(StoredEvent {
+            seq: r.get(0)?,
+            id: r.get(1)?,
+            event_type: r.get(2)?,
+            version: r.get(3)?,
+            subject: r.get(4)?,
+            revision: r.get(5)?,
+            source: r.get(6)?,
+            received_at_ms: rfc3339_ms(&r.get::<_, String>(7)?),
+            state: r.get(8)?,
+            envelope: r.get(9)?,
+        })
+    })
+    .optional()
+}
+
+/// The highest revision applied for `subject`.
+pub fn subject_revision(conn: &Connection, subject: &str) -> Result<Option<u64>, rusqlite::Error> {
+    conn.prepare_cached("SELECT last_revision FROM subjects WHERE subject = ?1")?
+        .query_row([subject], |r| r.get(0))
+        .optional()
+}
+
+/// The deliveries of one event, by route.
+pub fn deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, rusqlite::Error> {
     let mut stmt = conn.prepare_cached(
         "SELECT route, sink, state, attempts, next_attempt_ms, last_error, updated_at \
          FROM deliveries WHERE event_seq = ?1 ORDER BY route",
@@ -299,28 +330,7 @@ impl Journal {
 
     /// One event with its envelope. Blocking.
     pub fn load_event(&self, seq: i64) -> Result<Option<StoredEvent>, JournalError> {
-        self.read(|conn| {
-            conn.prepare_cached(
-                "SELECT e.seq, id, type, version, subject, revision, source, received_at, \
-                 state, b.envelope FROM events e JOIN event_bodies b ON b.seq = e.seq \
-                 WHERE e.seq = ?1",
-            )?
-            .query_row([seq], |r| {
-                Ok(StoredEvent {
-                    seq: r.get(0)?,
-                    id: r.get(1)?,
-                    event_type: r.get(2)?,
-                    version: r.get(3)?,
-                    subject: r.get(4)?,
-                    revision: r.get(5)?,
-                    source: r.get(6)?,
-                    received_at_ms: rfc3339_ms(&r.get::<_, String>(7)?),
-                    state: r.get(8)?,
-                    envelope: r.get(9)?,
-                })
-            })
-            .optional()
-        })
+        self.read(|conn| load_event(conn, seq))
     }
 
     /// The deliveries of one event. Blocking.
@@ -330,11 +340,7 @@ impl Journal {
 
     /// The highest revision applied for `subject`. Blocking.
     pub fn subject_revision(&self, subject: &str) -> Result<Option<u64>, JournalError> {
-        self.read(|conn| {
-            conn.prepare_cached("SELECT last_revision FROM subjects WHERE subject = ?1")?
-                .query_row([subject], |r| r.get(0))
-                .optional()
-        })
+        self.read(|conn| subject_revision(conn, subject))
     }
 
     /// The stored record of an event with its deliveries. Blocking.

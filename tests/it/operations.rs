@@ -220,6 +220,8 @@ async fn metrics_parse_and_count_what_was_sent() {
     assert_eq!(get("ess_agent_requests_total{status=\"202\"}"), 3.0);
     assert_eq!(get("ess_agent_requests_total{status=\"200\"}"), 1.0);
     assert_eq!(get("ess_agent_requests_total{status=\"400\"}"), 1.0);
+    // Every answer is timed, the refused one too.
+    assert_eq!(get("ess_agent_request_seconds_count"), 5.0);
     assert_eq!(
         get("ess_agent_events_received_total{result=\"accepted\"}"),
         3.0
