@@ -8,9 +8,9 @@ use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
-/// Lines the daemon's log thread may hold before logging waits for it (several seconds of
-/// logging at full load).
-const LOG_BUFFER_LINES: usize = 256 * 1024;
+/// Lines the daemon's log thread may hold before logging waits for it: about a second of
+/// logging at full load. The queue's slots are allocated up front (32 bytes each).
+const LOG_BUFFER_LINES: usize = 16 * 1024;
 
 /// Sets up logging to stderr. The daemon (`run`) writes from a thread of its own, so that a
 /// request never waits for the terminal, the pipe or journald to take its line: lines are
