@@ -630,7 +630,8 @@ impl Dispatcher {
                 tracing::warn!(event_id = %event.id, route = %route.name, sink = %route.sink_name, error = %message, "sink refused the output permanently: dead letter");
                 update.last_error = Some(message);
             }
-            Err(SinkError::Retryable(message)) => {
+            Err(retryable) => {
+                let (message, asked_wait) = retryable.into_message_and_wait();
                 let retry = &route.retry;
                 let age_secs = (now_ms() - event.received_at_ms).max(0) as u64 / 1000;
                 let out_of_attempts =
@@ -645,7 +646,10 @@ impl Dispatcher {
                     tracing::warn!(event_id = %event.id, route = %route.name, sink = %route.sink_name, error = %message, "{why}: dead letter");
                     update.last_error = Some(format!("{why}; last error: {message}"));
                 } else {
-                    let delay = retry.delay(update.attempts, rand::random::<f64>());
+                    // A destination that said when to come back is not asked again before.
+                    let delay = retry
+                        .delay(update.attempts, rand::random::<f64>())
+                        .max(asked_wait);
                     update.state = state::PENDING;
                     update.next_attempt_ms = Some(now_ms() + delay.as_millis() as i64);
                     tracing::info!(event_id = %event.id, route = %route.name, sink = %route.sink_name, attempts = update.attempts, retry_in_ms = delay.as_millis() as u64, error = %message, "apply failed; will retry");

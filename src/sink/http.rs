@@ -11,7 +11,8 @@
 //! By status code and error type, never by message text:
 //!
 //! - 2xx: applied.
-//! - **Retryable**: 408, 425, 429 and every 5xx; connection errors (refused, reset, TLS
+//! - **Retryable**: 408, 425, 429 and every 5xx (with the wait a `Retry-After` header asks
+//!   for, which the dispatcher grants); connection errors (refused, reset, TLS
 //!   handshake failures, DNS failures) and timeouts (`timeout_ms` covers connecting, sending and
 //!   receiving the answer). A certificate the agent does not trust is retried
 //!   too: it is usually fixed on the partner's side (a renewed certificate) without a change
@@ -25,7 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
@@ -420,6 +421,10 @@ impl Sink for HttpSink {
             let _ = read_prefix(response.into_body(), deadline, DRAIN_BYTES).await;
             return Ok(());
         }
+        let asked_wait = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|value| retry_after(value, SystemTime::now()));
         let body = read_prefix(response.into_body(), deadline, EXCERPT_BYTES).await;
         let excerpt = match excerpt(&body) {
             text if text.is_empty() => "(empty body)".to_string(),
@@ -432,10 +437,21 @@ impl Sink for HttpSink {
         );
         let status_text = status_text.trim_end();
         Err(if is_retryable(status) {
-            SinkError::Retryable(format!(
-                "{} answered {status_text}: {excerpt}; the request will be retried",
-                self.shown
-            ))
+            match asked_wait {
+                Some(wait) => SinkError::RetryAfter(
+                    format!(
+                        "{} answered {status_text}: {excerpt}; it asked for {} s before the \
+                         retry (Retry-After), and is given that",
+                        self.shown,
+                        wait.as_secs()
+                    ),
+                    wait,
+                ),
+                None => SinkError::Retryable(format!(
+                    "{} answered {status_text}: {excerpt}; the request will be retried",
+                    self.shown
+                )),
+            }
         } else if status.is_redirection() {
             SinkError::Permanent(format!(
                 "{} answered {status_text}: {excerpt}: redirects are not followed; set url to \
@@ -482,6 +498,17 @@ impl Sink for HttpSink {
             ))),
         }
     }
+}
+
+/// The wait a `Retry-After` value asks for (RFC 9110 §10.2.3): delay-seconds or an HTTP-date
+/// (a date in the past asks for none). `None` when it is neither.
+fn retry_after(value: &http::HeaderValue, now: SystemTime) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(text).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// Statuses that say "later" rather than "no".
@@ -712,6 +739,21 @@ mod tests {
             assert!(e.to_string().contains(status.as_str()), "{e}");
             assert!(e.to_string().contains("busy"), "{e}");
         }
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date() {
+        let now = httpdate::parse_http_date("Sun, 22 Nov 2026 08:00:00 GMT").unwrap();
+        let wait = |v: &str| retry_after(&http::HeaderValue::from_str(v).unwrap(), now);
+        assert_eq!(wait("120"), Some(Duration::from_secs(120)));
+        assert_eq!(wait(" 0 "), Some(Duration::ZERO));
+        assert_eq!(
+            wait("Sun, 22 Nov 2026 08:01:30 GMT"),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(wait("Sun, 22 Nov 2026 07:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(wait("-5"), None);
+        assert_eq!(wait("soon"), None);
     }
 
     #[tokio::test]

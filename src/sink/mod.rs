@@ -44,16 +44,35 @@ pub enum SinkError {
     /// Temporary: the destination is unreachable, busy, or timed out. Trying again may succeed.
     #[error("{0}")]
     Retryable(String),
+    /// Temporary, and the destination said how long to wait before trying again (an HTTP
+    /// `Retry-After`). The next attempt waits at least that long, at most
+    /// [`MAX_RETRY_AFTER`].
+    #[error("{0}")]
+    RetryAfter(String, Duration),
     /// The destination refused the output, or the output cannot be applied as configured.
     /// Trying again cannot succeed until someone changes something.
     #[error("{0}")]
     Permanent(String),
 }
 
+/// The longest wait a destination's [`SinkError::RetryAfter`] is granted.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 impl SinkError {
-    /// True for [`SinkError::Retryable`].
+    /// True for [`SinkError::Retryable`] and [`SinkError::RetryAfter`].
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SinkError::Retryable(_))
+        matches!(self, SinkError::Retryable(_) | SinkError::RetryAfter(..))
+    }
+
+    /// The message, and how long the destination asked to wait (zero when it did not; at
+    /// most [`MAX_RETRY_AFTER`]).
+    pub fn into_message_and_wait(self) -> (String, Duration) {
+        match self {
+            SinkError::RetryAfter(message, wait) => (message, wait.min(MAX_RETRY_AFTER)),
+            SinkError::Retryable(message) | SinkError::Permanent(message) => {
+                (message, Duration::ZERO)
+            }
+        }
     }
 }
 

@@ -1582,7 +1582,7 @@ fn connect_failed(shared: &Shared, conn: &Connection, error: &SinkError) {
         link.last_error = Some(error.to_string());
         link.refused = match error {
             SinkError::Permanent(message) => Some(message.clone()),
-            SinkError::Retryable(_) => None,
+            SinkError::Retryable(_) | SinkError::RetryAfter(..) => None,
         };
     });
     shared.book().fail_waiters(error);

@@ -1466,6 +1466,7 @@ fn ssh_failure(target: &Target, doing: &str, e: &russh::Error) -> SinkError {
 fn with_note(error: &SinkError, note: &str) -> SinkError {
     match error {
         SinkError::Retryable(m) => SinkError::Retryable(format!("{m} ({note})")),
+        SinkError::RetryAfter(m, after) => SinkError::RetryAfter(format!("{m} ({note})"), *after),
         SinkError::Permanent(m) => SinkError::Permanent(m.clone()),
     }
 }

@@ -308,6 +308,45 @@ fn http_route_config_with(dir: &Path, url: &str, retry: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_that_asks_to_wait_with_retry_after_is_not_asked_again_sooner() {
+    let dir = tempfile::tempdir().unwrap();
+    write_adapter(dir.path(), "pass.jsonata", PASS_THROUGH);
+    let server = TestServer::start(200).await;
+    server.script(&[429, 503]);
+    server.set_retry_after(Some("2"));
+    // The route's own backoff alone would retry within 100 ms.
+    let agent = Agent::start(
+        dir.path(),
+        &http_route_config(dir.path(), &server.url("/rules")),
+    );
+    let reply = post(
+        &agent,
+        "w1",
+        event("w1", "rule.updated", "A", None, json!({"k": 1})),
+        &[],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(wait_final(&agent, "w1", Duration::from_secs(20)), "applied");
+    let received = server.received();
+    assert_eq!(received.len(), 3, "429, 503, then 200");
+    for pair in received.windows(2) {
+        let waited = pair[1].at - pair[0].at;
+        assert!(waited >= Duration::from_secs(2), "retried after {waited:?}");
+    }
+    let retry = agent
+        .wait_for_log(Duration::from_secs(1), |v| {
+            v["message"] == "apply failed; will retry" && v["event_id"] == "w1"
+        })
+        .unwrap();
+    assert!(retry["retry_in_ms"].as_u64().unwrap() >= 2000, "{retry}");
+    assert!(
+        retry["error"].as_str().unwrap().contains("Retry-After"),
+        "{retry}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_partner_endpoint_is_retried_and_a_refusal_is_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     write_adapter(dir.path(), "pass.jsonata", PASS_THROUGH);

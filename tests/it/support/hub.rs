@@ -22,6 +22,8 @@ pub struct Received {
     pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 #[derive(Default)]
@@ -29,6 +31,8 @@ struct State {
     received: Mutex<Vec<Received>>,
     script: Mutex<VecDeque<u16>>,
     default_status: Mutex<u16>,
+    /// A `Retry-After` value sent with every answer that is not a 2xx.
+    retry_after: Mutex<Option<String>>,
     arrived: Notify,
 }
 
@@ -87,12 +91,20 @@ impl TestServer {
                                 path,
                                 headers,
                                 body,
+                                at: Instant::now(),
                             });
                             state.arrived.notify_waiters();
                             let mut response = Response::new(Full::new(Bytes::from(format!(
                                 "{{\"status\": {status}, \"note\": \"scripted answer\"}}"
                             ))));
                             *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                            if let Some(wait) = state.retry_after.lock().unwrap().as_deref()
+                                && !response.status().is_success()
+                            {
+                                response
+                                    .headers_mut()
+                                    .insert(http::header::RETRY_AFTER, wait.parse().unwrap());
+                            }
                             Ok::<_, std::convert::Infallible>(response)
                         }
                     });
@@ -121,6 +133,11 @@ impl TestServer {
             .lock()
             .unwrap()
             .extend(statuses.iter().copied());
+    }
+
+    /// Sends `Retry-After: <value>` with every answer that is not a 2xx (`None`: no header).
+    pub fn set_retry_after(&self, value: Option<&str>) {
+        *self.state.retry_after.lock().unwrap() = value.map(str::to_owned);
     }
 
     /// Changes the default answer.
