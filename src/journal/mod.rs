@@ -480,12 +480,22 @@ fn background(
         .retention
         .map(|keep| (keep / 10).clamp(options.checkpoint_interval, Duration::from_secs(60)));
     let mut next_prune = std::time::Instant::now();
+    let mut round: Option<PruneRound> = None;
     loop {
-        if let (Some(keep), Some(every)) = (options.retention, prune_every)
+        if round.is_none()
+            && let (Some(keep), Some(every)) = (options.retention, prune_every)
             && next_prune <= std::time::Instant::now()
         {
-            prune_expired(&ops, keep, &shared);
+            round = PruneRound::new(keep);
             next_prune = std::time::Instant::now() + every;
+        }
+        // A long round (a large backlog of old events) goes on at the next tick, after the
+        // checkpoint: the log must not grow while it runs.
+        let pruning = round
+            .as_mut()
+            .is_some_and(|r| r.go_on(&ops, &shared, options.checkpoint_interval));
+        if !pruning {
+            round = None;
         }
         let free = free_bytes(&dir);
         let low = free.is_some_and(|free| free < options.min_free_disk_bytes);
@@ -507,55 +517,73 @@ fn background(
         {
             tracing::warn!(error = %e, "journal checkpoint failed; it is retried");
         }
-        std::thread::park_timeout(options.checkpoint_interval);
+        if !pruning {
+            std::thread::park_timeout(options.checkpoint_interval);
+        }
         if shared.closing.load(Ordering::Relaxed) {
             return;
         }
     }
 }
 
-/// Deletes the final events older than `keep`, one small transaction after another, until none
-/// is left or the journal closes.
-fn prune_expired(ops: &mpsc::Sender<writer::Op>, keep: Duration, shared: &Shared) {
-    let Some(cutoff) = time::Duration::try_from(keep)
-        .ok()
-        .and_then(|keep| time::OffsetDateTime::now_utc().checked_sub(keep))
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-    else {
-        return; // kept for longer than the calendar reaches back
-    };
-    let mut total = 0u64;
-    while !shared.closing.load(Ordering::Relaxed) {
-        let (value_tx, value_rx) = oneshot::channel();
-        let (reply, done) = oneshot::channel();
-        let batch_cutoff = cutoff.clone();
-        let job: writer::Job = Box::new(move |conn| {
-            let _ = value_tx.send(apply::prune(conn, &batch_cutoff, PRUNE_BATCH)?);
-            Ok(())
-        });
-        if ops.send(writer::Op::Job(job, reply)).is_err() {
-            break;
-        }
-        match done.blocking_recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "pruning old events from the journal failed; it is retried");
-                break;
-            }
-            Err(_) => break, // the writer has stopped
-        }
-        let pruned = value_rx.blocking_recv().unwrap_or(0);
-        metrics::counter!("ess_agent_journal_pruned_total").increment(u64::from(pruned));
-        total += u64::from(pruned);
-        if pruned < PRUNE_BATCH {
-            break;
-        }
+/// One round of deleting the final events past the retention period, in small transactions.
+struct PruneRound {
+    /// Events received and last changed before this (RFC 3339) are deleted.
+    cutoff: String,
+    pruned: u64,
+}
+
+impl PruneRound {
+    /// A round for events older than `keep`; `None` when that reaches before the calendar.
+    fn new(keep: Duration) -> Option<PruneRound> {
+        let cutoff = time::Duration::try_from(keep)
+            .ok()
+            .and_then(|keep| time::OffsetDateTime::now_utc().checked_sub(keep))?
+            .format(&time::format_description::well_known::Rfc3339)
+            .ok()?;
+        Some(PruneRound { cutoff, pruned: 0 })
     }
-    if total > 0 {
-        tracing::info!(events = total, before = %cutoff, "pruned final events past the journal's retention");
+
+    /// Deletes batch after batch for up to `budget`; false once the round is over (nothing
+    /// left, an error, or the journal closing), and then logs what it deleted.
+    fn go_on(&mut self, ops: &mpsc::Sender<writer::Op>, shared: &Shared, budget: Duration) -> bool {
+        let until = std::time::Instant::now() + budget;
+        let more = loop {
+            if shared.closing.load(Ordering::Relaxed) {
+                break false;
+            }
+            let (value_tx, value_rx) = oneshot::channel();
+            let (reply, done) = oneshot::channel();
+            let cutoff = self.cutoff.clone();
+            let job: writer::Job = Box::new(move |conn| {
+                let _ = value_tx.send(apply::prune(conn, &cutoff, PRUNE_BATCH)?);
+                Ok(())
+            });
+            if ops.send(writer::Op::Job(job, reply)).is_err() {
+                break false;
+            }
+            match done.blocking_recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "pruning old events from the journal failed; it is retried");
+                    break false;
+                }
+                Err(_) => break false, // the writer has stopped
+            }
+            let pruned = value_rx.blocking_recv().unwrap_or(0);
+            metrics::counter!("ess_agent_journal_pruned_total").increment(u64::from(pruned));
+            self.pruned += u64::from(pruned);
+            if pruned < PRUNE_BATCH {
+                break false;
+            }
+            if std::time::Instant::now() >= until {
+                break true;
+            }
+        };
+        if !more && self.pruned > 0 {
+            tracing::info!(events = self.pruned, before = %self.cutoff, "pruned final events past the journal's retention");
+        }
+        more
     }
 }
 
@@ -809,6 +837,49 @@ mod tests {
             journal.append(event("applied")).await.unwrap(),
             Appended::Accepted
         );
+        journal.close();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_pruning_round_gives_way_between_batches_and_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = JournalOptions {
+            retention: None,
+            ..JournalOptions::default()
+        };
+        let journal = Journal::open(dir.path(), options).unwrap();
+        let count = PRUNE_BATCH as usize * 2 + 88;
+        for n in 0..count {
+            let id = format!("e{n}");
+            journal.append(event(&id)).await.unwrap();
+            journal
+                .finish(finish(n as i64 + 1, &id, state::APPLIED))
+                .await
+                .unwrap();
+        }
+        let future = (time::OffsetDateTime::now_utc() + time::Duration::HOUR)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let mut round = PruneRound {
+            cutoff: future,
+            pruned: 0,
+        };
+        let journal2 = journal.clone();
+        let steps = tokio::task::spawn_blocking(move || {
+            // No time budget: one batch per call, then the caller checkpoints and calls again.
+            let mut steps = Vec::new();
+            while round.go_on(&journal2.ops, &journal2.shared, Duration::ZERO) {
+                steps.push(round.pruned);
+            }
+            steps.push(round.pruned);
+            steps
+        })
+        .await
+        .unwrap();
+        let batch = u64::from(PRUNE_BATCH);
+        assert_eq!(steps, [batch, 2 * batch, count as u64]);
+        assert!(journal.get("e0").unwrap().is_none());
+        assert!(journal.get(&format!("e{}", count - 1)).unwrap().is_none());
         journal.close();
     }
 
