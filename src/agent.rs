@@ -117,14 +117,25 @@ pub async fn run(
         retention: config.journal.retention(),
     };
     let state_dir = config.state_dir.clone();
-    let journal = tokio::task::spawn_blocking(move || Journal::open(&state_dir, options))
-        .await
-        .map_err(|e| {
-            StartError::Journal(JournalError::StateDir {
-                path: config.state_dir.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })
-        })??;
+    // Opening is quick unless the schema is migrated, which rewrites the events table once;
+    // systemd is asked for more time meanwhile, so that it does not kill a long migration
+    // (which would start over from the old schema on every restart).
+    let more_time = tokio::spawn(async {
+        let mut every = tokio::time::interval(Duration::from_secs(20));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            crate::telemetry::starting("opening the journal (migrating its schema)");
+        }
+    });
+    let journal = tokio::task::spawn_blocking(move || Journal::open(&state_dir, options)).await;
+    more_time.abort();
+    let journal = journal.map_err(|e| {
+        StartError::Journal(JournalError::StateDir {
+            path: config.state_dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })??;
     readiness.ready("journal");
 
     let reporter = match (&config.report, &secrets.report_secret) {

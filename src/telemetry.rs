@@ -80,6 +80,14 @@ pub fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// While starting takes long: `EXTEND_TIMEOUT_USEC` of a minute from now, with a status line.
+pub fn starting(status: &str) {
+    notify(&[
+        NotifyState::ExtendTimeoutUsec(60_000_000),
+        NotifyState::Status(status),
+    ]);
+}
+
 /// `RELOADING=1` with `MONOTONIC_USEC`, as systemd's `Type=notify-reload` expects.
 pub fn reloading() {
     match NotifyState::monotonic_usec_now() {

@@ -91,6 +91,14 @@ pub fn migrate(conn: &mut Connection) -> Result<(), JournalError> {
             supported: CURRENT_VERSION,
         });
     }
+    if found > 0 && found < CURRENT_VERSION {
+        tracing::info!(
+            from = found,
+            to = CURRENT_VERSION,
+            "migrating the journal's schema: this rewrites the events table once and takes about \
+             10 s per 100,000 events; the agent is ready when it is done"
+        );
+    }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
