@@ -884,6 +884,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_failing_job_rolls_back_alone_and_its_batch_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let insert = |subject: &'static str, fail: bool| {
+            journal.write(move |conn| {
+                conn.execute(
+                    "INSERT INTO subjects (subject, last_revision) VALUES (?1, 1)",
+                    [subject],
+                )?;
+                if fail {
+                    conn.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+                }
+                Ok(())
+            })
+        };
+        // Queued together, so that they usually share one transaction.
+        let (a, b, c, d) = tokio::join!(
+            insert("a", false),
+            insert("b", true),
+            insert("c", false),
+            insert("b", false)
+        );
+        assert!(a.is_ok() && b.is_err() && c.is_ok() && d.is_ok());
+        let mut subjects: Vec<String> = journal
+            .read(|c| {
+                c.prepare("SELECT subject FROM subjects ORDER BY subject")?
+                    .query_map([], |r| r.get(0))?
+                    .collect()
+            })
+            .unwrap();
+        subjects.sort();
+        assert_eq!(subjects, ["a", "b", "c"]);
+        journal.close();
+    }
+
+    #[tokio::test]
     async fn a_read_now_runs_at_once_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();

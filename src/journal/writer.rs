@@ -252,12 +252,14 @@ impl Writer {
                 Op::Job(job, _) => {
                     // The job is taken out of the batch; its reply stays for after the commit.
                     let job = std::mem::replace(job, Box::new(|_| Ok(())));
-                    let sp = tx.savepoint()?;
-                    let result = job(&sp);
-                    match result {
-                        Ok(()) => sp.commit()?,
-                        Err(_) => drop(sp), // rolls back to the savepoint
+                    // A savepoint of its own, with statements prepared once (one per job adds
+                    // up at thousands of jobs a second).
+                    tx.prepare_cached("SAVEPOINT job")?.execute([])?;
+                    let result = job(&tx);
+                    if result.is_err() {
+                        tx.prepare_cached("ROLLBACK TO job")?.execute([])?;
                     }
+                    tx.prepare_cached("RELEASE job")?.execute([])?;
                     outcomes.push(Outcome::Job(result));
                 }
                 Op::Close(_) => {}
