@@ -179,7 +179,7 @@ impl Writer {
 
     /// Writes the batch in one transaction. Nothing is visible or durable until it returns Ok.
     fn write(&mut self, batch: &mut [Op]) -> Result<Vec<Outcome>, JournalError> {
-        let mut tx = self
+        let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut outcomes = Vec::with_capacity(batch.len());
