@@ -308,7 +308,7 @@ fn agent_rate(dir: &Path, port: u16, events: usize, window: usize, round: usize)
     let mut last = 0.0;
     let mut applied = 0;
     agent.wait(Duration::from_secs(600), |v| {
-        if v["message"] == "applied" {
+        if v["message"] == "event final" && v["state"] == "applied" {
             let t = timestamp(v);
             first.get_or_insert(t);
             last = t;

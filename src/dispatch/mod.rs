@@ -624,7 +624,8 @@ impl Dispatcher {
         match applied {
             Ok(()) => {
                 update.state = state::APPLIED;
-                tracing::info!(event_id = %event.id, route = %route.name, sink = %route.sink_name, attempts = update.attempts, "applied");
+                // The event's own "event final" line says it at level info.
+                tracing::debug!(event_id = %event.id, route = %route.name, sink = %route.sink_name, attempts = update.attempts, "applied");
             }
             Err(SinkError::Permanent(message)) => {
                 tracing::warn!(event_id = %event.id, route = %route.name, sink = %route.sink_name, error = %message, "sink refused the output permanently: dead letter");

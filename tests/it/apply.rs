@@ -604,7 +604,7 @@ async fn kill_9_during_dispatch_applies_every_event_exactly_once() {
         let applied = agent.wait_for_log(Duration::from_secs(30), {
             let mut n = 0;
             move |v| {
-                if v["message"] == "applied" {
+                if support::applied_line(v) {
                     n += 1;
                 }
                 n >= 30 + round * 20
@@ -643,7 +643,7 @@ async fn kill_9_during_dispatch_applies_every_event_exactly_once() {
             expected.difference(&files).take(10).collect::<Vec<_>>()
         );
         // Waiting for the dispatcher to catch up with the backlog after the restart.
-        agent.wait_for_log(Duration::from_millis(200), |v| v["message"] == "applied");
+        agent.wait_for_log(Duration::from_millis(200), support::applied_line);
     }
     // Every file holds its own event.
     for id in &acked {

@@ -361,7 +361,7 @@ retry = {{ initial_ms = 50, max_ms = 200, max_attempts = 0 }}
         let mut timeouts = 0;
         let seen = agent.wait_for_log(Duration::from_secs(20), |v| {
             assert!(
-                !(v["message"] == "applied" && v["event_id"] == id.as_str()),
+                !(support::applied_line(v) && v["event_id"] == id.as_str()),
                 "{id} applied without a confirmation"
             );
             if v["message"] == "apply failed; will retry"
@@ -534,7 +534,7 @@ retry = {{ initial_ms = 100, max_ms = 500, max_attempts = 0 }}
         // Stop the broker once a fifth of the events are through, while events keep coming.
         let mut applied = 0;
         let seen = agent.wait_for_log(Duration::from_secs(30), |v| {
-            if v["message"] == "applied" {
+            if support::applied_line(v) {
                 applied += 1;
             }
             applied >= EVENTS_TOTAL / 5
@@ -544,7 +544,7 @@ retry = {{ initial_ms = 100, max_ms = 500, max_attempts = 0 }}
         let applied_before = agent
             .log_text()
             .lines()
-            .filter(|l| l.contains("\"message\":\"applied\""))
+            .filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| support::applied_line(&v)))
             .count();
         // The outage the issue asks for: held, not waited on.
         let outage = tokio::time::sleep(Duration::from_secs(10));
@@ -674,7 +674,7 @@ retry = {{ initial_ms = 50, max_ms = 500, max_attempts = 0 }}
         // Kill while events are being published.
         let mut applied = 0;
         let seen = agent.wait_for_log(Duration::from_secs(30), |v| {
-            if v["message"] == "applied" {
+            if support::applied_line(v) {
                 applied += 1;
             }
             applied >= 50 + round * 30

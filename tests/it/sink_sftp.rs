@@ -605,7 +605,7 @@ fn wait_applied(agent: &Agent, count: usize, timeout: Duration) -> bool {
     let mut n = 0;
     agent
         .wait_for_log(timeout, |v| {
-            if v["message"] == "applied" {
+            if support::applied_line(v) {
                 n += 1;
             }
             n >= count
@@ -761,7 +761,7 @@ async fn kill_9_of_the_agent_mid_stream_leaves_one_complete_file_per_event() {
                 .collect::<Vec<_>>()
         );
         // Waiting for the dispatcher to catch up with the backlog after the restart.
-        agent.wait_for_log(Duration::from_millis(200), |v| v["message"] == "applied");
+        agent.wait_for_log(Duration::from_millis(200), support::applied_line);
     }
     assert_exactly_once(&remote, &journaled);
 }

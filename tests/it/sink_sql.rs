@@ -697,7 +697,7 @@ async fn exactly_once_under_kill_9(kind: Kind) {
         agent.wait_for_log(Duration::from_secs(30), {
             let mut n = 0;
             move |v| {
-                if v["message"] == "applied" {
+                if support::applied_line(v) {
                     n += 1;
                 }
                 n >= target
@@ -738,7 +738,7 @@ async fn exactly_once_under_kill_9(kind: Kind) {
             tail(&agent.log_text(), 20)
         );
         // Waiting for the dispatcher to catch up with the backlog.
-        agent.wait_for_log(Duration::from_millis(200), |v| v["message"] == "applied");
+        agent.wait_for_log(Duration::from_millis(200), support::applied_line);
     }
     // And the agent sees every event applied (not failed, not pending).
     let journal = agent.state_dir.join(ess_agent::journal::FILE_NAME);

@@ -47,6 +47,11 @@ pub struct Agent {
     logs: Arc<Logs>,
 }
 
+/// True for the log line that says an event reached its final state `applied`.
+pub fn applied_line(v: &Value) -> bool {
+    v["message"] == "event final" && v["state"] == "applied"
+}
+
 /// Seconds since the epoch.
 pub fn unix_now() -> i64 {
     SystemTime::now()
