@@ -635,10 +635,56 @@ use known_hosts::{KnownHosts, Verdict};
 #[derive(Debug)]
 enum HostKeyPolicy {
     Verify {
-        known_hosts: Option<KnownHosts>,
+        known_hosts: Option<WatchedKnownHosts>,
         pins: Vec<[u8; 32]>,
     },
     Insecure,
+}
+
+/// What tells that a file changed: inode, length, modification time.
+type FileStamp = (u64, u64, Option<std::time::SystemTime>);
+
+fn file_stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.ino(), meta.len(), meta.modified().ok()))
+}
+
+/// A known_hosts file, read again when it has changed, so that an operator's edit (a server's
+/// new host key) counts from the next connection on, without a reload or a restart. An edit
+/// that cannot be read leaves the keys read before in force, with a warning.
+#[derive(Debug)]
+struct WatchedKnownHosts {
+    current: std::sync::Mutex<(Option<FileStamp>, Arc<KnownHosts>)>,
+}
+
+impl WatchedKnownHosts {
+    fn new(known: KnownHosts) -> WatchedKnownHosts {
+        let stamp = file_stamp(known.path());
+        WatchedKnownHosts {
+            current: std::sync::Mutex::new((stamp, Arc::new(known))),
+        }
+    }
+
+    /// The file as it is now: one `stat` per connection, a read only when it changed.
+    fn get(&self) -> Arc<KnownHosts> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let path = current.1.path().to_owned();
+        let now = file_stamp(&path);
+        if now.is_some() && now != current.0 {
+            current.0 = now;
+            match KnownHosts::load(&path) {
+                Ok(fresh) => {
+                    tracing::info!(file = %path.display(), "known_hosts changed: its keys count from this connection on");
+                    current.1 = Arc::new(fresh);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "known_hosts changed but cannot be read: the keys read before still count")
+                }
+            }
+        }
+        current.1.clone()
+    }
 }
 
 /// The server's identity as shown in messages and logs.
@@ -693,7 +739,8 @@ impl HostKeyPolicy {
         }
         let offered =
             format!("the server at {target} offered the {algorithm} host key {fingerprint}");
-        if let Some(known) = known_hosts {
+        if let Some(watched) = known_hosts {
+            let known = watched.get();
             let file = known.path().display();
             match known.check(&target.host, target.port, key) {
                 Verdict::Known => return Ok(()),
@@ -741,11 +788,11 @@ impl HostKeyPolicy {
             .cloned()
             .collect();
         if let HostKeyPolicy::Verify {
-            known_hosts: Some(known),
+            known_hosts: Some(watched),
             ..
         } = self
         {
-            let listed = known.algorithms(host, port);
+            let listed = watched.get().algorithms(host, port);
             let is_listed = |a: &Algorithm| {
                 listed.iter().any(|l| match (l, a) {
                     (Algorithm::Rsa { .. }, Algorithm::Rsa { .. }) => true,
@@ -928,7 +975,8 @@ impl SftpSink {
                 .as_deref()
                 .map(KnownHosts::load)
                 .transpose()
-                .map_err(|e| format!("known_hosts: {e}"))?;
+                .map_err(|e| format!("known_hosts: {e}"))?
+                .map(WatchedKnownHosts::new);
             if known_hosts.is_none() && pins.is_empty() {
                 return Err(format!("known_hosts: {UNVERIFIED}"));
             }
@@ -2022,13 +2070,13 @@ mod tests {
 
         let known = KnownHosts::parse(Path::new("/etc/kh"), &format!("[h.example]:2222 {KEY_A}\n"));
         let both = HostKeyPolicy::Verify {
-            known_hosts: Some(known.clone()),
+            known_hosts: Some(WatchedKnownHosts::new(known.clone())),
             pins: vec![parse_fingerprint(FP_B).unwrap()],
         };
         assert!(both.check(&target(), &key(KEY_A)).is_ok(), "known");
         assert!(both.check(&target(), &key(KEY_B)).is_ok(), "pinned");
         let only_file = HostKeyPolicy::Verify {
-            known_hosts: Some(known),
+            known_hosts: Some(WatchedKnownHosts::new(known)),
             pins: vec![],
         };
         let e = only_file.check(&target(), &key(KEY_B)).unwrap_err();
@@ -2049,10 +2097,32 @@ mod tests {
     }
 
     #[test]
+    fn an_edited_known_hosts_file_counts_from_the_next_check_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("known_hosts");
+        std::fs::write(&path, format!("[h.example]:2222 {KEY_A}\n")).unwrap();
+        let policy = HostKeyPolicy::Verify {
+            known_hosts: Some(WatchedKnownHosts::new(KnownHosts::load(&path).unwrap())),
+            pins: vec![],
+        };
+        assert!(policy.check(&target(), &key(KEY_A)).is_ok());
+        assert!(policy.check(&target(), &key(KEY_B)).is_err());
+        // The server's key changed and the operator recorded the new one.
+        std::fs::write(&path, format!("# rotated\n[h.example]:2222 {KEY_B}\n")).unwrap();
+        assert!(policy.check(&target(), &key(KEY_B)).is_ok());
+        let e = policy.check(&target(), &key(KEY_A)).unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+        // An unreadable edit keeps the keys read before.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(policy.check(&target(), &key(KEY_B)).is_ok());
+    }
+
+    #[test]
     fn known_key_types_are_asked_for_first() {
         let known = KnownHosts::parse(Path::new("kh"), &format!("h.example {KEY_C}\n"));
         let policy = HostKeyPolicy::Verify {
-            known_hosts: Some(known),
+            known_hosts: Some(WatchedKnownHosts::new(known)),
             pins: vec![],
         };
         let algorithms = policy.algorithms("h.example", 22);

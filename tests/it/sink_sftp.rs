@@ -493,6 +493,27 @@ async fn unknown_changed_or_unpinned_host_keys_are_refused_and_dead_lettered() {
     let logins = sshd.log_text().matches("Accepted publickey").count();
     assert_eq!(logins, 1, "{}", sshd.log_text());
 
+    // The key change was legitimate: the operator records the server's key in the sink's
+    // known_hosts file and replays the dead letter. The edit counts without a reload.
+    std::fs::write(&changed, sshd.known_hosts_line()).unwrap();
+    let replay = request(
+        &plain(),
+        Method::POST,
+        &agent.admin_url("/v1/events/changed/replay"),
+        &[],
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert!(replay.status.is_success(), "{:?}", replay.body);
+    let mut finals = 0;
+    let again = agent.wait_for_log(Duration::from_secs(20), |v| {
+        finals += usize::from(v["message"] == "event final" && v["event_id"] == "changed");
+        finals == 2
+    });
+    assert_eq!(again.expect("applied after the edit")["state"], "applied");
+    assert_eq!(files(&remote), ["changed-changed", "known-known"]);
+
     // Without any way to verify the host key, the configuration is refused outright.
     let config = support::config_text(
         dir.path(),
