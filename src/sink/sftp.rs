@@ -51,7 +51,8 @@
 //! concurrent apply uses its own SFTP channel on that connection (at most
 //! `max_concurrent_uploads`; idle channels are kept for the next apply). A connection that
 //! fails is dropped and opened again on demand; attempts after a failure are spaced by the
-//! sink's retry backoff, and applies in between fail at once with the last connection error.
+//! sink's retry backoff, and applies in between fail at once with the last connection error
+//! (unless the known_hosts file has changed since: then the next apply tries at once).
 //!
 //! # Error classification
 //!
@@ -666,24 +667,37 @@ impl WatchedKnownHosts {
         }
     }
 
-    /// The file as it is now: one `stat` per connection, a read only when it changed.
-    fn get(&self) -> Arc<KnownHosts> {
+    /// Reads the file again when it has changed (one `stat` when it has not); true when the
+    /// keys were read anew.
+    fn refresh(&self) -> bool {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let path = current.1.path().to_owned();
         let now = file_stamp(&path);
-        if now.is_some() && now != current.0 {
-            current.0 = now;
-            match KnownHosts::load(&path) {
-                Ok(fresh) => {
-                    tracing::info!(file = %path.display(), "known_hosts changed: its keys count from this connection on");
-                    current.1 = Arc::new(fresh);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "known_hosts changed but cannot be read: the keys read before still count")
-                }
+        if now.is_none() || now == current.0 {
+            return false;
+        }
+        current.0 = now;
+        match KnownHosts::load(&path) {
+            Ok(fresh) => {
+                tracing::info!(file = %path.display(), "known_hosts changed: its keys count from the next connection on");
+                current.1 = Arc::new(fresh);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "known_hosts changed but cannot be read: the keys read before still count");
+                false
             }
         }
-        current.1.clone()
+    }
+
+    /// The file as it is now.
+    fn get(&self) -> Arc<KnownHosts> {
+        self.refresh();
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
     }
 }
 
@@ -708,6 +722,17 @@ impl std::fmt::Display for Target {
 }
 
 impl HostKeyPolicy {
+    /// Reads the known_hosts file again when it has changed; true when it was.
+    fn refresh(&self) -> bool {
+        match self {
+            HostKeyPolicy::Verify {
+                known_hosts: Some(watched),
+                ..
+            } => watched.refresh(),
+            _ => false,
+        }
+    }
+
     /// Ok when the key may be trusted; else the permanent error to report.
     fn check(&self, target: &Target, key: &PublicKey) -> Result<(), String> {
         let fingerprint = key.fingerprint(HashAlg::Sha256);
@@ -1112,8 +1137,11 @@ impl SftpSink {
         {
             return Err(error.clone());
         }
+        // An operator who recorded a server's new key in known_hosts gets an attempt at once.
+        let edited = self.policy.refresh();
         if let (Some(at), Some(error)) = (attempts.next_at, &attempts.last_error)
             && at > Instant::now()
+            && !edited
         {
             return Err(with_note(
                 error,

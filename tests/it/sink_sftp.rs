@@ -511,7 +511,12 @@ async fn unknown_changed_or_unpinned_host_keys_are_refused_and_dead_lettered() {
         finals += usize::from(v["message"] == "event final" && v["event_id"] == "changed");
         finals == 2
     });
-    assert_eq!(again.expect("applied after the edit")["state"], "applied");
+    assert_eq!(
+        again.expect("final again after the edit")["state"],
+        "applied",
+        "{}",
+        error_of(&agent, "changed").await
+    );
     assert_eq!(files(&remote), ["changed-changed", "known-known"]);
 
     // Without any way to verify the host key, the configuration is refused outright.
