@@ -48,7 +48,7 @@
 //!   Unknown errors are retried because the retry policy still dead-letters them after
 //!   `max_attempts` or `max_age_secs`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -58,7 +58,7 @@ use nix::errno::Errno;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::template::{Template, safe_relative_path};
+use super::template::{Template, file_records, safe_relative_path};
 use super::{EventMeta, RetryConfig, Sink, SinkError};
 use crate::config::Problem;
 
@@ -197,50 +197,18 @@ impl FileSink {
 
     /// Renders and checks every record's name and content. Pure: nothing is written.
     fn plan(&self, event: &EventMeta, output: &Value) -> Result<Vec<Planned>, SinkError> {
-        let records: Vec<&Value> = match output {
-            Value::Array(items) => items.iter().collect(),
-            other => vec![other],
-        };
-        let mut seen: HashMap<String, usize> = HashMap::new();
-        let mut planned = Vec::with_capacity(records.len());
-        for (index, record) in records.into_iter().enumerate() {
-            let name = self.name.render(event, record, index).map_err(|e| {
-                SinkError::Permanent(format!(
-                    "record {index}: cannot render the file name {:?}: {e}",
-                    self.name.text()
-                ))
-            })?;
-            let components = safe_relative_path(&name)
-                .map_err(|e| SinkError::Permanent(format!("record {index}: {e}")))?;
-            let (file_name, parents) = match components.split_last() {
-                Some((last, parents)) => (last.to_string(), parents),
-                None => return Err(SinkError::Permanent("the rendered name is empty".into())),
-            };
-            let mut dir = self.dir.clone();
-            dir.extend(parents);
-            if let Some(first) = seen.insert(name.clone(), index) {
-                return Err(SinkError::Permanent(format!(
-                    "records {first} and {index} both render the name {name:?}: make the name \
-                     template unique per record, e.g. add {{index}} or an output field"
-                )));
-            }
-            let content = match record {
-                Value::String(text) => text.clone().into_bytes(),
-                other => {
-                    let mut bytes = serde_json::to_vec(other).map_err(|e| {
-                        SinkError::Permanent(format!("record {index}: cannot encode as JSON: {e}"))
-                    })?;
-                    bytes.push(b'\n');
-                    bytes
+        Ok(file_records(&self.name, event, output)?
+            .into_iter()
+            .map(|record| {
+                let mut dir = self.dir.clone();
+                dir.extend(&record.parents);
+                Planned {
+                    dir,
+                    file_name: record.file_name,
+                    content: record.content,
                 }
-            };
-            planned.push(Planned {
-                dir,
-                file_name,
-                content,
-            });
-        }
-        Ok(planned)
+            })
+            .collect())
     }
 }
 

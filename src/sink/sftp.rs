@@ -71,7 +71,6 @@
 //!   them after `max_attempts` or `max_age_secs`.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -91,7 +90,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::template::{Template, safe_relative_path};
+use super::template::{Template, file_records, safe_relative_path};
 use super::{EventMeta, RetryConfig, Sink, SinkError};
 use crate::config::{Problem, SecretSource, read_secret};
 
@@ -1075,49 +1074,21 @@ impl SftpSink {
 
     /// Renders and checks every record's name and content. Pure: nothing is sent.
     fn plan(&self, event: &EventMeta, output: &Value) -> Result<Vec<Planned>, SinkError> {
-        let records: Vec<&Value> = match output {
-            Value::Array(items) => items.iter().collect(),
-            other => vec![other],
-        };
-        let mut seen: HashMap<String, usize> = HashMap::new();
-        let mut planned = Vec::with_capacity(records.len());
-        for (index, record) in records.into_iter().enumerate() {
-            let name = self.name.render(event, record, index).map_err(|e| {
-                SinkError::Permanent(format!(
-                    "record {index}: cannot render the file name {:?}: {e}",
-                    self.name.text()
-                ))
-            })?;
-            let components = safe_relative_path(&name)
-                .map_err(|e| SinkError::Permanent(format!("record {index}: {e}")))?;
-            let Some((file_name, parents)) = components.split_last() else {
-                return Err(SinkError::Permanent("the rendered name is empty".into()));
-            };
-            if let Some(first) = seen.insert(name.clone(), index) {
-                return Err(SinkError::Permanent(format!(
-                    "records {first} and {index} both render the name {name:?}: make the name \
-                     template unique per record, e.g. add {{index}} or an output field"
-                )));
-            }
-            let dir = join(&self.dir, parents);
-            let content = match record {
-                Value::String(text) => text.clone().into_bytes(),
-                other => {
-                    let mut bytes = serde_json::to_vec(other).map_err(|e| {
-                        SinkError::Permanent(format!("record {index}: cannot encode as JSON: {e}"))
-                    })?;
-                    bytes.push(b'\n');
-                    bytes
+        let records = file_records(&self.name, event, output)?;
+        Ok(records
+            .into_iter()
+            .enumerate()
+            .map(|(index, record)| {
+                let parents: Vec<&str> = record.parents.iter().map(String::as_str).collect();
+                let dir = join(&self.dir, &parents);
+                Planned {
+                    target: join(&dir, &[&record.file_name]),
+                    temp: join(&dir, &[&temp_name(&record.file_name, event, index)]),
+                    dir,
+                    content: record.content,
                 }
-            };
-            planned.push(Planned {
-                target: join(&dir, &[file_name]),
-                temp: join(&dir, &[&temp_name(file_name, event, index)]),
-                dir,
-                content,
-            });
-        }
-        Ok(planned)
+            })
+            .collect())
     }
 
     /// The connection, opened when there is none or it failed. One attempt at a time; after a

@@ -284,6 +284,71 @@ fn output_field(
     }
 }
 
+/// One record of an output, as a sink that drops files writes it.
+pub struct FileRecord {
+    /// The rendered name's directories, below the sink's root.
+    pub parents: Vec<String>,
+    pub file_name: String,
+    /// A string record as is; anything else as JSON and a newline.
+    pub content: Vec<u8>,
+}
+
+/// Splits an output into its records (an array: one per element) and renders each one's name
+/// with `name`, which must give a safe relative path, unique within the output. Pure: the
+/// permanent error names the record.
+pub fn file_records(
+    name: &Template,
+    event: &EventMeta,
+    output: &Value,
+) -> Result<Vec<FileRecord>, super::SinkError> {
+    use super::SinkError::Permanent;
+    let records: Vec<&Value> = match output {
+        Value::Array(items) => items.iter().collect(),
+        other => vec![other],
+    };
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut planned = Vec::with_capacity(records.len());
+    for (index, record) in records.into_iter().enumerate() {
+        let rendered = name.render(event, record, index).map_err(|e| {
+            Permanent(format!(
+                "record {index}: cannot render the file name {:?}: {e}",
+                name.text()
+            ))
+        })?;
+        let components =
+            safe_relative_path(&rendered).map_err(|e| Permanent(format!("record {index}: {e}")))?;
+        let Some((file_name, parents)) = components.split_last() else {
+            return Err(Permanent("the rendered name is empty".into()));
+        };
+        let (file_name, parents) = (
+            file_name.to_string(),
+            parents.iter().map(|p| p.to_string()).collect(),
+        );
+        if let Some(first) = seen.insert(rendered.clone(), index) {
+            return Err(Permanent(format!(
+                "records {first} and {index} both render the name {rendered:?}: make the name \
+                 template unique per record, e.g. add {{index}} or an output field"
+            )));
+        }
+        let content = match record {
+            Value::String(text) => text.clone().into_bytes(),
+            other => {
+                let mut bytes = serde_json::to_vec(other).map_err(|e| {
+                    Permanent(format!("record {index}: cannot encode as JSON: {e}"))
+                })?;
+                bytes.push(b'\n');
+                bytes
+            }
+        };
+        planned.push(FileRecord {
+            parents,
+            file_name,
+            content,
+        });
+    }
+    Ok(planned)
+}
+
 /// Checks a rendered relative path: refuses empty, absolute, any `..` or `.` component, empty
 /// components, NUL, backslash; returns the components.
 ///
