@@ -3,7 +3,7 @@
 //! run.
 //!
 //! - **agent**: the release `ess-agent` binary with one route into an `sql` sink (statement mode,
-//!   `max_batch` = `BATCH`, `max_connections` = `CONNECTIONS`, the ledger on). `EVENTS` signed
+//!   `max_batch` = `BATCH`, `max_connections` = `CONNECTIONS`, the ledger on). `ESS_BENCH_EVENTS` signed
 //!   events (`SUBJECTS` subjects) are posted by `POSTERS` concurrent HTTP/1.1 clients; the figure
 //!   is events / (first post → last row committed), so it includes ingress, the fsync'd journal,
 //!   the adapter, the sink with its ledger, and the journal's record of each apply.
@@ -11,10 +11,15 @@
 //!   them one statement per row in one transaction (`BEGIN`, `BATCH` × `INSERT`, `COMMIT`), the
 //!   statement prepared once per connection.
 //!
-//! Each side runs `ROUNDS` times, alternating; the figures are medians.
+//! Each side runs `ESS_BENCH_ROUNDS` times (default 3), alternating; the figures are medians.
+//! Each phase also prints the CPU it cost per event: the whole machine's, and the agent
+//! process's (or this process's for the in-process phases); the rest is mostly PostgreSQL.
+//! The agent phases end when the agent has logged the last event final (`applied`), and the
+//! table is counted once after that: counting it while it fills would cost PostgreSQL a scan
+//! of the table every poll.
 //!
 //! Needs PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`). Run:
-//! `cargo bench --bench sql`
+//! `cargo bench --bench sql` (`ESS_BENCH_EVENTS` overrides the default of 50,000 events)
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -33,12 +38,88 @@ use sqlx::{Executor as _, Row as _};
 
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const EVENTS: usize = 20_000;
 const SUBJECTS: usize = 1_000;
 const BATCH: usize = 64;
 const CONNECTIONS: usize = 4;
 const POSTERS: usize = 64;
-const ROUNDS: usize = 3;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Events per phase.
+fn events() -> usize {
+    static EVENTS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *EVENTS.get_or_init(|| env_or("ESS_BENCH_EVENTS", 50_000).max(SUBJECTS))
+}
+
+const USER_HZ: f64 = 100.0;
+
+/// utime + stime of a `/proc/.../stat` file, in seconds.
+fn stat_cpu(path: &str) -> f64 {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0.0;
+    };
+    let Some(at) = text.rfind(')') else {
+        return 0.0;
+    };
+    let fields: Vec<f64> = text[at + 1..]
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / USER_HZ
+}
+
+/// Busy CPU seconds of the whole machine so far.
+fn machine_busy() -> f64 {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if ticks.len() < 8 {
+        return 0.0;
+    }
+    (ticks.iter().take(8).sum::<f64>() - ticks[3] - ticks[4]) / USER_HZ
+}
+
+/// CPU used by the machine and by one process from `start` on, per event.
+struct CpuMeter {
+    stat: String,
+    machine: f64,
+    process: f64,
+}
+
+impl CpuMeter {
+    fn start(pid: Option<u32>) -> CpuMeter {
+        let stat = match pid {
+            Some(pid) => format!("/proc/{pid}/stat"),
+            None => "/proc/self/stat".into(),
+        };
+        CpuMeter {
+            process: stat_cpu(&stat),
+            machine: machine_busy(),
+            stat,
+        }
+    }
+
+    /// "machine N µs/event, <who> M µs/event".
+    fn per_event(&self, who: &str) -> String {
+        let per = |seconds: f64| seconds / events() as f64 * 1e6;
+        format!(
+            "CPU per event: machine {:.1} µs, {who} {:.1} µs",
+            per(machine_busy() - self.machine),
+            per(stat_cpu(&self.stat) - self.process)
+        )
+    }
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -72,12 +153,13 @@ async fn count(pool: &sqlx::PgPool, table: &str) -> i64 {
 }
 
 async fn baseline(pool: &sqlx::PgPool, table: &str, connections: usize) -> f64 {
-    let rows: Arc<Vec<Value>> = Arc::new((0..EVENTS).map(row).collect());
+    let rows: Arc<Vec<Value>> = Arc::new((0..events()).map(row).collect());
     let next = Arc::new(AtomicUsize::new(0));
     let insert: Arc<str> = Arc::from(format!(
         "INSERT INTO {table} (event_id, subject, n, amount, at, doc) VALUES ($1, $2, $3, \
          CAST($4 AS numeric), CAST($5 AS timestamptz), CAST($6 AS jsonb))"
     ));
+    let cpu = CpuMeter::start(None);
     let start = Instant::now();
     let workers: Vec<_> = (0..connections)
         .map(|_| {
@@ -87,11 +169,11 @@ async fn baseline(pool: &sqlx::PgPool, table: &str, connections: usize) -> f64 {
                 let mut conn = pool.acquire().await.unwrap();
                 loop {
                     let from = next.fetch_add(BATCH, Ordering::Relaxed);
-                    if from >= EVENTS {
+                    if from >= events() {
                         return;
                     }
                     let mut tx = sqlx::Connection::begin(&mut *conn).await.unwrap();
-                    for r in &rows[from..(from + BATCH).min(EVENTS)] {
+                    for r in &rows[from..(from + BATCH).min(events())] {
                         sqlx::query(sqlx::AssertSqlSafe(insert.clone()))
                             .bind(r["id"].as_str().unwrap().to_string())
                             .bind(r["subject"].as_str().unwrap().to_string())
@@ -112,14 +194,20 @@ async fn baseline(pool: &sqlx::PgPool, table: &str, connections: usize) -> f64 {
         w.await.unwrap();
     }
     let elapsed = start.elapsed().as_secs_f64();
-    assert_eq!(count(pool, table).await, EVENTS as i64);
-    EVENTS as f64 / elapsed
+    eprintln!(
+        "  baseline, {connections} connections: {}",
+        cpu.per_event("this process")
+    );
+    assert_eq!(count(pool, table).await, events() as i64);
+    events() as f64 / elapsed
 }
 
 /// A running agent; killed when dropped.
 struct Agent {
     child: Child,
     ingress: String,
+    /// Events the agent has logged final in state `applied`.
+    applied: Arc<AtomicUsize>,
 }
 
 impl Drop for Agent {
@@ -171,10 +259,20 @@ fn start_agent(dir: &Path, table: &str, ledger: &str) -> Agent {
         .expect("spawn ess-agent");
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let applied = Arc::new(AtomicUsize::new(0));
+    let counter = applied.clone();
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
+            if line.contains("event final")
+                && let Ok(v) = serde_json::from_str::<Value>(&line)
+                && v["message"] == "event final"
+                && v["state"] == "applied"
+            {
+                counter.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if !sent
                 && let Ok(v) = serde_json::from_str::<Value>(&line)
                 && v["message"] == "ready"
@@ -191,7 +289,11 @@ fn start_agent(dir: &Path, table: &str, ledger: &str) -> Agent {
     let ingress = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("the agent became ready");
-    Agent { child, ingress }
+    Agent {
+        child,
+        ingress,
+        applied,
+    }
 }
 
 /// Posts every event; returns when all are accepted.
@@ -207,7 +309,7 @@ async fn post_all(ingress: &str) {
             tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= EVENTS {
+                    if i >= events() {
                         return;
                     }
                     let r = row(i);
@@ -242,16 +344,18 @@ async fn post_all(ingress: &str) {
     }
 }
 
-async fn wait_rows(pool: &sqlx::PgPool, table: &str) {
+/// Waits until the agent has logged every event applied, then checks the table holds one row
+/// per event.
+async fn wait_applied(agent: &Agent, pool: &sqlx::PgPool, table: &str) {
     let deadline = Instant::now() + Duration::from_secs(600);
-    while count(pool, table).await < EVENTS as i64 {
+    while agent.applied.load(Ordering::Relaxed) < events() {
         assert!(
             Instant::now() < deadline,
             "the agent did not apply everything"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    assert_eq!(count(pool, table).await, EVENTS as i64);
+    assert_eq!(count(pool, table).await, events() as i64);
 }
 
 /// The sink alone, in this process: `SqlSink::apply` called as the dispatcher calls it (one
@@ -267,12 +371,13 @@ async fn sink_alone(pool: &sqlx::PgPool, table: &str, ledger: &str) -> f64 {
     .unwrap();
     let sink = Arc::new(ess_agent::sink::sql::SqlSink::new(&config).unwrap());
     let permits = Arc::new(tokio::sync::Semaphore::new(BATCH * CONNECTIONS * 2));
+    let cpu = CpuMeter::start(None);
     let start = Instant::now();
     let subjects: Vec<_> = (0..SUBJECTS)
         .map(|subject| {
             let (sink, permits) = (sink.clone(), permits.clone());
             tokio::spawn(async move {
-                for i in (subject..EVENTS).step_by(SUBJECTS) {
+                for i in (subject..events()).step_by(SUBJECTS) {
                     let output = row(i);
                     let event = ess_agent::sink::EventMeta {
                         id: output["id"].as_str().unwrap().to_string(),
@@ -294,21 +399,24 @@ async fn sink_alone(pool: &sqlx::PgPool, table: &str, ledger: &str) -> f64 {
         s.await.unwrap();
     }
     let elapsed = start.elapsed().as_secs_f64();
-    assert_eq!(count(pool, table).await, EVENTS as i64);
-    EVENTS as f64 / elapsed
+    eprintln!("  sink alone: {}", cpu.per_event("this process"));
+    assert_eq!(count(pool, table).await, events() as i64);
+    events() as f64 / elapsed
 }
 
 /// End to end: events/s from the first post to the last row, and the rate of acceptance.
 async fn through_agent(pool: &sqlx::PgPool, table: &str, ledger: &str) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
     let agent = start_agent(dir.path(), table, ledger);
+    let cpu = CpuMeter::start(Some(agent.child.id()));
     let start = Instant::now();
     post_all(&agent.ingress).await;
     let ingress = start.elapsed().as_secs_f64();
-    wait_rows(pool, table).await;
+    wait_applied(&agent, pool, table).await;
     let elapsed = start.elapsed().as_secs_f64();
+    eprintln!("  agent, end to end: {}", cpu.per_event("agent"));
     drop(agent);
-    (EVENTS as f64 / elapsed, EVENTS as f64 / ingress)
+    (events() as f64 / elapsed, events() as f64 / ingress)
 }
 
 /// The apply path alone: the events are accepted while the table is locked, so that they wait
@@ -324,12 +432,14 @@ async fn backlog_through_agent(pool: &sqlx::PgPool, table: &str, ledger: &str) -
     .unwrap();
     post_all(&agent.ingress).await;
     eprintln!("draining the backlog (agent pid {})", agent.child.id());
+    let cpu = CpuMeter::start(Some(agent.child.id()));
     let start = Instant::now();
     lock.commit().await.unwrap();
-    wait_rows(pool, table).await;
+    wait_applied(&agent, pool, table).await;
     let elapsed = start.elapsed().as_secs_f64();
+    eprintln!("  agent, backlog: {}", cpu.per_event("agent"));
     drop(agent);
-    EVENTS as f64 / elapsed
+    events() as f64 / elapsed
 }
 
 fn main() {
@@ -367,7 +477,8 @@ fn main() {
                 }
             }
         };
-        for round in 0..ROUNDS {
+        let rounds = env_or("ESS_BENCH_ROUNDS", 3).max(1);
+        for round in 0..rounds {
             let table = format!("bench_sql_{suffix}_{round}");
             let ledger = format!("bench_sql_ledger_{suffix}_{round}");
 
@@ -419,8 +530,9 @@ fn main() {
             (median(end_to_end), median(accepted), median(backlog));
         let (base, base_one, alone) = (median(base), median(base_one), median(alone));
         println!(
-            "{EVENTS} events, {SUBJECTS} subjects, batch {BATCH}, agent pool {CONNECTIONS} \
-             connections, {ROUNDS} rounds (medians)"
+            "{} events, {SUBJECTS} subjects, batch {BATCH}, agent pool {CONNECTIONS} \
+             connections, {rounds} rounds (medians)",
+            events()
         );
         println!(
             "baseline, sqlx, same rows and batches, {CONNECTIONS} connections: {base:.0} rows/s"

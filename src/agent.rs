@@ -115,6 +115,7 @@ pub async fn run(
         wal_restart_bytes: config.journal.wal_restart_mib.saturating_mul(1 << 20),
         min_free_disk_bytes: config.limits.min_free_disk_bytes,
         retention: config.journal.retention(),
+        ..JournalOptions::default()
     };
     let state_dir = config.state_dir.clone();
     // Opening is quick unless the schema is migrated, which rewrites the events table once;

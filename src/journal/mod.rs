@@ -197,6 +197,9 @@ pub struct JournalOptions {
     /// How long final events are kept (see [`crate::config::JournalConfig::retention_days`]);
     /// `None` keeps them for ever.
     pub retention: Option<Duration>,
+    /// Connections for the dispatcher's quick reads ([`Journal::read_now`]): one per worker
+    /// thread of the async runtime, which has one per CPU.
+    pub quick_readers: usize,
 }
 
 impl Default for JournalOptions {
@@ -207,6 +210,7 @@ impl Default for JournalOptions {
             wal_restart_bytes: 64 << 20,
             min_free_disk_bytes: 64 * 1024 * 1024,
             retention: Some(Duration::from_secs(30 * 86_400)),
+            quick_readers: quick_reader_count(),
         }
     }
 }
@@ -236,8 +240,9 @@ pub struct Journal {
     path: PathBuf,
     ops: mpsc::Sender<writer::Op>,
     reader: Mutex<Connection>,
-    /// The dispatcher's reads on the async threads ([`Journal::read_now`]); never waits.
-    quick_reader: Mutex<Connection>,
+    /// The dispatcher's reads on the async threads ([`Journal::read_now`]); never wait. One
+    /// per runtime worker, so that a worker seldom finds them all taken.
+    quick_readers: Vec<Mutex<Connection>>,
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     listener: Listener,
@@ -247,6 +252,12 @@ impl std::fmt::Debug for Journal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Journal").field("path", &self.path).finish()
     }
+}
+
+/// How many quick read connections the journal keeps by default: one per CPU, as the async
+/// runtime has one worker thread per CPU.
+pub fn quick_reader_count() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 16))
 }
 
 /// Opens a connection with the settings every journal connection needs.
@@ -294,8 +305,13 @@ impl Journal {
             ..Shared::default()
         });
         let reader = connect(&path, rw)?;
-        let quick_reader = connect(&path, rw)?;
-        quick_reader.busy_timeout(Duration::ZERO)?;
+        let quick_readers = (0..options.quick_readers.max(1))
+            .map(|_| {
+                let conn = connect(&path, rw)?;
+                conn.busy_timeout(Duration::ZERO)?;
+                Ok(Mutex::new(conn))
+            })
+            .collect::<Result<Vec<_>, JournalError>>()?;
         let checkpointer = connect(&path, rw)?;
 
         let (ops, rx) = mpsc::channel();
@@ -324,7 +340,7 @@ impl Journal {
             path,
             ops,
             reader: Mutex::new(reader),
-            quick_reader: Mutex::new(quick_reader),
+            quick_readers,
             shared,
             threads: Mutex::new(vec![writer, background]),
             listener,
@@ -381,15 +397,18 @@ impl Journal {
         Ok(f(&conn)?)
     }
 
-    /// Runs a short read at once, on a connection of its own, when that connection is free and
-    /// the database does not make it wait; `None` otherwise, and the caller reads with
+    /// Runs a short read at once, on one of the quick connections, when one is free and the
+    /// database does not make it wait; `None` otherwise, and the caller reads with
     /// [`Journal::read`] off the async threads. For the dispatcher, whose reads touch the pages
     /// just written (in memory) and take microseconds: less than handing them to another thread.
+    /// There is a quick connection per runtime worker, and a read holds one only while it runs
+    /// (it cannot wait inside), so `None` is rare: the blocking pool is not flooded with reads
+    /// that would queue there for the one blocking connection.
     pub fn read_now<R>(
         &self,
         f: impl FnOnce(&Connection) -> Result<R, rusqlite::Error>,
     ) -> Option<Result<R, JournalError>> {
-        let conn = self.quick_reader.try_lock().ok()?;
+        let conn = self.quick_readers.iter().find_map(|c| c.try_lock().ok())?;
         match f(&conn) {
             Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => None,
             other => Some(other.map_err(JournalError::from)),
@@ -922,18 +941,26 @@ mod tests {
     #[tokio::test]
     async fn a_read_now_runs_at_once_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let options = JournalOptions {
+            quick_readers: 2,
+            ..JournalOptions::default()
+        };
+        let journal = Journal::open(dir.path(), options).unwrap();
         journal.append(event("a")).await.unwrap();
         let outer = journal
             .read_now(|conn| {
                 let ids: i64 = conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0))?;
-                // Its connection is taken: a second read is refused rather than waited for.
-                let inner = journal.read_now(|_| Ok(()));
-                Ok((ids, inner.is_none()))
+                // A second read at the same time gets the other quick connection...
+                let second = journal.read_now(|conn| {
+                    conn.query_row("SELECT count(*) FROM events", [], |r| r.get::<_, i64>(0))?;
+                    // ...and a third, with both taken, is refused rather than waited for.
+                    Ok(journal.read_now(|_| Ok(())).is_none())
+                });
+                Ok((ids, second.map(|r| r.unwrap())))
             })
             .expect("the connection was free")
             .unwrap();
-        assert_eq!(outer, (1, true));
+        assert_eq!(outer, (1, Some(true)));
         journal.close();
     }
 
