@@ -636,11 +636,13 @@ pub struct SqlSink {
     engine: OnceLock<Result<Engine, String>>,
 }
 
-/// The sink's own thread: a single-threaded runtime that runs the workers and owns the pool.
+/// The sink's own threads: a runtime of its own that runs the workers and owns the pool.
 ///
 /// Database round trips are latency-bound: a worker waiting for the server's answer should run
 /// the moment it arrives, not after the dispatcher's hundreds of tasks queued on the agent's
-/// runtime. A thread of its own gets that from the kernel's scheduler.
+/// runtime. Threads of their own get that from the kernel's scheduler. There is one per
+/// connection up to one per CPU: on one thread, the client side of every connection's round
+/// trips (encoding, TLS, the socket writes) waited for each other.
 struct Engine {
     queue: mpsc::UnboundedSender<Job>,
     handle: tokio::runtime::Handle,
@@ -809,8 +811,8 @@ impl SqlSink {
         })
     }
 
-    /// The sink's thread, started on first use. The thread ends when the sink is dropped (its
-    /// queue closes).
+    /// The sink's threads, started on first use. They end when the sink is dropped (its queue
+    /// closes).
     fn engine(&self) -> Result<&Engine, SinkError> {
         self.engine
             .get_or_init(|| {
@@ -820,7 +822,10 @@ impl SqlSink {
                 std::thread::Builder::new()
                     .name("sql-sink".into())
                     .spawn(move || {
-                        let runtime = match tokio::runtime::Builder::new_current_thread()
+                        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+                        let runtime = match tokio::runtime::Builder::new_multi_thread()
+                            .worker_threads(shared.workers.clamp(1, cpus))
+                            .thread_name("sql-sink")
                             .enable_all()
                             .build()
                         {
