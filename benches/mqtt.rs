@@ -320,7 +320,31 @@ fn agent_rate(dir: &Path, port: u16, events: usize, window: usize, round: usize)
 }
 
 /// The bare publisher: confirmed publishes per second.
-async fn bare_rate(port: u16, events: usize, window: usize, round: usize) -> f64 {
+/// Busy CPU seconds of the whole machine so far (every CPU; idle and iowait left out).
+fn machine_busy() -> f64 {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if ticks.len() < 8 {
+        return 0.0;
+    }
+    (ticks.iter().take(8).sum::<f64>() - ticks[3] - ticks[4]) / 100.0
+}
+
+/// A phase's figures: confirmed publishes per second, and the machine's CPU per message in
+/// microseconds (publisher, broker and all).
+struct Phase {
+    rate: f64,
+    cpu_us: f64,
+}
+
+async fn bare_rate(port: u16, events: usize, window: usize, round: usize) -> Phase {
     let mut options =
         rumqttc::MqttOptions::new(format!("ess-bench-bare-{round}"), "127.0.0.1", port);
     options
@@ -330,6 +354,7 @@ async fn bare_rate(port: u16, events: usize, window: usize, round: usize) -> f64
     let messages: Vec<(String, Vec<u8>)> = (0..events)
         .map(|n| (format!("bench/{}", subject(n)), output(n)))
         .collect();
+    let busy = machine_busy();
     let publisher = tokio::spawn(async move {
         for (topic, payload) in messages {
             client
@@ -350,14 +375,18 @@ async fn bare_rate(port: u16, events: usize, window: usize, round: usize) -> f64
         }
     }
     let elapsed = first.unwrap().elapsed().as_secs_f64();
+    let cpu_us = (machine_busy() - busy) / events as f64 * 1e6;
     let _client = publisher.await.unwrap();
-    (events - 1) as f64 / elapsed
+    Phase {
+        rate: (events - 1) as f64 / elapsed,
+        cpu_us,
+    }
 }
 
 /// The sink alone, in this process: the same messages applied by `window` concurrent applies
 /// (one per subject at a time, as the dispatcher does), without ingress, journal or adapter.
 /// Shows how much of the agent's time is the sink's.
-async fn sink_rate(port: u16, events: usize, window: usize, round: usize) -> f64 {
+async fn sink_rate(port: u16, events: usize, window: usize, round: usize) -> Phase {
     use ess_agent::sink::Sink;
     let config: ess_agent::sink::mqtt::MqttConfig = toml::from_str(&format!(
         "url = \"mqtt://127.0.0.1:{port}\"\nprotocol = \"3.1.1\"\n\
@@ -384,6 +413,7 @@ async fn sink_rate(port: u16, events: usize, window: usize, round: usize) -> f64
         let output: Value = serde_json::from_slice(&output(n)).unwrap();
         inputs[n % window].push((meta(n), output));
     }
+    let busy = machine_busy();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for input in inputs {
@@ -397,7 +427,10 @@ async fn sink_rate(port: u16, events: usize, window: usize, round: usize) -> f64
     for t in tasks {
         t.await.unwrap();
     }
-    events as f64 / started.elapsed().as_secs_f64()
+    Phase {
+        rate: events as f64 / started.elapsed().as_secs_f64(),
+        cpu_us: (machine_busy() - busy) / events as f64 * 1e6,
+    }
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -434,38 +467,92 @@ fn main() {
     let mut agent_rates = Vec::new();
     let mut bare_rates = Vec::new();
     let mut sink_rates = Vec::new();
+    let (mut bare_cpu, mut sink_cpu) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("hub-secret"), SECRET).unwrap();
         std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
-        std::fs::write(
-            dir.path().join("adapters/pass.jsonata"),
-            r#"{"id": id, "subject": subject, "payload": payload}"#,
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("adapters/pass.jsonata"), ADAPTER).unwrap();
         runtime.block_on(fill_backlog(dir.path(), events, window));
         let agent = agent_rate(dir.path(), broker.port, events, window, round);
         let bare = runtime.block_on(bare_rate(broker.port, events, window, round));
         let sink = runtime.block_on(sink_rate(broker.port, events, window, round));
         eprintln!(
-            "round {}: agent {agent:.0}/s, bare rumqttc {bare:.0}/s (ratio {:.2}); sink alone \
-             {sink:.0}/s (ratio {:.2})",
+            "round {}: agent {agent:.0}/s, bare rumqttc {:.0}/s (ratio {:.2}, machine CPU {:.1} \
+             µs per message); sink alone {:.0}/s (ratio {:.2}, {:.1} µs)",
             round + 1,
-            agent / bare,
-            sink / bare
+            bare.rate,
+            agent / bare.rate,
+            bare.cpu_us,
+            sink.rate,
+            sink.rate / bare.rate,
+            sink.cpu_us
         );
         agent_rates.push(agent);
-        bare_rates.push(bare);
-        sink_rates.push(sink);
+        bare_rates.push(bare.rate);
+        sink_rates.push(sink.rate);
+        bare_cpu.push(bare.cpu_us);
+        sink_cpu.push(sink.cpu_us);
     }
     let agent = median(&mut agent_rates);
     let bare = median(&mut bare_rates);
     let sink = median(&mut sink_rates);
+    let (bare_cpu, sink_cpu) = (median(&mut bare_cpu), median(&mut sink_cpu));
+    // At 0.7 × the bare rate the machine's CPUs give each message this much; the bare loop and
+    // the broker use `bare_cpu` of it; the rest is what the agent may add per event.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let budget = cpus / (0.7 * bare) * 1e6;
     println!(
         "mqtt sink, QoS 1, MQTT 3.1.1, window {window}, {events} events x {rounds} rounds \
          (medians, confirmed publishes/s): agent {agent:.0}, bare rumqttc {bare:.0}, ratio \
          {:.2}; sink alone in-process {sink:.0}, ratio {:.2}",
         agent / bare,
         sink / bare
+    );
+    println!(
+        "machine CPU per message: bare {bare_cpu:.1} µs, sink alone {sink_cpu:.1} µs; at 0.7 × \
+         bare the {cpus} CPUs give {budget:.1} µs per message, which leaves {:.1} µs for what \
+         the agent adds to the bare loop (the sink alone adds {:.1} µs)",
+        budget - bare_cpu,
+        sink_cpu - bare_cpu
+    );
+    if !quick {
+        apply_floor(budget - bare_cpu);
+    }
+}
+
+/// The adapter every round's agent runs.
+const ADAPTER: &str = r#"{"id": id, "subject": subject, "payload": payload}"#;
+
+/// Measures with `ess-bench floor` what applying one backlog event needs besides the sink:
+/// reading it back, parsing its envelope, evaluating the adapter, writing its final state; and
+/// sets it beside what is left.
+fn apply_floor(left_us: f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("pass.jsonata");
+    std::fs::write(&adapter, ADAPTER).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ess-bench"))
+        .args(["floor", "--json", "--adapter"])
+        .arg(&adapter)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run ess-bench floor");
+    assert!(out.status.success(), "ess-bench floor failed");
+    let floor: Value = serde_json::from_slice(&out.stdout).expect("ess-bench floor's JSON");
+    let part = |key: &str| floor[key].as_f64().unwrap_or(0.0);
+    let total = part("read_us") + part("envelope_us") + part("adapter_us") + part("finish_us");
+    println!(
+        "apply floor (ess-bench floor, this run): read back {:.1} µs + envelope parsed {:.1} µs + \
+         adapter {:.1} µs + final state written {:.1} µs = {total:.1} µs per event, before the \
+         sink's own work, against {left_us:.1} µs left: {}",
+        part("read_us"),
+        part("envelope_us"),
+        part("adapter_us"),
+        part("finish_us"),
+        if total > left_us {
+            "the target ratio is below the floor on this machine"
+        } else {
+            "the target ratio is above the floor"
+        }
     );
 }

@@ -315,7 +315,8 @@ fn is_dry_run(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
-fn new_event(envelope: Envelope, content_type: Option<String>, raw_body: Bytes) -> NewEvent {
+/// The journal's record of a parsed delivery: the envelope serialised, beside the exact body.
+pub fn new_event(envelope: Envelope, content_type: Option<String>, raw_body: Bytes) -> NewEvent {
     let document = serde_json::Value::Object(envelope.document);
     NewEvent {
         envelope: document.to_string(),

@@ -52,6 +52,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 
+mod floor;
+
 /// The HMAC secret both targets are given (a throwaway development secret).
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 /// How long a target may take to start and print its ready line.
@@ -90,6 +92,8 @@ struct Cli {
 enum Cmd {
     /// Durable-accept throughput and latency of `ess-agent run`, against a bare hyper server.
     Accept(AcceptArgs),
+    /// The floor under the agent's CPU per event alone (`accept` measures it after its runs).
+    Floor(FloorArgs),
     /// The bare hyper server `accept` compares against (started by `accept` itself).
     #[command(hide = true)]
     BareServer(BareArgs),
@@ -133,6 +137,10 @@ struct AcceptArgs {
     /// many CPUs during any of its phases. On a shared machine their load distorts the figures.
     #[arg(long)]
     max_other_cpu: Option<f64>,
+    /// Events per round of the floor measurement (the parts of the work every event needs,
+    /// each alone on one thread; three rounds after the runs); 0 skips it.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    floor_events: u32,
     /// Print the summary as JSON on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -159,6 +167,28 @@ enum IdScheme {
 }
 
 #[derive(Debug, clap::Args)]
+struct FloorArgs {
+    /// Events per round.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(100..=1_000_000))]
+    events: u32,
+    /// Rounds; each part's figure is the median.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=15))]
+    rounds: u32,
+    /// Size of each event body in bytes.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(256..=1_000_000))]
+    body_bytes: u32,
+    /// Where the journals are created (default: the system temp directory).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Also measure evaluating this adapter script on each event's envelope.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Print the figures as JSON on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
 struct BareArgs {
     /// Exit after this many seconds whatever happens.
     #[arg(long, default_value_t = 3600)]
@@ -169,6 +199,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Accept(args) => accept(&args),
+        Cmd::Floor(args) => floor::measure(
+            &args.work_dir.unwrap_or_else(std::env::temp_dir),
+            args.events as usize,
+            args.body_bytes as usize,
+            args.rounds as usize,
+            args.adapter.as_deref(),
+        )
+        .map(|f| {
+            if args.json {
+                println!("{}", f.to_json());
+            } else {
+                f.print(args.events as usize, args.rounds as usize);
+            }
+        }),
         Cmd::BareServer(args) => bare_server(&args),
     };
     match result {
@@ -1306,8 +1350,22 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
     }
     runtime.shutdown_timeout(Duration::from_secs(1));
 
+    let floor = match args.floor_events {
+        0 => None,
+        events => {
+            eprintln!("floor: {events} events, 3 rounds");
+            Some(floor::measure(
+                &work_dir,
+                events as usize,
+                body_bytes,
+                3,
+                None,
+            )?)
+        }
+    };
     let mut summary = Summary::new(&runs);
     summary.discarded = discarded;
+    let budget = Budget::new(&summary.bare, nproc);
     if args.json {
         let out = json!({
             "benchmark": "accept",
@@ -1343,12 +1401,75 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
                 "e2e_ratio": round(r.e2e_ratio(), 3),
             })).collect::<Vec<_>>(),
             "median": summary.to_json(),
+            "budget": budget.to_json(),
+            "floor": floor.as_ref().map(floor::Floor::to_json),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         summary.print(args, &fs_type, &device, nproc, fsync_p50);
+        budget.print(floor.as_ref(), args.floor_events as usize);
     }
     Ok(())
+}
+
+/// The CPU per event the target ratio leaves the agent, from the bare phase: at
+/// `TARGET_RATIO` × the bare rate the machine's CPUs give each event `machine_us`; the load
+/// generator's share and the HTTP exchange's (the bare server's, which the agent cannot do with
+/// less) come off it.
+struct Budget {
+    machine_us: f64,
+    generator_us: f64,
+    http_us: f64,
+}
+
+impl Budget {
+    fn new(bare: &Figures, nproc: usize) -> Budget {
+        let rate = bare.rate.max(1e-9);
+        Budget {
+            machine_us: nproc as f64 / (TARGET_RATIO * rate) * 1e6,
+            generator_us: bare.client_cpu / rate * 1e6,
+            http_us: bare.server_cpu / rate * 1e6,
+        }
+    }
+
+    /// What is left for the agent's own work per event.
+    fn left_us(&self) -> f64 {
+        self.machine_us - self.generator_us - self.http_us
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "machine_us": round(self.machine_us, 2),
+            "generator_us": round(self.generator_us, 2),
+            "http_us": round(self.http_us, 2),
+            "left_us": round(self.left_us(), 2),
+        })
+    }
+
+    fn print(&self, floor: Option<&floor::Floor>, floor_events: usize) {
+        println!(
+            "\nbudget at {TARGET_RATIO} × bare: {:.1} µs of CPU per event on the machine, less \
+             {:.1} µs for the load generator and {:.1} µs for the HTTP exchange (the bare \
+             server's): {:.1} µs left for the agent's own work",
+            self.machine_us,
+            self.generator_us,
+            self.http_us,
+            self.left_us()
+        );
+        if let Some(floor) = floor {
+            floor.print(floor_events, 3);
+            println!(
+                "floor {:.1} µs against {:.1} µs left: {}",
+                floor.total_us(),
+                self.left_us(),
+                if floor.total_us() > self.left_us() {
+                    "the target ratio is below the floor on this machine"
+                } else {
+                    "the target ratio is above the floor"
+                }
+            );
+        }
+    }
 }
 
 /// The median of each figure over the runs.

@@ -1,0 +1,335 @@
+//! The floor under the agent's CPU per accepted event: the parts every event needs, each
+//! measured alone on one thread, with no HTTP and no hand-off between the parts. `accept`
+//! sets their sum beside the CPU per event that the target ratio to the bare server leaves.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use bytes::Bytes;
+use ess_agent::adapter::Adapter;
+use ess_agent::adapter::engine::Limits;
+use ess_agent::ingress::auth::{WebhookSigner, WebhookVerifier};
+use ess_agent::ingress::{envelope, handler};
+use ess_agent::journal::{self, Finish, Journal, JournalOptions, NewEvent, state};
+use http::{HeaderMap, HeaderValue, header};
+use serde_json::{Value, json};
+
+use crate::{SECRET, TempDir, event_body, unix_now, uuid_v4};
+
+/// Appends (and finishes) in flight at once: the load generator's default connection count,
+/// so that commits group as many events as under load.
+const IN_FLIGHT: usize = 32;
+
+/// CPU per event of each part, in microseconds: medians over the rounds.
+#[derive(Debug, Clone, Default)]
+pub struct Floor {
+    pub verify_us: f64,
+    pub parse_us: f64,
+    pub append_us: f64,
+    pub envelope_us: f64,
+    pub finish_us: f64,
+    /// Not in [`Floor::total_us`]: an event the dispatcher did not get fresh from the writer
+    /// (a backlog) is read back first.
+    pub read_us: f64,
+    /// Not in [`Floor::total_us`]: the given adapter evaluated on each event, when one was given.
+    pub adapter_us: Option<f64>,
+}
+
+impl Floor {
+    /// Every part together.
+    pub fn total_us(&self) -> f64 {
+        self.verify_us + self.parse_us + self.append_us + self.envelope_us + self.finish_us
+    }
+
+    pub fn print(&self, events: usize, rounds: usize) {
+        println!(
+            "\nfloor: CPU per event of the work every accepted event needs, each part alone on \
+             one thread ({events} events, median of {rounds} rounds)"
+        );
+        let rows = [
+            ("signature check (HMAC-SHA256, 1 secret)", self.verify_us),
+            ("envelope parse and validation", self.parse_us),
+            (
+                "journal insert and group commit (writer thread)",
+                self.append_us,
+            ),
+            ("dispatcher: the stored envelope parsed", self.envelope_us),
+            (
+                "journal: the final state written (writer thread)",
+                self.finish_us,
+            ),
+        ];
+        for (what, us) in rows {
+            println!("  {what:<52} {us:>6.1} µs");
+        }
+        println!("  {:<52} {:>6.1} µs", "sum", self.total_us());
+        println!(
+            "  {:<52} {:>6.1} µs",
+            "and for a backlog event: read back from the journal", self.read_us
+        );
+        if let Some(us) = self.adapter_us {
+            println!("  {:<52} {us:>6.1} µs", "and the given adapter evaluated");
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "verify_us": crate::round(self.verify_us, 2),
+            "parse_us": crate::round(self.parse_us, 2),
+            "append_us": crate::round(self.append_us, 2),
+            "envelope_us": crate::round(self.envelope_us, 2),
+            "finish_us": crate::round(self.finish_us, 2),
+            "total_us": crate::round(self.total_us(), 2),
+            "read_us": crate::round(self.read_us, 2),
+            "adapter_us": self.adapter_us.map(|us| crate::round(us, 2)),
+        })
+    }
+}
+
+/// CPU time the calling thread has used, in seconds (nanosecond resolution).
+fn thread_cpu() -> f64 {
+    schedstat_seconds("/proc/thread-self/schedstat")
+}
+
+/// CPU time the journal's writer threads in this process have used, in seconds.
+fn writer_cpu() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "journal-writer")
+        })
+        .map(|t| schedstat_seconds(&t.path().join("schedstat").display().to_string()))
+        .sum()
+}
+
+fn schedstat_seconds(path: &str) -> f64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |ns| ns / 1e9)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Signed deliveries as the load generator sends them: headers and body.
+fn deliveries(events: usize, body_bytes: usize) -> anyhow::Result<Vec<(HeaderMap, Bytes)>> {
+    let signer = WebhookSigner::new(SECRET)?;
+    (0..events)
+        .map(|i| {
+            let id = uuid_v4(rand::random());
+            let subject = format!("bench-subject-{:04}", i % IN_FLIGHT);
+            let body = Bytes::from(event_body(&id, &subject, i as u64, body_bytes));
+            let timestamp = unix_now();
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert("webhook-id", HeaderValue::try_from(id.as_str())?);
+            headers.insert("webhook-timestamp", HeaderValue::from(timestamp));
+            headers.insert(
+                "webhook-signature",
+                HeaderValue::try_from(signer.sign(&id, timestamp, &body))?,
+            );
+            Ok((headers, body))
+        })
+        .collect()
+}
+
+/// One round: every part over `events` fresh events, in a fresh journal under `work_dir`.
+fn round(
+    runtime: &tokio::runtime::Runtime,
+    work_dir: &Path,
+    events: usize,
+    body_bytes: usize,
+    adapter: Option<&Adapter>,
+) -> anyhow::Result<Floor> {
+    let per_event = |seconds: f64| seconds / events as f64 * 1e6;
+    let input = deliveries(events, body_bytes)?;
+    let verifier = WebhookVerifier::new(&[SECRET.to_owned()], &[], Duration::from_secs(300))?;
+
+    let start = thread_cpu();
+    let now = SystemTime::now();
+    for (headers, body) in &input {
+        verifier
+            .verify(headers, body, now)
+            .context("a signature did not verify")?;
+    }
+    let verify_us = per_event(thread_cpu() - start);
+
+    let start = thread_cpu();
+    let mut new_events: Vec<NewEvent> = Vec::with_capacity(events);
+    for (headers, body) in &input {
+        let parsed = envelope::parse(headers, body).context("an envelope did not parse")?;
+        new_events.push(handler::new_event(
+            parsed,
+            Some("application/json".to_owned()),
+            body.clone(),
+        ));
+    }
+    let parse_us = per_event(thread_cpu() - start);
+    drop(input);
+
+    let dir = TempDir::new(work_dir)?;
+    let options = JournalOptions {
+        min_free_disk_bytes: 0,
+        retention: None,
+        ..JournalOptions::default()
+    };
+    let journal = Journal::open(&dir.0, options)?;
+    let envelopes: Vec<String> = new_events.iter().map(|e| e.envelope.clone()).collect();
+    let subjects: Vec<String> = new_events.iter().map(|e| e.subject.clone()).collect();
+    let ids: Vec<String> = new_events.iter().map(|e| e.id.clone()).collect();
+
+    let start = writer_cpu();
+    runtime.block_on(in_flight(
+        &journal,
+        new_events,
+        |journal, event| async move { journal.append(event).await.map(|_| ()) },
+    ))?;
+    let append_us = per_event(writer_cpu() - start);
+
+    let start = thread_cpu();
+    let mut documents = Vec::with_capacity(events);
+    for text in &envelopes {
+        documents.push(serde_json::from_str::<Value>(text)?);
+    }
+    let envelope_us = per_event(thread_cpu() - start);
+
+    let adapter_us = match adapter {
+        Some(adapter) => {
+            let limits = Limits::default();
+            let start = thread_cpu();
+            for document in &documents {
+                let output = adapter
+                    .evaluate(document, "bench", &limits)
+                    .map_err(|e| anyhow::anyhow!("the adapter failed: {}", e.message))?;
+                std::hint::black_box(output);
+            }
+            Some(per_event(thread_cpu() - start))
+        }
+        None => None,
+    };
+    drop(documents);
+
+    // Sequence numbers follow the order of the commits, not of the list: look them up.
+    let seqs = journal.read(|conn| {
+        let mut stmt = conn.prepare("SELECT seq, id FROM events")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(1)?, r.get::<_, i64>(0)?)))?;
+        rows.collect::<Result<std::collections::HashMap<_, _>, _>>()
+    })?;
+    let start = thread_cpu();
+    for seq in seqs.values() {
+        let event = journal
+            .read_now(|conn| journal::load_event(conn, *seq))
+            .context("the quick connection was taken")??;
+        std::hint::black_box(event);
+    }
+    let read_us = per_event(thread_cpu() - start);
+
+    let finishes: Vec<Finish> = ids
+        .into_iter()
+        .zip(subjects)
+        .enumerate()
+        .map(|(i, (id, subject))| Finish {
+            seq: seqs.get(&id).copied().unwrap_or_default(),
+            state: state::FILTERED,
+            error: None,
+            subject_revision: Some((subject, i as u64)),
+            report: None,
+            event_id: id,
+        })
+        .collect();
+    let start = writer_cpu();
+    runtime.block_on(in_flight(
+        &journal,
+        finishes,
+        |journal, finish| async move { journal.finish(finish).await },
+    ))?;
+    let finish_us = per_event(writer_cpu() - start);
+    journal.close();
+    Ok(Floor {
+        verify_us,
+        parse_us,
+        append_us,
+        envelope_us,
+        finish_us,
+        read_us,
+        adapter_us,
+    })
+}
+
+/// Runs `op` over `items` with [`IN_FLIGHT`] at once.
+async fn in_flight<T, F, Fut>(journal: &Arc<Journal>, items: Vec<T>, op: F) -> anyhow::Result<()>
+where
+    T: Send + 'static,
+    F: Fn(Arc<Journal>, T) -> Fut + Send + Sync + Copy + 'static,
+    Fut: std::future::Future<Output = Result<(), journal::JournalError>> + Send,
+{
+    let queue = Arc::new(std::sync::Mutex::new(items.into_iter()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..IN_FLIGHT {
+        let (journal, queue) = (journal.clone(), queue.clone());
+        tasks.spawn(async move {
+            loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                let Some(item) = next else {
+                    return Ok::<_, journal::JournalError>(());
+                };
+                op(journal.clone(), item).await?;
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// Measures the floor: `rounds` rounds of `events` events, medians per part; with `adapter`,
+/// also the cost of evaluating that script on each event's envelope.
+pub fn measure(
+    work_dir: &Path,
+    events: usize,
+    body_bytes: usize,
+    rounds: usize,
+    adapter: Option<&Path>,
+) -> anyhow::Result<Floor> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let adapter = adapter
+        .map(|path| Adapter::load(path).map_err(|e| anyhow::anyhow!("{e}")))
+        .transpose()?;
+    let mut all = Vec::new();
+    for _ in 0..rounds.max(1) {
+        all.push(round(
+            &runtime,
+            work_dir,
+            events,
+            body_bytes,
+            adapter.as_ref(),
+        )?);
+    }
+    let pick = |f: fn(&Floor) -> f64| median(all.iter().map(f).collect());
+    Ok(Floor {
+        verify_us: pick(|f| f.verify_us),
+        parse_us: pick(|f| f.parse_us),
+        append_us: pick(|f| f.append_us),
+        envelope_us: pick(|f| f.envelope_us),
+        finish_us: pick(|f| f.finish_us),
+        read_us: pick(|f| f.read_us),
+        adapter_us: adapter
+            .is_some()
+            .then(|| pick(|f| f.adapter_us.unwrap_or_default())),
+    })
+}
