@@ -30,15 +30,11 @@ use ess_agent::ingress::auth::WebhookSigner;
 use http_body_util::Full;
 use serde_json::{Value, json};
 
+mod common;
+use common::{env_or, machine_busy};
+
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SUBJECTS: usize = 256;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -319,24 +315,6 @@ fn agent_rate(dir: &Path, port: u16, events: usize, window: usize, round: usize)
     (events - 1) as f64 / (last - first.unwrap())
 }
 
-/// The bare publisher: confirmed publishes per second.
-/// Busy CPU seconds of the whole machine so far (every CPU; idle and iowait left out).
-fn machine_busy() -> f64 {
-    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<f64> = text
-        .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("cpu "))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    if ticks.len() < 8 {
-        return 0.0;
-    }
-    (ticks.iter().take(8).sum::<f64>() - ticks[3] - ticks[4]) / 100.0
-}
-
 /// A phase's figures: confirmed publishes per second, and the machine's CPU per message in
 /// microseconds (publisher, broker and all).
 struct Phase {
@@ -344,6 +322,7 @@ struct Phase {
     cpu_us: f64,
 }
 
+/// The bare publisher: confirmed publishes per second, and the machine's CPU per message.
 async fn bare_rate(port: u16, events: usize, window: usize, round: usize) -> Phase {
     let mut options =
         rumqttc::MqttOptions::new(format!("ess-bench-bare-{round}"), "127.0.0.1", port);

@@ -29,12 +29,8 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SIZE: usize = 1024;
 const CONCURRENCY: usize = 32;
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod common;
+use common::env_or;
 
 /// The 1 KiB content of file `n`.
 fn content(n: usize) -> String {

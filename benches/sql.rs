@@ -37,18 +37,14 @@ use serde_json::{Value, json};
 use sqlx::{Executor as _, Row as _};
 
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+mod common;
+use common::{env_or, machine_busy};
+
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SUBJECTS: usize = 1_000;
 const BATCH: usize = 64;
 const CONNECTIONS: usize = 4;
 const POSTERS: usize = 64;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Events per phase.
 fn events() -> usize {
@@ -71,23 +67,6 @@ fn stat_cpu(path: &str) -> f64 {
         .map(|f| f.parse().unwrap_or(0.0))
         .collect();
     (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / USER_HZ
-}
-
-/// Busy CPU seconds of the whole machine so far.
-fn machine_busy() -> f64 {
-    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<f64> = text
-        .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("cpu "))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    if ticks.len() < 8 {
-        return 0.0;
-    }
-    (ticks.iter().take(8).sum::<f64>() - ticks[3] - ticks[4]) / USER_HZ
 }
 
 /// CPU used by the machine and by one process from `start` on, per event.

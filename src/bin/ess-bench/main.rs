@@ -1712,6 +1712,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_budget_is_what_the_target_ratio_leaves_after_the_generator_and_http() {
+        let bare = Figures {
+            rate: 70_000.0,
+            server_cpu: 0.9,
+            client_cpu: 1.0,
+            ..Figures::default()
+        };
+        let budget = Budget::new(&bare, 2);
+        // 2 CPUs ÷ (0.7 × 70,000/s) = 40.8 µs; the generator 1.0 ÷ 70,000 = 14.3 µs; the
+        // bare server 0.9 ÷ 70,000 = 12.9 µs.
+        assert!(
+            (budget.machine_us - 40.816).abs() < 0.01,
+            "{}",
+            budget.machine_us
+        );
+        assert!((budget.generator_us - 14.286).abs() < 0.01);
+        assert!((budget.http_us - 12.857).abs() < 0.01);
+        assert!((budget.left_us() - 13.673).abs() < 0.01);
+    }
+
+    #[test]
     fn percentile_is_nearest_rank() {
         let v: Vec<u64> = (1..=1000).collect();
         assert_eq!(percentile(&v, 0.50), 500);
