@@ -24,6 +24,10 @@
 //! of each figure, with the CPU the targets, the load generator and everything else on the
 //! machine used, and what the agent's own metrics say about its journal and dispatcher.
 //!
+//! After the runs, `accept` measures the floor (`ess-bench floor`, [`floor`]): the CPU per event
+//! of the parts every accepted event needs, each alone on one thread, and sets it beside the CPU
+//! per event that the target ratio to the bare server leaves the agent on this machine.
+//!
 //! Traffic goes only to 127.0.0.1; every phase is bounded in time and every child process is
 //! stopped before the benchmark exits.
 
