@@ -202,8 +202,9 @@ fn write_deliveries(conn: &Connection, updates: &[DeliveryUpdate]) -> Result<(),
     Ok(())
 }
 
-/// Moves an event from the backlog to its final state; false when it was not in the backlog.
-fn finish_event(conn: &Connection, finish: &Finish) -> Result<bool, rusqlite::Error> {
+/// Moves an event from the backlog to its final state, in the writer's transaction (see
+/// [`Journal::finish`]); false when it was not in the backlog.
+pub fn finish_event(conn: &Connection, finish: &Finish) -> Result<bool, rusqlite::Error> {
     let now = now_rfc3339();
     let changed = conn
         .prepare_cached(

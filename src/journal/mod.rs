@@ -22,9 +22,9 @@ mod writer;
 
 pub use apply::{
     DeadLetter, DeliveryRecord, DeliveryUpdate, DropOutcome, Finish, OutboxRow, Requeue,
-    StoredEvent, deliveries, load_event, subject_revision,
+    StoredEvent, deliveries, finish_event, load_event, subject_revision,
 };
-pub use writer::Committed;
+pub use writer::{Committed, insert_event};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -188,37 +188,7 @@ impl Writer {
         for op in batch.iter_mut() {
             match op {
                 Op::Append(e, _) => {
-                    let inserted = tx
-                        .prepare_cached(
-                            "INSERT INTO events (id, type, version, subject, revision, source, \
-                             time, format, content_type, received_at, state, updated_at) \
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?10) \
-                             ON CONFLICT (id) DO NOTHING",
-                        )?
-                        .execute(params![
-                            e.id,
-                            e.event_type,
-                            e.version as i64,
-                            e.subject,
-                            e.revision.map(|r| r as i64),
-                            e.source,
-                            e.time,
-                            e.format.as_str(),
-                            e.content_type,
-                            now,
-                            state::ACCEPTED,
-                        ])?;
-                    if inserted == 1 {
-                        let seq = tx.last_insert_rowid();
-                        tx.prepare_cached(
-                            "INSERT INTO event_bodies (seq, raw_body, envelope) \
-                             VALUES (?1, ?2, ?3)",
-                        )?
-                        .execute(params![
-                            seq,
-                            &e.raw_body[..],
-                            e.envelope
-                        ])?;
+                    if let Some(seq) = insert_event(&tx, e, &now)? {
                         // The envelope is not needed here any more: it moves on to the
                         // dispatcher rather than being copied.
                         let event = StoredEvent {
@@ -268,6 +238,42 @@ impl Writer {
         tx.commit()?;
         Ok(outcomes)
     }
+}
+
+/// Inserts a new event (its row and its body) in the writer's transaction: the new event's
+/// sequence number, or `None` when its id is in the journal already.
+pub fn insert_event(
+    tx: &Connection,
+    e: &NewEvent,
+    now: &str,
+) -> Result<Option<i64>, rusqlite::Error> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO events (id, type, version, subject, revision, source, time, format, \
+             content_type, received_at, state, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?10) \
+             ON CONFLICT (id) DO NOTHING",
+        )?
+        .execute(params![
+            e.id,
+            e.event_type,
+            e.version as i64,
+            e.subject,
+            e.revision.map(|r| r as i64),
+            e.source,
+            e.time,
+            e.format.as_str(),
+            e.content_type,
+            now,
+            state::ACCEPTED,
+        ])?;
+    if inserted == 0 {
+        return Ok(None);
+    }
+    let seq = tx.last_insert_rowid();
+    tx.prepare_cached("INSERT INTO event_bodies (seq, raw_body, envelope) VALUES (?1, ?2, ?3)")?
+        .execute(params![seq, &e.raw_body[..], e.envelope])?;
+    Ok(Some(seq))
 }
 
 /// Errors are not `Clone` (they wrap rusqlite errors); every waiter in a failed batch gets an
