@@ -16,7 +16,7 @@ use ess_agent::journal::{self, Finish, Journal, JournalOptions, NewEvent, state}
 use http::{HeaderMap, HeaderValue, header};
 use serde_json::{Value, json};
 
-use crate::{SECRET, TempDir, event_body, unix_now, uuid_v4};
+use crate::{SECRET, TempDir, event_body, median, unix_now, uuid_v4};
 
 /// Appends (and finishes) in flight at once: the load generator's default connection count,
 /// so that commits group as many events as under load. Also the batch of the batched insert.
@@ -138,11 +138,6 @@ fn schedstat_seconds(path: &str) -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |ns| ns / 1e9)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Signed deliveries as the load generator sends them: headers and body.
