@@ -212,28 +212,17 @@ fn round(
 
     // Half the events are appended as the agent does, half inserted in batches.
     let batched: Vec<NewEvent> = new_events.split_off(events / 2);
-    let (one_by_one, in_batches) = (new_events.len(), batched.len());
-    let start = writer_cpu();
-    runtime.block_on(in_flight(
-        &journal,
-        new_events,
-        |journal, event| async move { journal.append(event).await.map(|_| ()) },
-    ))?;
-    let append_us = (writer_cpu() - start) / one_by_one as f64 * 1e6;
-    let batches: Vec<Vec<NewEvent>> = batched.chunks(IN_FLIGHT).map(<[_]>::to_vec).collect();
-    let start = writer_cpu();
-    runtime.block_on(in_flight(&journal, batches, |journal, batch| async move {
-        journal
-            .write(move |conn| {
-                let now = journal::now_rfc3339();
-                for event in &batch {
-                    journal::insert_event(conn, event, &now)?;
-                }
-                Ok(())
-            })
-            .await
-    }))?;
-    let insert_us = (writer_cpu() - start) / in_batches as f64 * 1e6;
+    let append_us =
+        writer_us_per_item(runtime, &journal, new_events, |journal, event| async move {
+            journal.append(event).await.map(|_| ())
+        })?;
+    let insert_us = writer_us_in_batches(runtime, &journal, batched, IN_FLIGHT, |conn, batch| {
+        let now = journal::now_rfc3339();
+        for event in batch {
+            journal::insert_event(conn, event, &now)?;
+        }
+        Ok(())
+    })?;
 
     let start = thread_cpu();
     let mut documents = Vec::with_capacity(events);
@@ -273,7 +262,7 @@ fn round(
     }
     let read_us = per_event(thread_cpu() - start);
 
-    let finishes: Vec<Finish> = ids
+    let mut finishes: Vec<Finish> = ids
         .into_iter()
         .zip(subjects)
         .enumerate()
@@ -287,29 +276,18 @@ fn round(
         })
         .collect();
     // Half the events are finished as the agent does, half in batches.
-    let mut finishes = finishes;
     let batched: Vec<Finish> = finishes.split_off(events / 2);
-    let (one_by_one, in_batches) = (finishes.len(), batched.len());
-    let start = writer_cpu();
-    runtime.block_on(in_flight(
-        &journal,
-        finishes,
-        |journal, finish| async move { journal.finish(finish).await },
-    ))?;
-    let finish_us = (writer_cpu() - start) / one_by_one as f64 * 1e6;
-    let batches: Vec<Vec<Finish>> = batched.chunks(FINISH_BATCH).map(<[_]>::to_vec).collect();
-    let start = writer_cpu();
-    runtime.block_on(in_flight(&journal, batches, |journal, batch| async move {
-        journal
-            .write(move |conn| {
-                for finish in &batch {
-                    journal::finish_event(conn, finish)?;
-                }
-                Ok(())
-            })
-            .await
-    }))?;
-    let final_us = (writer_cpu() - start) / in_batches as f64 * 1e6;
+    let finish_us =
+        writer_us_per_item(runtime, &journal, finishes, |journal, finish| async move {
+            journal.finish(finish).await
+        })?;
+    let final_us =
+        writer_us_in_batches(runtime, &journal, batched, FINISH_BATCH, |conn, batch| {
+            for finish in batch {
+                journal::finish_event(conn, finish)?;
+            }
+            Ok(())
+        })?;
     journal.close();
     Ok(Floor {
         verify_us,
@@ -322,6 +300,48 @@ fn round(
         read_us,
         adapter_us,
     })
+}
+
+/// The journal writer's CPU per item, in microseconds, while `op` runs over `items` with
+/// [`IN_FLIGHT`] at once.
+fn writer_us_per_item<T, F, Fut>(
+    runtime: &tokio::runtime::Runtime,
+    journal: &Arc<Journal>,
+    items: Vec<T>,
+    op: F,
+) -> anyhow::Result<f64>
+where
+    T: Send + 'static,
+    F: Fn(Arc<Journal>, T) -> Fut + Send + Sync + Copy + 'static,
+    Fut: std::future::Future<Output = Result<(), journal::JournalError>> + Send,
+{
+    let count = items.len().max(1) as f64;
+    let start = writer_cpu();
+    runtime.block_on(in_flight(journal, items, op))?;
+    Ok((writer_cpu() - start) / count * 1e6)
+}
+
+/// The journal writer's CPU per item, in microseconds, while `write` runs on `items` in writer
+/// jobs of `size`, [`IN_FLIGHT`] jobs at once.
+fn writer_us_in_batches<T>(
+    runtime: &tokio::runtime::Runtime,
+    journal: &Arc<Journal>,
+    items: Vec<T>,
+    size: usize,
+    write: fn(&rusqlite::Connection, &[T]) -> Result<(), rusqlite::Error>,
+) -> anyhow::Result<f64>
+where
+    T: Clone + Send + 'static,
+{
+    let count = items.len().max(1) as f64;
+    let batches: Vec<Vec<T>> = items.chunks(size).map(<[T]>::to_vec).collect();
+    let start = writer_cpu();
+    runtime.block_on(in_flight(
+        journal,
+        batches,
+        move |journal, batch| async move { journal.write(move |conn| write(conn, &batch)).await },
+    ))?;
+    Ok((writer_cpu() - start) / count * 1e6)
 }
 
 /// Runs `op` over `items` with [`IN_FLIGHT`] at once.
