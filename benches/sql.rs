@@ -196,7 +196,39 @@ impl Drop for Agent {
     }
 }
 
-fn start_agent(dir: &Path, table: &str, ledger: &str) -> Agent {
+/// A change to the agent, compared with its defaults in the same run.
+#[derive(Debug, Default)]
+struct Variant {
+    /// TOML added to the agent's configuration (start it with a table header, `[journal]`).
+    toml: String,
+    /// Environment variables set for the agent.
+    env: Vec<(String, String)>,
+}
+
+impl Variant {
+    /// From `ESS_BENCH_AGENT_VARIANT` (TOML) and `ESS_BENCH_AGENT_VARIANT_ENV` (`NAME=value`
+    /// pairs separated by spaces); `None` when neither is set.
+    fn from_env() -> Option<Variant> {
+        let toml = std::env::var("ESS_BENCH_AGENT_VARIANT").ok();
+        let env = std::env::var("ESS_BENCH_AGENT_VARIANT_ENV").ok();
+        if toml.is_none() && env.is_none() {
+            return None;
+        }
+        let env = env
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Some(Variant {
+            toml: toml.unwrap_or_default(),
+            env,
+        })
+    }
+}
+
+/// The agent's configuration is the bench's, changed by `variant`.
+fn start_agent(dir: &Path, table: &str, ledger: &str, variant: &Variant) -> Agent {
     std::fs::create_dir_all(dir.join("adapters")).unwrap();
     std::fs::write(
         dir.join("adapters/bench.jsonata"),
@@ -216,7 +248,8 @@ fn start_agent(dir: &Path, table: &str, ledger: &str) -> Agent {
          [[routes]]\nname = \"bench\"\nadapter = \"bench.jsonata\"\nsink = \"pg\"\n\
          [sinks.pg]\ntype = \"sql\"\nurl = {PG_URL:?}\nstatement = {statement:?}\n\
          ledger_table = {ledger:?}\nmax_batch = {BATCH}\nmax_connections = {CONNECTIONS}\n\
-         statement_timeout_ms = 300000\n",
+         statement_timeout_ms = 300000\n{extra}\n",
+        extra = variant.toml,
         state = dir.join("state").display().to_string(),
         adapters = dir.join("adapters").display().to_string(),
         secret = dir.join("secret").display().to_string(),
@@ -231,6 +264,7 @@ fn start_agent(dir: &Path, table: &str, ledger: &str) -> Agent {
             "ESS_AGENT_LOG",
             std::env::var("ESS_BENCH_AGENT_LOG").unwrap_or_else(|_| "info".into()),
         )
+        .envs(variant.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -386,7 +420,7 @@ async fn sink_alone(pool: &sqlx::PgPool, table: &str, ledger: &str) -> f64 {
 /// End to end: events/s from the first post to the last row, and the rate of acceptance.
 async fn through_agent(pool: &sqlx::PgPool, table: &str, ledger: &str) -> (f64, f64) {
     let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(dir.path(), table, ledger);
+    let agent = start_agent(dir.path(), table, ledger, &Variant::default());
     let cpu = CpuMeter::start(Some(agent.child.id()));
     let start = Instant::now();
     post_all(&agent.ingress).await;
@@ -400,9 +434,15 @@ async fn through_agent(pool: &sqlx::PgPool, table: &str, ledger: &str) -> (f64, 
 
 /// The apply path alone: the events are accepted while the table is locked, so that they wait
 /// in the journal; the figure is events/s from the lock's release to the last row.
-async fn backlog_through_agent(pool: &sqlx::PgPool, table: &str, ledger: &str) -> f64 {
+async fn backlog_through_agent(
+    pool: &sqlx::PgPool,
+    table: &str,
+    ledger: &str,
+    variant: &Variant,
+    label: &str,
+) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(dir.path(), table, ledger);
+    let agent = start_agent(dir.path(), table, ledger, variant);
     let mut lock = pool.begin().await.unwrap();
     lock.execute(sqlx::AssertSqlSafe(format!(
         "LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
@@ -416,7 +456,7 @@ async fn backlog_through_agent(pool: &sqlx::PgPool, table: &str, ledger: &str) -
     lock.commit().await.unwrap();
     wait_applied(&agent, pool, table).await;
     let elapsed = start.elapsed().as_secs_f64();
-    eprintln!("  agent, backlog: {}", cpu.per_event("agent"));
+    eprintln!("  {label}: {}", cpu.per_event("agent"));
     drop(agent);
     events() as f64 / elapsed
 }
@@ -457,6 +497,9 @@ fn main() {
             }
         };
         let rounds = env_or("ESS_BENCH_ROUNDS", 3).max(1);
+        // A change to compare with the defaults in the same run, in a second backlog phase.
+        let variant = Variant::from_env();
+        let mut backlog_variant = Vec::new();
         for round in 0..rounds {
             let table = format!("bench_sql_{suffix}_{round}");
             let ledger = format!("bench_sql_ledger_{suffix}_{round}");
@@ -488,10 +531,28 @@ fn main() {
             pool.execute(sqlx::AssertSqlSafe(table_ddl(&table)))
                 .await
                 .unwrap();
-            let rate = backlog_through_agent(&pool, &table, &ledger).await;
+            let rate = backlog_through_agent(
+                &pool,
+                &table,
+                &ledger,
+                &Variant::default(),
+                "agent, backlog",
+            )
+            .await;
             drop_tables(vec![table.clone(), ledger.clone()]).await;
             eprintln!("round {round}: agent, backlog {rate:.0} events/s applied");
             backlog.push(rate);
+
+            if let Some(variant) = &variant {
+                pool.execute(sqlx::AssertSqlSafe(table_ddl(&table)))
+                    .await
+                    .unwrap();
+                let label = "agent, backlog, variant";
+                let rate = backlog_through_agent(&pool, &table, &ledger, variant, label).await;
+                drop_tables(vec![table.clone(), ledger.clone()]).await;
+                eprintln!("round {round}: {label} {rate:.0} events/s applied");
+                backlog_variant.push(rate);
+            }
 
             pool.execute(sqlx::AssertSqlSafe(table_ddl(&table)))
                 .await
@@ -529,6 +590,15 @@ fn main() {
             backlog / base,
             backlog / base_one
         );
+        if let Some(variant) = &variant {
+            let rate = median(backlog_variant);
+            println!(
+                "agent, journaled backlog, with {variant:?}: {rate:.0} events/s applied; ratio \
+                 {:.2} ({CONNECTIONS} connections), {:.2} of the backlog phase with the defaults",
+                rate / base,
+                rate / backlog
+            );
+        }
         println!(
             "agent, end to end (HTTP → journal → adapter → sql sink): {end_to_end:.0} events/s \
              applied; ratio {:.2} ({CONNECTIONS} connections), {:.2} (1 connection); accepted \

@@ -111,6 +111,7 @@ pub async fn run(
 
     let options = JournalOptions {
         max_batch: config.journal.max_batch,
+        finish_linger: Duration::from_millis(config.journal.finish_linger_ms),
         checkpoint_interval: Duration::from_millis(config.journal.checkpoint_interval_ms),
         wal_restart_bytes: config.journal.wal_restart_mib.saturating_mul(1 << 20),
         min_free_disk_bytes: config.limits.min_free_disk_bytes,

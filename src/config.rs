@@ -404,6 +404,13 @@ pub struct JournalConfig {
     /// Most events one commit (one fsync) may carry. Default: 512.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// How long, in milliseconds, the journal waits for more final states before it commits
+    /// a batch that holds final states only. A sink batch completes many events within a
+    /// fraction of a millisecond; waiting lets them share one commit (one fsync) instead of
+    /// one each. New events never wait for it: one arriving commits at once. 0 turns it off.
+    /// Default: 1.
+    #[serde(default = "default_finish_linger")]
+    pub finish_linger_ms: u64,
     /// How often the background checkpoint moves the write-ahead log into the database and the
     /// free-disk check runs. Milliseconds. Default: 250.
     #[serde(default = "default_checkpoint_interval")]
@@ -435,6 +442,9 @@ impl JournalConfig {
 fn default_max_batch() -> usize {
     512
 }
+fn default_finish_linger() -> u64 {
+    1
+}
 fn default_checkpoint_interval() -> u64 {
     250
 }
@@ -449,6 +459,7 @@ impl Default for JournalConfig {
     fn default() -> Self {
         Self {
             max_batch: default_max_batch(),
+            finish_linger_ms: default_finish_linger(),
             checkpoint_interval_ms: default_checkpoint_interval(),
             wal_restart_mib: default_wal_restart_mib(),
             retention_days: default_retention_days(),

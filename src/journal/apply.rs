@@ -175,12 +175,15 @@ pub fn deliveries(conn: &Connection, seq: i64) -> Result<Vec<DeliveryRecord>, ru
     .collect()
 }
 
-/// Upserts delivery states.
-fn write_deliveries(conn: &Connection, updates: &[DeliveryUpdate]) -> Result<(), rusqlite::Error> {
+/// Upserts delivery states; `now` is the writer's RFC 3339 time.
+pub(super) fn write_deliveries(
+    conn: &Connection,
+    updates: &[DeliveryUpdate],
+    now: &str,
+) -> Result<(), rusqlite::Error> {
     if updates.is_empty() {
         return Ok(());
     }
-    let now = now_rfc3339();
     let mut stmt = conn.prepare_cached(
         "INSERT INTO deliveries (event_seq, route, sink, state, attempts, next_attempt_ms, \
          last_error, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
@@ -203,9 +206,13 @@ fn write_deliveries(conn: &Connection, updates: &[DeliveryUpdate]) -> Result<(),
 }
 
 /// Moves an event from the backlog to its final state, in the writer's transaction (see
-/// [`Journal::finish`]); false when it was not in the backlog.
-pub fn finish_event(conn: &Connection, finish: &Finish) -> Result<bool, rusqlite::Error> {
-    let now = now_rfc3339();
+/// [`Journal::finish`]); false when it was not in the backlog. `now` is the writer's RFC 3339
+/// time.
+pub fn finish_event(
+    conn: &Connection,
+    finish: &Finish,
+    now: &str,
+) -> Result<bool, rusqlite::Error> {
     let changed = conn
         .prepare_cached(
             "UPDATE events SET state = ?2, error = ?3, finished_at = ?4, \
@@ -366,7 +373,7 @@ impl Journal {
 
     /// Records the state of several deliveries in one transaction.
     pub async fn set_deliveries(&self, updates: Vec<DeliveryUpdate>) -> Result<(), JournalError> {
-        self.write(move |conn| write_deliveries(conn, &updates))
+        self.write(move |conn| write_deliveries(conn, &updates, &now_rfc3339()))
             .await
     }
 
@@ -377,17 +384,20 @@ impl Journal {
     }
 
     /// As [`Journal::finish`], recording the deliveries' last states in the same transaction.
+    /// The writer writes the final states queued together in one go (see the writer's text).
     pub async fn finish_with(
         &self,
         updates: Vec<DeliveryUpdate>,
         finish: Finish,
     ) -> Result<(), JournalError> {
-        let changed = self
-            .write(move |conn| {
-                write_deliveries(conn, &updates)?;
-                finish_event(conn, &finish)
-            })
-            .await?;
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.ops
+            .send(super::writer::Op::Finish(
+                Box::new(super::writer::Finishing { updates, finish }),
+                reply,
+            ))
+            .map_err(|_| JournalError::Closed)?;
+        let changed = done.await.map_err(|_| JournalError::Closed)??;
         if changed {
             let _ = self
                 .shared

@@ -187,6 +187,9 @@ pub enum Appended {
 pub struct JournalOptions {
     /// Most appends one transaction may carry.
     pub max_batch: usize,
+    /// How long the writer waits for more final states before it commits a batch that holds
+    /// nothing else (see [`crate::config::JournalConfig::finish_linger_ms`]).
+    pub finish_linger: Duration,
     /// How often the checkpoint and free-disk check run.
     pub checkpoint_interval: Duration,
     /// Size of the write-ahead log past which the writer restarts it (see
@@ -206,6 +209,7 @@ impl Default for JournalOptions {
     fn default() -> Self {
         Self {
             max_batch: 512,
+            finish_linger: Duration::from_millis(1),
             checkpoint_interval: Duration::from_millis(250),
             wal_restart_bytes: 64 << 20,
             min_free_disk_bytes: 64 * 1024 * 1024,
@@ -320,6 +324,7 @@ impl Journal {
             conn,
             rx,
             options.max_batch,
+            options.finish_linger,
             shared.clone(),
             listener.clone(),
         );
@@ -935,6 +940,79 @@ mod tests {
             .unwrap();
         subjects.sort();
         assert_eq!(subjects, ["a", "b", "c"]);
+        journal.close();
+    }
+
+    fn state_of(journal: &Journal, id: &str) -> String {
+        journal.get(id).unwrap().unwrap().state
+    }
+
+    #[tokio::test]
+    async fn a_final_state_that_cannot_be_written_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        // A long linger, so that the three final states share one batch.
+        let options = JournalOptions {
+            finish_linger: Duration::from_secs(60),
+            max_batch: 3,
+            ..JournalOptions::default()
+        };
+        let journal = Journal::open(dir.path(), options).unwrap();
+        for id in ["a", "b", "c"] {
+            assert_eq!(journal.append(event(id)).await.unwrap(), Appended::Accepted);
+        }
+        // A delivery of an event that does not exist breaks the foreign key.
+        let broken = DeliveryUpdate {
+            seq: 999,
+            route: "r".into(),
+            sink: "s".into(),
+            state: state::APPLIED,
+            attempts: 1,
+            next_attempt_ms: None,
+            last_error: None,
+        };
+        let (a, b, c) = tokio::join!(
+            journal.finish(finish(1, "a", state::APPLIED)),
+            journal.finish_with(vec![broken], finish(2, "b", state::APPLIED)),
+            journal.finish(finish(3, "c", state::FAILED)),
+        );
+        assert!(a.is_ok() && b.is_err() && c.is_ok(), "{a:?} {b:?} {c:?}");
+        assert_eq!(state_of(&journal, "a"), state::APPLIED);
+        assert_eq!(state_of(&journal, "b"), state::ACCEPTED);
+        assert_eq!(state_of(&journal, "c"), state::FAILED);
+        assert_eq!(journal.backlog(), 1);
+        journal.close();
+    }
+
+    #[tokio::test]
+    async fn final_states_wait_for_company_and_a_new_event_ends_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = JournalOptions {
+            finish_linger: Duration::from_secs(60),
+            ..JournalOptions::default()
+        };
+        let journal = Journal::open(dir.path(), options).unwrap();
+        assert_eq!(
+            journal.append(event("a")).await.unwrap(),
+            Appended::Accepted
+        );
+        let commits = journal.commits();
+        let mut finishing = tokio::spawn({
+            let journal = journal.clone();
+            async move { journal.finish(finish(1, "a", state::APPLIED)).await }
+        });
+        // Alone, the final state waits for more (the linger is a minute).
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut finishing)
+                .await
+                .is_err()
+        );
+        assert_eq!(state_of(&journal, "a"), state::ACCEPTED);
+        // A new event is not kept waiting, and takes the final state with it.
+        let appended = tokio::time::timeout(Duration::from_secs(10), journal.append(event("b")));
+        assert_eq!(appended.await.unwrap().unwrap(), Appended::Accepted);
+        finishing.await.unwrap().unwrap();
+        assert_eq!(state_of(&journal, "a"), state::APPLIED);
+        assert_eq!(journal.commits(), commits + 1);
         journal.close();
     }
 

@@ -6,6 +6,14 @@
 //! batch gets the error and nothing of the batch is stored. A job (a state change of the
 //! dispatcher or the admin API) runs inside its own savepoint, so a job that fails rolls back
 //! alone and the rest of the batch still commits.
+//!
+//! Final states arrive in bursts (a sink batch completes many events at once) and nothing waits
+//! on them as a hub waits on an acknowledgement, so a batch of final states only waits up to
+//! the linger for more before it commits: a burst then costs one commit instead of one per few
+//! events. A new event or a job ends the wait at once.
+//!
+//! Final states, the most frequent change, are not jobs: the batch writes all of them together,
+//! first, with no savepoint (see `write_finishes`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,7 +22,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::apply::rfc3339_ms;
+use super::apply::{DeliveryUpdate, Finish, finish_event, rfc3339_ms, write_deliveries};
 use super::{
     Appended, JournalError, NewEvent, Shared, StoredEvent, now_rfc3339, read_record, state,
 };
@@ -29,8 +37,17 @@ pub(super) type Job = Box<dyn FnOnce(&Connection) -> Result<(), rusqlite::Error>
 pub(super) enum Op {
     Append(Box<NewEvent>, Reply),
     Job(Job, oneshot::Sender<Result<(), JournalError>>),
+    /// An event's final state with its deliveries' last states; the reply says whether the
+    /// event was in the backlog.
+    Finish(Box<Finishing>, oneshot::Sender<Result<bool, JournalError>>),
     /// Finish what is queued before this, checkpoint, and stop.
     Close(Sender<()>),
+}
+
+/// What [`Op::Finish`] writes.
+pub(super) struct Finishing {
+    pub(super) updates: Vec<DeliveryUpdate>,
+    pub(super) finish: Finish,
 }
 
 /// An event that was committed, for the dispatcher.
@@ -47,6 +64,7 @@ pub(super) struct Writer {
     conn: Connection,
     rx: Receiver<Op>,
     max_batch: usize,
+    finish_linger: std::time::Duration,
     shared: Arc<Shared>,
     listener: Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<Committed>>>>,
 }
@@ -55,6 +73,7 @@ pub(super) struct Writer {
 enum Outcome {
     Appended(Appended, Option<Committed>),
     Job(Result<(), rusqlite::Error>),
+    Finish(Result<bool, rusqlite::Error>),
 }
 
 impl Writer {
@@ -62,6 +81,7 @@ impl Writer {
         conn: Connection,
         rx: Receiver<Op>,
         max_batch: usize,
+        finish_linger: std::time::Duration,
         shared: Arc<Shared>,
         listener: Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<Committed>>>>,
     ) -> Self {
@@ -69,6 +89,7 @@ impl Writer {
             conn,
             rx,
             max_batch: max_batch.max(1),
+            finish_linger,
             shared,
             listener,
         }
@@ -89,6 +110,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            if close.is_none() {
+                close = self.linger(&mut batch);
+            }
             if !batch.is_empty() {
                 self.commit_batch(&mut batch);
             }
@@ -106,6 +130,34 @@ impl Writer {
                 return;
             }
         }
+    }
+
+    /// While the batch holds final states only, waits up to the linger for more (see the
+    /// module's text). Returns a close request that arrived meanwhile.
+    fn linger(&self, batch: &mut Vec<Op>) -> Option<Sender<()>> {
+        let only_finishes =
+            |batch: &[Op]| !batch.is_empty() && batch.iter().all(|op| matches!(op, Op::Finish(..)));
+        if self.finish_linger.is_zero() || !only_finishes(batch) {
+            return None;
+        }
+        let deadline = std::time::Instant::now() + self.finish_linger;
+        while batch.len() < self.max_batch && only_finishes(batch) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(Op::Close(done)) => return Some(done),
+                Ok(op) => batch.push(op),
+                Err(_) => return None,
+            }
+        }
+        // Whatever else is queued already goes with it.
+        while batch.len() < self.max_batch {
+            match self.rx.try_recv() {
+                Ok(Op::Close(done)) => return Some(done),
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        None
     }
 
     /// Copies the frames the background checkpoint has not copied yet (those of the last few
@@ -151,6 +203,9 @@ impl Writer {
                         (Op::Job(_, reply), Outcome::Job(result)) => {
                             let _ = reply.send(result.map_err(JournalError::from));
                         }
+                        (Op::Finish(_, reply), Outcome::Finish(result)) => {
+                            let _ = reply.send(result.map_err(JournalError::from));
+                        }
                         _ => {}
                     }
                 }
@@ -170,6 +225,9 @@ impl Writer {
                         Op::Job(_, reply) => {
                             let _ = reply.send(Err(clone_error(&e)));
                         }
+                        Op::Finish(_, reply) => {
+                            let _ = reply.send(Err(clone_error(&e)));
+                        }
                         Op::Close(_) => {}
                     }
                 }
@@ -179,12 +237,12 @@ impl Writer {
 
     /// Writes the batch in one transaction. Nothing is visible or durable until it returns Ok.
     fn write(&mut self, batch: &mut [Op]) -> Result<Vec<Outcome>, JournalError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut outcomes = Vec::with_capacity(batch.len());
         let now = now_rfc3339();
         let now_ms = rfc3339_ms(&now);
+        // Final states first: nothing else of the batch depends on them, and written first
+        // they can be retried alone (see `write_finishes`).
+        let (tx, mut finished) = write_finishes(&self.conn, batch, &now)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
         for op in batch.iter_mut() {
             match op {
                 Op::Append(e, _) => {
@@ -232,12 +290,61 @@ impl Writer {
                     tx.prepare_cached("RELEASE job")?.execute([])?;
                     outcomes.push(Outcome::Job(result));
                 }
+                Op::Finish(..) => {
+                    outcomes.push(Outcome::Finish(finished.next().unwrap_or(Ok(false))))
+                }
                 Op::Close(_) => {}
             }
         }
         tx.commit()?;
         Ok(outcomes)
     }
+}
+
+/// The result of each final state of the batch, in the batch's order.
+type Finished = std::vec::IntoIter<Result<bool, rusqlite::Error>>;
+
+/// Writes the batch's final states, all together and with no savepoint (a savepoint copies
+/// every page it changes once more). When one fails, the transaction (which holds nothing else
+/// yet) is rolled back, started again, and each final state is written in a savepoint of its
+/// own, so that one that cannot be written does not keep the others out.
+fn write_finishes<'c>(
+    conn: &'c Connection,
+    batch: &[Op],
+    now: &str,
+) -> Result<(rusqlite::Transaction<'c>, Finished), rusqlite::Error> {
+    let finishing = || {
+        batch.iter().filter_map(|op| match op {
+            Op::Finish(f, _) => Some(&**f),
+            _ => None,
+        })
+    };
+    let write = |tx: &Connection, f: &Finishing| -> Result<bool, rusqlite::Error> {
+        write_deliveries(tx, &f.updates, now)?;
+        finish_event(tx, &f.finish, now)
+    };
+    let begin = || rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate);
+    let tx = begin()?;
+    let together: Result<Vec<Result<bool, rusqlite::Error>>, rusqlite::Error> =
+        finishing().map(|f| write(&tx, f).map(Ok)).collect();
+    let e = match together {
+        Ok(results) => return Ok((tx, results.into_iter())),
+        Err(e) => e,
+    };
+    tx.rollback()?;
+    tracing::warn!(error = %e, "writing final states together failed; writing each alone");
+    let tx = begin()?;
+    let mut results = Vec::new();
+    for f in finishing() {
+        tx.prepare_cached("SAVEPOINT finish")?.execute([])?;
+        let result = write(&tx, f);
+        if result.is_err() {
+            tx.prepare_cached("ROLLBACK TO finish")?.execute([])?;
+        }
+        tx.prepare_cached("RELEASE finish")?.execute([])?;
+        results.push(result);
+    }
+    Ok((tx, results.into_iter()))
 }
 
 /// Inserts a new event (its row and its body) in the writer's transaction: the new event's

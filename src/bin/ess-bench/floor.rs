@@ -283,8 +283,9 @@ fn round(
         })?;
     let final_us =
         writer_us_in_batches(runtime, &journal, batched, FINISH_BATCH, |conn, batch| {
+            let now = journal::now_rfc3339();
             for finish in batch {
-                journal::finish_event(conn, finish)?;
+                journal::finish_event(conn, finish, &now)?;
             }
             Ok(())
         })?;
