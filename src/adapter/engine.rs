@@ -63,6 +63,19 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct Expression {
     inner: jlens_core::Expression,
+    /// What the expression may read of its input (jlens' analysis, an upper bound); `None`
+    /// when it does not read it. An input given as JSON text is parsed to this cut.
+    reads: Option<jlens_core::reads::Read>,
+}
+
+/// The input document of an evaluation.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    /// A parsed document; `None` is JSONata `undefined`.
+    Json(Option<&'a Value>),
+    /// JSON text, parsed straight into the engine's own form, without the fields the
+    /// expression never reads.
+    Text(&'a str),
 }
 
 impl Expression {
@@ -70,7 +83,12 @@ impl Expression {
     /// when the expression is nested too deeply, or with `U1004` if the engine panics.
     pub fn compile(source: &str) -> Result<Expression, EngineError> {
         match catch_unwind(|| jlens_core::Expression::compile(source)) {
-            Ok(Ok(inner)) => Ok(Expression { inner }),
+            Ok(Ok(inner)) => {
+                // Bindings named after built-in functions would make the analysis wrong (jlens'
+                // `reads` module); the agent's own binding, `$partner`, is not one.
+                let reads = inner.reads().input().cloned();
+                Ok(Expression { inner, reads })
+            }
             Ok(Err(err)) => Err(EngineError::from_engine(&err, source, Stage::Compile)),
             Err(payload) => Err(EngineError::panicked(payload.as_ref())),
         }
@@ -103,7 +121,35 @@ impl Expression {
         bindings: &Map<String, Value>,
         limits: &Limits,
     ) -> Result<Option<Value>, EngineError> {
-        self.run(input, bindings, limits, true)
+        self.run(Input::Json(input), bindings, limits, true)
+    }
+
+    /// Like [`Expression::evaluate`], with the input given as JSON text: cheaper than parsing
+    /// it into a `Value` first, since it is parsed straight into the engine's own form and the
+    /// fields the expression cannot read are skipped (checked as JSON, not converted). Text
+    /// that is not JSON fails with [`CODE_ENGINE`].
+    pub fn evaluate_text(
+        &self,
+        input: &str,
+        bindings: &Map<String, Value>,
+        limits: &Limits,
+    ) -> Result<Option<Value>, EngineError> {
+        self.run(Input::Text(input), bindings, limits, true)
+    }
+
+    /// [`Expression::evaluate_text`] within `budget`, as [`Expression::evaluate_brief`].
+    pub fn evaluate_text_brief(
+        &self,
+        input: &str,
+        bindings: &Map<String, Value>,
+        limits: &Limits,
+        budget: Duration,
+    ) -> Result<Option<Value>, EngineError> {
+        let limits = Limits {
+            time: budget.min(limits.time),
+            ..limits.clone()
+        };
+        self.run(Input::Text(input), bindings, &limits, false)
     }
 
     /// Like [`Expression::evaluate`] with the time limit cut to `budget`, checked by the
@@ -122,12 +168,12 @@ impl Expression {
             time: budget.min(limits.time),
             ..limits.clone()
         };
-        self.run(Some(input), bindings, &limits, false)
+        self.run(Input::Json(Some(input)), bindings, &limits, false)
     }
 
     fn run(
         &self,
-        input: Option<&Value>,
+        input: Input<'_>,
         bindings: &Map<String, Value>,
         limits: &Limits,
         watched: bool,
@@ -145,15 +191,27 @@ impl Expression {
         let options = engine_options(limits, token);
         // The evaluation keeps all of its state to itself and the expression is immutable, so
         // nothing observable is left half-updated when the engine panics.
-        let run = AssertUnwindSafe(|| self.inner.evaluate_with(input, &vars, &options));
+        let run = AssertUnwindSafe(|| match input {
+            Input::Json(input) => Ok(self.inner.evaluate_with(input, &vars, &options)),
+            Input::Text(text) => {
+                let document = match &self.reads {
+                    Some(read) => jlens_core::Document::parse_cut(text, read),
+                    None => jlens_core::Document::parse(text),
+                };
+                document.map(|document| self.inner.evaluate_document(&document, &vars, &options))
+            }
+        });
         match catch_unwind(run) {
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(err)) => Err(EngineError::from_engine(
+            Err(payload) => Err(EngineError::panicked(payload.as_ref())),
+            Ok(Err(e)) => Err(EngineError::internal(format!(
+                "the input is not valid JSON: {e}"
+            ))),
+            Ok(Ok(Ok(result))) => Ok(result),
+            Ok(Ok(Err(err))) => Err(EngineError::from_engine(
                 &err,
                 self.inner.source(),
                 Stage::Evaluate(limits, self.inner.ast()),
             )),
-            Err(payload) => Err(EngineError::panicked(payload.as_ref())),
         }
     }
 

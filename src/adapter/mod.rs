@@ -16,6 +16,13 @@ use serde_json::{Map, Value};
 
 use engine::{EngineError, Expression, Limits};
 
+/// The variables every adapter gets: `$partner`, the agent id.
+fn partner_binding(partner: &str) -> Map<String, Value> {
+    let mut bindings = Map::new();
+    bindings.insert("partner".into(), Value::String(partner.to_owned()));
+    bindings
+}
+
 /// A compiled adapter script.
 #[derive(Debug, Clone)]
 pub struct Adapter {
@@ -73,9 +80,8 @@ impl Adapter {
         partner: &str,
         limits: &Limits,
     ) -> Result<Option<Value>, EngineError> {
-        let mut bindings = Map::new();
-        bindings.insert("partner".into(), Value::String(partner.to_owned()));
-        self.expression.evaluate(input, &bindings, limits)
+        self.expression
+            .evaluate(input, &partner_binding(partner), limits)
     }
 
     /// Like [`Adapter::evaluate`] with the time limit cut to `budget` (see
@@ -87,10 +93,32 @@ impl Adapter {
         limits: &Limits,
         budget: std::time::Duration,
     ) -> Result<Option<Value>, EngineError> {
-        let mut bindings = Map::new();
-        bindings.insert("partner".into(), Value::String(partner.to_owned()));
         self.expression
-            .evaluate_brief(input, &bindings, limits, budget)
+            .evaluate_brief(input, &partner_binding(partner), limits, budget)
+    }
+
+    /// [`Adapter::evaluate`] on an input given as JSON text (see
+    /// [`Expression::evaluate_text`]).
+    pub fn evaluate_text(
+        &self,
+        input: &str,
+        partner: &str,
+        limits: &Limits,
+    ) -> Result<Option<Value>, EngineError> {
+        self.expression
+            .evaluate_text(input, &partner_binding(partner), limits)
+    }
+
+    /// [`Adapter::evaluate_brief`] on an input given as JSON text.
+    pub fn evaluate_text_brief(
+        &self,
+        input: &str,
+        partner: &str,
+        limits: &Limits,
+        budget: std::time::Duration,
+    ) -> Result<Option<Value>, EngineError> {
+        self.expression
+            .evaluate_text_brief(input, &partner_binding(partner), limits, budget)
     }
 
     /// The script's source text.

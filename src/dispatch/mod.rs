@@ -418,24 +418,13 @@ impl Dispatcher {
             },
             None => self.load(seq).await?,
         };
-        let Some((event, mut deliveries, applied_revision)) = loaded else {
+        let Some((event, deliveries, applied_revision)) = loaded else {
             return Ok(Step::Done);
         };
         if state::is_final(&event.state) {
             return Ok(Step::Done);
         }
         let routing = self.routing();
-        let envelope: Value = match serde_json::from_str(&event.envelope) {
-            Ok(v) => v,
-            Err(e) => {
-                let error = format!(
-                    "the stored envelope is not valid JSON ({e}); the journal may be damaged"
-                );
-                return self
-                    .finish(&event, state::FAILED, Some(error), &[], Vec::new())
-                    .await;
-            }
-        };
         if let Some(revision) = event.revision
             && let Some(applied) = applied_revision
             && revision < applied
@@ -445,7 +434,7 @@ impl Dispatcher {
                 event.subject
             );
             return self
-                .finish(&event, state::SUPERSEDED, Some(reason), &[], Vec::new())
+                .finish(&event, state::SUPERSEDED, Some(reason), 0, Vec::new())
                 .await;
         }
 
@@ -457,17 +446,17 @@ impl Dispatcher {
             );
             tracing::warn!(event_id = %event.id, "{reason}");
             return self
-                .finish(&event, state::PARKED, Some(reason), &[], Vec::new())
+                .finish(&event, state::PARKED, Some(reason), 0, Vec::new())
                 .await;
         }
         // Delivery states are written with the event's final state in one transaction, or on
         // their own when a route waits for a retry. A crash before that write applies the
         // routes again, which the sinks make idempotent.
-        let mut updates = Vec::new();
+        let mut updates: Vec<DeliveryUpdate> = Vec::with_capacity(routes.len());
         let mut retry_at: Option<i64> = None;
         for route in &routes {
-            let existing = deliveries.iter().find(|d| d.route == route.name).cloned();
-            if let Some(d) = &existing {
+            let existing = deliveries.iter().find(|d| d.route == route.name);
+            if let Some(d) = existing {
                 if d.state != state::PENDING {
                     continue;
                 }
@@ -478,63 +467,60 @@ impl Dispatcher {
                     continue;
                 }
             }
-            let attempts = existing.as_ref().map_or(0, |d| d.attempts);
-            let update = self.apply_route(&event, &envelope, route, attempts).await;
+            let attempts = existing.map_or(0, |d| d.attempts);
+            let update = self.apply_route(&event, route, attempts).await;
             if let Some(due) = update.next_attempt_ms {
                 retry_at = Some(retry_at.map_or(due, |r| r.min(due)));
             }
-            let record = DeliveryRecord {
-                route: update.route.clone(),
-                sink: update.sink.clone(),
-                state: update.state.to_owned(),
-                attempts: update.attempts,
-                next_attempt_ms: update.next_attempt_ms,
-                last_error: update.last_error.clone(),
-                updated_at: now_rfc3339(),
-            };
-            let result = match update.state {
-                state::PENDING => "retry",
-                other => other,
-            };
-            metrics::counter!(
-                "ess_agent_deliveries_total",
-                "route" => update.route.clone(),
-                "sink" => update.sink.clone(),
-                "result" => result.to_owned()
-            )
+            let metrics = route.metrics();
+            match update.state {
+                state::APPLIED => &metrics.applied,
+                state::FILTERED => &metrics.filtered,
+                state::PENDING => &metrics.retry,
+                _ => &metrics.failed,
+            }
             .increment(1);
             updates.push(update);
-            deliveries.retain(|d| d.route != record.route);
-            deliveries.push(record);
         }
         if let Some(at) = retry_at {
             self.journal.set_deliveries(updates).await?;
             return Ok(Step::RetryAt(at));
         }
-        let current: Vec<&DeliveryRecord> = deliveries
+        // Each matching route's state: this pass's, else what the journal holds.
+        let current: Vec<(&str, &str, u32, Option<&str>)> = routes
             .iter()
-            .filter(|d| routes.iter().any(|r| r.name == d.route))
+            .filter_map(|route| {
+                let name = route.name.as_str();
+                updates
+                    .iter()
+                    .find(|u| u.route == name)
+                    .map(|u| (name, u.state, u.attempts, u.last_error.as_deref()))
+                    .or_else(|| {
+                        deliveries
+                            .iter()
+                            .find(|d| d.route == name)
+                            .map(|d| (name, d.state.as_str(), d.attempts, d.last_error.as_deref()))
+                    })
+            })
             .collect();
         let failed: Vec<String> = current
             .iter()
-            .filter(|d| d.state == state::FAILED)
-            .map(|d| {
-                format!(
-                    "route {}: {}",
-                    d.route,
-                    d.last_error.as_deref().unwrap_or("failed")
-                )
-            })
+            .filter(|(_, state, ..)| *state == state::FAILED)
+            .map(|(route, _, _, error)| format!("route {route}: {}", error.unwrap_or("failed")))
             .collect();
         let (final_state, error) = if !failed.is_empty() {
             (state::FAILED, Some(failed.join("; ")))
-        } else if current.iter().all(|d| d.state == state::FILTERED) {
+        } else if current
+            .iter()
+            .all(|(_, state, ..)| *state == state::FILTERED)
+        {
             (state::FILTERED, None)
         } else {
             (state::APPLIED, None)
         };
-        let owned: Vec<DeliveryRecord> = current.into_iter().cloned().collect();
-        self.finish(&event, final_state, error, &owned, updates)
+        let attempts = current.iter().map(|(_, _, a, _)| *a).max().unwrap_or(0);
+        drop(current);
+        self.finish(&event, final_state, error, attempts, updates)
             .await
     }
 
@@ -575,7 +561,6 @@ impl Dispatcher {
     async fn apply_route(
         &self,
         event: &StoredEvent,
-        envelope: &Value,
         route: &Route,
         attempts: u32,
     ) -> DeliveryUpdate {
@@ -589,8 +574,12 @@ impl Dispatcher {
             last_error: None,
         };
         let started = std::time::Instant::now();
-        let result = route.evaluate(envelope, &self.partner).await;
-        metrics::histogram!("ess_agent_adapter_eval_seconds", "route" => route.name.clone())
+        // The adapter reads the envelope as stored, JSON text, parsed straight into the
+        // engine's form.
+        let result = route.evaluate(&event.envelope, &self.partner).await;
+        route
+            .metrics()
+            .adapter_eval_seconds
             .record(started.elapsed().as_secs_f64());
         let output = match result {
             Ok(Some(output)) => output,
@@ -619,7 +608,9 @@ impl Dispatcher {
         update.attempts = attempts.saturating_add(1);
         let started = std::time::Instant::now();
         let applied = route.sink.apply(&meta, &output).await;
-        metrics::histogram!("ess_agent_sink_apply_seconds", "sink" => route.sink_name.clone())
+        route
+            .metrics()
+            .sink_apply_seconds
             .record(started.elapsed().as_secs_f64());
         match applied {
             Ok(()) => {
@@ -667,7 +658,7 @@ impl Dispatcher {
         event: &StoredEvent,
         final_state: &'static str,
         error: Option<String>,
-        deliveries: &[DeliveryRecord],
+        attempts: u32,
         updates: Vec<DeliveryUpdate>,
     ) -> Result<Step, JournalError> {
         let subject_revision = match (final_state, event.revision) {
@@ -688,7 +679,7 @@ impl Dispatcher {
                 "partner": self.partner,
                 "status": status,
                 "at": at,
-                "attempts": deliveries.iter().map(|d| d.attempts).max().unwrap_or(0),
+                "attempts": attempts,
                 "error": if status == "failed" { error.clone() } else { None },
             });
             (

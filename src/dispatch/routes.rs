@@ -116,6 +116,20 @@ pub struct Route {
     /// How many more evaluations go straight to the blocking pool, after one ran past
     /// [`INLINE_BUDGET`].
     offload: AtomicU32,
+    /// The route's metrics, registered at first use (after the exporter is installed), so that
+    /// recording one costs no label allocation or registry lookup.
+    metrics: std::sync::OnceLock<RouteMetrics>,
+}
+
+/// The handles of one route's metrics.
+pub struct RouteMetrics {
+    pub adapter_eval_seconds: metrics::Histogram,
+    pub sink_apply_seconds: metrics::Histogram,
+    /// `ess_agent_deliveries_total` by result: applied, filtered, failed, retry.
+    pub applied: metrics::Counter,
+    pub filtered: metrics::Counter,
+    pub failed: metrics::Counter,
+    pub retry: metrics::Counter,
 }
 
 /// How long an adapter evaluation may run on the async thread that dispatches the event.
@@ -129,13 +143,38 @@ pub const INLINE_BUDGET: Duration = Duration::from_millis(1);
 pub const OFFLOAD_AFTER_OVERRUN: u32 = 256;
 
 impl Route {
-    /// Runs the route's adapter on `input`: on this thread within [`INLINE_BUDGET`], or on the
-    /// blocking pool with the route's full limits when that does not suffice.
-    pub async fn evaluate(
-        &self,
-        input: &Value,
-        partner: &str,
-    ) -> Result<Option<Value>, EngineError> {
+    /// The route's metric handles.
+    pub fn metrics(&self) -> &RouteMetrics {
+        self.metrics.get_or_init(|| {
+            let deliveries = |result: &'static str| {
+                metrics::counter!(
+                    "ess_agent_deliveries_total",
+                    "route" => self.name.clone(),
+                    "sink" => self.sink_name.clone(),
+                    "result" => result
+                )
+            };
+            RouteMetrics {
+                adapter_eval_seconds: metrics::histogram!(
+                    "ess_agent_adapter_eval_seconds",
+                    "route" => self.name.clone()
+                ),
+                sink_apply_seconds: metrics::histogram!(
+                    "ess_agent_sink_apply_seconds",
+                    "sink" => self.sink_name.clone()
+                ),
+                applied: deliveries("applied"),
+                filtered: deliveries("filtered"),
+                failed: deliveries("failed"),
+                retry: deliveries("retry"),
+            }
+        })
+    }
+
+    /// Runs the route's adapter on `input`, the JSON text of the event's envelope: on this
+    /// thread within [`INLINE_BUDGET`], or on the blocking pool with the route's full limits
+    /// when that does not suffice.
+    pub async fn evaluate(&self, input: &str, partner: &str) -> Result<Option<Value>, EngineError> {
         let offloaded = self
             .offload
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
@@ -143,7 +182,7 @@ impl Route {
         if !offloaded && self.limits.time > INLINE_BUDGET {
             match self
                 .adapter
-                .evaluate_brief(input, partner, &self.limits, INLINE_BUDGET)
+                .evaluate_text_brief(input, partner, &self.limits, INLINE_BUDGET)
             {
                 Err(e) if e.code == CODE_TIMEOUT => {
                     self.offload.store(OFFLOAD_AFTER_OVERRUN, Ordering::Relaxed);
@@ -154,8 +193,8 @@ impl Route {
         let adapter = self.adapter.clone();
         let limits = self.limits.clone();
         let partner = partner.to_owned();
-        let input = input.clone();
-        tokio::task::spawn_blocking(move || adapter.evaluate(&input, &partner, &limits))
+        let input = input.to_owned();
+        tokio::task::spawn_blocking(move || adapter.evaluate_text(&input, &partner, &limits))
             .await
             .unwrap_or_else(|e| {
                 Err(EngineError::internal(format!(
@@ -275,6 +314,7 @@ impl Routing {
                 retry: built.config.retry().clone(),
                 limits: limits(route),
                 offload: AtomicU32::new(0),
+                metrics: std::sync::OnceLock::new(),
             });
         }
         if problems.is_empty() {
@@ -345,6 +385,7 @@ mod tests {
                 ..Limits::default()
             },
             offload: AtomicU32::new(0),
+            metrics: std::sync::OnceLock::new(),
         };
         (dir, route)
     }
@@ -353,12 +394,12 @@ mod tests {
     async fn an_evaluation_longer_than_the_inline_budget_still_gets_the_routes_full_limit() {
         // Far more than a millisecond of work, far less than the route's five seconds.
         let (_dir, slow) = route("$count([1..300000][$ % 2 = 0])", Duration::from_secs(5));
-        let input = serde_json::json!({});
-        let out = slow.evaluate(&input, "acme").await.unwrap();
+        let input = "{}";
+        let out = slow.evaluate(input, "acme").await.unwrap();
         assert_eq!(out, Some(serde_json::json!(150_000)));
         // The next evaluations of that route skip the inline attempt.
         assert_eq!(slow.offload.load(Ordering::Relaxed), OFFLOAD_AFTER_OVERRUN);
-        slow.evaluate(&input, "acme").await.unwrap();
+        slow.evaluate(input, "acme").await.unwrap();
         assert_eq!(
             slow.offload.load(Ordering::Relaxed),
             OFFLOAD_AFTER_OVERRUN - 1
@@ -367,7 +408,7 @@ mod tests {
         // A quick script stays inline and never sets the route aside.
         let (_dir, quick) = route("$partner & ':' & id", Duration::from_secs(5));
         let out = quick
-            .evaluate(&serde_json::json!({"id": "e-1"}), "acme")
+            .evaluate(r#"{"id": "e-1", "unread": [1, 2]}"#, "acme")
             .await
             .unwrap();
         assert_eq!(out, Some(serde_json::json!("acme:e-1")));
@@ -378,7 +419,7 @@ mod tests {
             "($f := function($n) { $n < 0 ? 0 : $f($n + 1) }; $f(0))",
             Duration::from_millis(50),
         );
-        let err = endless.evaluate(&input, "acme").await.unwrap_err();
+        let err = endless.evaluate(input, "acme").await.unwrap_err();
         assert_eq!(err.code, CODE_TIMEOUT, "{err:?}");
     }
 

@@ -430,7 +430,7 @@ impl SqlConfig {
                 return Err(not_an_object(index, record));
             };
             match &mode {
-                Mode::Statement(statement) => {
+                Mode::Statement { statement, .. } => {
                     for name in &statement.names {
                         if !object.contains_key(name) {
                             return Err(missing_field(index, name, &format!(":{name}")));
@@ -449,7 +449,13 @@ impl SqlConfig {
 /// What the sink writes.
 #[derive(Debug)]
 enum Mode {
-    Statement(Statement),
+    Statement {
+        statement: Statement,
+        /// The statement's text and each bind's label (`:deadline`), made once and shared by
+        /// every operation.
+        sql: Arc<str>,
+        labels: Vec<Arc<str>>,
+    },
     Table {
         table: TableName,
         key: Vec<String>,
@@ -461,7 +467,15 @@ impl Mode {
     fn new(config: &SqlConfig, dialect: Dialect) -> Result<Mode, String> {
         match (&config.statement, &config.table) {
             (Some(text), None) => parse_statement(text, dialect)
-                .map(Mode::Statement)
+                .map(|statement| Mode::Statement {
+                    sql: Arc::from(statement.sql.as_str()),
+                    labels: statement
+                        .binds
+                        .iter()
+                        .map(|name| Arc::from(format!(":{name}")))
+                        .collect(),
+                    statement,
+                })
                 .map_err(|e| format!("statement: {e}")),
             (None, Some(table)) => {
                 let table = TableName::parse(table).map_err(|e| format!("table: {e}"))?;
@@ -578,7 +592,7 @@ struct Op {
 #[derive(Debug, Clone)]
 struct Bind {
     /// `:deadline` (statement mode) or `column deadline` (table mode), for messages.
-    label: String,
+    label: Arc<str>,
     /// Table mode: the column.
     column: Option<String>,
     value: Value,
@@ -868,26 +882,26 @@ impl Shared {
                 return Err(SinkError::Permanent(not_an_object(index, record)));
             };
             match &shared.mode {
-                Mode::Statement(statement) => {
+                Mode::Statement {
+                    statement,
+                    sql,
+                    labels,
+                } => {
                     let binds = statement
                         .binds
                         .iter()
-                        .map(|name| {
-                            let label = format!(":{name}");
-                            match object.get(name) {
-                                Some(value) => Ok(Bind {
-                                    label,
-                                    column: None,
-                                    value: value.clone(),
-                                }),
-                                None => {
-                                    Err(SinkError::Permanent(missing_field(index, name, &label)))
-                                }
-                            }
+                        .zip(labels)
+                        .map(|(name, label)| match object.get(name) {
+                            Some(value) => Ok(Bind {
+                                label: label.clone(),
+                                column: None,
+                                value: value.clone(),
+                            }),
+                            None => Err(SinkError::Permanent(missing_field(index, name, label))),
                         })
                         .collect::<Result<Vec<_>, _>>()?;
                     ops.push(Op {
-                        sql: Arc::from(statement.sql.as_str()),
+                        sql: sql.clone(),
                         binds,
                         table: None,
                         record: index,
@@ -905,7 +919,7 @@ impl Shared {
                         None => false,
                     };
                     let bind = |column: &str| Bind {
-                        label: format!("column {column}"),
+                        label: Arc::from(format!("column {column}")),
                         column: Some(column.to_string()),
                         value: object.get(column).cloned().unwrap_or(Value::Null),
                     };
@@ -1347,8 +1361,8 @@ impl Shared {
             Err(f) => return Attempt::Failed(f),
         };
         let result = async {
-            let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-            let routes: Vec<String> = jobs.iter().map(|j| j.route.clone()).collect();
+            let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+            let routes: Vec<&str> = jobs.iter().map(|j| j.route.as_str()).collect();
             let claim = statement::pg_ledger_claim(&self.ledger);
             let rows = self
                 .timed(

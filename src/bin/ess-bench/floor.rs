@@ -67,7 +67,10 @@ impl Floor {
                 "journal insert, batched, and group commit (writer)",
                 self.insert_us,
             ),
-            ("dispatcher: the stored envelope parsed", self.envelope_us),
+            (
+                "dispatcher: the stored envelope read by the engine",
+                self.envelope_us,
+            ),
             ("journal: the final state, batched (writer)", self.final_us),
         ];
         for (what, us) in rows {
@@ -90,7 +93,10 @@ impl Floor {
             println!("  {what:<52} {us:>6.1} µs");
         }
         if let Some(us) = self.adapter_us {
-            println!("  {:<52} {us:>6.1} µs", "the given adapter evaluated");
+            println!(
+                "  {:<52} {us:>6.1} µs",
+                "the given adapter (its input read)"
+            );
         }
     }
 
@@ -224,10 +230,12 @@ fn round(
         Ok(())
     })?;
 
+    // The dispatcher hands the stored envelope, JSON text, to the adapter engine, which parses
+    // it into its own form; the least of that is parsing it whole.
     let start = thread_cpu();
-    let mut documents = Vec::with_capacity(events);
     for text in &envelopes {
-        documents.push(serde_json::from_str::<Value>(text)?);
+        let document = jlens_core::Document::parse(text)?;
+        std::hint::black_box(&document);
     }
     let envelope_us = per_event(thread_cpu() - start);
 
@@ -235,9 +243,9 @@ fn round(
         Some(adapter) => {
             let limits = Limits::default();
             let start = thread_cpu();
-            for document in &documents {
+            for text in &envelopes {
                 let output = adapter
-                    .evaluate(document, "bench", &limits)
+                    .evaluate_text(text, "bench", &limits)
                     .map_err(|e| anyhow::anyhow!("the adapter failed: {}", e.message))?;
                 std::hint::black_box(output);
             }
@@ -245,7 +253,6 @@ fn round(
         }
         None => None,
     };
-    drop(documents);
 
     // Sequence numbers follow the order of the commits, not of the list: look them up.
     let seqs = journal.read(|conn| {
