@@ -404,11 +404,10 @@ pub struct JournalConfig {
     /// Most events one commit (one fsync) may carry. Default: 512.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
-    /// How long, in milliseconds, the journal waits for more final states before it commits
-    /// a batch that holds final states only. A sink batch completes many events within a
-    /// fraction of a millisecond; waiting lets them share one commit (one fsync) instead of
-    /// one each. New events never wait for it: one arriving commits at once. 0 turns it off.
-    /// Default: 1.
+    /// The most, in milliseconds, a commit of nothing but final states waits for more. A sink
+    /// batch completes many events at once; their final states, arriving microseconds apart,
+    /// then share one commit (one fsync) instead of two or three. The wait ends as soon as none
+    /// has come for 20 µs, and at once when a new event arrives. 0 turns it off. Default: 1.
     #[serde(default = "default_finish_linger")]
     pub finish_linger_ms: u64,
     /// How often the background checkpoint moves the write-ahead log into the database and the

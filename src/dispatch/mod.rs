@@ -361,11 +361,11 @@ impl Dispatcher {
                     _ = self.stop.cancelled() => return,
                     permit = self.parallel.clone().acquire_owned() => permit,
                 };
-                let Ok(_permit) = permit else { return };
+                let Ok(permit) = permit else { return };
                 if self.stop.is_cancelled() {
                     return;
                 }
-                match self.process(seq, fresh).await {
+                match self.process(seq, fresh, permit).await {
                     Ok(step) => step,
                     Err(e) => {
                         // The journal could not record progress (disk full, shutting down):
@@ -399,10 +399,16 @@ impl Dispatcher {
 
     /// One pass over an event: applies every route that is due, then finishes the event when
     /// every route is final. `fresh` is the event as just committed, when this is its first pass.
+    ///
+    /// `permit`, one of `dispatch.max_parallel`, is given back once the routes are done, before
+    /// their states are journaled: the commit (an fsync) takes longer than most applies, and
+    /// another subject's event can be applied meanwhile. This event's subject still waits for
+    /// the commit.
     async fn process(
         &self,
         seq: i64,
         fresh: Option<Box<StoredEvent>>,
+        permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<Step, JournalError> {
         let loaded = match fresh {
             // Just committed: nothing to read back but the subject's revision, if it has one.
@@ -433,6 +439,7 @@ impl Dispatcher {
                 "revision {revision} is lower than revision {applied} already applied for subject {:?}",
                 event.subject
             );
+            drop(permit);
             return self
                 .finish(&event, state::SUPERSEDED, Some(reason), 0, Vec::new())
                 .await;
@@ -445,6 +452,7 @@ impl Dispatcher {
                 event.event_type, event.version
             );
             tracing::warn!(event_id = %event.id, "{reason}");
+            drop(permit);
             return self
                 .finish(&event, state::PARKED, Some(reason), 0, Vec::new())
                 .await;
@@ -482,6 +490,7 @@ impl Dispatcher {
             .increment(1);
             updates.push(update);
         }
+        drop(permit);
         if let Some(at) = retry_at {
             self.journal.set_deliveries(updates).await?;
             return Ok(Step::RetryAt(at));
@@ -718,5 +727,81 @@ impl Dispatcher {
             });
         }
         Ok(Step::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::Adapter;
+    use crate::journal::{Appended, JournalOptions, NewEvent, WireFormat};
+    use crate::sink::Sink;
+
+    /// Records the subjects it is given.
+    struct Recording(tokio::sync::mpsc::UnboundedSender<String>);
+
+    #[async_trait::async_trait]
+    impl Sink for Recording {
+        async fn apply(&self, event: &EventMeta, _: &Value) -> Result<(), SinkError> {
+            let _ = self.0.send(event.subject.clone());
+            Ok(())
+        }
+    }
+
+    fn new_event(id: &str, subject: &str) -> NewEvent {
+        let envelope = json!({"id": id, "type": "rule.updated", "version": 1, "subject": subject});
+        NewEvent {
+            id: id.into(),
+            event_type: "rule.updated".into(),
+            version: 1,
+            subject: subject.into(),
+            revision: None,
+            source: None,
+            time: None,
+            format: WireFormat::ChangeEvent,
+            content_type: Some("application/json".into()),
+            raw_body: bytes::Bytes::from(envelope.to_string()),
+            envelope: envelope.to_string(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_waiting_for_its_final_state_to_be_committed_lets_another_subject_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        // Final states wait for company as long as the test runs: an event applied stays
+        // uncommitted until something else is written.
+        let options = JournalOptions {
+            finish_linger: Duration::from_secs(600),
+            finish_gap: Duration::from_secs(600),
+            retention: None,
+            ..JournalOptions::default()
+        };
+        let journal = Journal::open(dir.path(), options).unwrap();
+        std::fs::write(dir.path().join("pass.jsonata"), "subject").unwrap();
+        let adapter = Adapter::load(&dir.path().join("pass.jsonata")).unwrap();
+        let (applied, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let route = Route::for_tests("r", adapter, Arc::new(Recording(applied)));
+        let routing = Routing {
+            routes: vec![route],
+            sinks: Default::default(),
+        };
+        for (id, subject) in [("a-1", "a"), ("b-1", "b")] {
+            let appended = journal.append(new_event(id, subject)).await.unwrap();
+            assert_eq!(appended, Appended::Accepted);
+        }
+        // One event applied at a time; both are in the backlog when it starts, and nothing
+        // is written after, so the first event's final state stays uncommitted.
+        let dispatcher = Dispatcher::new(journal.clone(), "acme".into(), routing, 1, None);
+        dispatcher.start().await.unwrap();
+        let mut subjects = Vec::new();
+        for _ in 0..2 {
+            let next = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await;
+            subjects.push(next.expect("the other subject's event is applied").unwrap());
+        }
+        subjects.sort();
+        assert_eq!(subjects, ["a", "b"]);
+        assert_eq!(journal.backlog(), 2, "neither final state is committed yet");
+        dispatcher.shutdown(Duration::from_secs(1)).await;
+        journal.close();
     }
 }

@@ -204,6 +204,28 @@ impl Route {
     }
 
     /// True when the route takes events of this type and version.
+    /// A route of every type and version through `adapter` to `sink`, with default retries
+    /// and limits.
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str, adapter: Adapter, sink: Arc<dyn Sink>) -> Route {
+        Route {
+            name: name.into(),
+            types: vec!["*".into()],
+            versions: VersionRange::parse("*").unwrap_or(VersionRange {
+                min: None,
+                max: None,
+            }),
+            adapter: Arc::new(adapter),
+            sink_name: name.into(),
+            sink,
+            retry: serde_json::from_value(serde_json::json!({}))
+                .unwrap_or_else(|e| unreachable!("the default retry policy deserializes: {e}")),
+            limits: Limits::default(),
+            offload: AtomicU32::new(0),
+            metrics: std::sync::OnceLock::new(),
+        }
+    }
+
     /// True when the route takes events of this type and version.
     pub fn matches(&self, event_type: &str, version: u64) -> bool {
         self.versions.contains(version) && self.types.iter().any(|t| glob_match(t, event_type))

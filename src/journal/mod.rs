@@ -190,6 +190,9 @@ pub struct JournalOptions {
     /// How long the writer waits for more final states before it commits a batch that holds
     /// nothing else (see [`crate::config::JournalConfig::finish_linger_ms`]).
     pub finish_linger: Duration,
+    /// How far apart final states may arrive and still be taken into the same batch (see the
+    /// writer).
+    pub finish_gap: Duration,
     /// How often the checkpoint and free-disk check run.
     pub checkpoint_interval: Duration,
     /// Size of the write-ahead log past which the writer restarts it (see
@@ -210,6 +213,7 @@ impl Default for JournalOptions {
         Self {
             max_batch: 512,
             finish_linger: Duration::from_millis(1),
+            finish_gap: Duration::from_micros(20),
             checkpoint_interval: Duration::from_millis(250),
             wal_restart_bytes: 64 << 20,
             min_free_disk_bytes: 64 * 1024 * 1024,
@@ -325,6 +329,7 @@ impl Journal {
             rx,
             options.max_batch,
             options.finish_linger,
+            options.finish_gap,
             shared.clone(),
             listener.clone(),
         );
@@ -953,6 +958,7 @@ mod tests {
         // A long linger, so that the three final states share one batch.
         let options = JournalOptions {
             finish_linger: Duration::from_secs(60),
+            finish_gap: Duration::from_secs(60),
             max_batch: 3,
             ..JournalOptions::default()
         };
@@ -984,10 +990,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn final_states_wait_for_company_and_a_new_event_ends_the_wait() {
+    async fn a_final_state_with_no_company_coming_is_not_kept_waiting() {
         let dir = tempfile::tempdir().unwrap();
+        // The linger is a minute, but the gap is the default's.
         let options = JournalOptions {
             finish_linger: Duration::from_secs(60),
+            ..JournalOptions::default()
+        };
+        let journal = Journal::open(dir.path(), options).unwrap();
+        assert_eq!(
+            journal.append(event("a")).await.unwrap(),
+            Appended::Accepted
+        );
+        let finishing = journal.finish(finish(1, "a", state::APPLIED));
+        tokio::time::timeout(Duration::from_secs(10), finishing)
+            .await
+            .expect("a lone final state is committed within a gap, not a linger")
+            .unwrap();
+        assert_eq!(state_of(&journal, "a"), state::APPLIED);
+        journal.close();
+    }
+
+    #[tokio::test]
+    async fn final_states_wait_for_company_and_a_new_event_ends_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        // No retention: its pruning, a job, would end the wait.
+        let options = JournalOptions {
+            finish_linger: Duration::from_secs(60),
+            finish_gap: Duration::from_secs(60),
+            retention: None,
             ..JournalOptions::default()
         };
         let journal = Journal::open(dir.path(), options).unwrap();

@@ -7,10 +7,13 @@
 //! dispatcher or the admin API) runs inside its own savepoint, so a job that fails rolls back
 //! alone and the rest of the batch still commits.
 //!
-//! Final states arrive in bursts (a sink batch completes many events at once) and nothing waits
-//! on them as a hub waits on an acknowledgement, so a batch of final states only waits up to
-//! the linger for more before it commits: a burst then costs one commit instead of one per few
-//! events. A new event or a job ends the wait at once.
+//! Final states often arrive in bursts: a sink batch completes many events at once, and their
+//! tasks send their final states within microseconds of each other. A batch of nothing but final
+//! states therefore takes more as long as they keep coming, less than the gap apart (20 µs) and
+//! for at most the linger, so that a burst costs one commit instead of two or three. Final
+//! states that trickle in (one event confirmed at a time) end the wait after one gap: an event's
+//! next event of the same subject waits for its final state, so a longer wait would cost
+//! throughput there. A new event or a job ends the wait at once.
 //!
 //! Final states, the most frequent change, are not jobs: the batch writes all of them together,
 //! first, with no savepoint (see `write_finishes`).
@@ -65,6 +68,7 @@ pub(super) struct Writer {
     rx: Receiver<Op>,
     max_batch: usize,
     finish_linger: std::time::Duration,
+    finish_gap: std::time::Duration,
     shared: Arc<Shared>,
     listener: Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<Committed>>>>,
 }
@@ -82,6 +86,7 @@ impl Writer {
         rx: Receiver<Op>,
         max_batch: usize,
         finish_linger: std::time::Duration,
+        finish_gap: std::time::Duration,
         shared: Arc<Shared>,
         listener: Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<Committed>>>>,
     ) -> Self {
@@ -90,6 +95,7 @@ impl Writer {
             rx,
             max_batch: max_batch.max(1),
             finish_linger,
+            finish_gap,
             shared,
             listener,
         }
@@ -132,21 +138,36 @@ impl Writer {
         }
     }
 
-    /// While the batch holds final states only, waits up to the linger for more (see the
-    /// module's text). Returns a close request that arrived meanwhile.
+    /// While the batch holds final states only, takes more as long as they keep coming (see
+    /// the module's text). Returns a close request that arrived meanwhile.
     fn linger(&self, batch: &mut Vec<Op>) -> Option<Sender<()>> {
         let only_finishes =
-            |batch: &[Op]| !batch.is_empty() && batch.iter().all(|op| matches!(op, Op::Finish(..)));
-        if self.finish_linger.is_zero() || !only_finishes(batch) {
+            !batch.is_empty() && batch.iter().all(|op| matches!(op, Op::Finish(..)));
+        if self.finish_linger.is_zero() || !only_finishes {
             return None;
         }
-        let deadline = std::time::Instant::now() + self.finish_linger;
-        while batch.len() < self.max_batch && only_finishes(batch) {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.rx.recv_timeout(left) {
+        let started = std::time::Instant::now();
+        let mut last = started;
+        while batch.len() < self.max_batch {
+            match self.rx.try_recv() {
                 Ok(Op::Close(done)) => return Some(done),
-                Ok(op) => batch.push(op),
-                Err(_) => return None,
+                Ok(op) => {
+                    let finish = matches!(op, Op::Finish(..));
+                    batch.push(op);
+                    if !finish {
+                        break;
+                    }
+                    last = std::time::Instant::now();
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    let now = std::time::Instant::now();
+                    if now - last >= self.finish_gap || now - started >= self.finish_linger {
+                        break;
+                    }
+                    // The senders are tasks on the other threads, woken together: let them run.
+                    std::thread::yield_now();
+                }
             }
         }
         // Whatever else is queued already goes with it.
