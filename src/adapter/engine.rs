@@ -59,6 +59,16 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// These limits with the time cut to `budget`.
+    fn within(&self, budget: Duration) -> Limits {
+        Limits {
+            time: budget.min(self.time),
+            ..self.clone()
+        }
+    }
+}
+
 /// A compiled JSONata expression: compile once, evaluate many times, from any thread.
 #[derive(Debug, Clone)]
 pub struct Expression {
@@ -145,11 +155,7 @@ impl Expression {
         limits: &Limits,
         budget: Duration,
     ) -> Result<Option<Value>, EngineError> {
-        let limits = Limits {
-            time: budget.min(limits.time),
-            ..limits.clone()
-        };
-        self.run(Input::Text(input), bindings, &limits, false)
+        self.run(Input::Text(input), bindings, &limits.within(budget), false)
     }
 
     /// Like [`Expression::evaluate`] with the time limit cut to `budget`, checked by the
@@ -164,11 +170,12 @@ impl Expression {
         limits: &Limits,
         budget: Duration,
     ) -> Result<Option<Value>, EngineError> {
-        let limits = Limits {
-            time: budget.min(limits.time),
-            ..limits.clone()
-        };
-        self.run(Input::Json(Some(input)), bindings, &limits, false)
+        self.run(
+            Input::Json(Some(input)),
+            bindings,
+            &limits.within(budget),
+            false,
+        )
     }
 
     fn run(

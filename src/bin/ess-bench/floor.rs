@@ -39,8 +39,8 @@ pub struct Floor {
     /// Not in [`Floor::total_us`]: the insert as the agent does it, one writer operation per
     /// event ([`Journal::append`]).
     pub append_us: f64,
-    /// Not in [`Floor::total_us`]: the final state as the agent records it, one writer job per
-    /// event ([`Journal::finish`]).
+    /// Not in [`Floor::total_us`]: the final state as the agent records it, one writer
+    /// operation per event ([`Journal::finish`]).
     pub finish_us: f64,
     /// Not in [`Floor::total_us`]: an event the dispatcher did not get fresh from the writer
     /// (a backlog) is read back first.
@@ -84,7 +84,7 @@ impl Floor {
                 self.append_us,
             ),
             (
-                "final state, one writer job per event (the agent)",
+                "final state, one writer operation per event (the agent)",
                 self.finish_us,
             ),
             ("a backlog event read back from the journal", self.read_us),
