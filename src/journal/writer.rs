@@ -7,16 +7,16 @@
 //! dispatcher or the admin API) runs inside its own savepoint, so a job that fails rolls back
 //! alone and the rest of the batch still commits.
 //!
+//! Final states, the most frequent change, are not jobs: the batch writes all of them together,
+//! first, with no savepoint (see `write_finishes`).
+//!
 //! Final states often arrive in bursts: a sink batch completes many events at once, and their
 //! tasks send their final states within microseconds of each other. A batch of nothing but final
 //! states therefore takes more as long as they keep coming, less than the gap apart (20 µs) and
 //! for at most the linger, so that a burst costs one commit instead of two or three. Final
-//! states that trickle in (one event confirmed at a time) end the wait after one gap: an event's
-//! next event of the same subject waits for its final state, so a longer wait would cost
-//! throughput there. A new event or a job ends the wait at once.
-//!
-//! Final states, the most frequent change, are not jobs: the batch writes all of them together,
-//! first, with no savepoint (see `write_finishes`).
+//! states that trickle in (one event confirmed at a time) end the wait after one gap: the next
+//! event of the same subject waits for its final state, so a longer wait would cost throughput
+//! there. A new event or a job ends the wait at once.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
