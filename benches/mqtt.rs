@@ -17,6 +17,9 @@
 //!
 //! Run: `cargo bench --bench mqtt` (`ESS_BENCH_ROUNDS`, `ESS_BENCH_EVENTS` and
 //! `ESS_BENCH_WINDOW` override the defaults of 5 rounds, 20000 events, window 64).
+//! `ESS_BENCH_AGENT_VARIANT` (TOML added to the agent's configuration) and
+//! `ESS_BENCH_AGENT_VARIANT_ENV` (`NAME=value` pairs for its environment) add a second agent
+//! phase to each round, on a backlog of its own, with that change: an A/B in one run.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -31,7 +34,7 @@ use http_body_util::Full;
 use serde_json::{Value, json};
 
 mod common;
-use common::{env_or, machine_busy};
+use common::{Variant, env_or, machine_busy};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SUBJECTS: usize = 256;
@@ -100,11 +103,12 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(config: &Path) -> (Agent, Value) {
+    fn start(config: &Path, variant: &Variant) -> (Agent, Value) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ess-agent"))
             .args(["--log-format", "json", "run", "--config"])
             .arg(config)
             .env("ESS_AGENT_LOG", "info")
+            .envs(variant.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -169,7 +173,8 @@ impl Drop for Agent {
     }
 }
 
-fn config(dir: &Path, port: u16, window: usize, client_id: &str) -> String {
+/// The agent's configuration, changed by `variant`.
+fn config(dir: &Path, port: u16, window: usize, client_id: &str, variant: &Variant) -> String {
     format!(
         r#"agent_id = "bench"
 state_dir = {state:?}
@@ -205,7 +210,9 @@ qos = 1
 max_inflight = {window}
 timeout_ms = 3600000
 connect_timeout_secs = 3600
+{extra}
 "#,
+        extra = variant.toml,
         state = dir.join("state").display().to_string(),
         adapters = dir.join("adapters").display().to_string(),
         secret = dir.join("hub-secret").display().to_string(),
@@ -245,8 +252,18 @@ async fn fill_backlog(dir: &Path, events: usize, window: usize) {
         }
     });
     let path = dir.join("ess-agent.toml");
-    std::fs::write(&path, config(dir, hole_port, window, "ess-bench-agent")).unwrap();
-    let (mut agent, ready) = Agent::start(&path);
+    std::fs::write(
+        &path,
+        config(
+            dir,
+            hole_port,
+            window,
+            "ess-bench-agent",
+            &Variant::default(),
+        ),
+    )
+    .unwrap();
+    let (mut agent, ready) = Agent::start(&path, &Variant::default());
     let url: String = format!("http://{}/v1/events", ready["ingress"].as_str().unwrap());
     let http = client(&ClientTls::default()).unwrap();
     let mut tasks = Vec::new();
@@ -294,28 +311,66 @@ fn timestamp(v: &Value) -> f64 {
     t.unix_timestamp_nanos() as f64 / 1e9
 }
 
-/// Phase 2: the agent applies the backlog; confirmed publishes per second.
-fn agent_rate(dir: &Path, port: u16, events: usize, window: usize, round: usize) -> f64 {
+/// CPU seconds a process has used so far (user and system), from `/proc/<pid>/stat`.
+fn process_cpu(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: state is field 3, utime 14 and stime 15.
+    let fields: Vec<f64> = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    if fields.len() < 13 {
+        return 0.0;
+    }
+    (fields[11] + fields[12]) / 100.0
+}
+
+/// Phase 2: the agent applies the backlog; confirmed publishes per second, the machine's CPU
+/// per message, and the agent's own share of it.
+fn agent_rate(
+    dir: &Path,
+    port: u16,
+    events: usize,
+    window: usize,
+    client_id: &str,
+    variant: &Variant,
+) -> AgentPhase {
     let path = dir.join("ess-agent.toml");
-    std::fs::write(
-        &path,
-        config(dir, port, window, &format!("ess-bench-agent-{round}")),
-    )
-    .unwrap();
-    let (mut agent, _) = Agent::start(&path);
+    std::fs::write(&path, config(dir, port, window, client_id, variant)).unwrap();
+    let (mut agent, _) = Agent::start(&path, variant);
+    let pid = agent.child.id();
     let mut first = None;
     let mut last = 0.0;
     let mut applied = 0;
+    let mut busy = (0.0, 0.0);
     agent.wait(Duration::from_secs(600), |v| {
         if v["message"] == "event final" && v["state"] == "applied" {
             let t = timestamp(v);
-            first.get_or_insert(t);
+            if first.is_none() {
+                first = Some(t);
+                busy = (machine_busy(), process_cpu(pid));
+            }
             last = t;
             applied += 1;
         }
         applied == events
     });
-    (events - 1) as f64 / (last - first.unwrap())
+    let (machine, own) = (machine_busy() - busy.0, process_cpu(pid) - busy.1);
+    AgentPhase {
+        rate: (events - 1) as f64 / (last - first.unwrap()),
+        cpu_us: machine / events as f64 * 1e6,
+        agent_cpu_us: own / events as f64 * 1e6,
+    }
+}
+
+/// The agent's phase: its rate, the machine's CPU per message and the agent process's own.
+struct AgentPhase {
+    rate: f64,
+    cpu_us: f64,
+    agent_cpu_us: f64,
 }
 
 /// A phase's figures: confirmed publishes per second, and the machine's CPU per message in
@@ -450,27 +505,69 @@ fn main() {
     let mut bare_rates = Vec::new();
     let mut sink_rates = Vec::new();
     let (mut bare_cpu, mut sink_cpu) = (Vec::new(), Vec::new());
+    let (mut agent_cpu, mut agent_own_cpu) = (Vec::new(), Vec::new());
+    let variant = Variant::from_env();
+    let mut variant_ratios = Vec::new();
     for round in 0..rounds {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("hub-secret"), SECRET).unwrap();
-        std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
-        std::fs::write(dir.path().join("adapters/pass.jsonata"), ADAPTER).unwrap();
-        runtime.block_on(fill_backlog(dir.path(), events, window));
-        let agent = agent_rate(dir.path(), broker.port, events, window, round);
+        let backlog = || {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("hub-secret"), SECRET).unwrap();
+            std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+            std::fs::write(dir.path().join("adapters/pass.jsonata"), ADAPTER).unwrap();
+            runtime.block_on(fill_backlog(dir.path(), events, window));
+            dir
+        };
+        let dir = backlog();
+        let agent = agent_rate(
+            dir.path(),
+            broker.port,
+            events,
+            window,
+            &format!("ess-bench-agent-{round}"),
+            &Variant::default(),
+        );
+        if let Some(variant) = &variant {
+            let dir = backlog();
+            let changed = agent_rate(
+                dir.path(),
+                broker.port,
+                events,
+                window,
+                &format!("ess-bench-agent-{round}-variant"),
+                variant,
+            );
+            eprintln!(
+                "round {}: agent with {variant:?} {:.0}/s, {:.2} × the agent's {:.0}/s (machine \
+                 CPU {:.1} µs per message, the agent's own {:.1} µs)",
+                round + 1,
+                changed.rate,
+                changed.rate / agent.rate,
+                agent.rate,
+                changed.cpu_us,
+                changed.agent_cpu_us
+            );
+            variant_ratios.push(changed.rate / agent.rate);
+        }
         let bare = runtime.block_on(bare_rate(broker.port, events, window, round));
         let sink = runtime.block_on(sink_rate(broker.port, events, window, round));
         eprintln!(
-            "round {}: agent {agent:.0}/s, bare rumqttc {:.0}/s (ratio {:.2}, machine CPU {:.1} \
-             µs per message); sink alone {:.0}/s (ratio {:.2}, {:.1} µs)",
+            "round {}: agent {:.0}/s (machine CPU {:.1} µs per message, the agent's own {:.1} \
+             µs), bare rumqttc {:.0}/s (ratio {:.2}, machine CPU {:.1} µs per message); sink \
+             alone {:.0}/s (ratio {:.2}, {:.1} µs)",
             round + 1,
+            agent.rate,
+            agent.cpu_us,
+            agent.agent_cpu_us,
             bare.rate,
-            agent / bare.rate,
+            agent.rate / bare.rate,
             bare.cpu_us,
             sink.rate,
             sink.rate / bare.rate,
             sink.cpu_us
         );
-        agent_rates.push(agent);
+        agent_rates.push(agent.rate);
+        agent_cpu.push(agent.cpu_us);
+        agent_own_cpu.push(agent.agent_cpu_us);
         bare_rates.push(bare.rate);
         sink_rates.push(sink.rate);
         bare_cpu.push(bare.cpu_us);
@@ -480,6 +577,7 @@ fn main() {
     let bare = median(&mut bare_rates);
     let sink = median(&mut sink_rates);
     let (bare_cpu, sink_cpu) = (median(&mut bare_cpu), median(&mut sink_cpu));
+    let (agent_cpu, agent_own_cpu) = (median(&mut agent_cpu), median(&mut agent_own_cpu));
     // At 0.7 × the bare rate the machine's CPUs give each message this much; the bare loop and
     // the broker use `bare_cpu` of it; the rest is what the agent may add per event.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -492,12 +590,19 @@ fn main() {
         sink / bare
     );
     println!(
-        "machine CPU per message: bare {bare_cpu:.1} µs, sink alone {sink_cpu:.1} µs; at 0.7 × \
+        "machine CPU per message: agent {agent_cpu:.1} µs (the agent process's own \
+         {agent_own_cpu:.1} µs), bare {bare_cpu:.1} µs, sink alone {sink_cpu:.1} µs; at 0.7 × \
          bare the {cpus} CPUs give {budget:.1} µs per message, which leaves {:.1} µs for what \
          the agent adds to the bare loop (the sink alone adds {:.1} µs)",
         budget - bare_cpu,
         sink_cpu - bare_cpu
     );
+    if let Some(variant) = &variant {
+        println!(
+            "agent with {variant:?}: {:.2} × the agent's rate (median of the rounds' ratios)",
+            median(&mut variant_ratios)
+        );
+    }
     if !quick {
         apply_floor(budget - bare_cpu);
     }

@@ -38,7 +38,7 @@ use sqlx::{Executor as _, Row as _};
 
 const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 mod common;
-use common::{env_or, machine_busy};
+use common::{Variant, env_or, machine_busy};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SUBJECTS: usize = 1_000;
@@ -193,37 +193,6 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A change to the agent, compared with its defaults in the same run.
-#[derive(Debug, Default)]
-struct Variant {
-    /// TOML added to the agent's configuration (start it with a table header, `[journal]`).
-    toml: String,
-    /// Environment variables set for the agent.
-    env: Vec<(String, String)>,
-}
-
-impl Variant {
-    /// From `ESS_BENCH_AGENT_VARIANT` (TOML) and `ESS_BENCH_AGENT_VARIANT_ENV` (`NAME=value`
-    /// pairs separated by spaces); `None` when neither is set.
-    fn from_env() -> Option<Variant> {
-        let toml = std::env::var("ESS_BENCH_AGENT_VARIANT").ok();
-        let env = std::env::var("ESS_BENCH_AGENT_VARIANT_ENV").ok();
-        if toml.is_none() && env.is_none() {
-            return None;
-        }
-        let env = env
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|pair| pair.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Some(Variant {
-            toml: toml.unwrap_or_default(),
-            env,
-        })
     }
 }
 

@@ -27,3 +27,34 @@ pub fn machine_busy() -> f64 {
     // user nice system idle iowait irq softirq steal, in units of 1/100 s.
     (ticks.iter().take(8).sum::<f64>() - ticks[3] - ticks[4]) / 100.0
 }
+
+/// A change to the agent, compared with its defaults in the same run.
+#[derive(Debug, Default)]
+pub struct Variant {
+    /// TOML added to the agent's configuration (start it with a table header, `[journal]`).
+    pub toml: String,
+    /// Environment variables set for the agent.
+    pub env: Vec<(String, String)>,
+}
+
+impl Variant {
+    /// From `ESS_BENCH_AGENT_VARIANT` (TOML) and `ESS_BENCH_AGENT_VARIANT_ENV` (`NAME=value`
+    /// pairs separated by spaces); `None` when neither is set.
+    pub fn from_env() -> Option<Variant> {
+        let toml = std::env::var("ESS_BENCH_AGENT_VARIANT").ok();
+        let env = std::env::var("ESS_BENCH_AGENT_VARIANT_ENV").ok();
+        if toml.is_none() && env.is_none() {
+            return None;
+        }
+        let env = env
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Some(Variant {
+            toml: toml.unwrap_or_default(),
+            env,
+        })
+    }
+}

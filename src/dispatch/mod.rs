@@ -66,9 +66,12 @@ pub struct DryRunOutput {
 /// An event waiting in its subject's queue.
 struct Queued {
     seq: i64,
-    /// The event as the writer stored it, when it came straight from a commit: its first pass
-    /// then reads nothing back from the journal.
+    /// The event as the writer stored it, when it came straight from a commit, or as read ahead
+    /// from the backlog: its first pass then reads nothing back from the journal.
     fresh: Option<Box<StoredEvent>>,
+    /// Queued from the backlog found at start. These entries come first in their queue, in
+    /// sequence order, and each event has only one: the read-ahead fills in their fresh copy.
+    backlog: bool,
 }
 
 /// An event read for a pass: the event, its deliveries so far, and the highest revision applied
@@ -78,6 +81,10 @@ type Loaded = (StoredEvent, Vec<DeliveryRecord>, Option<u64>);
 /// At most this many bytes of envelopes are held in the queues; beyond that, events are read
 /// back from the journal when their turn comes, so a long backlog costs disk reads, not memory.
 const FRESH_BYTES_MAX: usize = 8 << 20;
+
+/// The backlog found at start is read ahead this many events at a time, in one read of the
+/// journal, while the fresh copies held take less than half of [`FRESH_BYTES_MAX`].
+const READ_AHEAD_CHUNK: usize = 256;
 
 /// What one processing pass of an event came to.
 enum Step {
@@ -97,6 +104,8 @@ pub struct Dispatcher {
     queues: Mutex<HashMap<String, VecDeque<Queued>>>,
     /// Bytes of envelopes held by [`Queued::fresh`].
     fresh_bytes: AtomicUsize,
+    /// Woken when the fresh copies held fall below half of [`FRESH_BYTES_MAX`].
+    fresh_room: Notify,
     /// Events up to this sequence number may have been queued twice at start (from the backlog
     /// read and from the commit listener); their fresh copy is not used, so the second pass
     /// reads the journal and finds them final.
@@ -109,6 +118,20 @@ pub struct Dispatcher {
     tracker: TaskTracker,
     /// Set while the task that takes newly committed events runs.
     intake_running: std::sync::atomic::AtomicBool,
+}
+
+/// Where the backlog entry of event `seq` waits in `subject`'s queue, if it is there, behind
+/// the head, without a fresh copy. Backlog entries are the first of their queue, in sequence
+/// order.
+fn waiting_entry(
+    queues: &HashMap<String, VecDeque<Queued>>,
+    subject: &str,
+    seq: i64,
+) -> Option<usize> {
+    let queue = queues.get(subject)?;
+    let index = queue.partition_point(|q| q.backlog && q.seq < seq);
+    let entry = queue.get(index)?;
+    (index > 0 && entry.backlog && entry.seq == seq && entry.fresh.is_none()).then_some(index)
 }
 
 fn now_ms() -> i64 {
@@ -142,6 +165,7 @@ impl Dispatcher {
             routing: RwLock::new(Arc::new(routing)),
             queues: Mutex::new(HashMap::new()),
             fresh_bytes: AtomicUsize::new(0),
+            fresh_room: Notify::new(),
             fresh_floor: AtomicI64::new(0),
             parallel: Arc::new(Semaphore::new(max_parallel.max(1))),
             waiters: Mutex::new(HashMap::new()),
@@ -166,8 +190,16 @@ impl Dispatcher {
         }
         let floor = pending.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
         self.fresh_floor.store(floor, Ordering::Relaxed);
-        for (seq, subject) in pending {
-            self.submit(seq, subject);
+        for (seq, subject) in &pending {
+            let queued = Queued {
+                seq: *seq,
+                fresh: None,
+                backlog: true,
+            };
+            self.enqueue(queued, subject.clone());
+        }
+        if !pending.is_empty() {
+            self.tracker.spawn(self.clone().read_ahead(pending));
         }
         let this = self.clone();
         self.intake_running
@@ -208,23 +240,23 @@ impl Dispatcher {
 
     /// Queues an event behind the earlier events of its subject.
     pub fn submit(self: &Arc<Self>, seq: i64, subject: String) {
-        self.enqueue(Queued { seq, fresh: None }, subject);
+        let queued = Queued {
+            seq,
+            fresh: None,
+            backlog: false,
+        };
+        self.enqueue(queued, subject);
     }
 
     /// Queues an event the journal has just committed, keeping its stored form while memory
     /// allows.
     fn submit_committed(self: &Arc<Self>, event: Committed) {
         let size = event.event.envelope.len();
-        let keep = event.seq > self.fresh_floor.load(Ordering::Relaxed)
-            && self
-                .fresh_bytes
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                    (held + size <= FRESH_BYTES_MAX).then_some(held + size)
-                })
-                .is_ok();
+        let keep = event.seq > self.fresh_floor.load(Ordering::Relaxed) && self.reserve(size);
         let queued = Queued {
             seq: event.seq,
             fresh: keep.then_some(event.event),
+            backlog: false,
         };
         self.enqueue(queued, event.subject);
     }
@@ -248,8 +280,77 @@ impl Dispatcher {
 
     /// Stops counting a fresh copy taken out of the queues.
     fn release(&self, fresh: &StoredEvent) {
+        let size = fresh.envelope.len();
+        let held = self.fresh_bytes.fetch_sub(size, Ordering::Relaxed);
+        if held >= FRESH_BYTES_MAX / 2 && held - size < FRESH_BYTES_MAX / 2 {
+            self.fresh_room.notify_one();
+        }
+    }
+
+    /// Counts `size` more bytes of fresh copies, if they fit.
+    fn reserve(&self, size: usize) -> bool {
         self.fresh_bytes
-            .fetch_sub(fresh.envelope.len(), Ordering::Relaxed);
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (held + size <= FRESH_BYTES_MAX).then_some(held + size)
+            })
+            .is_ok()
+    }
+
+    /// Reads the backlog found at start ahead of its turn, [`READ_AHEAD_CHUNK`] events per read
+    /// of the journal, into the queued entries' fresh copies: one read for many events instead
+    /// of one (with the page lookups it repeats) per event. Only events not yet tried (no
+    /// delivery recorded) are read ahead; an event whose entry is at the head of its queue is
+    /// left alone, since its pass may be under way and reads the journal itself.
+    async fn read_ahead(self: Arc<Self>, backlog: Vec<(i64, String)>) {
+        let mut subjects: HashMap<i64, &str> = HashMap::new();
+        for chunk in backlog.chunks(READ_AHEAD_CHUNK) {
+            while self.fresh_bytes.load(Ordering::Relaxed) >= FRESH_BYTES_MAX / 2 {
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    _ = self.fresh_room.notified() => {}
+                }
+            }
+            if self.stop.is_cancelled() {
+                return;
+            }
+            // Nothing to read when the passes have overtaken the read-ahead.
+            let waiting = {
+                let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                chunk
+                    .iter()
+                    .any(|(seq, subject)| waiting_entry(&queues, subject, *seq).is_some())
+            };
+            if !waiting {
+                continue;
+            }
+            let (from, to) = (chunk[0].0, chunk[chunk.len() - 1].0);
+            let journal = self.journal.clone();
+            let events = match blocking(move || journal.untried_events(from, to)).await {
+                Ok(events) => events,
+                Err(e) => {
+                    // Each event is read when its turn comes instead.
+                    tracing::debug!(error = %e, "reading the backlog ahead failed");
+                    return;
+                }
+            };
+            subjects.clear();
+            subjects.extend(chunk.iter().map(|(seq, subject)| (*seq, subject.as_str())));
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            for event in events {
+                let Some(subject) = subjects.get(&event.seq) else {
+                    continue;
+                };
+                let Some(index) = waiting_entry(&queues, subject, event.seq) else {
+                    continue;
+                };
+                if !self.reserve(event.envelope.len()) {
+                    break;
+                }
+                if let Some(entry) = queues.get_mut(*subject).and_then(|q| q.get_mut(index)) {
+                    entry.fresh = Some(Box::new(event));
+                }
+            }
+        }
     }
 
     /// Registers interest in an event's final state (ack mode `applied`). Call before the event
@@ -748,6 +849,17 @@ mod tests {
         }
     }
 
+    /// Records the ids of the events it is given.
+    struct RecordingIds(tokio::sync::mpsc::UnboundedSender<String>);
+
+    #[async_trait::async_trait]
+    impl Sink for RecordingIds {
+        async fn apply(&self, event: &EventMeta, _: &Value) -> Result<(), SinkError> {
+            let _ = self.0.send(event.id.clone());
+            Ok(())
+        }
+    }
+
     fn new_event(id: &str, subject: &str) -> NewEvent {
         let envelope = json!({"id": id, "type": "rule.updated", "version": 1, "subject": subject});
         NewEvent {
@@ -801,6 +913,117 @@ mod tests {
         subjects.sort();
         assert_eq!(subjects, ["a", "b"]);
         assert_eq!(journal.backlog(), 2, "neither final state is committed yet");
+        dispatcher.shutdown(Duration::from_secs(1)).await;
+        journal.close();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_backlog_is_read_ahead_except_events_already_tried_which_keep_their_applied_routes()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        std::fs::write(dir.path().join("pass.jsonata"), "subject").unwrap();
+        let adapter = || Adapter::load(&dir.path().join("pass.jsonata")).unwrap();
+        let (first_tx, mut first) = tokio::sync::mpsc::unbounded_channel();
+        let (second_tx, mut second) = tokio::sync::mpsc::unbounded_channel();
+        let routing = Routing {
+            routes: vec![
+                Route::for_tests("first", adapter(), Arc::new(RecordingIds(first_tx))),
+                Route::for_tests("second", adapter(), Arc::new(RecordingIds(second_tx))),
+            ],
+            sinks: Default::default(),
+        };
+        // Sequence numbers 1 to 5, in this order.
+        let ids = [
+            ("a-1", "a"),
+            ("b-1", "b"),
+            ("a-2", "a"),
+            ("b-2", "b"),
+            ("a-3", "a"),
+        ];
+        for (id, subject) in ids {
+            let appended = journal.append(new_event(id, subject)).await.unwrap();
+            assert_eq!(appended, Appended::Accepted);
+        }
+        // a-2 was tried by an earlier run: its first route was applied, its second waits.
+        let tried = |route: &str, state: &'static str| DeliveryUpdate {
+            seq: 3,
+            route: route.into(),
+            sink: route.into(),
+            state,
+            attempts: 1,
+            next_attempt_ms: Some(0),
+            last_error: None,
+        };
+        journal
+            .set_deliveries(vec![
+                tried("first", state::APPLIED),
+                tried("second", state::PENDING),
+            ])
+            .await
+            .unwrap();
+
+        // Nothing is applied while the test holds the one parallel slot.
+        let dispatcher = Dispatcher::new(journal.clone(), "acme".into(), routing, 1, None);
+        let slot = dispatcher.parallel.clone().acquire_owned().await.unwrap();
+        dispatcher.start().await.unwrap();
+        let fresh = |dispatcher: &Dispatcher| -> Vec<(i64, bool)> {
+            let queues = dispatcher.queues.lock().unwrap();
+            let mut entries: Vec<(i64, bool)> = queues
+                .values()
+                .flat_map(|q| q.iter().map(|e| (e.seq, e.fresh.is_some())))
+                .collect();
+            entries.sort();
+            entries
+        };
+        // The heads (a-1, b-1) may be under way and read themselves; a-2 was tried.
+        let expected = vec![(1, false), (2, false), (3, false), (4, true), (5, true)];
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while fresh(&dispatcher) != expected {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backlog is read ahead: {:?}",
+                fresh(&dispatcher)
+            );
+            tokio::task::yield_now().await;
+        }
+
+        drop(slot);
+        let received = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, n: usize| {
+            let mut ids = Vec::new();
+            for _ in 0..n {
+                ids.push(rx.try_recv().ok());
+            }
+            ids
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while journal.backlog() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backlog is applied"
+            );
+            tokio::task::yield_now().await;
+        }
+        let mut first_ids: Vec<String> = received(&mut first, 5).into_iter().flatten().collect();
+        let mut second_ids: Vec<String> = received(&mut second, 6).into_iter().flatten().collect();
+        // Each subject's events in order.
+        let order = |ids: &[String], subject: &str| -> Vec<String> {
+            ids.iter()
+                .filter(|id| id.starts_with(subject))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(
+            order(&first_ids, "a"),
+            ["a-1", "a-3"],
+            "a-2's applied route is not applied again"
+        );
+        assert_eq!(order(&second_ids, "a"), ["a-1", "a-2", "a-3"]);
+        assert_eq!(order(&second_ids, "b"), ["b-1", "b-2"]);
+        first_ids.sort();
+        second_ids.sort();
+        assert_eq!(first_ids, ["a-1", "a-3", "b-1", "b-2"]);
+        assert_eq!(second_ids, ["a-1", "a-2", "a-3", "b-1", "b-2"]);
         dispatcher.shutdown(Duration::from_secs(1)).await;
         journal.close();
     }

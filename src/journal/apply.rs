@@ -131,21 +131,42 @@ pub fn load_event(conn: &Connection, seq: i64) -> Result<Option<StoredEvent>, ru
         "SELECT e.seq, id, type, version, subject, revision, source, received_at, state, \
          b.envelope FROM events e JOIN event_bodies b ON b.seq = e.seq WHERE e.seq = ?1",
     )?
-    .query_row([seq], |r| {
-        Ok(StoredEvent {
-            seq: r.get(0)?,
-            id: r.get(1)?,
-            event_type: r.get(2)?,
-            version: r.get(3)?,
-            subject: r.get(4)?,
-            revision: r.get(5)?,
-            source: r.get(6)?,
-            received_at_ms: rfc3339_ms(&r.get::<_, String>(7)?),
-            state: r.get(8)?,
-            envelope: r.get(9)?,
-        })
-    })
+    .query_row([seq], stored_event)
     .optional()
+}
+
+/// A [`StoredEvent`] from a row of `seq, id, type, version, subject, revision, source,
+/// received_at, state, envelope`.
+fn stored_event(r: &rusqlite::Row<'_>) -> Result<StoredEvent, rusqlite::Error> {
+    Ok(StoredEvent {
+        seq: r.get(0)?,
+        id: r.get(1)?,
+        event_type: r.get(2)?,
+        version: r.get(3)?,
+        subject: r.get(4)?,
+        revision: r.get(5)?,
+        source: r.get(6)?,
+        received_at_ms: rfc3339_ms(&r.get::<_, String>(7)?),
+        state: r.get(8)?,
+        envelope: r.get(9)?,
+    })
+}
+
+/// The events with sequence numbers `from..=to` that wait to be applied and were never tried
+/// (no delivery recorded), with their envelopes, in sequence order.
+pub fn untried_events(
+    conn: &Connection,
+    from: i64,
+    to: i64,
+) -> Result<Vec<StoredEvent>, rusqlite::Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT e.seq, id, type, version, subject, revision, source, received_at, state, \
+         b.envelope FROM events e JOIN event_bodies b ON b.seq = e.seq \
+         WHERE e.seq BETWEEN ?1 AND ?2 AND e.state = ?3 \
+         AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq) ORDER BY e.seq",
+    )?;
+    stmt.query_map(params![from, to, state::ACCEPTED], stored_event)?
+        .collect()
 }
 
 /// The highest revision applied for `subject`.
@@ -339,6 +360,11 @@ impl Journal {
     /// One event with its envelope. Blocking.
     pub fn load_event(&self, seq: i64) -> Result<Option<StoredEvent>, JournalError> {
         self.read(|conn| load_event(conn, seq))
+    }
+
+    /// The events `from..=to` that wait and were never tried ([`untried_events`]). Blocking.
+    pub fn untried_events(&self, from: i64, to: i64) -> Result<Vec<StoredEvent>, JournalError> {
+        self.read(|conn| untried_events(conn, from, to))
     }
 
     /// The deliveries of one event. Blocking.
