@@ -340,7 +340,8 @@ fn agent_rate(
 ) -> AgentPhase {
     let path = dir.join("ess-agent.toml");
     std::fs::write(&path, config(dir, port, window, client_id, variant)).unwrap();
-    let (mut agent, _) = Agent::start(&path, variant);
+    let (mut agent, ready) = Agent::start(&path, variant);
+    let admin = ready["admin"].as_str().unwrap_or_default().to_owned();
     let pid = agent.child.id();
     let mut first = None;
     let mut last = 0.0;
@@ -359,11 +360,33 @@ fn agent_rate(
         applied == events
     });
     let (machine, own) = (machine_busy() - busy.0, process_cpu(pid) - busy.1);
+    let metrics = scrape(&admin);
+    let metric = |name: &str| metrics.get(name).copied().unwrap_or(0.0);
+    let commits = metric("ess_agent_journal_commit_seconds_count");
     AgentPhase {
         rate: (events - 1) as f64 / (last - first.unwrap()),
         cpu_us: machine / events as f64 * 1e6,
         agent_cpu_us: own / events as f64 * 1e6,
+        batch: metric("ess_agent_journal_batch_size_sum") / commits.max(1.0),
+        commit_us: metric("ess_agent_journal_commit_seconds_sum") / commits.max(1.0) * 1e6,
     }
+}
+
+/// The agent's metrics without labels (`/metrics` on its admin address), by name.
+fn scrape(admin: &str) -> std::collections::HashMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut text = String::new();
+    if let Ok(mut stream) = std::net::TcpStream::connect(admin) {
+        let request =
+            format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+        let _ = stream.write_all(request.as_bytes());
+        let _ = stream.read_to_string(&mut text);
+    }
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once(' '))
+        .filter_map(|(name, value)| Some((name.to_owned(), value.trim().parse().ok()?)))
+        .collect()
 }
 
 /// The agent's phase: its rate, the machine's CPU per message and the agent process's own.
@@ -371,6 +394,9 @@ struct AgentPhase {
     rate: f64,
     cpu_us: f64,
     agent_cpu_us: f64,
+    /// Mean operations per journal commit, and mean commit time, over the agent's run.
+    batch: f64,
+    commit_us: f64,
 }
 
 /// A phase's figures: confirmed publishes per second, and the machine's CPU per message in
@@ -538,13 +564,16 @@ fn main() {
             );
             eprintln!(
                 "round {}: agent with {variant:?} {:.0}/s, {:.2} × the agent's {:.0}/s (machine \
-                 CPU {:.1} µs per message, the agent's own {:.1} µs)",
+                 CPU {:.1} µs per message, the agent's own {:.1} µs; {:.1} final states per \
+                 journal commit, {:.0} µs each)",
                 round + 1,
                 changed.rate,
                 changed.rate / agent.rate,
                 agent.rate,
                 changed.cpu_us,
-                changed.agent_cpu_us
+                changed.agent_cpu_us,
+                changed.batch,
+                changed.commit_us
             );
             variant_ratios.push(changed.rate / agent.rate);
         }
@@ -552,12 +581,14 @@ fn main() {
         let sink = runtime.block_on(sink_rate(broker.port, events, window, round));
         eprintln!(
             "round {}: agent {:.0}/s (machine CPU {:.1} µs per message, the agent's own {:.1} \
-             µs), bare rumqttc {:.0}/s (ratio {:.2}, machine CPU {:.1} µs per message); sink \
+             µs; {:.1} final states per journal commit, {:.0} µs each), bare rumqttc {:.0}/s (ratio {:.2}, machine CPU {:.1} µs per message); sink \
              alone {:.0}/s (ratio {:.2}, {:.1} µs)",
             round + 1,
             agent.rate,
             agent.cpu_us,
             agent.agent_cpu_us,
+            agent.batch,
+            agent.commit_us,
             bare.rate,
             agent.rate / bare.rate,
             bare.cpu_us,
