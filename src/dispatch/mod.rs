@@ -190,16 +190,17 @@ impl Dispatcher {
         }
         let floor = pending.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
         self.fresh_floor.store(floor, Ordering::Relaxed);
-        for (seq, subject) in &pending {
+        let seqs: Vec<i64> = pending.iter().map(|(seq, _)| *seq).collect();
+        for (seq, subject) in pending {
             let queued = Queued {
-                seq: *seq,
+                seq,
                 fresh: None,
                 backlog: true,
             };
-            self.enqueue(queued, subject.clone());
+            self.enqueue(queued, subject);
         }
-        if !pending.is_empty() {
-            self.tracker.spawn(self.clone().read_ahead(pending));
+        if !seqs.is_empty() {
+            self.tracker.spawn(self.clone().read_ahead(seqs));
         }
         let this = self.clone();
         self.intake_running
@@ -300,9 +301,9 @@ impl Dispatcher {
     /// of the journal, into the queued entries' fresh copies: one read for many events instead
     /// of one (with the page lookups it repeats) per event. Only events not yet tried (no
     /// delivery recorded) are read ahead; an event whose entry is at the head of its queue is
-    /// left alone, since its pass may be under way and reads the journal itself.
-    async fn read_ahead(self: Arc<Self>, backlog: Vec<(i64, String)>) {
-        let mut subjects: HashMap<i64, &str> = HashMap::new();
+    /// left alone, since its pass may be under way and reads the journal itself. `backlog`
+    /// holds the backlog's sequence numbers in order.
+    async fn read_ahead(self: Arc<Self>, backlog: Vec<i64>) {
         for chunk in backlog.chunks(READ_AHEAD_CHUNK) {
             while self.fresh_bytes.load(Ordering::Relaxed) >= FRESH_BYTES_MAX / 2 {
                 tokio::select! {
@@ -313,17 +314,7 @@ impl Dispatcher {
             if self.stop.is_cancelled() {
                 return;
             }
-            // Nothing to read when the passes have overtaken the read-ahead.
-            let waiting = {
-                let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-                chunk
-                    .iter()
-                    .any(|(seq, subject)| waiting_entry(&queues, subject, *seq).is_some())
-            };
-            if !waiting {
-                continue;
-            }
-            let (from, to) = (chunk[0].0, chunk[chunk.len() - 1].0);
+            let (from, to) = (chunk[0], chunk[chunk.len() - 1]);
             let journal = self.journal.clone();
             let events = match blocking(move || journal.untried_events(from, to)).await {
                 Ok(events) => events,
@@ -333,20 +324,19 @@ impl Dispatcher {
                     return;
                 }
             };
-            subjects.clear();
-            subjects.extend(chunk.iter().map(|(seq, subject)| (*seq, subject.as_str())));
             let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
             for event in events {
-                let Some(subject) = subjects.get(&event.seq) else {
-                    continue;
-                };
-                let Some(index) = waiting_entry(&queues, subject, event.seq) else {
+                // Gone already, under way, or not from the backlog: read when its turn comes.
+                let Some(index) = waiting_entry(&queues, &event.subject, event.seq) else {
                     continue;
                 };
                 if !self.reserve(event.envelope.len()) {
                     break;
                 }
-                if let Some(entry) = queues.get_mut(*subject).and_then(|q| q.get_mut(index)) {
+                if let Some(entry) = queues
+                    .get_mut(&event.subject)
+                    .and_then(|q| q.get_mut(index))
+                {
                     entry.fresh = Some(Box::new(event));
                 }
             }
