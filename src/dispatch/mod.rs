@@ -828,24 +828,32 @@ mod tests {
     use crate::journal::{Appended, JournalOptions, NewEvent, WireFormat};
     use crate::sink::Sink;
 
-    /// Records the subjects it is given.
-    struct Recording(tokio::sync::mpsc::UnboundedSender<String>);
+    /// Records what `field` takes from each event it is given.
+    struct Recording {
+        tx: tokio::sync::mpsc::UnboundedSender<String>,
+        field: fn(&EventMeta) -> &str,
+    }
+
+    impl Recording {
+        fn subjects(tx: tokio::sync::mpsc::UnboundedSender<String>) -> Arc<Recording> {
+            Arc::new(Recording {
+                tx,
+                field: |e| &e.subject,
+            })
+        }
+
+        fn ids(tx: tokio::sync::mpsc::UnboundedSender<String>) -> Arc<Recording> {
+            Arc::new(Recording {
+                tx,
+                field: |e| &e.id,
+            })
+        }
+    }
 
     #[async_trait::async_trait]
     impl Sink for Recording {
         async fn apply(&self, event: &EventMeta, _: &Value) -> Result<(), SinkError> {
-            let _ = self.0.send(event.subject.clone());
-            Ok(())
-        }
-    }
-
-    /// Records the ids of the events it is given.
-    struct RecordingIds(tokio::sync::mpsc::UnboundedSender<String>);
-
-    #[async_trait::async_trait]
-    impl Sink for RecordingIds {
-        async fn apply(&self, event: &EventMeta, _: &Value) -> Result<(), SinkError> {
-            let _ = self.0.send(event.id.clone());
+            let _ = self.tx.send((self.field)(event).to_owned());
             Ok(())
         }
     }
@@ -882,7 +890,7 @@ mod tests {
         std::fs::write(dir.path().join("pass.jsonata"), "subject").unwrap();
         let adapter = Adapter::load(&dir.path().join("pass.jsonata")).unwrap();
         let (applied, mut seen) = tokio::sync::mpsc::unbounded_channel();
-        let route = Route::for_tests("r", adapter, Arc::new(Recording(applied)));
+        let route = Route::for_tests("r", adapter, Recording::subjects(applied));
         let routing = Routing {
             routes: vec![route],
             sinks: Default::default(),
@@ -918,8 +926,8 @@ mod tests {
         let (second_tx, mut second) = tokio::sync::mpsc::unbounded_channel();
         let routing = Routing {
             routes: vec![
-                Route::for_tests("first", adapter(), Arc::new(RecordingIds(first_tx))),
-                Route::for_tests("second", adapter(), Arc::new(RecordingIds(second_tx))),
+                Route::for_tests("first", adapter(), Recording::ids(first_tx)),
+                Route::for_tests("second", adapter(), Recording::ids(second_tx)),
             ],
             sinks: Default::default(),
         };
