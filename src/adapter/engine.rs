@@ -147,7 +147,11 @@ impl Expression {
         self.run(Input::Text(input), bindings, limits, true)
     }
 
-    /// [`Expression::evaluate_text`] within `budget`, as [`Expression::evaluate_brief`].
+    /// [`Expression::evaluate_text`] with the time limit cut to `budget`, checked by the
+    /// engine's own clock only (no watchdog): for a caller that must not be held up long and
+    /// tries again with [`Expression::evaluate_text`] when the budget runs out (`U1001`). The clock
+    /// is read every few hundred evaluation steps, so an evaluation whose single steps are huge
+    /// (a range of millions of items) can overrun the budget by the time such a step takes.
     pub fn evaluate_text_brief(
         &self,
         input: &str,
@@ -156,26 +160,6 @@ impl Expression {
         budget: Duration,
     ) -> Result<Option<Value>, EngineError> {
         self.run(Input::Text(input), bindings, &limits.within(budget), false)
-    }
-
-    /// Like [`Expression::evaluate`] with the time limit cut to `budget`, checked by the
-    /// engine's own clock only (no watchdog): for a caller that must not be held up long and
-    /// tries again with [`Expression::evaluate`] when the budget runs out (`U1001`). The clock
-    /// is read every few hundred evaluation steps, so an evaluation whose single steps are huge
-    /// (a range of millions of items) can overrun the budget by the time such a step takes.
-    pub fn evaluate_brief(
-        &self,
-        input: &Value,
-        bindings: &Map<String, Value>,
-        limits: &Limits,
-        budget: Duration,
-    ) -> Result<Option<Value>, EngineError> {
-        self.run(
-            Input::Json(Some(input)),
-            bindings,
-            &limits.within(budget),
-            false,
-        )
     }
 
     fn run(

@@ -84,19 +84,6 @@ impl Adapter {
             .evaluate(input, &partner_binding(partner), limits)
     }
 
-    /// Like [`Adapter::evaluate`] with the time limit cut to `budget` (see
-    /// [`Expression::evaluate_brief`]).
-    pub fn evaluate_brief(
-        &self,
-        input: &Value,
-        partner: &str,
-        limits: &Limits,
-        budget: std::time::Duration,
-    ) -> Result<Option<Value>, EngineError> {
-        self.expression
-            .evaluate_brief(input, &partner_binding(partner), limits, budget)
-    }
-
     /// [`Adapter::evaluate`] on an input given as JSON text (see
     /// [`Expression::evaluate_text`]).
     pub fn evaluate_text(
@@ -109,7 +96,8 @@ impl Adapter {
             .evaluate_text(input, &partner_binding(partner), limits)
     }
 
-    /// [`Adapter::evaluate_brief`] on an input given as JSON text.
+    /// [`Adapter::evaluate_text`] with the time limit cut to `budget` (see
+    /// [`Expression::evaluate_text_brief`]).
     pub fn evaluate_text_brief(
         &self,
         input: &str,
