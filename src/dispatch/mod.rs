@@ -66,25 +66,31 @@ pub struct DryRunOutput {
 /// An event waiting in its subject's queue.
 struct Queued {
     seq: i64,
-    /// The event as the writer stored it, when it came straight from a commit, or as read ahead
-    /// from the backlog: its first pass then reads nothing back from the journal.
+    /// The event as the writer stored it, when it came straight from a commit, or as read ahead:
+    /// its first pass then reads nothing back from the journal.
     fresh: Option<Box<StoredEvent>>,
-    /// Queued from the backlog found at start. These entries come first in their queue, in
-    /// sequence order, and each event has only one: the read-ahead fills in their fresh copy.
-    backlog: bool,
+    /// Queued without a fresh copy that the read-ahead may fill in: from the backlog found at
+    /// start, or committed while the fresh copies held had no room (or others waited to be
+    /// read ahead). Each event has at most one such entry.
+    spilled: bool,
 }
 
 /// An event read for a pass: the event, its deliveries so far, and the highest revision applied
 /// for its subject.
 type Loaded = (StoredEvent, Vec<DeliveryRecord>, Option<u64>);
 
-/// At most this many bytes of envelopes are held in the queues; beyond that, events are read
-/// back from the journal when their turn comes, so a long backlog costs disk reads, not memory.
+/// At most this many bytes of envelopes are held in the queues; events beyond that are read
+/// ahead from the journal as room frees up (or, when the read-ahead cannot take them, read back
+/// when their turn comes), so a long backlog costs disk reads, not memory.
 const FRESH_BYTES_MAX: usize = 8 << 20;
 
-/// The backlog found at start is read ahead this many events at a time, in one read of the
-/// journal, while the fresh copies held take less than half of [`FRESH_BYTES_MAX`].
+/// Events queued without a fresh copy are read ahead this many at a time, in one read of the
+/// journal, while the fresh copies held take less than half of the limit.
 const READ_AHEAD_CHUNK: usize = 256;
+
+/// A read-ahead chunk spans at most this many sequence numbers, so that a chunk with a gap of
+/// events kept fresh in it does not read those again.
+const READ_AHEAD_SPAN: i64 = 4 * READ_AHEAD_CHUNK as i64;
 
 /// What one processing pass of an event came to.
 enum Step {
@@ -104,12 +110,18 @@ pub struct Dispatcher {
     queues: Mutex<HashMap<String, VecDeque<Queued>>>,
     /// Bytes of envelopes held by [`Queued::fresh`].
     fresh_bytes: AtomicUsize,
-    /// Woken when the fresh copies held fall below half of [`FRESH_BYTES_MAX`].
+    /// The most bytes of fresh copies held ([`FRESH_BYTES_MAX`]).
+    fresh_max: usize,
+    /// Woken when the fresh copies held fall below half of `fresh_max`.
     fresh_room: Notify,
-    /// Events up to this sequence number may have been queued twice at start (from the backlog
-    /// read and from the commit listener); their fresh copy is not used, so the second pass
-    /// reads the journal and finds them final.
+    /// Events up to this sequence number were queued from the backlog found at start; the
+    /// commit listener, which listened before the backlog was read, may announce some of them
+    /// again, and those announcements are dropped.
     fresh_floor: AtomicI64,
+    /// Sequence numbers of spilled entries ([`Queued::spilled`]) not yet read ahead, in order.
+    spills: Mutex<VecDeque<i64>>,
+    /// Woken when `spills` gets entries.
+    spill_wake: Notify,
     parallel: Arc<Semaphore>,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<Outcome>>>>,
     /// Set when status reports are configured; woken when one is queued.
@@ -120,18 +132,19 @@ pub struct Dispatcher {
     intake_running: std::sync::atomic::AtomicBool,
 }
 
-/// Where the backlog entry of event `seq` waits in `subject`'s queue, if it is there, behind
-/// the head, without a fresh copy. Backlog entries are the first of their queue, in sequence
-/// order.
+/// Where the spilled entry of event `seq` waits in `subject`'s queue, if it is there, behind the
+/// head, without a fresh copy.
 fn waiting_entry(
     queues: &HashMap<String, VecDeque<Queued>>,
     subject: &str,
     seq: i64,
 ) -> Option<usize> {
     let queue = queues.get(subject)?;
-    let index = queue.partition_point(|q| q.backlog && q.seq < seq);
+    // A queue is in sequence order, but for a replayed event queued behind later ones; a
+    // search that misses because of one leaves the event to be read when its turn comes.
+    let index = queue.partition_point(|q| q.seq < seq);
     let entry = queue.get(index)?;
-    (index > 0 && entry.backlog && entry.seq == seq && entry.fresh.is_none()).then_some(index)
+    (index > 0 && entry.spilled && entry.seq == seq && entry.fresh.is_none()).then_some(index)
 }
 
 fn now_ms() -> i64 {
@@ -159,14 +172,35 @@ impl Dispatcher {
         max_parallel: usize,
         report_wake: Option<Arc<Notify>>,
     ) -> Arc<Dispatcher> {
+        Self::with_fresh_max(
+            journal,
+            partner,
+            routing,
+            max_parallel,
+            report_wake,
+            FRESH_BYTES_MAX,
+        )
+    }
+
+    fn with_fresh_max(
+        journal: Arc<Journal>,
+        partner: String,
+        routing: Routing,
+        max_parallel: usize,
+        report_wake: Option<Arc<Notify>>,
+        fresh_max: usize,
+    ) -> Arc<Dispatcher> {
         Arc::new(Dispatcher {
             journal,
             partner,
             routing: RwLock::new(Arc::new(routing)),
             queues: Mutex::new(HashMap::new()),
             fresh_bytes: AtomicUsize::new(0),
+            fresh_max,
             fresh_room: Notify::new(),
             fresh_floor: AtomicI64::new(0),
+            spills: Mutex::new(VecDeque::new()),
+            spill_wake: Notify::new(),
             parallel: Arc::new(Semaphore::new(max_parallel.max(1))),
             waiters: Mutex::new(HashMap::new()),
             report_wake,
@@ -190,18 +224,19 @@ impl Dispatcher {
         }
         let floor = pending.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
         self.fresh_floor.store(floor, Ordering::Relaxed);
-        let seqs: Vec<i64> = pending.iter().map(|(seq, _)| *seq).collect();
+        self.spills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(pending.iter().map(|(seq, _)| *seq));
         for (seq, subject) in pending {
             let queued = Queued {
                 seq,
                 fresh: None,
-                backlog: true,
+                spilled: true,
             };
             self.enqueue(queued, subject);
         }
-        if !seqs.is_empty() {
-            self.tracker.spawn(self.clone().read_ahead(seqs));
-        }
+        self.tracker.spawn(self.clone().read_ahead());
         let this = self.clone();
         self.intake_running
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -244,22 +279,40 @@ impl Dispatcher {
         let queued = Queued {
             seq,
             fresh: None,
-            backlog: false,
+            spilled: false,
         };
         self.enqueue(queued, subject);
     }
 
     /// Queues an event the journal has just committed, keeping its stored form while memory
-    /// allows.
+    /// allows and no event waits to be read ahead (so that the copies held are those of the
+    /// events whose turn comes first); else the read-ahead reads it later.
     fn submit_committed(self: &Arc<Self>, event: Committed) {
-        let size = event.event.envelope.len();
-        let keep = event.seq > self.fresh_floor.load(Ordering::Relaxed) && self.reserve(size);
+        if event.seq <= self.fresh_floor.load(Ordering::Relaxed) {
+            // Queued from the backlog found at start already.
+            return;
+        }
+        let kept = self
+            .spills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+            && self.reserve(event.event.envelope.len());
+        let seq = event.seq;
         let queued = Queued {
-            seq: event.seq,
-            fresh: keep.then_some(event.event),
-            backlog: false,
+            seq,
+            fresh: kept.then_some(event.event),
+            spilled: !kept,
         };
         self.enqueue(queued, event.subject);
+        if !kept {
+            // After the entry is queued, so that the read-ahead finds it.
+            let mut spills = self.spills.lock().unwrap_or_else(|p| p.into_inner());
+            if spills.is_empty() {
+                self.spill_wake.notify_one();
+            }
+            spills.push_back(seq);
+        }
     }
 
     fn enqueue(self: &Arc<Self>, queued: Queued, subject: String) {
@@ -283,7 +336,8 @@ impl Dispatcher {
     fn release(&self, fresh: &StoredEvent) {
         let size = fresh.envelope.len();
         let held = self.fresh_bytes.fetch_sub(size, Ordering::Relaxed);
-        if held >= FRESH_BYTES_MAX / 2 && held - size < FRESH_BYTES_MAX / 2 {
+        let half = self.fresh_max / 2;
+        if held >= half && held - size < half {
             self.fresh_room.notify_one();
         }
     }
@@ -292,20 +346,20 @@ impl Dispatcher {
     fn reserve(&self, size: usize) -> bool {
         self.fresh_bytes
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
-                (held + size <= FRESH_BYTES_MAX).then_some(held + size)
+                (held + size <= self.fresh_max).then_some(held + size)
             })
             .is_ok()
     }
 
-    /// Reads the backlog found at start ahead of its turn, [`READ_AHEAD_CHUNK`] events per read
-    /// of the journal, into the queued entries' fresh copies: one read for many events instead
-    /// of one (with the page lookups it repeats) per event. Only events not yet tried (no
-    /// delivery recorded) are read ahead; an event whose entry is at the head of its queue is
-    /// left alone, since its pass may be under way and reads the journal itself. `backlog`
-    /// holds the backlog's sequence numbers in order.
-    async fn read_ahead(self: Arc<Self>, backlog: Vec<i64>) {
-        for chunk in backlog.chunks(READ_AHEAD_CHUNK) {
-            while self.fresh_bytes.load(Ordering::Relaxed) >= FRESH_BYTES_MAX / 2 {
+    /// Reads spilled entries ([`Queued::spilled`]) ahead of their turn, [`READ_AHEAD_CHUNK`]
+    /// events per read of the journal, into their fresh copies while those take less than half
+    /// of the limit: one read for many events instead of one (with the page lookups it repeats)
+    /// per event. Only events not yet tried (no delivery recorded) are read ahead; an entry at
+    /// the head of its queue is left alone, since its pass may be under way and reads the
+    /// journal itself. Runs until the dispatcher stops.
+    async fn read_ahead(self: Arc<Self>) {
+        loop {
+            while self.fresh_bytes.load(Ordering::Relaxed) >= self.fresh_max / 2 {
                 tokio::select! {
                     _ = self.stop.cancelled() => return,
                     _ = self.fresh_room.notified() => {}
@@ -314,23 +368,47 @@ impl Dispatcher {
             if self.stop.is_cancelled() {
                 return;
             }
-            let (from, to) = (chunk[0], chunk[chunk.len() - 1]);
+            let chunk = {
+                let mut spills = self.spills.lock().unwrap_or_else(|p| p.into_inner());
+                let first = spills.front().copied();
+                let mut chunk = Vec::with_capacity(READ_AHEAD_CHUNK);
+                while let (Some(first), Some(&seq)) = (first, spills.front()) {
+                    if chunk.len() == READ_AHEAD_CHUNK || seq >= first + READ_AHEAD_SPAN {
+                        break;
+                    }
+                    chunk.push(seq);
+                    spills.pop_front();
+                }
+                chunk
+            };
+            let (Some(&from), Some(&to)) = (chunk.first(), chunk.last()) else {
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    _ = self.spill_wake.notified() => {}
+                }
+                continue;
+            };
             let journal = self.journal.clone();
             let events = match blocking(move || journal.untried_events(from, to)).await {
                 Ok(events) => events,
                 Err(e) => {
-                    // Each event is read when its turn comes instead.
-                    tracing::debug!(error = %e, "reading the backlog ahead failed");
-                    return;
+                    // Each event of the chunk is read when its turn comes instead.
+                    tracing::debug!(error = %e, "reading events ahead failed");
+                    continue;
                 }
             };
             let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
             for event in events {
-                // Gone already, under way, or not from the backlog: read when its turn comes.
+                // Gone already, under way, or not spilled: read when its turn comes.
                 let Some(index) = waiting_entry(&queues, &event.subject, event.seq) else {
                     continue;
                 };
                 if !self.reserve(event.envelope.len()) {
+                    // No room left: the rest of the chunk waits for the next round.
+                    let mut spills = self.spills.lock().unwrap_or_else(|p| p.into_inner());
+                    for seq in chunk.iter().rev().take_while(|seq| **seq >= event.seq) {
+                        spills.push_front(*seq);
+                    }
                     break;
                 }
                 if let Some(entry) = queues
@@ -1024,5 +1102,138 @@ mod tests {
         assert_eq!(second_ids, ["a-1", "a-2", "a-3", "b-1", "b-2"]);
         dispatcher.shutdown(Duration::from_secs(1)).await;
         journal.close();
+    }
+
+    /// Applies an event only when the test lets it: one permit of `gate` per apply.
+    struct Gated {
+        gate: Arc<Semaphore>,
+        tx: tokio::sync::mpsc::UnboundedSender<String>,
+    }
+
+    #[async_trait::async_trait]
+    impl Sink for Gated {
+        async fn apply(&self, event: &EventMeta, _: &Value) -> Result<(), SinkError> {
+            self.gate.acquire().await.unwrap().forget();
+            let _ = self.tx.send(event.id.clone());
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_committed_while_the_fresh_copies_are_full_are_read_ahead_as_room_frees() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        std::fs::write(dir.path().join("pass.jsonata"), "subject").unwrap();
+        let adapter = Adapter::load(&dir.path().join("pass.jsonata")).unwrap();
+        let gate = Arc::new(Semaphore::new(0));
+        let (tx, mut applied) = tokio::sync::mpsc::unbounded_channel();
+        let sink = Arc::new(Gated {
+            gate: gate.clone(),
+            tx,
+        });
+        let routing = Routing {
+            routes: vec![Route::for_tests("r", adapter, sink)],
+            sinks: Default::default(),
+        };
+        // Room for the fresh copies of four events; one event applied at a time.
+        let size = new_event("e-01", "a").envelope.len();
+        let dispatcher =
+            Dispatcher::with_fresh_max(journal.clone(), "acme".into(), routing, 1, None, 4 * size);
+        dispatcher.start().await.unwrap();
+        // (seq, at the head of its queue, has a fresh copy) of every queued entry.
+        type Entry = (i64, bool, bool);
+        let entries = |dispatcher: &Dispatcher| -> Vec<Entry> {
+            let queues = dispatcher.queues.lock().unwrap();
+            let mut entries: Vec<Entry> = queues
+                .values()
+                .flat_map(|q| {
+                    q.iter()
+                        .enumerate()
+                        .map(|(i, e)| (e.seq, i == 0, e.fresh.is_some()))
+                })
+                .collect();
+            entries.sort();
+            entries
+        };
+        let wait_until = async |what: &str, done: &dyn Fn(&[Entry]) -> bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !done(&entries(&dispatcher)) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: {:?}",
+                    entries(&dispatcher)
+                );
+                tokio::task::yield_now().await;
+            }
+        };
+        // Twelve events of three subjects. The first of each subject takes its copy at once (it
+        // is the head of its queue); the next four are kept; the rest find no room.
+        let subjects = ["a", "b", "c"];
+        for n in 1..=12 {
+            let id = format!("e-{n:02}");
+            let event = new_event(&id, subjects[(n - 1) % 3]);
+            assert_eq!(journal.append(event).await.unwrap(), Appended::Accepted);
+            let seq = n as i64;
+            wait_until("the event is queued", &|e| {
+                e.iter()
+                    .any(|&(s, head, fresh)| s == seq && (!head || !fresh))
+            })
+            .await;
+        }
+        let kept: Vec<i64> = entries(&dispatcher)
+            .iter()
+            .filter(|(_, head, fresh)| !head && *fresh)
+            .map(|(seq, ..)| *seq)
+            .collect();
+        assert_eq!(kept, [4, 5, 6, 7], "copies are kept while there is room");
+
+        // Once the first three are applied, the next of each subject (4, 5, 6) is the head of
+        // its queue and has taken its copy: one is left (7), under half the room, so the events
+        // that found none are read ahead, while they wait behind their heads, until the room is
+        // full again (8, 9, 10); the rest (11, 12) wait for more room.
+        gate.add_permits(3);
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(applied.recv().await.unwrap());
+        }
+        assert_eq!(ids, ["e-01", "e-02", "e-03"]);
+        wait_until("events are read ahead as room frees up", &|e| {
+            let fresh: Vec<i64> = e
+                .iter()
+                .filter(|(_, head, fresh)| !head && *fresh)
+                .map(|(seq, ..)| *seq)
+                .collect();
+            fresh == [7, 8, 9, 10]
+        })
+        .await;
+
+        // Every event is applied once, each subject's in order, and no copy is left counted.
+        gate.add_permits(100);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while journal.backlog() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "everything is applied"
+            );
+            tokio::task::yield_now().await;
+        }
+        while let Ok(id) = applied.try_recv() {
+            ids.push(id);
+        }
+        assert_eq!(dispatcher.fresh_bytes.load(Ordering::Relaxed), 0);
+        dispatcher.shutdown(Duration::from_secs(1)).await;
+        journal.close();
+        for (i, subject) in subjects.iter().enumerate() {
+            let expected: Vec<String> = (1..=12usize)
+                .filter(|n| (n - 1) % 3 == i)
+                .map(|n| format!("e-{n:02}"))
+                .collect();
+            let got: Vec<&String> = ids.iter().filter(|id| expected.contains(id)).collect();
+            assert_eq!(
+                got,
+                expected.iter().collect::<Vec<_>>(),
+                "subject {subject}"
+            );
+        }
     }
 }
