@@ -936,6 +936,18 @@ mod tests {
         }
     }
 
+    /// Waits until every event in the journal is final.
+    async fn backlog_applied(journal: &Journal) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while journal.backlog() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backlog is applied"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn new_event(id: &str, subject: &str) -> NewEvent {
         let envelope = json!({"id": id, "type": "rule.updated", "version": 1, "subject": subject});
         NewEvent {
@@ -1072,14 +1084,7 @@ mod tests {
             }
             ids
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while journal.backlog() > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the backlog is applied"
-            );
-            tokio::task::yield_now().await;
-        }
+        backlog_applied(&journal).await;
         let mut first_ids: Vec<String> = received(&mut first, 5).into_iter().flatten().collect();
         let mut second_ids: Vec<String> = received(&mut second, 6).into_iter().flatten().collect();
         // Each subject's events in order.
@@ -1209,14 +1214,7 @@ mod tests {
 
         // Every event is applied once, each subject's in order, and no copy is left counted.
         gate.add_permits(100);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while journal.backlog() > 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "everything is applied"
-            );
-            tokio::task::yield_now().await;
-        }
+        backlog_applied(&journal).await;
         while let Ok(id) = applied.try_recv() {
             ids.push(id);
         }
