@@ -147,6 +147,17 @@ fn waiting_entry(
     (index > 0 && entry.spilled && entry.seq == seq && entry.fresh.is_none()).then_some(index)
 }
 
+/// What of a read-ahead chunk (ascending sequence numbers) waits for the next round when the
+/// event `failed` found no room: it and the events after it, but not `failed` itself when
+/// nothing of the chunk was `filled` (it does not fit into the room a round starts with).
+fn unfilled_rest(chunk: &[i64], failed: i64, filled: bool) -> impl DoubleEndedIterator<Item = i64> {
+    let from = chunk.partition_point(|seq| *seq < failed);
+    chunk[from..]
+        .iter()
+        .copied()
+        .filter(move |seq| filled || *seq != failed)
+}
+
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -398,19 +409,23 @@ impl Dispatcher {
                 }
             };
             let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            let mut filled = false;
             for event in events {
                 // Gone already, under way, or not spilled: read when its turn comes.
                 let Some(index) = waiting_entry(&queues, &event.subject, event.seq) else {
                     continue;
                 };
                 if !self.reserve(event.envelope.len()) {
-                    // No room left: the rest of the chunk waits for the next round.
+                    // No room left: the rest of the chunk waits for the next round. An event
+                    // that does not fit even into the room a round starts with is read when its
+                    // turn comes, so that the next round does not stop at it again.
                     let mut spills = self.spills.lock().unwrap_or_else(|p| p.into_inner());
-                    for seq in chunk.iter().rev().take_while(|seq| **seq >= event.seq) {
-                        spills.push_front(*seq);
+                    for seq in unfilled_rest(&chunk, event.seq, filled).rev() {
+                        spills.push_front(seq);
                     }
                     break;
                 }
+                filled = true;
                 if let Some(entry) = queues
                     .get_mut(&event.subject)
                     .and_then(|q| q.get_mut(index))
@@ -1107,6 +1122,17 @@ mod tests {
         assert_eq!(second_ids, ["a-1", "a-2", "a-3", "b-1", "b-2"]);
         dispatcher.shutdown(Duration::from_secs(1)).await;
         journal.close();
+    }
+
+    #[test]
+    fn a_chunk_s_unfilled_rest_waits_but_an_event_too_large_for_a_fresh_round_does_not() {
+        let chunk = [3, 5, 8, 13];
+        let rest = |failed, filled| unfilled_rest(&chunk, failed, filled).collect::<Vec<_>>();
+        assert_eq!(rest(8, true), [8, 13]);
+        assert_eq!(rest(3, true), [3, 5, 8, 13]);
+        // Nothing filled: the event that failed would fail the next round the same way.
+        assert_eq!(rest(3, false), [5, 8, 13]);
+        assert_eq!(rest(13, false), Vec::<i64>::new());
     }
 
     /// Applies an event only when the test lets it: one permit of `gate` per apply.
