@@ -379,18 +379,15 @@ impl Dispatcher {
             if self.stop.is_cancelled() {
                 return;
             }
-            let chunk = {
+            let chunk: Vec<i64> = {
                 let mut spills = self.spills.lock().unwrap_or_else(|p| p.into_inner());
-                let first = spills.front().copied();
-                let mut chunk = Vec::with_capacity(READ_AHEAD_CHUNK);
-                while let (Some(first), Some(&seq)) = (first, spills.front()) {
-                    if chunk.len() == READ_AHEAD_CHUNK || seq >= first + READ_AHEAD_SPAN {
-                        break;
-                    }
-                    chunk.push(seq);
-                    spills.pop_front();
-                }
-                chunk
+                let first = spills.front().copied().unwrap_or_default();
+                let n = spills
+                    .iter()
+                    .take(READ_AHEAD_CHUNK)
+                    .take_while(|seq| **seq < first + READ_AHEAD_SPAN)
+                    .count();
+                spills.drain(..n).collect()
             };
             let (Some(&from), Some(&to)) = (chunk.first(), chunk.last()) else {
                 tokio::select! {
