@@ -196,7 +196,8 @@ fn invalid(field: &str, problem: impl Into<String>) -> EnvelopeError {
 }
 
 const EXPECT_ID: &str = "a string of 1 to 200 printable ASCII characters, unique per event";
-const EXPECT_VERSION: &str = "an integer >= 1, the schema version of the payload";
+const EXPECT_VERSION: &str =
+    "an integer from 1 to 9223372036854775807 (2^63 - 1), the schema version of the payload";
 const EXPECT_PAYLOAD: &str = "the change itself, any JSON value (null is allowed)";
 const EXPECT_CE_ID: &str =
     "the CloudEvents `id` attribute, a string of 1 to 200 printable ASCII characters";
@@ -770,13 +771,23 @@ fn optional_string(field: &str, value: Option<Value>) -> Result<Option<String>, 
     }
 }
 
-/// A JSON integer of at least `min`. Floats, even `1.0`, and strings are refused.
+/// The largest `version` or `revision` accepted: 2^63 − 1, the largest integer the journal (and
+/// most partner databases) store exactly. A larger one is refused with `invalid_field`.
+pub const MAX_INTEGER: u64 = i64::MAX as u64;
+
+/// A JSON integer from `min` to [`MAX_INTEGER`]. Floats, even `1.0`, and strings are refused.
 fn json_integer(field: &str, value: &Value, min: u64) -> Result<u64, EnvelopeError> {
-    let problem = || format!("must be an integer >= {min}, found {}", kind(value));
+    let problem = || {
+        format!(
+            "must be an integer from {min} to {MAX_INTEGER}, found {}",
+            kind(value)
+        )
+    };
     match value {
         Value::Number(n) => match n.as_u64() {
-            Some(v) if v >= min => Ok(v),
-            _ => Err(invalid(field, problem())),
+            Some(v) if (min..=MAX_INTEGER).contains(&v) => Ok(v),
+            Some(_) => Err(invalid(field, format!("{}; it is too large", problem()))),
+            None => Err(invalid(field, problem())),
         },
         Value::String(s) if is_digits(s) => Err(invalid(
             field,
@@ -786,16 +797,17 @@ fn json_integer(field: &str, value: &Value, min: u64) -> Result<u64, EnvelopeErr
     }
 }
 
-/// A string of decimal digits (as CloudEvents attributes travel) of at least `min`.
+/// A string of decimal digits (as CloudEvents attributes travel) from `min` to [`MAX_INTEGER`].
 fn digits(field: &str, value: &str, min: u64) -> Result<u64, EnvelopeError> {
-    let problem = || format!("must be a whole number >= {min} written in decimal digits");
+    let problem =
+        || format!("must be a whole number from {min} to {MAX_INTEGER} written in decimal digits");
     if !is_digits(value) {
         return Err(invalid(field, problem()));
     }
     match value.parse::<u64>() {
-        Ok(v) if v >= min => Ok(v),
-        Ok(_) => Err(invalid(field, problem())),
-        Err(_) => Err(invalid(field, format!("{}; it is too large", problem()))),
+        Ok(v) if (min..=MAX_INTEGER).contains(&v) => Ok(v),
+        Ok(v) if v < min => Err(invalid(field, problem())),
+        _ => Err(invalid(field, format!("{}; it is too large", problem()))),
     }
 }
 
@@ -1121,12 +1133,31 @@ mod tests {
     #[test]
     fn integer_boundaries() {
         let env = parse_json(&with(
-            with(minimal(), "version", json!(u64::MAX)),
+            with(minimal(), "version", json!(MAX_INTEGER)),
             "revision",
-            json!(u64::MAX),
+            json!(MAX_INTEGER),
         ))
         .unwrap();
-        assert_eq!((env.version, env.revision), (u64::MAX, Some(u64::MAX)));
+        assert_eq!(
+            (env.version, env.revision),
+            (MAX_INTEGER, Some(MAX_INTEGER))
+        );
+    }
+
+    #[test]
+    fn integers_beyond_the_journal_range_are_refused() {
+        for field in ["version", "revision"] {
+            for too_large in [json!(MAX_INTEGER + 1), json!(u64::MAX)] {
+                assert_invalid(
+                    parse_json(&with(minimal(), field, too_large)),
+                    field,
+                    "it is too large",
+                );
+            }
+        }
+        let body =
+            br#"{"id":"b1","version":1,"subject":"S","revision":9223372036854775808,"payload":{}}"#;
+        assert_invalid(parse(&json_headers(), body), "revision", "too large");
     }
 
     // --- Change Event: every rule -----------------------------------------------------------
@@ -1217,13 +1248,13 @@ mod tests {
         assert_invalid(
             parse(&json_headers(), body),
             "version",
-            "must be an integer >= 1",
+            "must be an integer from 1 to",
         );
         let body = br#"{"id":"e","version":1e0,"payload":1}"#;
         assert_invalid(
             parse(&json_headers(), body),
             "version",
-            "must be an integer >= 1",
+            "must be an integer from 1 to",
         );
     }
 
@@ -1233,7 +1264,7 @@ mod tests {
             assert_invalid(
                 parse_json(&with(minimal(), "revision", bad)),
                 "revision",
-                "must be an integer >= 0",
+                "must be an integer from 0 to",
             );
         }
     }
@@ -1499,7 +1530,7 @@ mod tests {
             assert_invalid(
                 parse_ce(&with(ce_minimal(), "dataversion", bad)),
                 "dataversion",
-                ">= 1",
+                "from 1 to",
             );
         }
         assert_invalid(
@@ -1511,6 +1542,18 @@ mod tests {
             "dataversion",
             "too large",
         );
+        for too_large in [json!(9223372036854775808u64), json!("9223372036854775808")] {
+            assert_invalid(
+                parse_ce(&with(ce_minimal(), "dataversion", too_large.clone())),
+                "dataversion",
+                "too large",
+            );
+            assert_invalid(
+                parse_ce(&with(ce_minimal(), "revision", too_large)),
+                "revision",
+                "too large",
+            );
+        }
     }
 
     #[test]
@@ -1531,7 +1574,7 @@ mod tests {
             assert_invalid(
                 parse_ce(&with(ce_minimal(), "revision", bad)),
                 "revision",
-                ">= 0",
+                "from 0 to",
             );
         }
     }
@@ -1837,10 +1880,12 @@ mod tests {
             ("ce-type", "", "must not be empty"),
             ("ce-subject", "", "must not be empty"),
             ("ce-time", "now", "RFC 3339"),
-            ("ce-dataversion", "0", ">= 1"),
-            ("ce-dataversion", "1.5", ">= 1"),
-            ("ce-dataversion", "-2", ">= 1"),
-            ("ce-revision", "x", ">= 0"),
+            ("ce-dataversion", "0", "from 1 to"),
+            ("ce-dataversion", "1.5", "from 1 to"),
+            ("ce-dataversion", "-2", "from 1 to"),
+            ("ce-dataversion", "9223372036854775808", "too large"),
+            ("ce-revision", "x", "from 0 to"),
+            ("ce-revision", "9223372036854775808", "too large"),
             ("ce-revision", "99999999999999999999", "too large"),
             ("ce-version", "2", "dataversion"),
             ("ce-payload", "2", "`data`"),

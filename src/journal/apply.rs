@@ -108,6 +108,32 @@ pub struct DeadLetter {
     pub finished_at: Option<String>,
 }
 
+/// The listing entry for a dead letter whose row cannot be decoded: its sequence number, what
+/// of it can be read as text, and the decoding error.
+fn unreadable_dead_letter(r: &rusqlite::Row<'_>, seq: i64, e: &rusqlite::Error) -> DeadLetter {
+    let text = |i: usize| -> String {
+        match r.get_ref(i) {
+            Ok(rusqlite::types::ValueRef::Text(t)) => String::from_utf8_lossy(t).into_owned(),
+            Ok(rusqlite::types::ValueRef::Integer(n)) => n.to_string(),
+            _ => String::new(),
+        }
+    };
+    tracing::error!(seq, error = %e, "a dead letter's journal row cannot be read");
+    DeadLetter {
+        seq,
+        id: text(1),
+        event_type: text(2),
+        version: 0,
+        subject: text(4),
+        state: text(5),
+        error: Some(format!(
+            "this journal row (seq {seq}) cannot be read: {e}; the other dead letters are unaffected"
+        )),
+        received_at: text(7),
+        finished_at: None,
+    }
+}
+
 /// A pending status report.
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
@@ -142,14 +168,22 @@ fn stored_event(r: &rusqlite::Row<'_>) -> Result<StoredEvent, rusqlite::Error> {
         seq: r.get(0)?,
         id: r.get(1)?,
         event_type: r.get(2)?,
-        version: r.get(3)?,
+        version: stored_u64(r, 3)?,
         subject: r.get(4)?,
-        revision: r.get(5)?,
+        revision: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
         source: r.get(6)?,
         received_at_ms: rfc3339_ms(&r.get::<_, String>(7)?),
         state: r.get(8)?,
         envelope: r.get(9)?,
     })
+}
+
+/// An unsigned integer column (`version`, `revision`): the writer stores it as the same 64 bits
+/// in SQLite's signed integer, and this reverses that, so no stored value makes a row unreadable.
+/// (Ingress refuses values above 2^63 − 1; rows an older agent stored above it read back as they
+/// were sent.)
+pub(crate) fn stored_u64(r: &rusqlite::Row<'_>, index: usize) -> Result<u64, rusqlite::Error> {
+    Ok(r.get::<_, i64>(index)? as u64)
 }
 
 /// The events with sequence numbers `from..=to` that wait to be applied and were never tried
@@ -173,7 +207,7 @@ pub fn untried_events(
 /// The highest revision applied for `subject`.
 pub fn subject_revision(conn: &Connection, subject: &str) -> Result<Option<u64>, rusqlite::Error> {
     conn.prepare_cached("SELECT last_revision FROM subjects WHERE subject = ?1")?
-        .query_row([subject], |r| r.get(0))
+        .query_row([subject], |r| stored_u64(r, 0))
         .optional()
 }
 
@@ -522,17 +556,23 @@ impl Journal {
             stmt.query_map(
                 params![state::FAILED, state::PARKED, after_seq, limit],
                 |r| {
-                    Ok(DeadLetter {
-                        seq: r.get(0)?,
-                        id: r.get(1)?,
-                        event_type: r.get(2)?,
-                        version: r.get(3)?,
-                        subject: r.get(4)?,
-                        state: r.get(5)?,
-                        error: r.get(6)?,
-                        received_at: r.get(7)?,
-                        finished_at: r.get(8)?,
-                    })
+                    let seq: i64 = r.get(0)?;
+                    let row = || -> Result<DeadLetter, rusqlite::Error> {
+                        Ok(DeadLetter {
+                            seq,
+                            id: r.get(1)?,
+                            event_type: r.get(2)?,
+                            version: stored_u64(r, 3)?,
+                            subject: r.get(4)?,
+                            state: r.get(5)?,
+                            error: r.get(6)?,
+                            received_at: r.get(7)?,
+                            finished_at: r.get(8)?,
+                        })
+                    };
+                    // A row that cannot be read is listed as such, so one bad row does not
+                    // hide every other dead letter.
+                    Ok(row().unwrap_or_else(|e| unreadable_dead_letter(r, seq, &e)))
                 },
             )?
             .collect()
@@ -607,5 +647,72 @@ impl Journal {
             .map(|_| ())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::super::{JournalOptions, NewEvent, WireFormat};
+    use super::*;
+
+    fn event(id: &str, version: u64, revision: Option<u64>) -> NewEvent {
+        NewEvent {
+            id: id.into(),
+            event_type: "change".into(),
+            version,
+            subject: "S".into(),
+            revision,
+            source: None,
+            time: None,
+            format: WireFormat::ChangeEvent,
+            content_type: Some("application/json".into()),
+            raw_body: Bytes::from_static(b"{}"),
+            envelope: "{}".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_stored_row_makes_reads_of_other_rows_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        // As an agent that took integers up to 2^64 - 1 stored them.
+        let huge = 1u64 << 63;
+        for e in [
+            event("huge", huge, Some(u64::MAX)),
+            event("plain", 1, Some(2)),
+            event("mangled", 1, None),
+        ] {
+            journal.append(e).await.unwrap();
+        }
+        journal
+            .write(|conn| {
+                conn.execute("UPDATE events SET state = ?1", [state::FAILED])?;
+                // A value no agent writes, which no read can decode as an integer.
+                conn.execute(
+                    "UPDATE events SET version = 'not a number' WHERE id = 'mangled'",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+
+        let record = journal.get("huge").unwrap().unwrap();
+        assert_eq!((record.version, record.revision), (huge, Some(u64::MAX)));
+        let seq = journal
+            .read(|c| c.query_row("SELECT seq FROM events WHERE id = 'huge'", [], |r| r.get(0)))
+            .unwrap();
+        let stored = journal.read(|c| load_event(c, seq)).unwrap().unwrap();
+        assert_eq!((stored.version, stored.revision), (huge, Some(u64::MAX)));
+
+        let listed = journal.dead_letters(0, 100).unwrap();
+        let ids: Vec<&str> = listed.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["huge", "plain", "mangled"]);
+        assert_eq!(listed[0].version, huge);
+        let mangled = listed[2].error.as_deref().unwrap();
+        assert!(mangled.contains("cannot be read"), "{mangled}");
+        journal.close();
     }
 }

@@ -474,9 +474,9 @@ pub(crate) fn read_record(
         Ok(EventRecord {
             id: row.get(0)?,
             event_type: row.get(1)?,
-            version: row.get(2)?,
+            version: apply::stored_u64(row, 2)?,
             subject: row.get(3)?,
-            revision: row.get(4)?,
+            revision: row.get::<_, Option<i64>>(4)?.map(|v| v as u64),
             source: row.get(5)?,
             time: row.get(6)?,
             format: row.get(7)?,
