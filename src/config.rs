@@ -304,7 +304,9 @@ pub struct LimitsConfig {
     /// Largest accepted request body in bytes; larger ones get 413. Default: 1048576 (1 MiB).
     #[serde(default = "default_max_body")]
     pub max_body_bytes: u64,
-    /// Most simultaneous ingress connections; further ones wait in the listen queue. Default: 1024.
+    /// Most simultaneous ingress connections. At the limit the connection idle the longest is
+    /// closed to make room; only when every one is busy do further ones wait in the listen
+    /// queue. Default: 1024.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Time a client has to send a complete request head (TLS handshake included), counted from

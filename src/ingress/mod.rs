@@ -4,6 +4,7 @@
 //! Ingress never touches a sink: it authenticates, validates, journals and answers.
 
 pub mod auth;
+pub mod conn;
 pub mod envelope;
 pub mod handler;
 pub mod problem;
@@ -21,9 +22,10 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
+use conn::{Connection, Connections, ProblemAnswers};
 pub use handler::Handler;
 use tls::TlsAcceptor;
 
@@ -104,6 +106,13 @@ pub fn http_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecuto
 /// Accepts connections until `stop` is cancelled, then stops accepting and asks every open
 /// connection to finish its current requests. Returns the graceful-shutdown handle; awaiting
 /// its `shutdown()` waits for those connections to close.
+///
+/// Every connection, TLS or plain, HTTP/1 or HTTP/2, must deliver a complete request head within
+/// `header_read_timeout` of its start or of the end of its previous request, or it is closed:
+/// a client that sends nothing, trickles a head byte by byte, or keeps an HTTP/2 connection
+/// open with no stream cannot hold a slot. At `max_connections`, the connection idle the longest
+/// is closed to make room for the new one; only when every connection is busy with a request
+/// does a new one wait in the listen queue.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -114,14 +123,8 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let builder = http_builder(settings.header_read_timeout);
     let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let connections = Arc::new(Connections::default());
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -135,28 +138,52 @@ pub async fn serve(
                 }
             },
         };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => break,
+            Err(TryAcquireError::NoPermits) => {
+                if connections.evict_oldest_idle() {
+                    tracing::debug!(peer = %peer, "connection limit reached: closing the connection idle the longest");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
+        let connection = Arc::new(connections.open());
         let watcher = graceful.watcher();
         let builder = builder.clone();
         let handler = handler.clone();
         let tls = tls.clone();
-        let handshake_timeout = settings.header_read_timeout;
+        let timeout = settings.header_read_timeout;
         tokio::spawn(async move {
             let _permit = permit;
-            match tls {
-                None => serve_connection(&builder, watcher, stream, peer, handler).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
-                            serve_connection(&builder, watcher, stream, peer, handler).await
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(peer = %peer, error = %e, "TLS handshake refused")
-                        }
-                        Err(_) => {
-                            tracing::warn!(peer = %peer, "TLS handshake timed out")
-                        }
+            let work = async {
+                match tls {
+                    None => {
+                        serve_connection(&builder, watcher, stream, peer, handler, &connection)
+                            .await
                     }
+                    Some(acceptor) => match acceptor.accept(stream).await {
+                        Ok(stream) => {
+                            serve_connection(&builder, watcher, stream, peer, handler, &connection)
+                                .await
+                        }
+                        Err(e) => tracing::warn!(peer = %peer, error = %e, "TLS handshake refused"),
+                    },
+                }
+            };
+            tokio::select! {
+                _ = work => {}
+                closed = connection.closing(timeout) => {
+                    tracing::debug!(peer = %peer, reason = closed.as_str(), "connection closed by the agent");
+                    metrics::counter!("ess_agent_connections_closed_total", "reason" => closed.as_str())
+                        .increment(1);
                 }
             }
         });
@@ -170,14 +197,23 @@ async fn serve_connection<S>(
     stream: S,
     peer: SocketAddr,
     handler: Arc<Handler>,
+    connection: &Arc<Connection>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let connection = connection.clone();
     let service = service_fn(move |req| {
         let handler = handler.clone();
-        async move { Ok::<_, std::convert::Infallible>(handler.handle(req, peer).await) }
+        // The head has arrived: the connection is busy until the answer is made.
+        let busy = connection.request();
+        async move {
+            let response = handler.handle(req, peer).await;
+            drop(busy);
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let io = TokioIo::new(ProblemAnswers::new(stream));
+    let conn = builder.serve_connection(io, service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(peer = %peer, error = %e, "connection closed with an error");
     }
