@@ -190,13 +190,8 @@ impl Admin {
     }
 
     async fn dead_letters(&self, query: &str) -> Result<Response<Body>, Problem> {
-        let after = query_value(query, "after")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0i64);
-        let limit = query_value(query, "limit")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(100u32)
-            .clamp(1, 1000);
+        let after = query_number(query, "after", 0i64, "a sequence number from next_after")?;
+        let limit = query_number(query, "limit", 100u32, "a count from 1 to 1000")?.clamp(1, 1000);
         let journal = self.journal.clone();
         let (items, total) = blocking(move || {
             Ok((
@@ -295,6 +290,29 @@ fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
+}
+
+/// The number `name` in a query string, `default` when it is absent; a value that is not such a
+/// number is refused rather than ignored, so a caller never mistakes a default for an answer.
+fn query_number<T: std::str::FromStr>(
+    query: &str,
+    name: &str,
+    default: T,
+    what: &str,
+) -> Result<T, Problem> {
+    match query_value(query, name) {
+        None => Ok(default),
+        Some(raw) => raw.parse().map_err(|_| {
+            Problem::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                format!(
+                    "query parameter {name}={:?} is not {what}",
+                    percent_decode(raw).unwrap_or_else(|| raw.to_owned())
+                ),
+            )
+        }),
+    }
 }
 
 /// True when `name` is present as `name`, `name=true` or `name=1`.
