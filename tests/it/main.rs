@@ -5,6 +5,7 @@ mod support;
 mod adapter_authoring;
 mod adapter_fixtures;
 mod apply;
+mod crashloop;
 mod jsonata_conformance;
 mod operations;
 mod packaging;
