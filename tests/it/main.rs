@@ -6,6 +6,7 @@ mod adapter_authoring;
 mod adapter_fixtures;
 mod apply;
 mod connections;
+mod crashloop;
 mod hostile;
 mod jsonata_conformance;
 mod operations;

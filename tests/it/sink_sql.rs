@@ -25,7 +25,7 @@ const EVENTS: &str = "/v1/events";
 // Databases
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Postgres,
     MariaDb,
     Sqlite,
@@ -33,7 +33,7 @@ enum Kind {
 
 /// A test's view of one database: direct connections (never through the agent) and the tables
 /// to drop at the end.
-struct Db {
+pub(crate) struct Db {
     kind: Kind,
     pg: Option<sqlx::PgPool>,
     my: Option<sqlx::MySqlPool>,
@@ -43,7 +43,7 @@ struct Db {
 }
 
 impl Db {
-    async fn open(kind: Kind, dir: &Path) -> Db {
+    pub(crate) async fn open(kind: Kind, dir: &Path) -> Db {
         let suffix = format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff);
         let mut db = Db {
             kind,
@@ -82,14 +82,14 @@ impl Db {
     }
 
     /// A table name unique to this test.
-    fn name(&self, prefix: &str) -> String {
+    pub(crate) fn name(&self, prefix: &str) -> String {
         let name = format!("{prefix}_{}", self.suffix);
         self.created.lock().unwrap().push(name.clone());
         name
     }
 
     /// The URL the agent's sink uses.
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         match self.kind {
             Kind::Postgres => PG_URL.into(),
             Kind::MariaDb => MY_URL.into(),
@@ -97,7 +97,7 @@ impl Db {
         }
     }
 
-    async fn exec(&self, sql: &str) {
+    pub(crate) async fn exec(&self, sql: &str) {
         match self.kind {
             Kind::Postgres => {
                 self.pg
@@ -124,7 +124,7 @@ impl Db {
     }
 
     /// Runs a query whose columns are all read as text (NULL as None).
-    async fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+    pub(crate) async fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
         match self.kind {
             Kind::Postgres => {
                 let rows = self
@@ -217,7 +217,7 @@ impl Db {
     }
 
     /// A serial primary key column.
-    fn serial(&self) -> &'static str {
+    pub(crate) fn serial(&self) -> &'static str {
         match self.kind {
             Kind::Postgres => "seq bigserial PRIMARY KEY",
             Kind::MariaDb => "seq bigint AUTO_INCREMENT PRIMARY KEY",

@@ -120,6 +120,16 @@ impl Agent {
 
     /// Starts the agent on an existing config file, with extra environment variables.
     pub fn start_config(config_path: &Path, env: &[(&str, &str)]) -> Agent {
+        let mut agent = Agent::spawn(config_path, env);
+        if !agent.wait_ready(START_TIMEOUT) {
+            panic!("agent did not become ready; log:\n{}", agent.log_text());
+        }
+        agent
+    }
+
+    /// Starts the agent on an existing config file without waiting for it to be ready (its
+    /// addresses are known once [`Agent::wait_ready`] returns true).
+    pub fn spawn(config_path: &Path, env: &[(&str, &str)]) -> Agent {
         let mut command = Command::new(binary());
         command
             .args(["--log-format", "json", "run", "--config"])
@@ -154,7 +164,7 @@ impl Agent {
             });
         }
         let config = ess_agent::config::Config::load(config_path).expect("test config loads");
-        let mut agent = Agent {
+        Agent {
             child,
             ingress: "0.0.0.0:0".parse().unwrap(),
             admin: "0.0.0.0:0".parse().unwrap(),
@@ -162,17 +172,22 @@ impl Agent {
             state_dir: config.state_dir.clone(),
             tls: config.ingress.tls.is_some(),
             logs,
+        }
+    }
+
+    /// Waits up to `timeout` for the agent to log that it is ready, and takes its addresses
+    /// from that line; false when it did not (or exited first).
+    pub fn wait_ready(&mut self, timeout: Duration) -> bool {
+        let Some(ready) = self.wait_for_log(timeout, |v| v["message"] == "ready") else {
+            return false;
         };
-        let ready = agent
-            .wait_for_log(START_TIMEOUT, |v| v["message"] == "ready")
-            .unwrap_or_else(|| panic!("agent did not become ready; log:\n{}", agent.log_text()));
-        agent.ingress = ready["ingress"].as_str().unwrap().parse().unwrap();
-        agent.admin = ready["admin"]
+        self.ingress = ready["ingress"].as_str().unwrap().parse().unwrap();
+        self.admin = ready["admin"]
             .as_str()
             .unwrap_or("0.0.0.0:0")
             .parse()
-            .unwrap_or(agent.admin);
-        agent
+            .unwrap_or(self.admin);
+        true
     }
 
     /// Waits until a JSON log line satisfies `pred`; returns it.
