@@ -1220,6 +1220,7 @@ async fn hostile_inputs_are_refused_and_change_nothing() {
     .flatten()
     .collect();
     assert!(cases.len() >= 200, "only {} cases", cases.len());
+    eprintln!("{} hostile inputs", cases.len());
 
     let ports = Ports {
         ingress: agent.ingress,
