@@ -114,7 +114,7 @@ impl Handler {
             ));
         }
         if req.method() != Method::POST {
-            let mut problem = Problem::new(
+            return Err(Problem::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 format!(
@@ -122,11 +122,7 @@ impl Handler {
                     req.method()
                 ),
             )
-            .into_response();
-            problem
-                .headers_mut()
-                .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
-            return Ok(problem);
+            .with_allow("POST"));
         }
         let dry_run = is_dry_run(req.headers());
         if !dry_run {
