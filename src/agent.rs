@@ -200,6 +200,7 @@ pub async fn run(
             body_read_timeout: config.body_read_timeout(),
             backlog_high_water: config.limits.backlog_high_water,
             retry_after_secs: config.limits.retry_after_secs,
+            max_json_depth: config.limits.max_json_depth,
         },
         shutting_down: shutting_down.clone(),
         in_flight: in_flight.clone(),

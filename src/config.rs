@@ -326,6 +326,10 @@ pub struct LimitsConfig {
     /// The `Retry-After` value sent with 503 answers, in seconds. Default: 5.
     #[serde(default = "default_retry_after")]
     pub retry_after_secs: u64,
+    /// How deeply arrays and objects may nest in an event, the envelope's object being the
+    /// first level; deeper events get 400 `too_deep`. From 1 to 127. Default: 64.
+    #[serde(default = "default_max_json_depth")]
+    pub max_json_depth: usize,
 }
 
 fn default_max_body() -> u64 {
@@ -349,6 +353,9 @@ fn default_min_free_disk() -> u64 {
 fn default_retry_after() -> u64 {
     5
 }
+fn default_max_json_depth() -> usize {
+    crate::ingress::envelope::DEFAULT_MAX_DEPTH
+}
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -360,6 +367,7 @@ impl Default for LimitsConfig {
             backlog_high_water: default_backlog_high_water(),
             min_free_disk_bytes: default_min_free_disk(),
             retry_after_secs: default_retry_after(),
+            max_json_depth: default_max_json_depth(),
         }
     }
 }
@@ -785,6 +793,13 @@ impl Config {
         if limits.backlog_high_water == 0 {
             bad("limits.backlog_high_water", "must be at least 1".into());
         }
+        let deepest = crate::ingress::envelope::MAX_DEPTH_LIMIT;
+        if !(1..=deepest).contains(&limits.max_json_depth) {
+            bad(
+                "limits.max_json_depth",
+                format!("must be from 1 to {deepest} (the JSON parser's own limit)"),
+            );
+        }
         if self.journal.max_batch == 0 {
             bad("journal.max_batch", "must be at least 1".into());
         }
@@ -1007,6 +1022,22 @@ state_dir = "state"
         let text = format!("{MINIMAL}\n[auth]\nbearer_token = {{}}\n");
         let problems = Config::parse(&text).unwrap().validate();
         assert_eq!(problems[0].key, "auth.bearer_token");
+    }
+
+    #[test]
+    fn json_depth_limit_is_checked() {
+        assert_eq!(Config::parse(MINIMAL).unwrap().limits.max_json_depth, 64);
+        for (depth, ok) in [(0, false), (1, true), (127, true), (128, false)] {
+            let text = format!("{MINIMAL}\n[limits]\nmax_json_depth = {depth}\n");
+            let problems = Config::parse(&text).unwrap().validate();
+            let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+            if ok {
+                assert!(keys.is_empty(), "{depth}: {keys:?}");
+            } else {
+                assert_eq!(keys, vec!["limits.max_json_depth"], "{depth}");
+                assert!(problems[0].message.contains("from 1 to 127"));
+            }
+        }
     }
 
     #[test]

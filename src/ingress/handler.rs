@@ -38,6 +38,7 @@ pub struct HandlerLimits {
     pub body_read_timeout: Duration,
     pub backlog_high_water: u64,
     pub retry_after_secs: u64,
+    pub max_json_depth: usize,
 }
 
 /// Everything a request needs, shared by all connections.
@@ -140,7 +141,8 @@ impl Handler {
                 .verify(&parts.headers, &body, SystemTime::now())
                 .map_err(|e| Problem::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
         }
-        let envelope = envelope::parse(&parts.headers, &body)
+        let max_depth = self.limits.max_json_depth;
+        let envelope = envelope::parse_limited(&parts.headers, &body, max_depth)
             .map_err(|e| Problem::new(e.status(), e.code(), e.to_string()).with_field(e.field()))?;
         seen.id = Some(envelope.id.clone());
         seen.event_type = Some(envelope.event_type.clone());
