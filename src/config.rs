@@ -901,6 +901,16 @@ impl Config {
 
     /// Reads every secret the configuration names. All unreadable secrets are reported at once.
     pub fn load_secrets(&self) -> Result<Secrets, Vec<Problem>> {
+        self.read_secrets(true)
+    }
+
+    /// Reads only the hub authentication's secrets (`[auth]`), which a reload puts in force;
+    /// the admin token and the report secret are left out.
+    pub fn load_auth_secrets(&self) -> Result<Secrets, Vec<Problem>> {
+        self.read_secrets(false)
+    }
+
+    fn read_secrets(&self, all: bool) -> Result<Secrets, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut read = |key: String, source: &SecretSource| -> Option<String> {
             match read_secret(source) {
@@ -933,10 +943,12 @@ impl Config {
                 .admin
                 .token
                 .as_ref()
+                .filter(|_| all)
                 .and_then(|s| read("admin.token".into(), s)),
             report_secret: self
                 .report
                 .as_ref()
+                .filter(|_| all)
                 .and_then(|r| read("report.secret".into(), &r.secret)),
         };
         if problems.is_empty() {
@@ -1018,13 +1030,6 @@ state_dir = "state"
     }
 
     #[test]
-    fn secret_source_needs_exactly_one() {
-        let text = format!("{MINIMAL}\n[auth]\nbearer_token = {{}}\n");
-        let problems = Config::parse(&text).unwrap().validate();
-        assert_eq!(problems[0].key, "auth.bearer_token");
-    }
-
-    #[test]
     fn json_depth_limit_is_checked() {
         assert_eq!(Config::parse(MINIMAL).unwrap().limits.max_json_depth, 64);
         for (depth, ok) in [(0, false), (1, true), (127, true), (128, false)] {
@@ -1038,6 +1043,13 @@ state_dir = "state"
                 assert!(problems[0].message.contains("from 1 to 127"));
             }
         }
+    }
+
+    #[test]
+    fn secret_source_needs_exactly_one() {
+        let text = format!("{MINIMAL}\n[auth]\nbearer_token = {{}}\n");
+        let problems = Config::parse(&text).unwrap().validate();
+        assert_eq!(problems[0].key, "auth.bearer_token");
     }
 
     #[test]
