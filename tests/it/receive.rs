@@ -1162,3 +1162,60 @@ async fn deep_nesting_is_applied_up_to_the_limit_and_refused_as_too_deep_beyond(
     assert_eq!(agent.journal_ids(), vec!["at-limit"]);
     assert_eq!(admin_get(&agent, "/healthz").await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn timestamp_tolerance_is_enforced_both_ways_at_the_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[auth]\nhmac_secrets = [{{ file = {:?} }}]\ntimestamp_tolerance_secs = 60\n",
+        dir.path().join("hub-secret").display().to_string()
+    );
+    std::fs::write(dir.path().join("hub-secret"), SECRET).unwrap();
+    let agent = Agent::start(dir.path(), &extra);
+    let client = plain();
+    let mut n = 0;
+    // (offset of the timestamp from the clock, accepted)
+    for (offset, accepted) in [(-61, false), (61, false), (-60, true), (60, true)] {
+        // The agent compares whole seconds: a probe counts only when the clock's second did not
+        // change while it was sent, so that the agent saw the same second as the test.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let reply = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no probe within a second"
+            );
+            n += 1;
+            let id = format!("t{n}");
+            let body = event_body(&id, "S", json!({}));
+            let before = unix_now();
+            let headers = signed_headers(&id, before + offset, &body);
+            let reply = request(&client, Method::POST, &agent.url(EVENTS), &headers, body)
+                .await
+                .unwrap();
+            if unix_now() == before {
+                break reply;
+            }
+        };
+        if accepted {
+            assert_eq!(
+                reply.status,
+                StatusCode::ACCEPTED,
+                "{offset}: {:?}",
+                reply.body
+            );
+        } else {
+            assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{offset}");
+            assert_eq!(reply.body["code"], "timestamp_out_of_tolerance", "{offset}");
+            let direction = if offset < 0 {
+                "in the past"
+            } else {
+                "in the future"
+            };
+            let detail = reply.body["detail"].as_str().unwrap();
+            assert!(
+                detail.contains(&format!("61 s {direction}")) && detail.contains("60 s tolerance"),
+                "{detail}"
+            );
+        }
+    }
+}
