@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
@@ -65,16 +65,31 @@ pub struct Admin {
 impl Admin {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().to_owned();
-        let response = match self.route(&req, &path).await {
+        let mut response = match self.route(&req, &path).await {
             Ok(response) => response,
             Err(problem) => problem.into_response(),
         };
+        if req.method() == Method::HEAD {
+            // The GET answer's head, with the length of the body it would have had.
+            let length = response.body().size_hint().exact().unwrap_or(0);
+            *response.body_mut() = Body::default();
+            response.headers_mut().insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(length),
+            );
+        }
         tracing::debug!(target: "ess_agent::admin", method = %req.method(), path = %path, status = response.status().as_u16(), "admin request");
         response
     }
 
     async fn route(&self, req: &Request<Incoming>, path: &str) -> Result<Response<Body>, Problem> {
-        match (req.method(), path) {
+        // HEAD is answered as GET; `handle` leaves the body out.
+        let method = if req.method() == Method::HEAD {
+            &Method::GET
+        } else {
+            req.method()
+        };
+        match (method, path) {
             (&Method::GET, "/metrics") => {
                 let journal = self.journal.clone();
                 let _ =
@@ -107,7 +122,7 @@ impl Admin {
                     ))
                 }
             }
-            (method, path) if path.starts_with("/v1/") => {
+            (_, path) if path.starts_with("/v1/") => {
                 if let Some(token) = &self.token {
                     token.verify(req.headers()).map_err(|e| {
                         Problem::new(
@@ -135,10 +150,10 @@ impl Admin {
                     (&Method::DELETE, ["v1", "dead-letters", id]) => {
                         self.drop_dead_letter(id).await
                     }
-                    _ => Err(not_found(path)),
+                    _ => Err(wrong_method_or_not_found(req.method(), path)),
                 }
             }
-            _ => Err(not_found(path)),
+            _ => Err(wrong_method_or_not_found(req.method(), path)),
         }
     }
 
@@ -233,6 +248,31 @@ impl Admin {
                 ),
             )),
         }
+    }
+}
+
+/// The methods an admin path answers, as an `Allow` header value; `None` for an unknown path.
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["healthz"] | ["readyz"] | ["metrics"] => Some("GET, HEAD"),
+        ["v1", "events", _] | ["v1", "dead-letters"] | ["v1", "adapters"] => Some("GET, HEAD"),
+        ["v1", "events", _, "replay"] | ["v1", "dead-letters", _, "retry"] => Some("POST"),
+        ["v1", "dead-letters", _] => Some("DELETE"),
+        _ => None,
+    }
+}
+
+/// 405 with `Allow` for a known path asked with another method, else 404.
+fn wrong_method_or_not_found(method: &Method, path: &str) -> Problem {
+    match allowed_methods(path) {
+        Some(allow) => Problem::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}: use {allow}"),
+        )
+        .with_allow(allow),
+        None => not_found(path),
     }
 }
 

@@ -13,7 +13,7 @@ use crate::config::{Config, Problem, Secrets};
 use crate::dispatch::Dispatcher;
 use crate::dispatch::routes::Routing;
 use crate::ingress::auth::{BearerToken, KeyError, WebhookVerifier};
-use crate::ingress::handler::{HandlerLimits, HubAuth};
+use crate::ingress::handler::{HandlerLimits, HubAuth, SharedAuth};
 use crate::ingress::tls::{TlsAcceptor, TlsError};
 use crate::ingress::{self, Handler, InFlight, ServerSettings};
 use crate::journal::{Journal, JournalError, JournalOptions};
@@ -91,7 +91,7 @@ pub async fn run(
     readiness.not_ready("journal", "opening");
     readiness.not_ready("ingress", "not listening yet");
 
-    let auth = hub_auth(&config, &secrets)?;
+    let auth = Arc::new(SharedAuth::new(hub_auth(&config, &secrets)?));
     let admin_token = secrets
         .admin_token
         .as_deref()
@@ -154,7 +154,12 @@ pub async fn run(
         reporter.as_ref().map(|r| r.wake()),
     );
     dispatcher.start().await?;
-    let reloader = Reloader::new(config_path.to_owned(), config.clone(), dispatcher.clone());
+    let reloader = Reloader::new(
+        config_path.to_owned(),
+        config.clone(),
+        dispatcher.clone(),
+        Some((auth.clone(), &secrets)),
+    );
     let background = CancellationToken::new();
     if let Some(reporter) = &reporter {
         tokio::spawn(reporter.clone().run(background.clone()));
@@ -200,6 +205,7 @@ pub async fn run(
             body_read_timeout: config.body_read_timeout(),
             backlog_high_water: config.limits.backlog_high_water,
             retry_after_secs: config.limits.retry_after_secs,
+            max_json_depth: config.limits.max_json_depth,
         },
         shutting_down: shutting_down.clone(),
         in_flight: in_flight.clone(),

@@ -328,6 +328,10 @@ pub struct LimitsConfig {
     /// The `Retry-After` value sent with 503 answers, in seconds. Default: 5.
     #[serde(default = "default_retry_after")]
     pub retry_after_secs: u64,
+    /// How deeply arrays and objects may nest in an event, the envelope's object being the
+    /// first level; deeper events get 400 `too_deep`. From 1 to 127. Default: 64.
+    #[serde(default = "default_max_json_depth")]
+    pub max_json_depth: usize,
 }
 
 fn default_max_body() -> u64 {
@@ -351,6 +355,9 @@ fn default_min_free_disk() -> u64 {
 fn default_retry_after() -> u64 {
     5
 }
+fn default_max_json_depth() -> usize {
+    crate::ingress::envelope::DEFAULT_MAX_DEPTH
+}
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -362,6 +369,7 @@ impl Default for LimitsConfig {
             backlog_high_water: default_backlog_high_water(),
             min_free_disk_bytes: default_min_free_disk(),
             retry_after_secs: default_retry_after(),
+            max_json_depth: default_max_json_depth(),
         }
     }
 }
@@ -787,6 +795,13 @@ impl Config {
         if limits.backlog_high_water == 0 {
             bad("limits.backlog_high_water", "must be at least 1".into());
         }
+        let deepest = crate::ingress::envelope::MAX_DEPTH_LIMIT;
+        if !(1..=deepest).contains(&limits.max_json_depth) {
+            bad(
+                "limits.max_json_depth",
+                format!("must be from 1 to {deepest} (the JSON parser's own limit)"),
+            );
+        }
         if self.journal.max_batch == 0 {
             bad("journal.max_batch", "must be at least 1".into());
         }
@@ -888,6 +903,16 @@ impl Config {
 
     /// Reads every secret the configuration names. All unreadable secrets are reported at once.
     pub fn load_secrets(&self) -> Result<Secrets, Vec<Problem>> {
+        self.read_secrets(true)
+    }
+
+    /// Reads only the hub authentication's secrets (`[auth]`), which a reload puts in force;
+    /// the admin token and the report secret are left out.
+    pub fn load_auth_secrets(&self) -> Result<Secrets, Vec<Problem>> {
+        self.read_secrets(false)
+    }
+
+    fn read_secrets(&self, all: bool) -> Result<Secrets, Vec<Problem>> {
         let mut problems = Vec::new();
         let mut read = |key: String, source: &SecretSource| -> Option<String> {
             match read_secret(source) {
@@ -920,10 +945,12 @@ impl Config {
                 .admin
                 .token
                 .as_ref()
+                .filter(|_| all)
                 .and_then(|s| read("admin.token".into(), s)),
             report_secret: self
                 .report
                 .as_ref()
+                .filter(|_| all)
                 .and_then(|r| read("report.secret".into(), &r.secret)),
         };
         if problems.is_empty() {
@@ -1002,6 +1029,22 @@ state_dir = "state"
              [auth]\nbearer_token = {{ env = \"T\" }}\n"
         );
         assert!(Config::parse(&text).unwrap().validate().is_empty());
+    }
+
+    #[test]
+    fn json_depth_limit_is_checked() {
+        assert_eq!(Config::parse(MINIMAL).unwrap().limits.max_json_depth, 64);
+        for (depth, ok) in [(0, false), (1, true), (127, true), (128, false)] {
+            let text = format!("{MINIMAL}\n[limits]\nmax_json_depth = {depth}\n");
+            let problems = Config::parse(&text).unwrap().validate();
+            let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+            if ok {
+                assert!(keys.is_empty(), "{depth}: {keys:?}");
+            } else {
+                assert_eq!(keys, vec!["limits.max_json_depth"], "{depth}");
+                assert!(problems[0].message.contains("from 1 to 127"));
+            }
+        }
     }
 
     #[test]

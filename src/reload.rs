@@ -7,9 +7,14 @@
 //! good. On any error the running set stays, and the error is logged and shown per adapter at
 //! `GET /v1/adapters`. Events being applied finish with the routing they started with.
 //!
-//! Settings that only take effect at start (listeners, TLS, state directory, authentication,
-//! limits, the journal, the admin API, status reports, the agent id) are compared with what the
-//! agent started with; a change is reported as needing a restart and is not half-applied.
+//! A reload also reads the hub authentication again (`[auth]`: the secret and key files, the
+//! bearer token, the timestamp tolerance), so a rotated secret is in force for every request
+//! that starts after it; a secret that cannot be read or decoded refuses the whole reload, and
+//! the running authentication stays.
+//!
+//! Settings that only take effect at start (listeners, TLS, state directory, limits, the journal,
+//! the admin API, status reports, the agent id) are compared with what the agent started with; a
+//! change is reported as needing a restart and is not half-applied.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -24,9 +29,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::adapter::{Adapter, AdapterError};
-use crate::config::Config;
+use crate::config::{Config, Secrets};
 use crate::dispatch::Dispatcher;
 use crate::dispatch::routes::Routing;
+use crate::ingress::handler::{HubAuth, SharedAuth};
 use crate::journal::now_rfc3339;
 
 /// What `GET /v1/adapters` shows for one adapter file.
@@ -63,19 +69,31 @@ pub struct Reloader {
     /// The configuration whose routing is in force.
     current: Mutex<Config>,
     dispatcher: Arc<Dispatcher>,
+    /// The hub authentication the ingress checks, and a digest of the secrets and settings it
+    /// was built from (to tell the log whether a reload changed it).
+    auth: Option<(Arc<SharedAuth>, Mutex<[u8; 32]>)>,
     adapters: Mutex<BTreeMap<PathBuf, AdapterStatus>>,
     reloads: AtomicU64,
     failures: AtomicU64,
 }
 
 impl Reloader {
-    /// A reloader for the agent started with `config` from `config_path`.
-    pub fn new(config_path: PathBuf, config: Config, dispatcher: Arc<Dispatcher>) -> Arc<Reloader> {
+    /// A reloader for the agent started with `config` from `config_path`. `auth`, when given, is
+    /// the hub authentication in force, with the secrets it was built from.
+    pub fn new(
+        config_path: PathBuf,
+        config: Config,
+        dispatcher: Arc<Dispatcher>,
+        auth: Option<(Arc<SharedAuth>, &Secrets)>,
+    ) -> Arc<Reloader> {
+        let auth =
+            auth.map(|(shared, secrets)| (shared, Mutex::new(auth_digest(&config, secrets))));
         let reloader = Arc::new(Reloader {
             config_path,
             started: config.clone(),
             current: Mutex::new(config.clone()),
             dispatcher,
+            auth,
             adapters: Mutex::new(BTreeMap::new()),
             reloads: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -157,6 +175,16 @@ impl Reloader {
         if !outcome.restart_needed.is_empty() {
             tracing::warn!(trigger, settings = ?outcome.restart_needed, "these settings changed but take effect only after a restart: restart the agent to apply them");
         }
+        let auth = match self.auth.as_ref().map(|_| build_auth(&config)).transpose() {
+            Ok(auth) => auth,
+            Err(problems) => {
+                outcome.problems = problems;
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("ess_agent_reload_errors_total").increment(1);
+                tracing::error!(trigger, problems = ?outcome.problems, "reload refused: the hub authentication cannot be built; the running authentication, adapters, routes and sinks stay in force until the secret is fixed");
+                return outcome;
+            }
+        };
         let now = now_rfc3339();
         let mut loaded: BTreeMap<PathBuf, Result<Arc<Adapter>, AdapterError>> = BTreeMap::new();
         let previous = self.dispatcher.routing();
@@ -224,6 +252,17 @@ impl Reloader {
         }
         match result {
             Ok(routing) => {
+                if let (Some((shared, digest)), Some((auth, new_digest))) = (&self.auth, auth) {
+                    shared.replace(auth);
+                    let mut digest = digest.lock().unwrap_or_else(|p| p.into_inner());
+                    if *digest != new_digest {
+                        *digest = new_digest;
+                        tracing::info!(
+                            trigger,
+                            "hub authentication reloaded: requests from now on are checked with the secrets, keys and tolerance now configured"
+                        );
+                    }
+                }
                 self.dispatcher.replace_routing(routing);
                 *self.current.lock().unwrap_or_else(|p| p.into_inner()) = config;
                 outcome.applied = true;
@@ -294,6 +333,42 @@ impl Reloader {
     }
 }
 
+/// Reads the hub authentication's secrets and builds it, with the digest of what it was built
+/// from; the problems, each naming its key, when a secret cannot be read or decoded.
+fn build_auth(config: &Config) -> Result<(HubAuth, [u8; 32]), Vec<String>> {
+    let secrets = config
+        .load_auth_secrets()
+        .map_err(|problems| problems.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let auth = crate::agent::hub_auth(config, &secrets).map_err(|e| vec![e.to_string()])?;
+    Ok((auth, auth_digest(config, &secrets)))
+}
+
+/// A SHA-256 digest of everything the hub authentication is built from. It stays in memory and
+/// is only compared, so that the log can say when a reload changed the authentication.
+fn auth_digest(config: &Config, secrets: &Secrets) -> [u8; 32] {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut add = |part: &[u8]| {
+        context.update(&(part.len() as u64).to_be_bytes());
+        context.update(part);
+    };
+    for secret in &secrets.hmac_secrets {
+        add(b"hmac");
+        add(secret.as_bytes());
+    }
+    for key in &secrets.ed25519_public_keys {
+        add(b"ed25519");
+        add(key.as_bytes());
+    }
+    if let Some(token) = &secrets.bearer_token {
+        add(b"bearer");
+        add(token.as_bytes());
+    }
+    add(&config.auth.timestamp_tolerance_secs.to_be_bytes());
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(context.finish().as_ref());
+    digest
+}
+
 fn fresh_status(adapter: &Adapter) -> AdapterStatus {
     AdapterStatus {
         file: adapter.path.clone(),
@@ -335,7 +410,6 @@ pub fn restart_only_changes(started: &Config, new: &Config) -> Vec<String> {
             && started.ingress.insecure_allow_plain_http_on_public_address
                 == new.ingress.insecure_allow_plain_http_on_public_address,
     );
-    check("auth", started.auth == new.auth);
     check("limits", started.limits == new.limits);
     check("admin", started.admin == new.admin);
     check("journal", started.journal == new.journal);

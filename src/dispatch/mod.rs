@@ -29,7 +29,7 @@ use crate::journal::{
     self, Committed, DeliveryRecord, DeliveryUpdate, Finish, Journal, JournalError, StoredEvent,
     now_rfc3339, state,
 };
-use crate::sink::{EventMeta, SinkError};
+use crate::sink::{EventMeta, MAX_RETRY_AFTER, SinkError};
 use routes::{Route, Routing};
 
 /// How an event ended, for a hub waiting in ack mode `applied`.
@@ -96,8 +96,8 @@ const READ_AHEAD_SPAN: i64 = 4 * READ_AHEAD_CHUNK as i64;
 enum Step {
     /// Final (or gone): take the next event of the subject.
     Done,
-    /// Some route waits for a retry: try again at this unix time (ms).
-    RetryAt(i64),
+    /// Some route waits for a retry: try again at this instant of the monotonic clock.
+    RetryAt(tokio::time::Instant),
 }
 
 /// The dispatcher. Shared behind an `Arc`.
@@ -130,6 +130,10 @@ pub struct Dispatcher {
     tracker: TaskTracker,
     /// Set while the task that takes newly committed events runs.
     intake_running: std::sync::atomic::AtomicBool,
+    /// When each delivery waiting for a retry (event sequence number, route) is due, on the
+    /// monotonic clock, so that a step of the wall clock neither delays nor hurries a retry.
+    /// The journal's wall-clock due time is only read for a wait an earlier run began.
+    retry_due: Mutex<HashMap<(i64, String), tokio::time::Instant>>,
 }
 
 /// Where the spilled entry of event `seq` waits in `subject`'s queue, if it is there, behind the
@@ -218,6 +222,7 @@ impl Dispatcher {
             stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
             intake_running: std::sync::atomic::AtomicBool::new(false),
+            retry_due: Mutex::new(HashMap::new()),
         })
     }
 
@@ -552,7 +557,7 @@ impl Dispatcher {
                         // The journal could not record progress (disk full, shutting down):
                         // nothing is lost, the event is tried again.
                         tracing::warn!(seq, error = %e, "could not record the progress of an event; trying again shortly");
-                        Step::RetryAt(now_ms() + 1000)
+                        Step::RetryAt(tokio::time::Instant::now() + Duration::from_secs(1))
                     }
                 }
             };
@@ -568,10 +573,9 @@ impl Dispatcher {
                     }
                 }
                 Step::RetryAt(at) => {
-                    let wait = Duration::from_millis((at - now_ms()).max(0) as u64);
                     tokio::select! {
                         _ = self.stop.cancelled() => return,
-                        _ = tokio::time::sleep(wait) => {}
+                        _ = tokio::time::sleep_until(at) => {}
                     }
                 }
             }
@@ -642,23 +646,23 @@ impl Dispatcher {
         // their own when a route waits for a retry. A crash before that write applies the
         // routes again, which the sinks make idempotent.
         let mut updates: Vec<DeliveryUpdate> = Vec::with_capacity(routes.len());
-        let mut retry_at: Option<i64> = None;
+        let mut retry_at: Option<tokio::time::Instant> = None;
         for route in &routes {
             let existing = deliveries.iter().find(|d| d.route == route.name);
             if let Some(d) = existing {
                 if d.state != state::PENDING {
                     continue;
                 }
-                if let Some(due) = d.next_attempt_ms
-                    && due > now_ms()
-                {
+                if let Some(due) = self.retry_pending(event.seq, route, d.next_attempt_ms) {
                     retry_at = Some(retry_at.map_or(due, |r| r.min(due)));
                     continue;
                 }
             }
             let attempts = existing.map_or(0, |d| d.attempts);
             let update = self.apply_route(&event, route, attempts).await;
-            if let Some(due) = update.next_attempt_ms {
+            if update.next_attempt_ms.is_some()
+                && let Some(due) = self.retry_pending(event.seq, route, update.next_attempt_ms)
+            {
                 retry_at = Some(retry_at.map_or(due, |r| r.min(due)));
             }
             let metrics = route.metrics();
@@ -712,6 +716,36 @@ impl Dispatcher {
         drop(current);
         self.finish(&event, final_state, error, attempts, updates)
             .await
+    }
+
+    /// When the retry of `route` for event `seq` is due, if it is not yet: by the monotonic
+    /// clock when this run set the wait; else by `stored_ms`, the journal's wall-clock due time,
+    /// waiting no longer than the longest wait the route can ask for (a due time further away
+    /// means the wall clock was set back since). A delivery that is due is forgotten here.
+    fn retry_pending(
+        &self,
+        seq: i64,
+        route: &Route,
+        stored_ms: Option<i64>,
+    ) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let key = (seq, route.name.clone());
+        let mut due_times = self.retry_due.lock().unwrap_or_else(|p| p.into_inner());
+        let due = match due_times.get(&key) {
+            Some(due) => *due,
+            None => {
+                let longest = Duration::from_millis(route.retry.max_ms).max(MAX_RETRY_AFTER);
+                let remaining = u64::try_from(stored_ms? - now_ms()).unwrap_or(0);
+                now + Duration::from_millis(remaining).min(longest)
+            }
+        };
+        if due > now {
+            due_times.insert(key, due);
+            Some(due)
+        } else {
+            due_times.remove(&key);
+            None
+        }
     }
 
     /// Reads an event, its deliveries and its subject's applied revision. `None` when the
@@ -833,7 +867,16 @@ impl Dispatcher {
                         .delay(update.attempts, rand::random::<f64>())
                         .max(asked_wait);
                     update.state = state::PENDING;
+                    // The journal keeps the wall-clock time for a later run; this run waits on
+                    // the monotonic clock.
                     update.next_attempt_ms = Some(now_ms() + delay.as_millis() as i64);
+                    self.retry_due
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(
+                            (event.seq, route.name.clone()),
+                            tokio::time::Instant::now() + delay,
+                        );
                     tracing::info!(event_id = %event.id, route = %route.name, sink = %route.sink_name, attempts = update.attempts, retry_in_ms = delay.as_millis() as u64, error = %message, "apply failed; will retry");
                     update.last_error = Some(message);
                 }
@@ -878,6 +921,12 @@ impl Dispatcher {
             )
         });
         let has_report = report.is_some();
+        {
+            let mut due_times = self.retry_due.lock().unwrap_or_else(|p| p.into_inner());
+            if !due_times.is_empty() {
+                due_times.retain(|(seq, _), _| *seq != event.seq);
+            }
+        }
         self.journal
             .finish_with(
                 updates,
@@ -975,6 +1024,89 @@ mod tests {
             raw_body: bytes::Bytes::from(envelope.to_string()),
             envelope: envelope.to_string(),
         }
+    }
+
+    /// Asks to be tried again in two seconds the first time, then takes the event.
+    #[derive(Default)]
+    struct BusyOnce {
+        calls: AtomicUsize,
+    }
+
+    const BUSY_WAIT: Duration = Duration::from_secs(2);
+
+    #[async_trait::async_trait]
+    impl Sink for BusyOnce {
+        async fn apply(&self, _: &EventMeta, _: &Value) -> Result<(), SinkError> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(SinkError::RetryAfter("busy".into(), BUSY_WAIT))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_is_due_by_the_monotonic_clock_whatever_the_wall_clock_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        std::fs::write(dir.path().join("pass.jsonata"), "subject").unwrap();
+        let adapter = Adapter::load(&dir.path().join("pass.jsonata")).unwrap();
+        let sink = Arc::new(BusyOnce::default());
+        let routing = Routing {
+            routes: vec![Route::for_tests("r", adapter, sink.clone())],
+            sinks: Default::default(),
+        };
+        let appended = journal.append(new_event("e-1", "s")).await.unwrap();
+        assert_eq!(appended, Appended::Accepted);
+        let started = std::time::Instant::now();
+        let dispatcher = Dispatcher::new(journal.clone(), "acme".into(), routing, 1, None);
+        dispatcher.start().await.unwrap();
+
+        // Once the wait is recorded, the wall clock is "set back" an hour: the recorded due
+        // time becomes an hour and two seconds away by the wall clock.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let recorded = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no retry was recorded"
+            );
+            let waiting = journal.deliveries(1).unwrap();
+            if let Some(d) = waiting.into_iter().find(|d| d.state == state::PENDING) {
+                break d;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert!(
+            started.elapsed() < BUSY_WAIT,
+            "the wall clock is moved before the retry is due"
+        );
+        let set_back = recorded.next_attempt_ms.unwrap() + 3_600_000;
+        journal
+            .set_deliveries(vec![DeliveryUpdate {
+                seq: 1,
+                route: "r".into(),
+                sink: "r".into(),
+                state: state::PENDING,
+                attempts: recorded.attempts,
+                next_attempt_ms: Some(set_back),
+                last_error: recorded.last_error,
+            }])
+            .await
+            .unwrap();
+
+        // The retry comes after the two seconds asked for, not an hour later.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sink.calls.load(Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the retry waited for the wall clock"
+            );
+            tokio::task::yield_now().await;
+        }
+        assert!(started.elapsed() >= BUSY_WAIT, "the retry came early");
+        backlog_applied(&journal).await;
+        dispatcher.shutdown(Duration::from_secs(1)).await;
+        journal.close();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,9 +30,11 @@ use subtle::ConstantTimeEq;
 pub const DEFAULT_TOLERANCE: Duration = Duration::from_secs(300);
 
 /// At most this many recognised signature entries of one request are checked. Hubs list one
-/// signature per active secret (two during a rotation), so this bounds the work an unauthenticated
-/// client can cause with a long header without refusing any real delivery.
-const MAX_SIGNATURES_CHECKED: usize = 16;
+/// signature per active secret or key (two during a rotation), so this refuses no real delivery,
+/// and it bounds the work an unauthenticated client can cause with a long header: each `v1a`
+/// entry costs one Ed25519 verification per configured public key, while the `v1` entries share
+/// one HMAC of the body per configured secret, however many are listed.
+pub const MAX_SIGNATURES_CHECKED: usize = 64;
 
 const HMAC_PREFIX: &str = "whsec_";
 const ED25519_PUBLIC_PREFIX: &str = "whpk_";
@@ -107,6 +109,12 @@ pub enum AuthError {
     /// `listed` is the number of `v1`/`v1a` entries that were checked.
     #[error("{}", signature_message(*listed))]
     InvalidSignature { listed: usize },
+    /// None of the first `checked` entries verifies and more are listed after them.
+    #[error(
+        "none of the first {checked} signatures in webhook-signature verifies and the agent checks no more than {checked}; \
+         list the signature made with the current secret among the first {checked}"
+    )]
+    TooManySignatures { checked: usize },
     #[error("missing authorization header; send `Authorization: Bearer <token>`")]
     MissingBearerToken,
     #[error(
@@ -127,6 +135,7 @@ impl AuthError {
             AuthError::InvalidTimestamp => "invalid_timestamp",
             AuthError::TimestampOutOfTolerance { .. } => "timestamp_out_of_tolerance",
             AuthError::InvalidSignature { .. } => "invalid_signature",
+            AuthError::TooManySignatures { .. } => "too_many_signatures",
             AuthError::MissingBearerToken | AuthError::NotBearerScheme => "missing_bearer_token",
             AuthError::InvalidBearerToken => "invalid_bearer_token",
         }
@@ -260,8 +269,10 @@ impl WebhookVerifier {
             .iter()
             .flat_map(|value| value.split(|b| b.is_ascii_whitespace()))
             .filter_map(parse_entry)
-            .take(MAX_SIGNATURES_CHECKED)
         {
+            if listed == MAX_SIGNATURES_CHECKED {
+                return Err(AuthError::TooManySignatures { checked: listed });
+            }
             listed += 1;
             let verified = match entry {
                 Entry::V1(tag) => hmac_tags
@@ -1134,7 +1145,8 @@ mod tests {
         let f = hmac_fixture();
         let verifier = hmac_verifier(&[&f.secret]);
         let wrong = "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-        let list = vec![wrong; 100].join(" ");
+        // Exactly as many as are checked, none valid: the ordinary refusal.
+        let list = vec![wrong; MAX_SIGNATURES_CHECKED].join(" ");
         let h = webhook_headers(&f.id, f.ts, &list);
         assert_eq!(
             verifier.verify(&h, f.body.as_bytes(), at(f.ts)),
@@ -1142,6 +1154,42 @@ mod tests {
                 listed: MAX_SIGNATURES_CHECKED
             })
         );
+        // More than are checked: the refusal says so.
+        let list = vec![wrong; 100].join(" ");
+        let h = webhook_headers(&f.id, f.ts, &list);
+        let err = verifier
+            .verify(&h, f.body.as_bytes(), at(f.ts))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            AuthError::TooManySignatures {
+                checked: MAX_SIGNATURES_CHECKED
+            }
+        );
+        assert_eq!(err.code(), "too_many_signatures");
+        assert!(
+            err.to_string()
+                .contains(&format!("first {MAX_SIGNATURES_CHECKED} signatures")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_valid_signature_anywhere_within_the_checked_entries_verifies() {
+        let f = hmac_fixture();
+        let verifier = hmac_verifier(&[&f.secret]);
+        let wrong = "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        // The 17th entry, and the last one checked.
+        for before in [16, MAX_SIGNATURES_CHECKED - 1] {
+            let mut list = vec![wrong; before];
+            list.push(&f.sig);
+            let h = webhook_headers(&f.id, f.ts, &list.join(" "));
+            assert_eq!(
+                verifier.verify(&h, f.body.as_bytes(), at(f.ts)),
+                Ok(()),
+                "valid signature after {before} others"
+            );
+        }
     }
 
     #[test]

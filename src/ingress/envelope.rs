@@ -38,6 +38,14 @@ use time::format_description::well_known::Rfc3339;
 /// The longest `id` accepted, in characters (all ASCII, so also in bytes).
 pub const MAX_ID_LEN: usize = 200;
 
+/// How deeply arrays and objects may nest in an event by default, the envelope's own object
+/// counting as the first level (`limits.max_json_depth`).
+pub const DEFAULT_MAX_DEPTH: usize = 64;
+
+/// The highest depth limit that can be configured: the JSON parser the agent reads events with
+/// refuses a 128th level.
+pub const MAX_DEPTH_LIMIT: usize = 127;
+
 /// The `type` of a Change Event that does not name one.
 pub const DEFAULT_TYPE: &str = "change";
 
@@ -124,6 +132,13 @@ pub enum EnvelopeError {
     },
     #[error("{} `{field}` {problem}", noun(field))]
     InvalidField { field: String, problem: String },
+    /// Arrays and objects nest deeper than the limit. `depth` counts the envelope's object as
+    /// the first level (in binary mode, the data becomes the payload one level down).
+    #[error(
+        "the event nests arrays and objects {depth} levels deep, more than the limit of {limit}; \
+         send a flatter payload, or ask the operator to raise limits.max_json_depth (at most {MAX_DEPTH_LIMIT})"
+    )]
+    TooDeep { depth: usize, limit: usize },
 }
 
 fn media_type_message(found: Option<&str>, accepted: &str) -> String {
@@ -158,6 +173,7 @@ impl EnvelopeError {
             EnvelopeError::NotAnObject { .. } => "not_an_object",
             EnvelopeError::MissingField { .. } => "missing_field",
             EnvelopeError::InvalidField { .. } => "invalid_field",
+            EnvelopeError::TooDeep { .. } => "too_deep",
         }
     }
 
@@ -207,8 +223,20 @@ const EXPECT_CE_SPECVERSION: &str = "the CloudEvents `specversion` attribute, \"
 const EXPECT_CE_DATA: &str = "the event's data, which becomes the Change Event payload";
 const EXPECT_CE_BINARY_DATA: &str = "the event's data as the request body, with its Content-Type";
 
-/// Parses and validates one delivery.
+/// Parses and validates one delivery, with the default depth limit.
 pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Envelope, EnvelopeError> {
+    parse_limited(headers, body, DEFAULT_MAX_DEPTH)
+}
+
+/// Parses and validates one delivery whose arrays and objects nest at most `max_depth` levels
+/// (the envelope's object being the first). The depth is measured before anything is parsed,
+/// so no parser recurses deeper than that, here or in the adapter and sinks that read the
+/// stored event.
+pub fn parse_limited(
+    headers: &HeaderMap,
+    body: &[u8],
+    max_depth: usize,
+) -> Result<Envelope, EnvelopeError> {
     let content_type = headers.get(CONTENT_TYPE);
     let media = content_type.map(MediaType::parse);
     let essence = media
@@ -217,12 +245,14 @@ pub fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Envelope, EnvelopeError
         .map(|m| m.essence.as_str());
 
     if essence == Some("application/cloudevents+json") {
+        check_depth(body, 0, max_depth)?;
         return structured(parse_object(body)?);
     }
     if headers.contains_key("ce-specversion") {
-        return binary(headers, content_type, media, body);
+        return binary(headers, content_type, media, body, max_depth);
     }
     if essence == Some("application/json") {
+        check_depth(body, 0, max_depth)?;
         return change_event(parse_object(body)?);
     }
     Err(EnvelopeError::UnsupportedMediaType {
@@ -453,6 +483,7 @@ fn binary(
     content_type: Option<&HeaderValue>,
     media: Option<Result<MediaType, String>>,
     body: &[u8],
+    max_depth: usize,
 ) -> Result<Envelope, EnvelopeError> {
     let mut specversion = None;
     let mut id = None;
@@ -518,7 +549,7 @@ fn binary(
     let revision = revision.map(|v| digits("ce-revision", &v, 0)).transpose()?;
     check_reserved_extensions(&extras, CE_HEADER_PREFIX)?;
 
-    let payload = binary_data(media, body)?;
+    let payload = binary_data(media, body, max_depth)?;
 
     // The specversion first, then the other attributes, then the data's content type, which
     // binary mode carries in Content-Type.
@@ -551,6 +582,7 @@ fn binary(
 fn binary_data(
     media: Option<Result<MediaType, String>>,
     body: &[u8],
+    max_depth: usize,
 ) -> Result<Value, EnvelopeError> {
     let media = match media {
         Some(Ok(media)) => media,
@@ -563,6 +595,8 @@ fn binary_data(
         }
     };
     if media.essence == "application/json" || media.essence.ends_with("+json") {
+        // The data becomes the payload, inside the envelope's object.
+        check_depth(body, 1, max_depth)?;
         return serde_json::from_slice(body).map_err(|e| json_error(Some("data"), &e));
     }
     if media.essence.starts_with("text/") {
@@ -828,6 +862,48 @@ fn kind(value: &Value) -> String {
 }
 
 // --- JSON and media types ---------------------------------------------------------------------
+
+/// Refuses JSON text whose arrays and objects, `above` levels down in the event, nest deeper
+/// than `max_depth`.
+fn check_depth(json: &[u8], above: usize, max_depth: usize) -> Result<(), EnvelopeError> {
+    let depth = nesting_depth(json).saturating_add(above);
+    if depth > max_depth {
+        return Err(EnvelopeError::TooDeep {
+            depth,
+            limit: max_depth,
+        });
+    }
+    Ok(())
+}
+
+/// The deepest nesting of arrays and objects in JSON text, read without parsing it (brackets in
+/// strings do not count), in one pass and without recursion, whatever the input.
+fn nesting_depth(json: &[u8]) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
 
 /// Parses the body as one JSON object whose member names are unique.
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, EnvelopeError> {
@@ -2006,7 +2082,88 @@ mod tests {
             }
         }
         let err = parse(&json_headers(), "[".repeat(100_000).as_bytes()).unwrap_err();
-        assert_eq!(err.code(), "invalid_json");
+        assert_eq!(err.code(), "too_deep");
+    }
+
+    /// A Change Event whose object and payload nest `depth` levels in all.
+    fn nested_event(depth: usize) -> String {
+        let inner = depth - 1;
+        format!(
+            "{{\"id\":\"deep\",\"version\":1,\"payload\":{}{}}}",
+            "[".repeat(inner),
+            "]".repeat(inner)
+        )
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_is_accepted_and_deeper_is_refused_as_too_deep() {
+        let at_limit = parse(&json_headers(), nested_event(DEFAULT_MAX_DEPTH).as_bytes()).unwrap();
+        assert_eq!(at_limit.id, "deep");
+        let err = parse(
+            &json_headers(),
+            nested_event(DEFAULT_MAX_DEPTH + 1).as_bytes(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            EnvelopeError::TooDeep {
+                depth: DEFAULT_MAX_DEPTH + 1,
+                limit: DEFAULT_MAX_DEPTH
+            }
+        );
+        assert_eq!(err.code(), "too_deep");
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        let message = err.to_string();
+        assert!(message.contains("65 levels deep"), "{message}");
+        assert!(message.contains("limit of 64"), "{message}");
+        assert!(message.contains("limits.max_json_depth"), "{message}");
+    }
+
+    #[test]
+    fn valid_json_deeper_than_the_parser_allows_is_too_deep_not_invalid() {
+        // 200 levels is valid JSON; it used to be refused as "not valid JSON".
+        for limit in [DEFAULT_MAX_DEPTH, MAX_DEPTH_LIMIT] {
+            let err =
+                parse_limited(&json_headers(), nested_event(200).as_bytes(), limit).unwrap_err();
+            assert_eq!(err, EnvelopeError::TooDeep { depth: 200, limit });
+        }
+        // The highest limit that can be configured is parsed in full.
+        let deepest = parse_limited(
+            &json_headers(),
+            nested_event(MAX_DEPTH_LIMIT).as_bytes(),
+            MAX_DEPTH_LIMIT,
+        )
+        .unwrap();
+        assert_eq!(deepest.id, "deep");
+    }
+
+    #[test]
+    fn brackets_in_strings_do_not_count_towards_the_depth() {
+        let body = format!(
+            "{{\"id\":\"s\",\"version\":1,\"payload\":\"{}\\\"{}\"}}",
+            "[{".repeat(500),
+            "{[".repeat(500)
+        );
+        let parsed = parse_limited(&json_headers(), body.as_bytes(), 2).unwrap();
+        assert_eq!(parsed.id, "s");
+    }
+
+    #[test]
+    fn binary_mode_data_counts_one_level_below_the_envelope() {
+        let headers = binary_json(&[]);
+        // Data two levels deep is the payload at levels 2 and 3.
+        assert!(parse_limited(&headers, b"{\"a\":[1]}", 3).is_ok());
+        assert_eq!(
+            parse_limited(&headers, b"{\"a\":[1]}", 2).unwrap_err(),
+            EnvelopeError::TooDeep { depth: 3, limit: 2 }
+        );
+        // Structured mode: the body is the envelope.
+        let ce = br#"{"specversion":"1.0","id":"c","source":"s","type":"t","data":{"a":[1]}}"#;
+        assert!(parse_limited(&ce_headers(), ce, 3).is_ok());
+        assert!(matches!(
+            parse_limited(&ce_headers(), ce, 2),
+            Err(EnvelopeError::TooDeep { depth: 3, limit: 2 })
+        ));
     }
 
     #[test]

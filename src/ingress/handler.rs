@@ -6,8 +6,8 @@
 //! reaches the journal, and only a committed append is answered with 2xx.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -31,6 +31,27 @@ pub struct HubAuth {
     pub bearer: Option<BearerToken>,
 }
 
+/// The hub authentication in force. A reload swaps it whole; a request keeps the one it
+/// started with.
+#[derive(Default)]
+pub struct SharedAuth(RwLock<Arc<HubAuth>>);
+
+impl SharedAuth {
+    pub fn new(auth: HubAuth) -> Self {
+        Self(RwLock::new(Arc::new(auth)))
+    }
+
+    /// The authentication in force now.
+    pub fn current(&self) -> Arc<HubAuth> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `auth` in force for the requests that start from now on.
+    pub fn replace(&self, auth: HubAuth) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
+    }
+}
+
 /// The limits the handler enforces.
 #[derive(Debug, Clone)]
 pub struct HandlerLimits {
@@ -38,6 +59,7 @@ pub struct HandlerLimits {
     pub body_read_timeout: Duration,
     pub backlog_high_water: u64,
     pub retry_after_secs: u64,
+    pub max_json_depth: usize,
 }
 
 /// Everything a request needs, shared by all connections.
@@ -48,7 +70,7 @@ pub struct Handler {
     pub ack_mode: AckMode,
     /// With [`AckMode::Applied`]: how long to wait for the sinks.
     pub ack_timeout: Duration,
-    pub auth: HubAuth,
+    pub auth: Arc<SharedAuth>,
     pub limits: HandlerLimits,
     /// Set when shutdown begins: new deliveries are refused with 503.
     pub shutting_down: Arc<AtomicBool>,
@@ -114,7 +136,7 @@ impl Handler {
             ));
         }
         if req.method() != Method::POST {
-            let mut problem = Problem::new(
+            return Err(Problem::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 format!(
@@ -122,29 +144,27 @@ impl Handler {
                     req.method()
                 ),
             )
-            .into_response();
-            problem
-                .headers_mut()
-                .insert(header::ALLOW, http::HeaderValue::from_static("POST"));
-            return Ok(problem);
+            .with_allow("POST"));
         }
         let dry_run = is_dry_run(req.headers());
         if !dry_run {
             self.check_backpressure()?;
         }
-        if let Some(bearer) = &self.auth.bearer {
+        let auth = self.auth.current();
+        if let Some(bearer) = &auth.bearer {
             bearer
                 .verify(req.headers())
                 .map_err(|e| Problem::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
         }
         let (parts, body) = req.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
-        if let Some(webhook) = &self.auth.webhook {
+        if let Some(webhook) = &auth.webhook {
             webhook
                 .verify(&parts.headers, &body, SystemTime::now())
                 .map_err(|e| Problem::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
         }
-        let envelope = envelope::parse(&parts.headers, &body)
+        let max_depth = self.limits.max_json_depth;
+        let envelope = envelope::parse_limited(&parts.headers, &body, max_depth)
             .map_err(|e| Problem::new(e.status(), e.code(), e.to_string()).with_field(e.field()))?;
         seen.id = Some(envelope.id.clone());
         seen.event_type = Some(envelope.event_type.clone());

@@ -23,6 +23,8 @@ pub struct Problem {
     pub field: Option<String>,
     #[serde(skip)]
     retry_after: Option<u64>,
+    #[serde(skip)]
+    allow: Option<&'static str>,
 }
 
 impl Problem {
@@ -36,6 +38,7 @@ impl Problem {
             detail: detail.into(),
             field: None,
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -48,6 +51,12 @@ impl Problem {
     /// Adds a `Retry-After` header (seconds).
     pub fn with_retry_after(mut self, secs: u64) -> Self {
         self.retry_after = Some(secs);
+        self
+    }
+
+    /// Adds an `Allow` header: the methods the path answers (with 405).
+    pub fn with_allow(mut self, methods: &'static str) -> Self {
+        self.allow = Some(methods);
         self
     }
 
@@ -65,6 +74,11 @@ impl Problem {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(methods) = self.allow {
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(methods));
         }
         response
     }

@@ -287,3 +287,86 @@ async fn readyz_reflects_a_sink_whose_server_is_down() {
     let _server = server.restart().await;
     wait_ready(StatusCode::OK).await;
 }
+
+#[tokio::test]
+async fn admin_answers_head_like_get_and_a_wrong_method_with_405() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), "");
+    let client = plain();
+    for path in ["/healthz", "/readyz", "/metrics", "/v1/dead-letters"] {
+        let get = admin_get(&agent, path).await;
+        let head = request(
+            &client,
+            Method::HEAD,
+            &agent.admin_url(path),
+            &[],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(head.status, get.status, "HEAD {path}");
+        assert_eq!(head.body, json!(""), "HEAD {path} has no body");
+        assert_eq!(
+            head.headers.get("content-type"),
+            get.headers.get("content-type"),
+            "HEAD {path}"
+        );
+        if path != "/metrics" {
+            // The length of the body GET sends (the metrics text changes between requests).
+            assert_eq!(
+                head.headers.get("content-length"),
+                get.headers.get("content-length"),
+                "HEAD {path}"
+            );
+            assert!(head.headers.contains_key("content-length"), "HEAD {path}");
+        }
+    }
+
+    for (method, path, allow) in [
+        (Method::POST, "/healthz", "GET, HEAD"),
+        (Method::DELETE, "/readyz", "GET, HEAD"),
+        (Method::GET, "/v1/events/e1/replay", "POST"),
+        (Method::POST, "/v1/dead-letters/e1", "DELETE"),
+    ] {
+        let reply = request(
+            &client,
+            method.clone(),
+            &agent.admin_url(path),
+            &[],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            reply.status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}: {:?}",
+            reply.body
+        );
+        assert_eq!(
+            reply.headers.get("allow").unwrap(),
+            allow,
+            "{method} {path}"
+        );
+        assert_eq!(
+            reply.headers.get("content-type").unwrap(),
+            "application/problem+json"
+        );
+        assert_eq!(reply.body["code"], "method_not_allowed");
+        let detail = reply.body["detail"].as_str().unwrap();
+        assert!(detail.contains(allow), "{detail}");
+    }
+
+    // An unknown path is still 404.
+    let reply = request(
+        &client,
+        Method::POST,
+        &agent.admin_url("/nope"),
+        &[],
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.body["code"], "not_found");
+}

@@ -1089,3 +1089,133 @@ async fn the_embedded_default_runs_and_send_delivers() {
     );
     assert_eq!(agent.journal_ids(), vec![id.to_string()]);
 }
+
+/// A Change Event whose object and payload nest `depth` levels of arrays and objects in all.
+fn nested_event(id: &str, depth: usize) -> Vec<u8> {
+    let inner = depth - 1;
+    format!(
+        "{{\"id\":\"{id}\",\"version\":1,\"type\":\"deep\",\"payload\":{}{}}}",
+        "[".repeat(inner),
+        "]".repeat(inner)
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn deep_nesting_is_applied_up_to_the_limit_and_refused_as_too_deep_beyond() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+    std::fs::write(dir.path().join("adapters/all.jsonata"), "$").unwrap();
+    let extra = format!(
+        "adapters_dir = {:?}\n[[routes]]\nname = \"all\"\nadapter = \"all.jsonata\"\nsink = \"files\"\n\
+         [sinks.files]\ntype = \"file\"\ndir = {:?}\nname = \"{{id}}.json\"\n",
+        dir.path().join("adapters").display().to_string(),
+        dir.path().join("out").display().to_string()
+    );
+    let agent = Agent::start(dir.path(), &extra);
+    let client = plain();
+    let send = |id: &'static str, depth: usize| {
+        let client = client.clone();
+        let url = agent.url(EVENTS);
+        async move {
+            let body = nested_event(id, depth);
+            let headers = signed_headers(id, unix_now(), &body);
+            request(&client, Method::POST, &url, &headers, body)
+                .await
+                .unwrap()
+        }
+    };
+
+    // At the default limit: received, run through the adapter and written by the sink.
+    let reply = send("at-limit", 64).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+    agent
+        .wait_for_log(Duration::from_secs(10), |v| {
+            support::applied_line(v) && v["event_id"] == "at-limit"
+        })
+        .unwrap_or_else(|| panic!("not applied; log:\n{}", agent.log_text()));
+    let written: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("out/at-limit.json")).unwrap())
+            .unwrap();
+    let mut level = &written["payload"];
+    let mut depth = 1;
+    while let Some(inner) = level.as_array().and_then(|a| a.first()) {
+        level = inner;
+        depth += 1;
+    }
+    assert_eq!(depth, 63, "the payload's nesting arrived whole");
+
+    // One level more, and valid JSON far deeper than the JSON parser's own limit: too deep,
+    // with the depth, the limit and the setting in the answer; nothing stored.
+    for (id, depth) in [("one-more", 65), ("far-deeper", 10_000)] {
+        let reply = send(id, depth).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{id}");
+        assert_eq!(reply.body["code"], "too_deep", "{id}: {:?}", reply.body);
+        let detail = reply.body["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(&format!("{depth} levels deep"))
+                && detail.contains("limit of 64")
+                && detail.contains("limits.max_json_depth"),
+            "{detail}"
+        );
+    }
+    assert_eq!(agent.journal_ids(), vec!["at-limit"]);
+    assert_eq!(admin_get(&agent, "/healthz").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn timestamp_tolerance_is_enforced_both_ways_at_the_boundary() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[auth]\nhmac_secrets = [{{ file = {:?} }}]\ntimestamp_tolerance_secs = 60\n",
+        dir.path().join("hub-secret").display().to_string()
+    );
+    std::fs::write(dir.path().join("hub-secret"), SECRET).unwrap();
+    let agent = Agent::start(dir.path(), &extra);
+    let client = plain();
+    let mut n = 0;
+    // (offset of the timestamp from the clock, accepted)
+    for (offset, accepted) in [(-61, false), (61, false), (-60, true), (60, true)] {
+        // The agent compares whole seconds: a probe counts only when the clock's second did not
+        // change while it was sent, so that the agent saw the same second as the test.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let reply = loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no probe within a second"
+            );
+            n += 1;
+            let id = format!("t{n}");
+            let body = event_body(&id, "S", json!({}));
+            let before = unix_now();
+            let headers = signed_headers(&id, before + offset, &body);
+            let reply = request(&client, Method::POST, &agent.url(EVENTS), &headers, body)
+                .await
+                .unwrap();
+            if unix_now() == before {
+                break reply;
+            }
+        };
+        if accepted {
+            assert_eq!(
+                reply.status,
+                StatusCode::ACCEPTED,
+                "{offset}: {:?}",
+                reply.body
+            );
+        } else {
+            assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{offset}");
+            assert_eq!(reply.body["code"], "timestamp_out_of_tolerance", "{offset}");
+            let direction = if offset < 0 {
+                "in the past"
+            } else {
+                "in the future"
+            };
+            let detail = reply.body["detail"].as_str().unwrap();
+            assert!(
+                detail.contains(&format!("61 s {direction}")) && detail.contains("60 s tolerance"),
+                "{detail}"
+            );
+        }
+    }
+}

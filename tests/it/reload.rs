@@ -244,3 +244,158 @@ async fn sighup_reloads_and_a_listener_change_is_reported_as_needing_a_restart()
     assert_eq!(routes, vec![json!("live"), json!("second")]);
     assert_eq!(apply(&agent, "after-hup").await["version"], 1);
 }
+
+/// Posts an event signed with `secret`.
+async fn post_signed(agent: &Agent, secret: &str, id: &str) -> support::Reply {
+    let body =
+        serde_json::to_vec(&json!({"id": id, "version": 1, "type": "t", "payload": {}})).unwrap();
+    let signer = ess_agent::ingress::auth::WebhookSigner::new(secret).unwrap();
+    let mut headers: Vec<(&str, String)> = signer.headers(id, unix_now(), &body).into();
+    headers.push(("content-type", "application/json".into()));
+    request(
+        &plain(),
+        Method::POST,
+        &agent.url("/v1/events"),
+        &headers,
+        body,
+    )
+    .await
+    .unwrap()
+}
+
+/// How many log lines so far satisfy `pred`.
+fn count_lines(agent: &Agent, pred: impl Fn(&Value) -> bool) -> usize {
+    agent
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| pred(v))
+        .count()
+}
+
+/// Sends SIGHUP and waits for the first line satisfying `pred` logged after it.
+fn hup_and_wait(agent: &Agent, pred: impl Fn(&Value) -> bool) -> Value {
+    let before = count_lines(agent, &pred);
+    agent.signal(nix::sys::signal::Signal::SIGHUP);
+    let mut seen = 0;
+    agent
+        .wait_for_log(Duration::from_secs(10), |v| {
+            if pred(v) {
+                seen += 1;
+            }
+            pred(v) && seen > before
+        })
+        .unwrap_or_else(|| panic!("no line after SIGHUP; log:\n{}", agent.log_text()))
+}
+
+fn reloaded(v: &Value) -> bool {
+    v["message"] == "reloaded routes, adapters and sinks"
+}
+
+fn secret(fill: u8) -> String {
+    use base64::Engine as _;
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode([fill; 32])
+    )
+}
+
+#[tokio::test]
+async fn sighup_rotates_the_hub_secret_and_a_broken_secret_keeps_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path());
+    let agent = Agent::start_with(dir.path(), &config);
+    let old_file = dir.path().join("hub-secret");
+    let new_file = dir.path().join("hub-secret-new");
+    let (old, new, newer) = (support::SECRET.to_string(), secret(1), secret(2));
+    assert_eq!(
+        post_signed(&agent, &old, "r0").await.status,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        post_signed(&agent, &new, "r1").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Rotation, as documented: the new secret listed first, the old kept; both verify.
+    std::fs::write(&new_file, &new).unwrap();
+    let listed = |files: &[&Path]| {
+        let list: Vec<String> = files
+            .iter()
+            .map(|f| format!("{{ file = {:?} }}", f.display().to_string()))
+            .collect();
+        let old_line = format!(
+            "hmac_secrets = [{{ file = {:?} }}]",
+            old_file.display().to_string()
+        );
+        assert!(config.contains(&old_line));
+        config.replace(&old_line, &format!("hmac_secrets = [{}]", list.join(", ")))
+    };
+    let write_config = |text: String| {
+        let tmp = dir.path().join("ess-agent.toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &agent.config_path).unwrap();
+    };
+    write_config(listed(&[&new_file, &old_file]));
+    let line = hup_and_wait(&agent, reloaded);
+    assert!(
+        !line["restart_needed"].to_string().contains("auth"),
+        "{line}"
+    );
+    assert_eq!(
+        post_signed(&agent, &old, "r2").await.status,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        post_signed(&agent, &new, "r3").await.status,
+        StatusCode::ACCEPTED
+    );
+
+    // The old entry removed: the old secret is refused from now on.
+    write_config(listed(&[&new_file]));
+    hup_and_wait(&agent, reloaded);
+    let refused = post_signed(&agent, &old, "r4").await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(refused.body["code"], "invalid_signature");
+    assert_eq!(
+        post_signed(&agent, &new, "r5").await.status,
+        StatusCode::ACCEPTED
+    );
+
+    // The secret file rewritten in place: SIGHUP reads it again.
+    std::fs::write(&new_file, &newer).unwrap();
+    hup_and_wait(&agent, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("hub authentication reloaded"))
+    });
+    assert_eq!(
+        post_signed(&agent, &new, "r6").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        post_signed(&agent, &newer, "r7").await.status,
+        StatusCode::ACCEPTED
+    );
+
+    // A broken secret refuses the reload, saying which key, and the running secret stays.
+    std::fs::write(&new_file, "whsec_not base64!").unwrap();
+    let line = hup_and_wait(&agent, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("reload refused"))
+    });
+    assert!(
+        line["problems"].to_string().contains("auth.hmac_secrets")
+            && line["problems"].to_string().contains("not valid base64"),
+        "{line}"
+    );
+    assert_eq!(
+        post_signed(&agent, &newer, "r8").await.status,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        post_signed(&agent, &old, "r9").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
