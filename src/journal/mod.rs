@@ -308,8 +308,20 @@ impl Journal {
             [state::ACCEPTED],
             |row| row.get(0),
         )?;
+        // Known before the first delivery is taken, not only from the checkpoint thread's
+        // first round, so that an agent started on a nearly full disk refuses from the start.
+        let free = free_bytes(state_dir);
+        let low_disk = free.is_some_and(|free| free < options.min_free_disk_bytes);
+        if low_disk {
+            tracing::warn!(
+                free_bytes = free,
+                min_free_disk_bytes = options.min_free_disk_bytes,
+                "free disk space in the state directory is below the minimum: new events are refused with 503 until space is freed"
+            );
+        }
         let shared = Arc::new(Shared {
             backlog: AtomicU64::new(backlog),
+            low_disk: AtomicBool::new(low_disk),
             ..Shared::default()
         });
         let reader = connect(&path, rw)?;
@@ -750,6 +762,23 @@ mod tests {
             largest < 16 << 20,
             "the write-ahead log grew to {largest} bytes with a 512 KiB restart size"
         );
+    }
+
+    #[test]
+    fn a_nearly_full_disk_is_known_as_soon_as_the_journal_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = JournalOptions {
+            min_free_disk_bytes: u64::MAX,
+            // The checkpoint thread's first round must not be what finds it out.
+            checkpoint_interval: Duration::from_secs(3600),
+            ..JournalOptions::default()
+        };
+        let journal = Journal::open(dir.path(), options).unwrap();
+        assert!(journal.low_disk());
+        journal.close();
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        assert!(!journal.low_disk());
+        journal.close();
     }
 
     #[tokio::test]
