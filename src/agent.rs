@@ -146,6 +146,7 @@ pub async fn run(
         }
         _ => None,
     };
+    let routing_sinks: Vec<_> = routing.sinks.values().map(|b| b.sink.clone()).collect();
     let dispatcher = Dispatcher::new(
         journal.clone(),
         config.agent_id.clone(),
@@ -153,6 +154,10 @@ pub async fn run(
         config.dispatch.max_parallel,
         reporter.as_ref().map(|r| r.wake()),
     );
+    // Sinks clean up after an interrupted run in the background; their first apply waits for it.
+    for built in routing_sinks {
+        tokio::spawn(async move { built.start().await });
+    }
     dispatcher.start().await?;
     let reloader = Reloader::new(
         config_path.to_owned(),

@@ -17,6 +17,7 @@
 //! it never interprets payloads.
 
 mod apply;
+mod lock;
 mod schema;
 mod writer;
 
@@ -37,6 +38,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+pub use lock::LOCK_FILE_NAME;
 pub use schema::CURRENT_VERSION as SCHEMA_VERSION;
 
 /// The file name of the journal inside the state directory.
@@ -54,6 +56,14 @@ pub enum JournalError {
     /// The database file is damaged.
     #[error("the journal is corrupt ({0}): restore the state directory from a backup")]
     Corrupt(#[source] rusqlite::Error),
+    /// Another process holds the state directory's lock: two agents on one journal would both
+    /// apply every event.
+    #[error(
+        "state directory {} is in use by another process ({holder}): stop it, or give this \
+         agent a state_dir of its own",
+        .path.display()
+    )]
+    Locked { path: PathBuf, holder: String },
     /// The state directory could not be prepared.
     #[error("cannot prepare state directory {path}: {source}")]
     StateDir {
@@ -254,6 +264,8 @@ pub struct Journal {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     listener: Listener,
+    /// The state directory's lock, held as long as the journal is open in this process.
+    _lock: lock::StateLock,
 }
 
 impl std::fmt::Debug for Journal {
@@ -286,6 +298,8 @@ impl Journal {
             source,
         };
         std::fs::create_dir_all(state_dir).map_err(state_err)?;
+        // Before anything reads the journal: nothing but this process may use it from here on.
+        let lock = lock::StateLock::acquire(state_dir)?;
         let path = state_dir.join(FILE_NAME);
         let rw = OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
@@ -366,6 +380,7 @@ impl Journal {
             shared,
             threads: Mutex::new(vec![writer, background]),
             listener,
+            _lock: lock,
         }))
     }
 

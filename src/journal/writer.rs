@@ -416,6 +416,10 @@ fn clone_error(e: &JournalError) -> JournalError {
             found: *found,
             supported: *supported,
         },
+        JournalError::Locked { path, holder } => JournalError::Locked {
+            path: path.clone(),
+            holder: holder.clone(),
+        },
         JournalError::StateDir { path, source } => JournalError::StateDir {
             path: path.clone(),
             source: std::io::Error::new(source.kind(), source.to_string()),

@@ -10,8 +10,10 @@
 //! disk untouched. Then, for each record:
 //!
 //! 1. missing directories are created, one level at a time;
-//! 2. the content goes to a hidden temporary file in the target directory
-//!    (`.<name>.tmp-<random>`), which is fsynced;
+//! 2. the content goes to a hidden temporary file in the target directory,
+//!    `.<name>.<hash>.tmp` (`<hash>` is derived from the event id, route and record index, so
+//!    every attempt at the same record uses the same name: what an interrupted attempt left
+//!    there is removed and the file created anew), which is fsynced;
 //!
 //! and once every temporary file is complete:
 //!
@@ -23,6 +25,10 @@
 //! names and replaces the files: each name exists once, with the last content. A failure before
 //! step 3 removes the temporary files and leaves nothing visible; a failure during step 3 may
 //! leave some records renamed and others not, which the retry completes.
+//!
+//! A process killed between steps 2 and 3 leaves its temporary files behind. When the sink
+//! starts (and before its first write), it removes every regular file under its root whose
+//! name has the temporary form (see [`is_temp_name`]); nothing else is touched.
 //!
 //! # Content
 //!
@@ -58,7 +64,7 @@ use nix::errno::Errno;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::template::{Template, file_records, safe_relative_path};
+use super::template::{Template, file_records, is_temp_name, safe_relative_path, temp_name};
 use super::{EventMeta, RetryConfig, Sink, SinkError};
 use crate::config::Problem;
 
@@ -174,6 +180,8 @@ pub struct FileSink {
     create_dir: bool,
     name: Template,
     file_mode: Option<u32>,
+    /// Set once the leftovers of earlier runs were swept; every write waits for it.
+    swept: tokio::sync::OnceCell<()>,
 }
 
 impl FileSink {
@@ -192,18 +200,46 @@ impl FileSink {
             create_dir: config.create_dir,
             name,
             file_mode,
+            swept: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// Removes the temporary files an interrupted run left under the root, once per sink.
+    /// Writes wait for it, so that it never removes a temporary file this sink is writing.
+    async fn sweep_once(&self) {
+        self.swept
+            .get_or_init(|| async {
+                let root = self.dir.clone();
+                let swept = tokio::task::spawn_blocking(move || {
+                    let mut removed = Vec::new();
+                    sweep_temps(&root, &mut removed);
+                    removed
+                })
+                .await
+                .unwrap_or_default();
+                if !swept.is_empty() {
+                    tracing::info!(
+                        dir = %self.dir.display(),
+                        count = swept.len(),
+                        first = %swept[0].display(),
+                        "removed temporary files an interrupted run left behind"
+                    );
+                }
+            })
+            .await;
     }
 
     /// Renders and checks every record's name and content. Pure: nothing is written.
     fn plan(&self, event: &EventMeta, output: &Value) -> Result<Vec<Planned>, SinkError> {
         Ok(file_records(&self.name, event, output)?
             .into_iter()
-            .map(|record| {
+            .enumerate()
+            .map(|(index, record)| {
                 let mut dir = self.dir.clone();
                 dir.extend(&record.parents);
                 Planned {
                     dir,
+                    temp_name: temp_name(&record.file_name, event, index),
                     file_name: record.file_name,
                     content: record.content,
                 }
@@ -218,6 +254,8 @@ struct Planned {
     dir: PathBuf,
     /// The last component of the rendered name.
     file_name: String,
+    /// The hidden temporary name next to it, the same on every attempt.
+    temp_name: String,
     content: Vec<u8>,
 }
 
@@ -228,6 +266,7 @@ impl Sink for FileSink {
         if planned.is_empty() {
             return Ok(());
         }
+        self.sweep_once().await;
         let writer = Writer {
             root: self.dir.clone(),
             create_dir: self.create_dir,
@@ -236,6 +275,10 @@ impl Sink for FileSink {
         tokio::task::spawn_blocking(move || writer.write_all(&planned))
             .await
             .map_err(|e| join_error(&e))?
+    }
+
+    async fn start(&self) {
+        self.sweep_once().await;
     }
 
     async fn healthcheck(&self) -> Result<(), SinkError> {
@@ -328,7 +371,16 @@ impl Writer {
         for record in planned {
             ensure_dir(&record.dir, to_sync)?;
             let target = record.dir.join(&record.file_name);
-            let temp = record.dir.join(temp_name(&record.file_name));
+            let temp = record.dir.join(&record.temp_name);
+            // An interrupted attempt at this record may have left the same name behind. It is
+            // removed and the file created anew rather than truncated, so that a link planted
+            // under the name can never redirect the write into another file.
+            match std::fs::remove_file(&temp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(classify("cannot remove the leftover", &temp, &e));
+                }
+                _ => {}
+            }
             let mut file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -350,15 +402,36 @@ impl Writer {
     }
 }
 
-/// A hidden name next to the target, unique per attempt. The target's name is kept so that an
-/// operator can tell what a leftover belongs to, cut to 200 bytes so that the temporary name
-/// (at most 222 bytes) fits the usual 255-byte limit even when the final name nearly fills it.
-fn temp_name(file_name: &str) -> String {
-    let mut end = file_name.len().min(200);
-    while !file_name.is_char_boundary(end) {
-        end -= 1;
+/// Removes every regular file under `dir` (recursively, not following symbolic links) whose
+/// name has the temporary form, pushing each removed path onto `removed`. Problems (a missing
+/// root, an unreadable directory) are logged and skipped: a leftover that stays costs only
+/// space, and the next start tries again.
+fn sweep_temps(dir: &Path, removed: &mut Vec<PathBuf>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot look for leftover temporary files");
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let path = entry.path();
+        if kind.is_dir() {
+            sweep_temps(&path, removed);
+        } else if kind.is_file() && entry.file_name().to_str().is_some_and(is_temp_name) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a leftover temporary file");
+                }
+            }
+        }
     }
-    format!(".{}.tmp-{:016x}", &file_name[..end], rand::random::<u64>())
 }
 
 fn remove_temps(temps: &[(PathBuf, PathBuf)]) {
@@ -691,9 +764,102 @@ mod tests {
         assert!(e.to_string().contains("cannot rename"), "{e}");
         let leftovers: Vec<_> = files(tmp.path())
             .into_iter()
-            .filter(|f| f.contains(".tmp-"))
+            .filter(|f| f.ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[tokio::test]
+    async fn leftover_temporary_files_are_swept_at_start_and_look_alikes_are_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("case-9/deeper")).unwrap();
+        let leftovers = [
+            ".evt-7.json.0123456789abcdef.tmp",
+            "case-9/deeper/.report.csv.fedcba9876543210.tmp",
+            // The form of earlier releases, random per attempt.
+            "case-9/.evt-8.json.tmp-00000000deadbeef",
+        ];
+        let look_alikes = [
+            "case-9/kept.json",
+            ".evt-7.json.tmp",
+            ".evt-7.json.0123456789ABCDEF.tmp",
+            ".evt-7.json.0123456789abcde.tmp",
+            "evt-7.json.0123456789abcdef.tmp",
+            ".evt-7.json.0123456789abcdef.tmp.bak",
+            "..0123456789abcdef.tmp",
+            ".notes.tmp-draft",
+        ];
+        for name in leftovers.iter().chain(&look_alikes) {
+            std::fs::write(root.join(name), "x").unwrap();
+        }
+        // A directory with the form is not a leftover of the sink's.
+        std::fs::create_dir(root.join(".dir.0123456789abcdef.tmp")).unwrap();
+        std::fs::write(root.join(".dir.0123456789abcdef.tmp/inside"), "x").unwrap();
+        let mut expected: Vec<String> = look_alikes.iter().map(|n| n.to_string()).collect();
+        expected.push(".dir.0123456789abcdef.tmp/inside".into());
+        expected.sort();
+
+        sink(root, "{subject}/{id}.json").start().await;
+        assert_eq!(files(root), expected);
+
+        // A sink that is never started sweeps before its first write.
+        for name in leftovers {
+            std::fs::write(root.join(name), "x").unwrap();
+        }
+        sink(root, "{subject}/{id}.json")
+            .apply(&event(), &json!({}))
+            .await
+            .unwrap();
+        expected.push("case-42/evt-1.json".into());
+        expected.sort();
+        assert_eq!(files(root), expected);
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_attempts_temporary_file_is_replaced_by_the_retry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let s = sink(root, "{id}-{index}.json");
+        s.start().await;
+        // What an attempt killed after writing its temporary files leaves: the same names the
+        // retry uses, one with more bytes than the retry writes.
+        let temps: Vec<PathBuf> = (0..2)
+            .map(|i| root.join(temp_name(&format!("evt-1-{i}.json"), &event(), i)))
+            .collect();
+        std::fs::write(
+            &temps[0],
+            "a partial record that is longer than the real one",
+        )
+        .unwrap();
+        std::fs::write(&temps[1], "").unwrap();
+        s.apply(&event(), &json!([{"n": 0}, {"n": 1}]))
+            .await
+            .unwrap();
+        assert_eq!(files(root), ["evt-1-0.json", "evt-1-1.json"]);
+        let read = |n: &str| std::fs::read_to_string(root.join(n)).unwrap();
+        assert_eq!(read("evt-1-0.json"), "{\"n\":0}\n");
+        assert_eq!(read("evt-1-1.json"), "{\"n\":1}\n");
+    }
+
+    #[tokio::test]
+    async fn a_link_under_the_temporary_name_is_replaced_not_written_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("out");
+        std::fs::create_dir(&root).unwrap();
+        let outside = tmp.path().join("precious");
+        std::fs::write(&outside, "keep me").unwrap();
+        let s = sink(&root, "{id}.json");
+        s.start().await;
+        let temp = root.join(temp_name("evt-1.json", &event(), 0));
+        std::os::unix::fs::symlink(&outside, &temp).unwrap();
+        s.apply(&event(), &json!({})).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "keep me");
+        assert_eq!(files(&root), ["evt-1.json"]);
+        std::fs::hard_link(&outside, &temp).unwrap();
+        s.apply(&event(), &json!({})).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "keep me");
+        assert_eq!(files(&root), ["evt-1.json"]);
     }
 
     #[tokio::test]

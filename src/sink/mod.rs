@@ -85,6 +85,10 @@ pub trait Sink: Send + Sync {
     /// duplicate it where the sink can prevent that (same file name, same key).
     async fn apply(&self, event: &EventMeta, output: &Value) -> Result<(), SinkError>;
 
+    /// Called once when the running agent takes the sink into use, before its first apply:
+    /// a sink cleans up here what an interrupted earlier run left at the destination.
+    async fn start(&self) {}
+
     /// Checks that the destination is reachable and usable, for readiness.
     async fn healthcheck(&self) -> Result<(), SinkError> {
         Ok(())

@@ -90,7 +90,7 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::template::{Template, file_records, safe_relative_path};
+use super::template::{Template, file_records, safe_relative_path, temp_name};
 use super::{EventMeta, RetryConfig, Sink, SinkError};
 use crate::config::{Problem, SecretSource, read_secret};
 
@@ -384,29 +384,6 @@ fn join(dir: &str, parts: &[&str]) -> String {
         out.push_str(part);
     }
     out
-}
-
-/// The hidden temporary name of a record: the target's name (cut to 200 bytes so that the whole
-/// fits the usual 255-byte limit) and a hash of the event id, route and record index. The same
-/// event writes the same temporary name on every attempt, so a retry removes its own leftover;
-/// different events never share one.
-fn temp_name(file_name: &str, event: &EventMeta, index: usize) -> String {
-    let mut end = file_name.len().min(200);
-    while !file_name.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in [event.id.as_bytes(), event.route.as_bytes()] {
-        ctx.update(&(part.len() as u64).to_be_bytes());
-        ctx.update(part);
-    }
-    ctx.update(&(index as u64).to_be_bytes());
-    let digest = ctx.finish();
-    let hash: String = digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!(".{}.{hash}.tmp", &file_name[..end])
 }
 
 /// One file to upload.

@@ -284,6 +284,51 @@ fn output_field(
     }
 }
 
+/// The hidden temporary name of a record that a file-dropping sink writes next to its target:
+/// `.<name>.<hash>.tmp`, the target's name (cut to 200 bytes so that the whole fits the usual
+/// 255-byte limit) and 16 hex digits of a hash of the event id, route and record index. The same
+/// event writes the same temporary name on every attempt, so a retry replaces its own leftover;
+/// different events never share one.
+pub fn temp_name(file_name: &str, event: &EventMeta, index: usize) -> String {
+    let mut end = file_name.len().min(200);
+    while !file_name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [event.id.as_bytes(), event.route.as_bytes()] {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part);
+    }
+    ctx.update(&(index as u64).to_be_bytes());
+    let digest = ctx.finish();
+    let hash: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!(".{}.{hash}.tmp", &file_name[..end])
+}
+
+/// True when `name` has the form [`temp_name`] gives (`.<name>.<16 hex digits>.tmp`), or the
+/// form earlier releases of the file sink gave (`.<name>.tmp-<16 hex digits>`), and nothing
+/// else: a sink that sweeps its leftovers removes only these.
+pub fn is_temp_name(name: &str) -> bool {
+    fn hex16(s: &str) -> bool {
+        s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    if let Some(stem) = rest.strip_suffix(".tmp")
+        && let Some((target, hash)) = stem.rsplit_once('.')
+        && !target.is_empty()
+        && hex16(hash)
+    {
+        return true;
+    }
+    rest.rsplit_once(".tmp-")
+        .is_some_and(|(target, hash)| !target.is_empty() && hex16(hash))
+}
+
 /// One record of an output, as a sink that drops files writes it.
 pub struct FileRecord {
     /// The rendered name's directories, below the sink's root.
@@ -514,6 +559,27 @@ mod tests {
     fn non_ascii_text_survives() {
         assert_eq!(render("é-{id}-ü", &json!({})).unwrap(), "é-evt-1-ü");
         assert_eq!(render("{output.név}", &json!({"név": "Ő"})).unwrap(), "Ő");
+    }
+
+    #[test]
+    fn temporary_names_are_recognised_and_nothing_else() {
+        let t = temp_name("a.xml", &event(), 0);
+        assert!(is_temp_name(&t), "{t}");
+        assert!(is_temp_name(".a.tmp-0123456789abcdef"));
+        for name in [
+            "a.xml",
+            ".a.xml",
+            ".a.xml.tmp",
+            ".a.0123456789ABCDEF.tmp",
+            ".a.0123456789abcdef0.tmp",
+            "a.0123456789abcdef.tmp",
+            "..0123456789abcdef.tmp",
+            ".a.0123456789abcdef.tmpx",
+            ".a.tmp-0123456789abcdeg",
+            ".tmp-0123456789abcdef",
+        ] {
+            assert!(!is_temp_name(name), "{name}");
+        }
     }
 
     #[test]

@@ -370,3 +370,53 @@ async fn admin_answers_head_like_get_and_a_wrong_method_with_405() {
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert_eq!(reply.body["code"], "not_found");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_the_same_state_directory_refuses_to_start_until_the_first_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+    std::fs::write(dir.path().join("adapters/p.jsonata"), "payload").unwrap();
+    // A partner that fails every delivery: the events stay in the backlog, where a second
+    // agent would resume and apply them as well.
+    let server = TestServer::start(503).await;
+    let extra = format!(
+        "adapters_dir = {:?}\n[[routes]]\nname = \"r\"\nadapter = \"p.jsonata\"\nsink = \"partner\"\n\
+         [sinks.partner]\ntype = \"http\"\nurl = {:?}\nretry = {{ initial_ms = 50, max_ms = 100 }}\n",
+        dir.path().join("adapters").display().to_string(),
+        server.url("/x")
+    );
+    let mut first = Agent::start(dir.path(), &extra);
+    let client = plain();
+    for id in ["L1", "L2"] {
+        assert_eq!(
+            post_event(&client, &first, id).await.unwrap().status,
+            StatusCode::ACCEPTED
+        );
+    }
+
+    // The same configuration from another file: other ports (0), the same state_dir.
+    let second_config = dir.path().join("second.toml");
+    std::fs::copy(&first.config_path, &second_config).unwrap();
+    let (status, log) = support::run_expecting_exit(&second_config, Duration::from_secs(20));
+    let status = status.unwrap_or_else(|| panic!("a second agent kept running; log:\n{log}"));
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(&first.state_dir.display().to_string()),
+        "the message does not name the directory: {log}"
+    );
+    assert!(
+        log.contains(&format!("pid {}", first.pid())),
+        "the message does not name the holder's pid: {log}"
+    );
+    assert!(log.contains("in use"), "{log}");
+
+    // The lock dies with its holder, however it ends.
+    let first_pid = first.pid();
+    first.kill9();
+    let third = Agent::start_config(&second_config, &[]);
+    let lock = std::fs::read_to_string(third.state_dir.join("lock")).unwrap();
+    assert_eq!(lock.trim(), third.pid().to_string());
+    assert_ne!(third.pid(), first_pid);
+    let status = admin_get(&third, "/v1/events/L2").await;
+    assert_eq!(status.body["state"], "accepted", "{:?}", status.body);
+}

@@ -278,6 +278,41 @@ impl Agent {
     }
 }
 
+/// Runs `ess-agent run` on `config_path` as a process that is expected to refuse to start:
+/// returns its exit status and its stderr once it exits, or `None` and what it logged when it is
+/// still running after `timeout` (it is then killed).
+pub fn run_expecting_exit(config_path: &Path, timeout: Duration) -> (Option<ExitStatus>, String) {
+    let mut child = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(config_path)
+        .env("ESS_AGENT_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ess-agent");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        // Polling the child's status: there is no portable blocking wait with a timeout.
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    (status, reader.join().unwrap_or_default())
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
