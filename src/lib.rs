@@ -15,6 +15,7 @@
 //! - [`shutdown`]: signal handling and the graceful drain.
 //! - [`telemetry`]: Prometheus metrics and systemd notifications (readiness, watchdog).
 //! - [`cli`]: the command line (`run`, `validate`, `send`, `adapter eval`).
+//! - `fuzzing`: the parsers hostile input reaches, as the fuzz targets in `fuzz/` run them.
 
 pub mod adapter;
 pub mod admin;
@@ -22,6 +23,8 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http_client;
 pub mod ingress;
 pub mod journal;

@@ -356,7 +356,7 @@ impl SftpConfig {
 
 /// Parses the name template and checks that its literal parts can render a safe name, with
 /// the rules of the `file` sink.
-fn check_name_template(text: &str) -> Result<Template, String> {
+pub(crate) fn check_name_template(text: &str) -> Result<Template, String> {
     let template = Template::parse(text)?;
     if text.starts_with('/') {
         return Err(format!(
@@ -375,7 +375,7 @@ fn check_name_template(text: &str) -> Result<Template, String> {
 }
 
 /// `dir` joined with relative components, with one `/` between.
-fn join(dir: &str, parts: &[&str]) -> String {
+pub(crate) fn join(dir: &str, parts: &[&str]) -> String {
     let mut out = dir.to_string();
     for part in parts {
         if !out.ends_with('/') {
