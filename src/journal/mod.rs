@@ -791,6 +791,7 @@ mod tests {
         let journal = Journal::open(dir.path(), options).unwrap();
         assert!(journal.low_disk());
         journal.close();
+        drop(journal);
         let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
         assert!(!journal.low_disk());
         journal.close();

@@ -400,11 +400,14 @@ fn authentication() -> Vec<Case> {
         let id = next();
         let body = envelope(&id, json!({}));
         let headers = variant(&id, &body);
-        cases.push(case(
-            format!("auth: {name}"),
-            post(headers, body),
-            Expect::Status(401),
-        ));
+        // The URL-safe alphabet differs from the standard one only where a signature has a
+        // '+' or '/', and many have neither.
+        let expect = if name == "url-safe base64" {
+            Expect::NoServerError
+        } else {
+            Expect::Status(401)
+        };
+        cases.push(case(format!("auth: {name}"), post(headers, body), expect));
     }
     // A signature made for one body cannot be replayed with another body under the same id:
     // the first is accepted, the altered copy refused, the same copy is a duplicate.
