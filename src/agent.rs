@@ -119,15 +119,16 @@ pub async fn run(
         ..JournalOptions::default()
     };
     let state_dir = config.state_dir.clone();
-    // Opening is quick unless the schema is migrated, which rewrites the events table once;
-    // systemd is asked for more time meanwhile, so that it does not kill a long migration
-    // (which would start over from the old schema on every restart).
+    // Opening reads the whole file once (the quick check), and a migration of the schema
+    // rewrites the events table; on a large journal either takes a while. systemd is asked for
+    // more time meanwhile, so that it does not kill a long migration (which would start over
+    // from the old schema on every restart).
     let more_time = tokio::spawn(async {
         let mut every = tokio::time::interval(Duration::from_secs(20));
         every.tick().await;
         loop {
             every.tick().await;
-            crate::telemetry::starting("opening the journal (migrating its schema)");
+            crate::telemetry::starting("opening the journal (checking it or migrating its schema)");
         }
     });
     let journal = tokio::task::spawn_blocking(move || Journal::open(&state_dir, options)).await;

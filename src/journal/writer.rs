@@ -416,6 +416,10 @@ fn clone_error(e: &JournalError) -> JournalError {
             found: *found,
             supported: *supported,
         },
+        JournalError::Damaged { path, detail } => JournalError::Damaged {
+            path: path.clone(),
+            detail: detail.clone(),
+        },
         JournalError::Locked { path, holder } => JournalError::Locked {
             path: path.clone(),
             holder: holder.clone(),

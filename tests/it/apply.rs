@@ -685,6 +685,79 @@ async fn the_file_sink_removes_temporary_files_a_killed_run_left_when_the_agent_
 }
 
 #[tokio::test]
+async fn a_file_sink_whose_disk_fills_retries_shows_nothing_partial_and_applies_once_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    write_adapter(dir.path(), "pass.jsonata", PASS_THROUGH);
+    let out = dir.path().join("out");
+    let Some(_fs) = support::Tmpfs::mount(&out, "2m") else {
+        return;
+    };
+    // Leaves about 200 KiB: less than the record, more than nothing, so the write starts and
+    // fails part-way.
+    let ballast = out.join("ballast");
+    std::fs::write(&ballast, vec![0u8; 1848 * 1024]).unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        &format!(
+            "{}[limits]\nmax_body_bytes = 1048576\nmin_free_disk_bytes = 0\n",
+            file_route_config(
+                dir.path(),
+                "{subject}/{id}.json",
+                "retry = { initial_ms = 20, max_ms = 100, max_attempts = 0 }\n"
+            )
+        ),
+    );
+    let big = "y".repeat(400 * 1024);
+    let reply = post(
+        &agent,
+        "big",
+        event("big", "rule.updated", "RULE-9", None, json!({"text": big})),
+        &[],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    // Retried, with the cause in the error, several times.
+    let retried = agent.wait_for_log(Duration::from_secs(20), {
+        let mut n = 0;
+        move |v| {
+            if v["message"] == "apply failed; will retry" && v["event_id"] == "big" {
+                assert!(v["error"].as_str().unwrap().contains("free space"), "{v}");
+                n += 1;
+            }
+            n >= 3
+        }
+    });
+    assert!(retried.is_some(), "no retries; log:\n{}", agent.log_text());
+    let status = admin_get(&agent, "/v1/events/big").await;
+    assert_eq!(status.body["state"], "accepted", "{:?}", status.body);
+    // Nothing under the final name, and no temporary file holding on to the space.
+    let target = out.join("RULE-9/big.json");
+    assert!(!target.exists());
+    let entries = |d: &Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .map(|rd| {
+                rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(entries(&out.join("RULE-9")), Vec::<String>::new());
+
+    // Space is freed: the next attempt applies it, whole.
+    std::fs::remove_file(&ballast).unwrap();
+    assert_eq!(
+        wait_final(&agent, "big", Duration::from_secs(20)),
+        "applied"
+    );
+    let written: Value = serde_json::from_slice(&std::fs::read(&target).unwrap()).unwrap();
+    assert_eq!(
+        written["payload"]["text"].as_str().unwrap().len(),
+        big.len()
+    );
+    assert_eq!(entries(&out.join("RULE-9")), ["big.json"]);
+}
+
+#[tokio::test]
 async fn dry_run_shows_outputs_and_applies_nothing() {
     let dir = tempfile::tempdir().unwrap();
     write_adapter(dir.path(), "pass.jsonata", PASS_THROUGH);

@@ -420,3 +420,80 @@ async fn a_second_agent_on_the_same_state_directory_refuses_to_start_until_the_f
     let status = admin_get(&third, "/v1/events/L2").await;
     assert_eq!(status.body["state"], "accepted", "{:?}", status.body);
 }
+
+/// Overwrites `len` bytes of `path` at `offset` with a pattern no SQLite page holds.
+fn damage(path: &std::path::Path, offset: u64, len: usize) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let garbage: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(37) ^ 0xa5)
+        .collect();
+    file.write_all_at(&garbage, offset).unwrap();
+    file.sync_all().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_journal_is_refused_at_start_naming_the_file_and_the_way_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), "");
+    let client = plain();
+    // Enough events for a journal of many pages.
+    let payload = "x".repeat(2000);
+    for n in 0..300 {
+        let id = format!("D{n}");
+        let body = support::event_body(&id, "S1", json!({"n": n, "pad": payload}));
+        let headers = signed_headers(&id, unix_now(), &body);
+        let reply = request(
+            &client,
+            Method::POST,
+            &agent.url("/v1/events"),
+            &headers,
+            body,
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, StatusCode::ACCEPTED);
+    }
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(agent.wait_exit(Duration::from_secs(20)).unwrap().success());
+    let journal = agent.state_dir.join("journal.sqlite3");
+    assert!(
+        !agent.state_dir.join("journal.sqlite3-wal").exists(),
+        "a clean stop leaves every page in the database file"
+    );
+    let size = std::fs::metadata(&journal).unwrap().len();
+    assert!(size > 400_000, "{size}");
+
+    // Pages in the middle of the file, then the header, each in a copy of its own.
+    for (what, offset, len) in [("pages", size / 2, 16_384), ("header", 0, 100)] {
+        let copy = tempfile::tempdir().unwrap();
+        let config = support::config_text(copy.path(), "");
+        let config_path = copy.path().join("ess-agent.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let state = copy.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let damaged = state.join("journal.sqlite3");
+        std::fs::copy(&journal, &damaged).unwrap();
+        damage(&damaged, offset, len);
+        let before = std::fs::read(&damaged).unwrap();
+
+        let (status, log) = support::run_expecting_exit(&config_path, Duration::from_secs(20));
+        let status =
+            status.unwrap_or_else(|| panic!("{what}: the agent served a damaged journal:\n{log}"));
+        assert!(!status.success(), "{what}: {log}");
+        assert!(
+            log.contains(&damaged.display().to_string()),
+            "{what}: the message does not name the file: {log}"
+        );
+        assert!(
+            log.contains("is damaged") && log.contains("backup") && log.contains("aside"),
+            "{what}: the message does not say how to recover: {log}"
+        );
+        assert!(!log.contains("ready"), "{what}: {log}");
+        assert_eq!(
+            std::fs::read(&damaged).unwrap(),
+            before,
+            "{what}: the refused start changed the damaged file"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use http::{Method, StatusCode, Version};
 use serde_json::{Value, json};
 
 use crate::support::{
-    self, Agent, SECRET, admin_get, event_body, plain, post_event, request, signed_headers,
+    self, Agent, SECRET, Tmpfs, admin_get, event_body, plain, post_event, request, signed_headers,
     unix_now,
 };
 
@@ -718,38 +718,12 @@ async fn backpressure_refuses_with_retry_after() {
     assert!(agent.journal_ids().is_empty());
 }
 
-/// A tmpfs of `size` mounted at `dir` for the duration of the test.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .expect("run mount");
-        assert!(
-            status.success(),
-            "mounting a tmpfs needs root (CAP_SYS_ADMIN)"
-        );
-        Tmpfs(dir.to_owned())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[tokio::test]
 async fn full_disk_answers_503_never_2xx_and_the_agent_keeps_running() {
     let dir = tempfile::tempdir().unwrap();
-    let _fs = Tmpfs::mount(&dir.path().join("state"), "600k");
+    let Some(_fs) = Tmpfs::mount(&dir.path().join("state"), "600k") else {
+        return;
+    };
     let agent = Agent::start(
         dir.path(),
         "[limits]\nmin_free_disk_bytes = 0\nmax_body_bytes = 1048576\n",
@@ -787,6 +761,101 @@ async fn full_disk_answers_503_never_2xx_and_the_agent_keeps_running() {
     let stored: BTreeSet<_> = agent.journal_ids().into_iter().collect();
     let acked: BTreeSet<_> = accepted.into_iter().collect();
     assert_eq!(stored, acked);
+}
+
+/// Posts one 8 KiB event; returns the status and the problem code of a refusal.
+async fn post_8k(agent: &Agent, id: &str) -> (StatusCode, Value, Option<String>) {
+    let body = event_body(id, "S", json!("x".repeat(8 * 1024)));
+    let reply = request(
+        &plain(),
+        Method::POST,
+        &agent.url(EVENTS),
+        &signed_headers(id, unix_now(), &body),
+        body,
+    )
+    .await
+    .unwrap();
+    let content_type = reply
+        .headers
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string());
+    (reply.status, reply.body, content_type)
+}
+
+#[tokio::test]
+async fn a_journal_disk_that_fills_and_frees_refuses_with_503_then_accepts_again_by_itself() {
+    // Without the free-disk guard the commit itself fails (ENOSPC: journal_full); with it the
+    // agent refuses before the disk is full (disk_low).
+    for (min_free, code) in [(0, "journal_full"), (400 * 1024, "disk_low")] {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let Some(_fs) = Tmpfs::mount(&state, "2m") else {
+            return;
+        };
+        // What the operator deletes once the disk is full.
+        let ballast = state.join("ballast");
+        std::fs::write(&ballast, vec![0u8; 1024 * 1024]).unwrap();
+        let agent = Agent::start(
+            dir.path(),
+            &format!(
+                "[limits]\nmin_free_disk_bytes = {min_free}\nmax_body_bytes = 1048576\n\
+                 [journal]\ncheckpoint_interval_ms = 50\n"
+            ),
+        );
+        let mut acked = BTreeSet::new();
+        let mut refused = 0;
+        for i in 0..400 {
+            let id = format!("fill-{i}");
+            let (status, body, content_type) = post_8k(&agent, &id).await;
+            match status {
+                StatusCode::ACCEPTED => {
+                    acked.insert(id);
+                }
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    assert_eq!(body["code"], code, "{body:?}");
+                    assert_eq!(content_type.as_deref(), Some("application/problem+json"));
+                    refused += 1;
+                    if refused == 5 {
+                        break;
+                    }
+                }
+                other => panic!("{code}: unexpected {other}: {body:?}"),
+            }
+        }
+        assert_eq!(refused, 5, "{code}: the disk never filled up");
+
+        // Space is freed: the agent accepts again on its own, with no restart.
+        std::fs::remove_file(&ballast).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut n = 0;
+        loop {
+            let id = format!("after-{n}");
+            n += 1;
+            let (status, body, _) = post_8k(&agent, &id).await;
+            if status == StatusCode::ACCEPTED {
+                acked.insert(id);
+                break;
+            }
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{code}: still refused after space was freed: {body:?}"
+            );
+            // Polling, as the hub retries after Retry-After: the agent notices the space at its
+            // next commit or free-space check.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for i in 0..20 {
+            let id = format!("resumed-{i}");
+            let (status, body, _) = post_8k(&agent, &id).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{code}: {body:?}");
+            acked.insert(id);
+        }
+        assert_eq!(admin_get(&agent, "/healthz").await.status, StatusCode::OK);
+        // Every acknowledged event is stored, and nothing that was refused.
+        let stored: BTreeSet<_> = agent.journal_ids().into_iter().collect();
+        assert_eq!(stored, acked, "{code}");
+    }
 }
 
 /// Sends signed events from `clients` concurrent connections until `stop`; returns the ids that

@@ -278,6 +278,41 @@ impl Agent {
     }
 }
 
+/// A tmpfs of `size` mounted at `dir` for the duration of the test: a small disk to fill.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts it; `None`, after saying why on stderr, when the tests do not run as root (the
+    /// test that asked then skips its check).
+    pub fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        // /proc/self belongs to the process's effective user.
+        let root =
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+        if !root {
+            eprintln!("skipped: mounting a tmpfs to fill needs root (CAP_SYS_ADMIN)");
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs at {}",
+            dir.display()
+        );
+        Some(Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// Runs `ess-agent run` on `config_path` as a process that is expected to refuse to start:
 /// returns its exit status and its stderr once it exits, or `None` and what it logged when it is
 /// still running after `timeout` (it is then killed).
