@@ -1,7 +1,7 @@
 //! Operator commands that talk to a running agent's admin API: `status`, `replay` and
 //! `dead-letters`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -17,8 +17,10 @@ use crate::http_client::{ClientTls, client};
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
     /// The agent's configuration file; the admin address and token are read from it.
-    #[arg(long, global = true, env = "ESS_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
-    pub config: PathBuf,
+    /// [default: /etc/ess-agent/ess-agent.toml, or config/ess-agent.toml when run from a source
+    /// checkout where the former does not exist]
+    #[arg(long, global = true, env = "ESS_AGENT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The admin API's base URL, instead of the address in the configuration.
     #[arg(long, global = true)]
     pub admin_url: Option<String>,
@@ -55,9 +57,37 @@ pub fn encode_id(id: &str) -> String {
         .collect()
 }
 
+/// The development configuration of a source checkout, relative to the repository root.
+pub const CHECKOUT_CONFIG_PATH: &str = "config/ess-agent.toml";
+
+/// The configuration file an operator command reads: the one given (`--config` or
+/// `ESS_AGENT_CONFIG`); else `default` when it exists; else `checkout` when it exists (the
+/// command runs from a source checkout, beside an agent started on its development
+/// configuration); else `default`, whose absence the caller reports.
+///
+/// Only the operator commands fall back: they read nothing but the admin API's address and
+/// token. `run` and `validate` never pick a configuration the operator did not name.
+fn config_path(given: Option<&Path>, default: &Path, checkout: &Path) -> PathBuf {
+    match given {
+        Some(path) => path.to_owned(),
+        None if !default.exists() && checkout.is_file() => checkout.to_owned(),
+        None => default.to_owned(),
+    }
+}
+
 impl AdminArgs {
+    /// The configuration file this command reads.
+    pub fn config_path(&self) -> PathBuf {
+        config_path(
+            self.config.as_deref(),
+            Path::new(DEFAULT_CONFIG_PATH),
+            Path::new(CHECKOUT_CONFIG_PATH),
+        )
+    }
+
     fn base_and_token(&self) -> anyhow::Result<(String, Option<String>)> {
-        let config = Config::load(&self.config).ok();
+        let path = self.config_path();
+        let config = Config::load(&path).ok();
         let token = config
             .as_ref()
             .and_then(|c| c.admin.token.as_ref())
@@ -75,7 +105,7 @@ impl AdminArgs {
             }
             (None, None) => anyhow::bail!(
                 "cannot read {}: pass --config with the agent's configuration, or --admin-url",
-                self.config.display()
+                path.display()
             ),
         };
         Ok((base, token))
@@ -149,6 +179,26 @@ pub fn dead_letters(admin: &AdminArgs, command: &DeadLetterCommand) -> anyhow::R
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use super::config_path;
+
+    #[test]
+    fn operator_commands_fall_back_to_the_checkout_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join("etc.toml");
+        let checkout = dir.path().join("checkout.toml");
+        let given = Path::new("given.toml");
+        // Neither exists: the default, whose absence is then reported.
+        assert_eq!(config_path(None, &default, &checkout), default);
+        std::fs::write(&checkout, "").unwrap();
+        assert_eq!(config_path(None, &default, &checkout), checkout);
+        assert_eq!(config_path(Some(given), &default, &checkout), given);
+        // An installed agent's configuration wins over a checkout's.
+        std::fs::write(&default, "").unwrap();
+        assert_eq!(config_path(None, &default, &checkout), default);
+    }
+
     #[test]
     fn ids_are_encoded_for_paths() {
         assert_eq!(super::encode_id("evt-1"), "evt-1");

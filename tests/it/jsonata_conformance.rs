@@ -1,6 +1,6 @@
 //! The official JSONata test suite (jsonata-js 2.2.2), run through the adapter engine seam.
 //!
-//! Every case of `../shared/jsonata-test-suite/groups` is compiled and evaluated with
+//! Every case of `tests/data/jsonata-test-suite/groups` is compiled and evaluated with
 //! `ess_agent::adapter::engine`, and compared as jsonata-js's own runner compares it:
 //! - `result`: deep equality of JSON values, numbers compared as `f64` (so `1` equals `1.0`);
 //!   with `unordered`, arrays are compared as multisets. No float tolerance is needed: the
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use ess_agent::adapter::engine::{EngineError, Expression, Limits};
 use serde_json::{Map, Value};
 
-const SUITE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/jsonata-test-suite");
+const SUITE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/jsonata-test-suite");
 
 /// The suite holds 1,686 cases.
 const TOTAL: usize = 1686;

@@ -7,6 +7,7 @@ mod adapter_fixtures;
 mod apply;
 mod connections;
 mod crashloop;
+mod docs;
 mod hostile;
 mod jsonata_conformance;
 mod operations;

@@ -64,7 +64,7 @@ async fn every_standard_webhooks_vector_authenticates_through_the_agent() {
     let vectors: Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/standard-webhooks-vectors.json"
+            "/tests/data/standard-webhooks-vectors.json"
         ))
         .unwrap(),
     )
