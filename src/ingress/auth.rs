@@ -583,11 +583,11 @@ mod tests {
 
     const VECTORS: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/standard-webhooks-vectors.json"
+        "/tests/data/standard-webhooks-vectors.json"
     );
 
     fn vectors() -> Value {
-        let text = std::fs::read_to_string(VECTORS).expect("read the shared vectors file");
+        let text = std::fs::read_to_string(VECTORS).expect("read tests/data/standard-webhooks-vectors.json");
         serde_json::from_str(&text).expect("vectors file is JSON")
     }
 
