@@ -587,7 +587,8 @@ mod tests {
     );
 
     fn vectors() -> Value {
-        let text = std::fs::read_to_string(VECTORS).expect("read tests/data/standard-webhooks-vectors.json");
+        let text = std::fs::read_to_string(VECTORS)
+            .expect("read tests/data/standard-webhooks-vectors.json");
         serde_json::from_str(&text).expect("vectors file is JSON")
     }
 

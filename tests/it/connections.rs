@@ -116,14 +116,7 @@ async fn silent_trickling_and_idle_connections_are_closed_after_the_header_timeo
     // A keep-alive connection is closed once it has been idle for the timeout after its last
     // answer, for HTTP/1.1 and HTTP/2 alike.
     let body = event_body("keep-1", "S", json!({}));
-    let mut head = format!(
-        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in signed_headers("keep-1", unix_now(), &body) {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
+    let head = support::signed_head("keep-1", &body);
     let mut keep = TcpStream::connect(agent.ingress).await.unwrap();
     keep.write_all(head.as_bytes()).await.unwrap();
     keep.write_all(&body).await.unwrap();

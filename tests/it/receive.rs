@@ -661,14 +661,7 @@ async fn slow_clients_are_cut_off() {
     // A head, then half the body: 408.
     let body = event_body("slow", "S", json!({}));
     let mut stream = tokio::net::TcpStream::connect(agent.ingress).await.unwrap();
-    let mut head = format!(
-        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in signed_headers("slow", unix_now(), &body) {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
+    let head = support::signed_head("slow", &body);
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&body[..10]).await.unwrap();
     let mut buf = Vec::new();

@@ -433,6 +433,19 @@ pub async fn admin_get(agent: &Agent, path: &str) -> Reply {
     .expect("admin request")
 }
 
+/// The raw HTTP/1.1 head of a delivery of `body` signed with the test secret now, with its
+/// `Content-Length`, to be written to a socket as it is.
+pub fn signed_head(msg_id: &str, body: &[u8]) -> String {
+    let mut head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: agent\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in signed_headers(msg_id, unix_now(), body) {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head + "\r\n"
+}
+
 /// Standard Webhooks headers for `body` signed with the test secret at `timestamp`.
 pub fn signed_headers(msg_id: &str, timestamp: i64, body: &[u8]) -> Vec<(&'static str, String)> {
     let signer = WebhookSigner::new(SECRET).unwrap();
