@@ -464,6 +464,16 @@ mod tests {
     }
 
     #[test]
+    fn every_seed_replays() {
+        for (target, run) in TARGETS {
+            let dir = fuzz_dir().join("seeds").join(target);
+            let seeds = files(&dir).unwrap_or_else(|| panic!("{} is missing", dir.display()));
+            assert!(!seeds.is_empty(), "{} is empty", dir.display());
+            replay(target, run, &seeds);
+        }
+    }
+
+    #[test]
     fn every_regression_input_replays() {
         for (target, run) in TARGETS {
             let dir = fuzz_dir().join("regressions").join(target);
