@@ -1,7 +1,7 @@
 //! The admin listener: liveness, readiness and the event status API.
 //!
-//! Plain HTTP, loopback by default. `/healthz` and `/readyz` are open (for probes); everything
-//! under `/v1/` needs the admin token when one is configured.
+//! Plain HTTP, loopback by default. `/healthz`, `/readyz` and `/metrics` are open (for probes
+//! and Prometheus); everything under `/v1/` needs the admin token when one is configured.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -89,8 +89,23 @@ impl Admin {
         } else {
             req.method()
         };
-        match (method, path) {
-            (&Method::GET, "/metrics") => {
+        // Everything under /v1/ needs the token, known endpoint or not.
+        if path.starts_with("/v1/")
+            && let Some(token) = &self.token
+        {
+            token.verify(req.headers()).map_err(|e| {
+                Problem::new(
+                    StatusCode::UNAUTHORIZED,
+                    e.code(),
+                    format!("{e} (the admin token)"),
+                )
+            })?;
+        }
+        let query = req.uri().query().unwrap_or("");
+        match Endpoint::of(method, path)
+            .ok_or_else(|| wrong_method_or_not_found(req.method(), path))?
+        {
+            Endpoint::Metrics => {
                 let journal = self.journal.clone();
                 let _ =
                     tokio::task::spawn_blocking(move || crate::telemetry::refresh_gauges(&journal))
@@ -108,10 +123,8 @@ impl Admin {
                 );
                 Ok(response)
             }
-            (&Method::GET, "/healthz") => {
-                Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
-            }
-            (&Method::GET, "/readyz") => {
+            Endpoint::Healthz => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+            Endpoint::Readyz => {
                 let reasons = self.readiness.reasons();
                 if reasons.is_empty() {
                     Ok(json_response(StatusCode::OK, &json!({"ready": true})))
@@ -122,38 +135,15 @@ impl Admin {
                     ))
                 }
             }
-            (_, path) if path.starts_with("/v1/") => {
-                if let Some(token) = &self.token {
-                    token.verify(req.headers()).map_err(|e| {
-                        Problem::new(
-                            StatusCode::UNAUTHORIZED,
-                            e.code(),
-                            format!("{e} (the admin token)"),
-                        )
-                    })?;
-                }
-                let query = req.uri().query().unwrap_or("");
-                let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-                match (method, segments.as_slice()) {
-                    (&Method::GET, ["v1", "events", id]) => self.get_event(id).await,
-                    (&Method::POST, ["v1", "events", id, "replay"]) => {
-                        self.replay(id, query_flag(query, "force")).await
-                    }
-                    (&Method::GET, ["v1", "dead-letters"]) => self.dead_letters(query).await,
-                    (&Method::GET, ["v1", "adapters"]) => Ok(json_response(
-                        StatusCode::OK,
-                        &json!({"adapters": self.reloader.as_ref().map(|r| r.adapters()).unwrap_or_default()}),
-                    )),
-                    (&Method::POST, ["v1", "dead-letters", id, "retry"]) => {
-                        self.replay(id, false).await
-                    }
-                    (&Method::DELETE, ["v1", "dead-letters", id]) => {
-                        self.drop_dead_letter(id).await
-                    }
-                    _ => Err(wrong_method_or_not_found(req.method(), path)),
-                }
-            }
-            _ => Err(wrong_method_or_not_found(req.method(), path)),
+            Endpoint::Event(id) => self.get_event(id).await,
+            Endpoint::Replay(id) => self.replay(id, query_flag(query, "force")).await,
+            Endpoint::DeadLetters => self.dead_letters(query).await,
+            Endpoint::Adapters => Ok(json_response(
+                StatusCode::OK,
+                &json!({"adapters": self.reloader.as_ref().map(|r| r.adapters()).unwrap_or_default()}),
+            )),
+            Endpoint::RetryDeadLetter(id) => self.replay(id, false).await,
+            Endpoint::DropDeadLetter(id) => self.drop_dead_letter(id).await,
         }
     }
 
@@ -276,14 +266,59 @@ fn wrong_method_or_not_found(method: &Method, path: &str) -> Problem {
     }
 }
 
+/// Every admin endpoint, as the 404 answer lists them; `{id}` is a percent-encoded event id.
+const ENDPOINTS: &[&str] = &[
+    "GET /healthz",
+    "GET /readyz",
+    "GET /metrics",
+    "GET /v1/events/{id}",
+    "POST /v1/events/{id}/replay",
+    "GET /v1/dead-letters",
+    "POST /v1/dead-letters/{id}/retry",
+    "DELETE /v1/dead-letters/{id}",
+    "GET /v1/adapters",
+];
+
+/// An admin endpoint a request is for, with the raw (still percent-encoded) event id it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint<'a> {
+    Healthz,
+    Readyz,
+    Metrics,
+    Event(&'a str),
+    Replay(&'a str),
+    DeadLetters,
+    RetryDeadLetter(&'a str),
+    DropDeadLetter(&'a str),
+    Adapters,
+}
+
+impl<'a> Endpoint<'a> {
+    /// The endpoint of a method and path; `None` for anything else (404).
+    fn of(method: &Method, path: &'a str) -> Option<Self> {
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        Some(match (method, segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => Endpoint::Healthz,
+            (&Method::GET, ["readyz"]) => Endpoint::Readyz,
+            (&Method::GET, ["metrics"]) => Endpoint::Metrics,
+            (&Method::GET, ["v1", "events", id]) => Endpoint::Event(id),
+            (&Method::POST, ["v1", "events", id, "replay"]) => Endpoint::Replay(id),
+            (&Method::GET, ["v1", "dead-letters"]) => Endpoint::DeadLetters,
+            (&Method::POST, ["v1", "dead-letters", id, "retry"]) => Endpoint::RetryDeadLetter(id),
+            (&Method::DELETE, ["v1", "dead-letters", id]) => Endpoint::DropDeadLetter(id),
+            (&Method::GET, ["v1", "adapters"]) => Endpoint::Adapters,
+            _ => return None,
+        })
+    }
+}
+
 fn not_found(path: &str) -> Problem {
     Problem::new(
         StatusCode::NOT_FOUND,
         "not_found",
         format!(
-            "no such admin endpoint {path}: see /healthz, /readyz, GET /v1/events/{{id}}, \
-             POST /v1/events/{{id}}/replay, GET /v1/dead-letters, \
-             POST /v1/dead-letters/{{id}}/retry, DELETE /v1/dead-letters/{{id}}"
+            "no such admin endpoint {path}: the endpoints are {}",
+            ENDPOINTS.join(", ")
         ),
     )
 }
@@ -416,7 +451,65 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
 
 #[cfg(test)]
 mod tests {
-    use super::percent_decode;
+    use http::Method;
+
+    use super::{ENDPOINTS, Endpoint, not_found, percent_decode};
+
+    /// The 404 answer lists exactly the endpoints that are served: every listed one is matched,
+    /// and no other method or path of the same shapes is.
+    #[test]
+    fn the_not_found_answer_lists_every_endpoint() {
+        let detail = not_found("/nope").detail;
+        let methods = [Method::GET, Method::POST, Method::PUT, Method::DELETE];
+        let paths: Vec<String> = ENDPOINTS
+            .iter()
+            .map(|e| e.split_once(' ').unwrap().1.replace("{id}", "evt-1"))
+            .chain(
+                [
+                    "/",
+                    "/healthz",
+                    "/readyz",
+                    "/metrics",
+                    "/v1",
+                    "/v1/events",
+                    "/v1/events/evt-1",
+                    "/v1/events/evt-1/replay",
+                    "/v1/dead-letters",
+                    "/v1/dead-letters/evt-1",
+                    "/v1/dead-letters/evt-1/retry",
+                    "/v1/adapters",
+                    "/v1/adapters/evt-1",
+                    "/v1/metrics",
+                    "/v1/healthz",
+                    "/v1/readyz",
+                ]
+                .map(String::from),
+            )
+            .collect();
+        for method in &methods {
+            for path in &paths {
+                let listed = ENDPOINTS
+                    .iter()
+                    .any(|e| *e == format!("{method} {}", path.replace("evt-1", "{id}")));
+                assert_eq!(
+                    Endpoint::of(method, path).is_some(),
+                    listed,
+                    "{method} {path}: served and listed in the 404 answer must agree"
+                );
+            }
+        }
+        for endpoint in ENDPOINTS {
+            assert!(detail.contains(endpoint), "{detail} lacks {endpoint}");
+        }
+        assert_eq!(
+            Endpoint::of(&Method::GET, "/v1/adapters"),
+            Some(Endpoint::Adapters)
+        );
+        assert_eq!(
+            Endpoint::of(&Method::GET, "/metrics"),
+            Some(Endpoint::Metrics)
+        );
+    }
 
     #[test]
     fn percent_decoding() {

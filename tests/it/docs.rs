@@ -239,3 +239,64 @@ async fn readme_try_it_commands_work_as_written() {
     // The dry run applied nothing.
     assert_eq!((count(&court), count(&firm)), (1, 1));
 }
+
+/// The keys a configuration table accepts, as serde lists them when it refuses an unknown one.
+fn accepted_keys(table: &str) -> Vec<String> {
+    let probe = "not_a_key_of_any_table = 1\n";
+    let text = match table {
+        "" => format!("agent_id = \"a\"\n{probe}"),
+        "routes" => format!("agent_id = \"a\"\n[[routes]]\n{probe}"),
+        _ => format!("agent_id = \"a\"\n[{table}]\n{probe}"),
+    };
+    let error = toml::from_str::<ess_agent::config::Config>(&text)
+        .expect_err("an unknown key is refused")
+        .to_string();
+    let list = error
+        .split_once("expected one of ")
+        .or_else(|| error.split_once("expected "))
+        .unwrap_or_else(|| panic!("[{table}]: no list of keys in {error:?}"))
+        .1;
+    // "`a`", "`a` or `b`", "`a`, `b`, `c`": the names are the quoted parts of the first line.
+    let list = list.lines().next().unwrap_or_default();
+    list.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn every_configuration_key_is_in_the_configuration_reference() {
+    let doc = std::fs::read_to_string(Path::new(ROOT).join("docs/configuration.md")).unwrap();
+    // The first cells of the reference's tables: the keys each row is about.
+    let rows: Vec<&str> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix('|')?.split('|').next())
+        .collect();
+    let tables = [
+        "", "ingress", "auth", "limits", "admin", "routes", "report", "dispatch", "journal",
+        "shutdown",
+    ];
+    let mut missing = Vec::new();
+    for table in tables {
+        let keys = accepted_keys(table);
+        assert!(!keys.is_empty(), "[{table}] lists no keys");
+        // Top-level tables have sections of their own.
+        for key in keys
+            .iter()
+            .filter(|k| !tables.contains(&k.as_str()) && *k != "sinks")
+        {
+            let documented = rows.iter().any(|cell| {
+                cell.contains(&format!("`{key}`")) || cell.contains(&format!("`{table}.{key}`"))
+            });
+            if !documented {
+                missing.push(format!("[{table}] {key}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "keys without a row in docs/configuration.md: {}",
+        missing.join(", ")
+    );
+}

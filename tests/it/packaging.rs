@@ -1,10 +1,11 @@
 //! Packaging: the systemd unit, the configuration the packages install, the man pages, and the
 //! packages `scripts/package` builds.
 //!
-//! The .deb check reads `ESS_AGENT_DEB`, the path of the package to inspect. `scripts/test` builds
-//! the .deb and sets it, so in CI a missing or wrong package fails. Run alone (`cargo nextest
-//! run`), the variable is unset and the test says so and passes. The .rpm check is ignored unless
-//! asked for, with `ESS_AGENT_RPM` naming the package.
+//! The .deb check inspects the package `ESS_AGENT_DEB` names or, when it is unset, the one
+//! `scripts/package --profile dev --deb-only --no-build` made of the binary under test; with
+//! neither (or one older than the binary) it fails and says what to run. `scripts/test` builds
+//! the .deb and sets the variable. The .rpm check is ignored unless asked for, with
+//! `ESS_AGENT_RPM` naming the package.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -363,33 +364,60 @@ fn the_debian_changelog_names_this_version() {
     );
 }
 
-/// The package named by `var`, or None when the variable is unset (said on stderr).
-fn package_under_test(var: &str) -> Option<PathBuf> {
-    match std::env::var_os(var) {
-        None => {
-            eprintln!(
-                "{var} is not set: no package to inspect (scripts/test builds one with \
-                 scripts/package and sets it)"
-            );
-            None
-        }
-        Some(path) => {
-            let path = PathBuf::from(path);
-            assert!(
-                path.is_file(),
-                "{var} names {}, which is not a file",
-                path.display()
-            );
-            Some(path)
-        }
+/// The package named by `var`; fails when the variable names no file.
+fn package_named_by(var: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os(var)?);
+    assert!(
+        path.is_file(),
+        "{var} names {}, which is not a file",
+        path.display()
+    );
+    Some(path)
+}
+
+/// The .deb to inspect: the one `ESS_AGENT_DEB` names, else the one `scripts/package --profile
+/// dev --deb-only --no-build` made of the binary under test (in the target directory's
+/// `packages/dev`). Fails, saying what to run, when there is none or it is older than the binary.
+fn deb_under_test() -> PathBuf {
+    if let Some(deb) = package_named_by("ESS_AGENT_DEB") {
+        return deb;
     }
+    let build = "scripts/package --profile dev --deb-only --no-build";
+    let binary = Path::new(support::binary());
+    let dir = binary
+        .parent()
+        .and_then(Path::parent)
+        .expect("the binary is in the target directory")
+        .join("packages/dev");
+    let prefix = format!("ess-agent_{}-", env!("CARGO_PKG_VERSION"));
+    let deb = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with(&prefix) && name.ends_with(".deb")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no .deb to inspect: run `{build}` (it prints the package's path), or set \
+                 ESS_AGENT_DEB to a .deb built from this tree; scripts/test does both"
+            )
+        });
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap();
+    assert!(
+        modified(&deb) >= modified(binary),
+        "{} is older than the binary under test: run `{build}` again, or set ESS_AGENT_DEB to \
+         a .deb built from this tree",
+        deb.display()
+    );
+    deb
 }
 
 #[test]
 fn the_deb_holds_the_binary_the_unit_the_conffile_and_the_maintainer_scripts() {
-    let Some(deb) = package_under_test("ESS_AGENT_DEB") else {
-        return;
-    };
+    let deb = deb_under_test();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     let control = dir.path().join("control");
@@ -507,7 +535,7 @@ fn the_deb_holds_the_binary_the_unit_the_conffile_and_the_maintainer_scripts() {
 #[test]
 #[ignore = "needs ESS_AGENT_RPM, an .rpm built by scripts/package"]
 fn the_rpm_holds_the_binary_the_unit_and_the_config() {
-    let rpm = package_under_test("ESS_AGENT_RPM").expect("ESS_AGENT_RPM names the .rpm to inspect");
+    let rpm = package_named_by("ESS_AGENT_RPM").expect("ESS_AGENT_RPM names the .rpm to inspect");
     assert!(
         available("rpm", "--version"),
         "ESS_AGENT_RPM is set but the rpm tool is not installed (apt-get install rpm)"
