@@ -3,9 +3,10 @@
 //! A reload is triggered by a save in the adapters directory or of the configuration file (a
 //! debounced file watch that also sees editors' rename-over saves), or by SIGHUP. It reads the
 //! configuration, compiles every adapter the routes name and builds the sinks (a sink whose
-//! settings did not change is kept as it is), and swaps the new routing in only if all of it is
-//! good. On any error the running set stays, and the error is logged and shown per adapter at
-//! `GET /v1/adapters`. Events being applied finish with the routing they started with.
+//! settings and secrets did not change is kept as it is; the secret files are read again to
+//! tell), and swaps the new routing in only if all of it is good. On any error the running set
+//! stays, and the error is logged and shown per adapter at `GET /v1/adapters`. Events being
+//! applied finish with the routing they started with.
 //!
 //! A reload also reads the hub authentication again (`[auth]`: the secret and key files, the
 //! bearer token, the timestamp tolerance), so a rotated secret is in force for every request

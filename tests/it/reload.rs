@@ -399,3 +399,79 @@ async fn sighup_rotates_the_hub_secret_and_a_broken_secret_keeps_the_old() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// Posts an event and waits until it is final.
+async fn deliver(agent: &Agent, id: &str) {
+    let body =
+        serde_json::to_vec(&json!({"id": id, "version": 1, "type": "t", "payload": {}})).unwrap();
+    let headers = signed_headers(id, unix_now(), &body);
+    let reply = request(
+        &plain(),
+        Method::POST,
+        &agent.url("/v1/events"),
+        &headers,
+        body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    agent
+        .wait_for_log(Duration::from_secs(10), |v| {
+            v["message"] == "event final" && v["event_id"] == id
+        })
+        .unwrap_or_else(|| panic!("{id} not final; log:\n{}", agent.log_text()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reads_a_rewritten_sink_secret_and_an_unreadable_one_keeps_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+    std::fs::write(dir.path().join("adapters/live.jsonata"), adapter_source(1)).unwrap();
+    let key_file = dir.path().join("partner-api-key");
+    std::fs::write(&key_file, "first-key\n").unwrap();
+    let server = crate::support::hub::TestServer::start(200).await;
+    let agent = Agent::start(
+        dir.path(),
+        &format!(
+            "adapters_dir = {:?}\n[[routes]]\nname = \"live\"\nadapter = \"live.jsonata\"\n\
+             sink = \"partner\"\n[sinks.partner]\ntype = \"http\"\nurl = {:?}\n\
+             secret_headers = {{ X-Api-Key = {{ file = {:?} }} }}\n",
+            dir.path().join("adapters").display().to_string(),
+            server.url("/rules"),
+            key_file.display().to_string()
+        ),
+    );
+    let last_key = || {
+        let received = server.received();
+        received.last().unwrap().headers["x-api-key"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    deliver(&agent, "k1").await;
+    assert_eq!(last_key(), "first-key");
+
+    // The key file rewritten in place, the configuration unchanged: SIGHUP reads it again.
+    std::fs::write(&key_file, "second-key\n").unwrap();
+    hup_and_wait(&agent, reloaded);
+    deliver(&agent, "k2").await;
+    assert_eq!(last_key(), "second-key");
+
+    // A key file that cannot be read refuses the reload, naming the key; the sink keeps the
+    // key it has.
+    std::fs::remove_file(&key_file).unwrap();
+    let line = hup_and_wait(&agent, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("reload refused"))
+    });
+    assert!(
+        line["problems"]
+            .to_string()
+            .contains("sinks.partner.secret_headers.X-Api-Key"),
+        "{line}"
+    );
+    deliver(&agent, "k3").await;
+    assert_eq!(last_key(), "second-key");
+    assert_eq!(server.received().len(), 3);
+}
