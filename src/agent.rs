@@ -165,6 +165,7 @@ pub async fn run(
         config.clone(),
         dispatcher.clone(),
         Some((auth.clone(), &secrets)),
+        tls.clone(),
     );
     let background = CancellationToken::new();
     if let Some(reporter) = &reporter {

@@ -3,18 +3,23 @@
 //! A reload is triggered by a save in the adapters directory or of the configuration file (a
 //! debounced file watch that also sees editors' rename-over saves), or by SIGHUP. It reads the
 //! configuration, compiles every adapter the routes name and builds the sinks (a sink whose
-//! settings did not change is kept as it is), and swaps the new routing in only if all of it is
-//! good. On any error the running set stays, and the error is logged and shown per adapter at
-//! `GET /v1/adapters`. Events being applied finish with the routing they started with.
+//! settings and secrets did not change is kept as it is; the secret files are read again to
+//! tell), and swaps the new routing in only if all of it is good. On any error the running set
+//! stays, and the error is logged and shown per adapter at `GET /v1/adapters`. Events being
+//! applied finish with the routing they started with.
 //!
 //! A reload also reads the hub authentication again (`[auth]`: the secret and key files, the
 //! bearer token, the timestamp tolerance), so a rotated secret is in force for every request
 //! that starts after it; a secret that cannot be read or decoded refuses the whole reload, and
 //! the running authentication stays.
 //!
-//! Settings that only take effect at start (listeners, TLS, state directory, limits, the journal,
-//! the admin API, status reports, the agent id) are compared with what the agent started with; a
-//! change is reported as needing a restart and is not half-applied.
+//! A reload reads the ingress TLS certificate, key and client CA again too (and a replaced TLS
+//! file triggers one); new connections get them, and files that do not build refuse the whole
+//! reload, keeping the running certificate.
+//!
+//! Settings that only take effect at start (listeners, TLS switched on or off, state directory,
+//! limits, the journal, the admin API, status reports, the agent id) are compared with what the
+//! agent started with; a change is reported as needing a restart and is not half-applied.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -33,6 +38,7 @@ use crate::config::{Config, Secrets};
 use crate::dispatch::Dispatcher;
 use crate::dispatch::routes::Routing;
 use crate::ingress::handler::{HubAuth, SharedAuth};
+use crate::ingress::tls::{TlsAcceptor, TlsSettings};
 use crate::journal::now_rfc3339;
 
 /// What `GET /v1/adapters` shows for one adapter file.
@@ -72,6 +78,9 @@ pub struct Reloader {
     /// The hub authentication the ingress checks, and a digest of the secrets and settings it
     /// was built from (to tell the log whether a reload changed it).
     auth: Option<(Arc<SharedAuth>, Mutex<[u8; 32]>)>,
+    /// The ingress TLS acceptor, when the agent serves TLS: a reload reads its certificate,
+    /// key and client CA again.
+    tls: Option<TlsAcceptor>,
     adapters: Mutex<BTreeMap<PathBuf, AdapterStatus>>,
     reloads: AtomicU64,
     failures: AtomicU64,
@@ -79,12 +88,14 @@ pub struct Reloader {
 
 impl Reloader {
     /// A reloader for the agent started with `config` from `config_path`. `auth`, when given, is
-    /// the hub authentication in force, with the secrets it was built from.
+    /// the hub authentication in force, with the secrets it was built from; `tls` the ingress
+    /// TLS acceptor.
     pub fn new(
         config_path: PathBuf,
         config: Config,
         dispatcher: Arc<Dispatcher>,
         auth: Option<(Arc<SharedAuth>, &Secrets)>,
+        tls: Option<TlsAcceptor>,
     ) -> Arc<Reloader> {
         let auth =
             auth.map(|(shared, secrets)| (shared, Mutex::new(auth_digest(&config, secrets))));
@@ -94,6 +105,7 @@ impl Reloader {
             current: Mutex::new(config.clone()),
             dispatcher,
             auth,
+            tls,
             adapters: Mutex::new(BTreeMap::new()),
             reloads: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -128,7 +140,8 @@ impl Reloader {
         )
     }
 
-    /// The directories to watch: the configuration file's and every adapter's.
+    /// The directories to watch: the configuration file's, every adapter's, and those of the
+    /// ingress TLS files.
     pub fn watched_dirs(&self) -> BTreeSet<PathBuf> {
         let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let mut dirs = BTreeSet::new();
@@ -141,18 +154,37 @@ impl Reloader {
                 dirs.insert(absolute(dir));
             }
         }
+        for file in self.tls_files(&current) {
+            if let Some(dir) = file.parent() {
+                dirs.insert(absolute(dir));
+            }
+        }
         dirs
     }
 
-    /// True when a change of `path` can affect the routing.
+    /// The ingress TLS files a reload reads again (none when the agent serves plain HTTP).
+    fn tls_files<'a>(&self, config: &'a Config) -> Vec<&'a Path> {
+        match (&self.tls, &config.ingress.tls) {
+            (Some(_), Some(tls)) => [Some(&tls.cert), Some(&tls.key), tls.client_ca.as_ref()]
+                .into_iter()
+                .flatten()
+                .map(PathBuf::as_path)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// True when a change of `path` can affect the routing or the ingress TLS.
     fn is_relevant(&self, path: &Path) -> bool {
         let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        absolute(path) == absolute(&self.config_path)
+        let path = absolute(path);
+        path == absolute(&self.config_path)
             || path.extension().is_some_and(|e| e == "jsonata")
-            || current
-                .routes
-                .iter()
-                .any(|r| absolute(&r.adapter) == absolute(path))
+            || current.routes.iter().any(|r| absolute(&r.adapter) == path)
+            || self
+                .tls_files(&current)
+                .into_iter()
+                .any(|f| absolute(f) == path)
     }
 
     /// Reads the configuration and adapters again and swaps them in if all of it is good.
@@ -184,6 +216,21 @@ impl Reloader {
                 tracing::error!(trigger, problems = ?outcome.problems, "reload refused: the hub authentication cannot be built; the running authentication, adapters, routes and sinks stay in force until the secret is fixed");
                 return outcome;
             }
+        };
+        // TLS switched on or off needs a restart (reported above); otherwise the certificate,
+        // key and client CA are read again, and all of them must build.
+        let tls = match (&self.tls, &config.ingress.tls) {
+            (Some(_), Some(tls)) => match TlsSettings::build(tls) {
+                Ok(settings) => Some(settings),
+                Err(e) => {
+                    outcome.problems = vec![format!("ingress.tls: {e}")];
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("ess_agent_reload_errors_total").increment(1);
+                    tracing::error!(trigger, problems = ?outcome.problems, "reload refused: the ingress TLS certificate, key or client CA cannot be used; the running certificate, authentication, adapters, routes and sinks stay in force until the files are fixed");
+                    return outcome;
+                }
+            },
+            _ => None,
         };
         let now = now_rfc3339();
         let mut loaded: BTreeMap<PathBuf, Result<Arc<Adapter>, AdapterError>> = BTreeMap::new();
@@ -262,6 +309,14 @@ impl Reloader {
                             "hub authentication reloaded: requests from now on are checked with the secrets, keys and tolerance now configured"
                         );
                     }
+                }
+                if let (Some(acceptor), Some(settings)) = (&self.tls, tls)
+                    && acceptor.replace(settings)
+                {
+                    tracing::info!(
+                        trigger,
+                        "ingress TLS reloaded: connections from now on get the certificate, key and client CA now in the files"
+                    );
                 }
                 self.dispatcher.replace_routing(routing);
                 *self.current.lock().unwrap_or_else(|p| p.into_inner()) = config;
@@ -402,7 +457,12 @@ pub fn restart_only_changes(started: &Config, new: &Config) -> Vec<String> {
         "ingress.listen",
         started.ingress.listen == new.ingress.listen,
     );
-    check("ingress.tls", started.ingress.tls == new.ingress.tls);
+    // The certificate, key, client CA and allowed client names are reloaded; only switching
+    // TLS on or off changes the listener.
+    check(
+        "ingress.tls (switched on or off)",
+        started.ingress.tls.is_some() == new.ingress.tls.is_some(),
+    );
     check(
         "ingress (ack mode, plain HTTP option)",
         started.ingress.ack_mode == new.ingress.ack_mode

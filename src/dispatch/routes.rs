@@ -235,6 +235,8 @@ impl Route {
 /// A built sink with the configuration it was built from.
 pub struct BuiltSink {
     pub config: SinkConfig,
+    /// A digest of the secrets it was built with (see [`SinkConfig::secret_digest`]).
+    pub secrets: [u8; 32],
     pub sink: Arc<dyn Sink>,
 }
 
@@ -259,8 +261,8 @@ fn limits(route: &RouteConfig) -> Limits {
 
 impl Routing {
     /// Builds the routing of a validated configuration: compiles every adapter and builds every
-    /// sink. A sink whose configuration equals one in `previous` is reused, not rebuilt. Every
-    /// problem is reported, not only the first.
+    /// sink. A sink whose configuration and secrets equal those of one in `previous` is reused,
+    /// not rebuilt. Every problem is reported, not only the first.
     pub fn build(config: &Config, previous: Option<&Routing>) -> Result<Routing, Vec<Problem>> {
         Routing::build_with(config, previous, &mut |path| {
             Adapter::load(path).map(Arc::new)
@@ -279,13 +281,23 @@ impl Routing {
         let mut problems = Vec::new();
         let mut sinks = BTreeMap::new();
         for (name, sink_config) in &config.sinks {
+            let key = format!("sinks.{name}");
+            // Secrets are read again on every build, so that a rewritten secret file is
+            // noticed and one that cannot be read any more refuses the build.
+            let secrets = match sink_config.secret_digest(&key) {
+                Ok(digest) => digest,
+                Err(mut unreadable) => {
+                    problems.append(&mut unreadable);
+                    continue;
+                }
+            };
             let reused = previous
                 .and_then(|p| p.sinks.get(name))
-                .filter(|built| built.config == *sink_config)
+                .filter(|built| built.config == *sink_config && built.secrets == secrets)
                 .map(|built| built.sink.clone());
             let sink = match reused {
                 Some(sink) => sink,
-                None => match sink_config.build(&format!("sinks.{name}")) {
+                None => match sink_config.build(&key) {
                     Ok(sink) => sink,
                     Err(problem) => {
                         problems.push(problem);
@@ -297,6 +309,7 @@ impl Routing {
                 name.clone(),
                 BuiltSink {
                     config: sink_config.clone(),
+                    secrets,
                     sink,
                 },
             );
@@ -443,6 +456,100 @@ mod tests {
         );
         let err = endless.evaluate(input, "acme").await.unwrap_err();
         assert_eq!(err.code, CODE_TIMEOUT, "{err:?}");
+    }
+
+    /// Builds a routing of one sink `s`, configured by `sink` (TOML), whose secret is in
+    /// `secret`; rewrites the secret and checks which builds reuse the sink.
+    /// `sink` may also name a second secret file, `USER`, that does not change.
+    fn check_secret_rebuild(sink: &str, secret_key: &str, first: &str, second: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        let user = dir.path().join("user");
+        std::fs::write(&secret, format!("{first}\n")).unwrap();
+        std::fs::write(&user, "ess").unwrap();
+        let text = format!(
+            "agent_id = \"p1\"\nstate_dir = \"state\"\n[sinks.s]\n{}\n",
+            sink.replace("SECRET", &secret.display().to_string())
+                .replace("USER", &user.display().to_string())
+        );
+        let config = Config::parse(&text).unwrap();
+        let first = Routing::build(&config, None).unwrap();
+        let sink_of = |routing: &Routing| routing.sinks["s"].sink.clone();
+
+        // Nothing changed: the running sink is kept.
+        let same = Routing::build(&config, Some(&first)).unwrap();
+        assert!(Arc::ptr_eq(&sink_of(&first), &sink_of(&same)), "{sink}");
+
+        // Only the secret file's contents changed: the sink is built again.
+        std::fs::write(&secret, second).unwrap();
+        let rotated = Routing::build(&config, Some(&same)).unwrap();
+        assert!(!Arc::ptr_eq(&sink_of(&same), &sink_of(&rotated)), "{sink}");
+        let again = Routing::build(&config, Some(&rotated)).unwrap();
+        assert!(Arc::ptr_eq(&sink_of(&rotated), &sink_of(&again)), "{sink}");
+
+        // A secret that cannot be read any more refuses the build, naming the secret.
+        std::fs::remove_file(&secret).unwrap();
+        let problems = Routing::build(&config, Some(&again)).err().unwrap();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, format!("sinks.s.{secret_key}"));
+        assert!(
+            problems[0].message.contains("cannot read secret file"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn a_rewritten_http_secret_header_rebuilds_the_sink() {
+        check_secret_rebuild(
+            "type = \"http\"\nurl = \"http://127.0.0.1:9/rules\"\n\
+             secret_headers = { X-Api-Key = { file = \"SECRET\" } }",
+            "secret_headers.X-Api-Key",
+            "first-key",
+            "second-key",
+        );
+    }
+
+    #[test]
+    fn a_rewritten_mqtt_password_rebuilds_the_sink() {
+        check_secret_rebuild(
+            "type = \"mqtt\"\nurl = \"mqtt://127.0.0.1\"\nclient_id = \"ess-1\"\n\
+             topic = \"rules/{subject}\"\nusername = { file = \"USER\" }\n\
+             password = { file = \"SECRET\" }",
+            "password",
+            "first-password",
+            "second-password",
+        );
+    }
+
+    #[test]
+    fn a_rewritten_sftp_password_rebuilds_the_sink() {
+        check_secret_rebuild(
+            "type = \"sftp\"\nhost = \"sftp.partner.example\"\nuser = \"ess\"\n\
+             host_key_fingerprints = [\"SHA256:3mNZr9KjcKgxeShM/ff/8Me9fMv6WtDZHDqg+WzTzeI\"]\n\
+             dir = \"/upload\"\nname = \"{subject}/{id}.xml\"\n\
+             password = { file = \"SECRET\" }",
+            "password",
+            "first-password",
+            "second-password",
+        );
+    }
+
+    #[test]
+    fn a_rewritten_sql_password_or_url_rebuilds_the_sink() {
+        check_secret_rebuild(
+            "type = \"sql\"\nurl = \"postgres://ess@db.example:5432/rules\"\n\
+             statement = \"SELECT :a\"\npassword = { file = \"SECRET\" }",
+            "password",
+            "first-password",
+            "second-password",
+        );
+        check_secret_rebuild(
+            "type = \"sql\"\nurl_secret = { file = \"SECRET\" }\n\
+             statement = \"SELECT :a\"",
+            "url_secret",
+            "postgres://ess:first@db.example:5432/rules",
+            "postgres://ess:second@db.example:5432/rules",
+        );
     }
 
     #[test]

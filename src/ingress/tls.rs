@@ -2,7 +2,7 @@
 //! mutual TLS when a client CA is configured.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
@@ -31,10 +31,23 @@ pub enum TlsError {
 }
 
 /// Accepts TLS connections and applies the client-name allow-list.
+///
+/// The server configuration (certificate chain, key, client CA) and the allow-list in force sit
+/// behind a lock that each handshake reads once, so [`TlsAcceptor::reload`] swaps in renewed
+/// files for every connection that starts after it; connections already open keep the
+/// certificate they were set up with.
 #[derive(Clone)]
 pub struct TlsAcceptor {
-    inner: tokio_rustls::TlsAcceptor,
-    allowed_names: Arc<Vec<ServerName<'static>>>,
+    current: Arc<RwLock<Arc<TlsSettings>>>,
+}
+
+/// A built TLS configuration: the PEM files read and checked, ready to be put in force.
+pub struct TlsSettings {
+    server: Arc<rustls::ServerConfig>,
+    allowed_names: Vec<ServerName<'static>>,
+    /// A SHA-256 digest of the files and names it was built from, to tell whether a reload
+    /// changed anything.
+    digest: [u8; 32],
 }
 
 impl std::fmt::Debug for TlsAcceptor {
@@ -85,23 +98,84 @@ pub fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 impl TlsAcceptor {
     /// Builds the acceptor from the configuration, reading the PEM files.
     pub fn new(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
+        Ok(TlsAcceptor {
+            current: Arc::new(RwLock::new(Arc::new(TlsSettings::build(config)?))),
+        })
+    }
+
+    /// Puts `settings` in force for every handshake from now on; connections already open keep
+    /// what they were set up with. Returns whether they differ from those in force before.
+    pub fn replace(&self, settings: TlsSettings) -> bool {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let changed = current.digest != settings.digest;
+        *current = Arc::new(settings);
+        changed
+    }
+
+    fn settings(&self) -> Arc<TlsSettings> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Completes the handshake and checks the client certificate against the allow-list.
+    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+        let settings = self.settings();
+        let stream = tokio_rustls::TlsAcceptor::from(settings.server.clone())
+            .accept(stream)
+            .await?;
+        if !settings.allowed_names.is_empty() {
+            let (_, conn) = stream.get_ref();
+            let allowed = conn
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .is_some_and(|leaf| settings.name_allowed(leaf));
+            if !allowed {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the client certificate names none of ingress.tls.client_allowed_names",
+                ));
+            }
+        }
+        Ok(stream)
+    }
+}
+
+impl TlsSettings {
+    /// Reads the PEM files of `config` and builds the server configuration.
+    pub fn build(config: &TlsConfig) -> Result<TlsSettings, TlsError> {
         let certs = read_certs(&config.cert, "certificates")?;
         let key = PrivateKeyDer::from_pem_file(&config.key).map_err(|e| TlsError::Pem {
             what: "a private key",
             path: config.key.clone(),
             reason: e.to_string(),
         })?;
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut add = |part: &[u8]| {
+            context.update(&(part.len() as u64).to_be_bytes());
+            context.update(part);
+        };
+        for cert in &certs {
+            add(cert.as_ref());
+        }
+        add(key.secret_der());
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
         let builder = match &config.client_ca {
             Some(ca) => {
-                let verifier = WebPkiClientVerifier::builder_with_provider(
-                    Arc::new(read_roots(ca)?),
-                    provider(),
-                )
-                .build()
-                .map_err(|e| TlsError::Rustls(e.to_string()))?;
+                let mut roots = RootCertStore::empty();
+                for root in read_certs(ca, "CA certificates")? {
+                    add(root.as_ref());
+                    roots.add(root).map_err(|e| {
+                        TlsError::Rustls(format!("CA certificate in {}: {e}", ca.display()))
+                    })?;
+                }
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                        .build()
+                        .map_err(|e| TlsError::Rustls(e.to_string()))?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
@@ -114,34 +188,19 @@ impl TlsAcceptor {
             .client_allowed_names
             .iter()
             .map(|name| {
+                add(name.as_bytes());
                 ServerName::try_from(name.as_str())
                     .map(|n| n.to_owned())
                     .map_err(|_| TlsError::BadName(name.clone()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(TlsAcceptor {
-            inner: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
-            allowed_names: Arc::new(allowed_names),
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(context.finish().as_ref());
+        Ok(TlsSettings {
+            server: Arc::new(server),
+            allowed_names,
+            digest,
         })
-    }
-
-    /// Completes the handshake and checks the client certificate against the allow-list.
-    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
-        let stream = self.inner.accept(stream).await?;
-        if !self.allowed_names.is_empty() {
-            let (_, conn) = stream.get_ref();
-            let allowed = conn
-                .peer_certificates()
-                .and_then(|certs| certs.first())
-                .is_some_and(|leaf| self.name_allowed(leaf));
-            if !allowed {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    "the client certificate names none of ingress.tls.client_allowed_names",
-                ));
-            }
-        }
-        Ok(stream)
     }
 
     fn name_allowed(&self, leaf: &CertificateDer<'_>) -> bool {

@@ -21,8 +21,9 @@
 //!   at the final address) and the other 4xx. The message has the status and the first 500
 //!   bytes of the response body, which is usually where the partner says what it disliked.
 //!
-//! Secret header values are read once when the sink is built, are marked sensitive (HTTP/2
-//! never indexes them) and never appear in logs, errors or `Debug` output.
+//! Secret header values are read when the sink is built (at start, and by every reload, which
+//! builds the sink again when one changed), are marked sensitive (HTTP/2 never indexes them)
+//! and never appear in logs, errors or `Debug` output.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -75,7 +76,7 @@ pub struct HttpConfig {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Headers whose values are secrets (API keys, `Authorization`), name → `{ file = "…" }` or
-    /// `{ env = "…" }`. Read once when the sink is built; never logged. Default: none.
+    /// `{ env = "…" }`. Read at start and at every reload; never logged. Default: none.
     #[serde(default)]
     pub secret_headers: BTreeMap<String, SecretSource>,
     /// How long one attempt may take, from connecting until the response has arrived, in

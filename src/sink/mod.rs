@@ -21,7 +21,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::Problem;
+use crate::config::{Problem, SecretSource, read_secret};
+
+/// A secret a sink reads when it is built.
+enum SecretOrFile<'a> {
+    Secret(&'a SecretSource),
+    File(&'a Path),
+}
 
 /// What a sink knows about the event whose output it applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,6 +201,86 @@ impl SinkConfig {
             SinkConfig::Sftp(c) => c.validate(key),
             SinkConfig::Sql(c) => c.validate(key),
         }
+    }
+
+    /// The secrets the sink is built with, each with its key below the sink's (e.g.
+    /// `secret_headers.X-Api-Key`), and for SFTP the private key file, which is as secret.
+    fn secret_sources(&self) -> Vec<(String, SecretOrFile<'_>)> {
+        fn secret<'a>(
+            sources: &mut Vec<(String, SecretOrFile<'a>)>,
+            key: &str,
+            source: &'a Option<SecretSource>,
+        ) {
+            if let Some(source) = source {
+                sources.push((key.to_string(), SecretOrFile::Secret(source)));
+            }
+        }
+        let mut sources = Vec::new();
+        match self {
+            SinkConfig::File(_) => {}
+            SinkConfig::Http(c) => {
+                for (name, source) in &c.secret_headers {
+                    sources.push((
+                        format!("secret_headers.{name}"),
+                        SecretOrFile::Secret(source),
+                    ));
+                }
+            }
+            SinkConfig::Mqtt(c) => {
+                secret(&mut sources, "username", &c.username);
+                secret(&mut sources, "password", &c.password);
+            }
+            SinkConfig::Sftp(c) => {
+                secret(
+                    &mut sources,
+                    "private_key_passphrase",
+                    &c.private_key_passphrase,
+                );
+                secret(&mut sources, "password", &c.password);
+                if let Some(path) = &c.private_key {
+                    sources.push(("private_key".to_string(), SecretOrFile::File(path)));
+                }
+            }
+            SinkConfig::Sql(c) => {
+                secret(&mut sources, "url_secret", &c.url_secret);
+                secret(&mut sources, "password", &c.password);
+            }
+        }
+        sources
+    }
+
+    /// Reads the sink's secrets again and returns a SHA-256 digest of them, so that a reload
+    /// can tell whether a sink whose settings did not change must still be rebuilt because a
+    /// secret file was rewritten. The digest stays in memory and is only compared. `key` is
+    /// this sink's key path; each problem names the secret that cannot be read.
+    pub fn secret_digest(&self, key: &str) -> Result<[u8; 32], Vec<Problem>> {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut problems = Vec::new();
+        for (field, source) in self.secret_sources() {
+            let value = match source {
+                SecretOrFile::Secret(source) => read_secret(source).map(String::into_bytes),
+                SecretOrFile::File(path) => std::fs::read(path)
+                    .map_err(|e| format!("cannot read private key file {}: {e}", path.display())),
+            };
+            match value {
+                Ok(value) => {
+                    for part in [field.as_bytes(), &value] {
+                        context.update(&(part.len() as u64).to_be_bytes());
+                        context.update(part);
+                    }
+                }
+                Err(message) => problems.push(Problem {
+                    key: format!("{key}.{field}"),
+                    message,
+                }),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(context.finish().as_ref());
+        Ok(digest)
     }
 
     /// Builds the sink (reads secrets and files it names, but opens no connection).

@@ -145,8 +145,8 @@ pub struct MqttConfig {
     /// The user name, `{ file = "…" }` or `{ env = "…" }`. Default: none (anonymous).
     #[serde(default)]
     pub username: Option<SecretSource>,
-    /// The password, `{ file = "…" }` or `{ env = "…" }`; needs `username`. Read once when the
-    /// sink is built; never logged. Default: none.
+    /// The password, `{ file = "…" }` or `{ env = "…" }`; needs `username`. Read at start and at
+    /// every reload; never logged. Default: none.
     #[serde(default)]
     pub password: Option<SecretSource>,
     /// `mqtts` only: a PEM file with the CA certificate(s) to trust for the broker instead of the

@@ -399,3 +399,199 @@ async fn sighup_rotates_the_hub_secret_and_a_broken_secret_keeps_the_old() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// Posts an event and waits until it is final.
+async fn deliver(agent: &Agent, id: &str) {
+    let body =
+        serde_json::to_vec(&json!({"id": id, "version": 1, "type": "t", "payload": {}})).unwrap();
+    let headers = signed_headers(id, unix_now(), &body);
+    let reply = request(
+        &plain(),
+        Method::POST,
+        &agent.url("/v1/events"),
+        &headers,
+        body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    agent
+        .wait_for_log(Duration::from_secs(10), |v| {
+            v["message"] == "event final" && v["event_id"] == id
+        })
+        .unwrap_or_else(|| panic!("{id} not final; log:\n{}", agent.log_text()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reads_a_rewritten_sink_secret_and_an_unreadable_one_keeps_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+    std::fs::write(dir.path().join("adapters/live.jsonata"), adapter_source(1)).unwrap();
+    let key_file = dir.path().join("partner-api-key");
+    std::fs::write(&key_file, "first-key\n").unwrap();
+    let server = crate::support::hub::TestServer::start(200).await;
+    let agent = Agent::start(
+        dir.path(),
+        &format!(
+            "adapters_dir = {:?}\n[[routes]]\nname = \"live\"\nadapter = \"live.jsonata\"\n\
+             sink = \"partner\"\n[sinks.partner]\ntype = \"http\"\nurl = {:?}\n\
+             secret_headers = {{ X-Api-Key = {{ file = {:?} }} }}\n",
+            dir.path().join("adapters").display().to_string(),
+            server.url("/rules"),
+            key_file.display().to_string()
+        ),
+    );
+    let last_key = || {
+        let received = server.received();
+        received.last().unwrap().headers["x-api-key"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    deliver(&agent, "k1").await;
+    assert_eq!(last_key(), "first-key");
+
+    // The key file rewritten in place, the configuration unchanged: SIGHUP reads it again.
+    std::fs::write(&key_file, "second-key\n").unwrap();
+    hup_and_wait(&agent, reloaded);
+    deliver(&agent, "k2").await;
+    assert_eq!(last_key(), "second-key");
+
+    // A key file that cannot be read refuses the reload, naming the key; the sink keeps the
+    // key it has.
+    std::fs::remove_file(&key_file).unwrap();
+    let line = hup_and_wait(&agent, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("reload refused"))
+    });
+    assert!(
+        line["problems"]
+            .to_string()
+            .contains("sinks.partner.secret_headers.X-Api-Key"),
+        "{line}"
+    );
+    deliver(&agent, "k3").await;
+    assert_eq!(last_key(), "second-key");
+    assert_eq!(server.received().len(), 3);
+}
+
+/// The DER of the first certificate in a PEM file.
+fn first_cert_der(path: &Path) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject as _;
+    rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+/// Opens a new TLS connection to the agent's ingress, trusting the CAs in `cas`, and returns
+/// the DER of the certificate the agent presented.
+async fn served_cert(agent: &Agent, cas: &[&Path]) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(agent.ingress).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.expect("handshake");
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// Replaces `path` by a file with `contents` in one rename, as certbot and editors do.
+fn replace_file(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_tls_certificate_is_served_after_a_reload_and_a_broken_key_keeps_the_old() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["a", "b", "tls"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    let first = support::tls::generate(&dir.path().join("a"));
+    let renewed = support::tls::generate(&dir.path().join("b"));
+    let cert = dir.path().join("tls/server.pem");
+    let key = dir.path().join("tls/server.key");
+    std::fs::copy(&first.server_cert, &cert).unwrap();
+    std::fs::copy(&first.server_key, &key).unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        &format!(
+            "[ingress]\nlisten = \"127.0.0.1:0\"\n[ingress.tls]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string(),
+        ),
+    );
+    let cas = [first.ca.as_path(), renewed.ca.as_path()];
+    assert_eq!(
+        served_cert(&agent, &cas).await,
+        first_cert_der(&first.server_cert)
+    );
+
+    // Renewal: new certificate and key, then SIGHUP. New connections get the new certificate,
+    // and nothing asks for a restart.
+    replace_file(&cert, &std::fs::read(&renewed.server_cert).unwrap());
+    replace_file(&key, &std::fs::read(&renewed.server_key).unwrap());
+    let line = hup_and_wait(&agent, reloaded);
+    assert!(
+        !line["restart_needed"].to_string().contains("tls"),
+        "{line}"
+    );
+    assert_eq!(
+        served_cert(&agent, &cas).await,
+        first_cert_der(&renewed.server_cert)
+    );
+
+    // A key that is not a key: the reload is refused, saying why, and the running certificate
+    // is still served.
+    replace_file(
+        &key,
+        b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+    );
+    let line = hup_and_wait(&agent, |v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("reload refused"))
+    });
+    assert!(
+        line["problems"].to_string().contains("ingress.tls"),
+        "{line}"
+    );
+    assert_eq!(
+        served_cert(&agent, &cas).await,
+        first_cert_der(&renewed.server_cert)
+    );
+
+    // Files replaced with no signal at all: the file watch reloads them.
+    replace_file(&cert, &std::fs::read(&first.server_cert).unwrap());
+    replace_file(&key, &std::fs::read(&first.server_key).unwrap());
+    let want = first_cert_der(&first.server_cert);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if served_cert(&agent, &cas).await == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replaced certificate was not served; log:\n{}",
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
