@@ -193,9 +193,10 @@ async fn readme_try_it_commands_work_as_written() {
     let agent = Agent::start_config(&config_path, &[]);
 
     let operator = |block: &str| {
+        // The README's /tmp/ paths first: the binary's own path may well be under /tmp.
         block
-            .replace("cargo run --release --", binary())
             .replace("/tmp/", &format!("{}/", own_tmp.display()))
+            .replace("cargo run --release --", binary())
             .replace(
                 " send ",
                 &format!(" send --url http://127.0.0.1:{ingress}/v1/events "),
