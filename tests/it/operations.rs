@@ -431,3 +431,42 @@ async fn during_the_drain_the_admin_api_says_shutting_down_and_new_deliveries_ar
         "a clean drain logged errors: {errors:#?}"
     );
 }
+
+#[test]
+fn text_logs_into_a_pipe_have_no_colour_codes() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("ess-agent.toml");
+    std::fs::write(&config_path, support::config_text(dir.path(), "")).unwrap();
+    let mut child = std::process::Command::new(support::binary())
+        .args(["--log-format", "text", "run", "--config"])
+        .arg(&config_path)
+        .env("ESS_AGENT_LOG", "info")
+        .env_remove("NO_COLOR")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    // Read until the ready line, stop the agent, then read the rest.
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&text).contains(" ready ") {
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the agent exited: {}",
+            String::from_utf8_lossy(&text)
+        );
+        text.extend_from_slice(&buf[..n]);
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    stderr.read_to_end(&mut text).unwrap();
+    assert!(child.wait().unwrap().success());
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("INFO"), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes in a pipe: {text:?}");
+}
