@@ -196,7 +196,9 @@ pub async fn run(
             readiness: readiness.clone(),
             token: admin_token,
         });
-        tokio::spawn(admin::serve(listener, admin, stop.clone()));
+        // Up until the drain ends, so that probes see `/readyz` say "shutting down" and
+        // `/metrics` stays readable while in-flight work finishes.
+        tokio::spawn(admin::serve(listener, admin, background.clone()));
     }
 
     let shutting_down = Arc::new(AtomicBool::new(false));
@@ -239,7 +241,12 @@ pub async fn run(
             .await
             .unwrap_or_default()
     });
-    crate::telemetry::spawn_watchdog(journal.clone(), dispatcher.clone(), background.clone());
+    crate::telemetry::spawn_watchdog(
+        journal.clone(),
+        dispatcher.clone(),
+        stop.clone(),
+        background.clone(),
+    );
     spawn_sink_health(
         dispatcher.clone(),
         readiness.clone(),

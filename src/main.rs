@@ -40,9 +40,16 @@ fn init_tracing(format: LogFormat, daemon: bool) -> Option<WorkerGuard> {
     match (format, under_systemd) {
         (LogFormat::Json, _) => builder.json().flatten_event(true).init(),
         (LogFormat::Text, true) => builder.without_time().with_ansi(false).init(),
-        (LogFormat::Text, false) => builder.init(),
+        (LogFormat::Text, false) => builder.with_ansi(colour()).init(),
     }
     guard
+}
+
+/// Whether text log lines are coloured: only on a terminal, and not when `NO_COLOR` is set to
+/// anything but the empty string (no-color.org).
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn main() -> ExitCode {

@@ -1,8 +1,9 @@
 //! Signals and the graceful drain.
 //!
-//! The first SIGTERM or SIGINT cancels the shared token: listeners stop accepting, open
-//! connections finish their current requests within the grace period, the journal finishes its
-//! queued writes and closes. A second signal exits at once (the journal is crash-safe, so nothing
+//! The first SIGTERM or SIGINT cancels the shared token: the ingress listener closes (a new
+//! connection is refused, a request on an open one gets 503 `shutting_down`), open connections
+//! finish their current requests within the grace period, the journal finishes its queued writes
+//! and closes. The admin listener stays up until then, for `/readyz` and `/metrics`. A second signal exits at once (the journal is crash-safe, so nothing
 //! acknowledged is lost even then).
 
 use tokio::signal::unix::{SignalKind, signal};

@@ -124,7 +124,14 @@ fn watchdog_usec() -> Option<u64> {
 /// Sends `WATCHDOG=1` at half the interval systemd asked for, but only while the journal
 /// writer commits (a no-op transaction must go through) and the dispatcher takes events; a
 /// stuck writer stops the pings, so systemd restarts the agent. Also refreshes `STATUS=`.
-pub fn spawn_watchdog(journal: Arc<Journal>, dispatcher: Arc<Dispatcher>, stop: CancellationToken) {
+/// Once `draining` is cancelled (the shutdown began) the dispatcher stops taking events on
+/// purpose: that is not a stuck dispatcher.
+pub fn spawn_watchdog(
+    journal: Arc<Journal>,
+    dispatcher: Arc<Dispatcher>,
+    draining: CancellationToken,
+    stop: CancellationToken,
+) {
     let usec = watchdog_usec();
     let enabled = usec.is_some();
     let usec = usec.unwrap_or(0);
@@ -143,7 +150,7 @@ pub fn spawn_watchdog(journal: Arc<Journal>, dispatcher: Arc<Dispatcher>, stop: 
             let writer_ok = tokio::time::timeout(interval, journal.write(|_| Ok(())))
                 .await
                 .is_ok_and(|r| r.is_ok());
-            let healthy = writer_ok && dispatcher.is_running();
+            let healthy = writer_ok && (dispatcher.is_running() || draining.is_cancelled());
             let status = {
                 let journal = journal.clone();
                 tokio::task::spawn_blocking(move || status_line(&journal))

@@ -497,3 +497,186 @@ async fn a_damaged_journal_is_refused_at_start_naming_the_file_and_the_way_back(
         );
     }
 }
+
+/// A partner endpoint that takes a request and answers 200 only when told to: in-flight work
+/// for as long as a test needs. Returns its URL, a notice of the request's arrival, and the
+/// release.
+async fn held_partner() -> (
+    String,
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/apply", listener.local_addr().unwrap());
+    let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        // Connections that send no request (the sink's healthcheck) are let go.
+        let mut stream = loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                    _ => break,
+                }
+            }
+            if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                break stream;
+            }
+        };
+        let _ = arrived_tx.send(());
+        let _ = released.await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await;
+        let _ = stream.shutdown().await;
+    });
+    (url, arrived, release)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_drain_the_admin_api_says_shutting_down_and_new_deliveries_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = NotifySocket::bind(dir.path());
+    let (partner, arrived, release) = held_partner().await;
+    std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+    std::fs::write(dir.path().join("adapters/pass.jsonata"), "payload").unwrap();
+    let extra = format!(
+        "adapters_dir = {adapters:?}\n\
+         [[routes]]\nname = \"partner\"\nadapter = \"pass.jsonata\"\nsink = \"partner-api\"\n\
+         [sinks.partner-api]\ntype = \"http\"\nurl = {partner:?}\ntimeout_ms = 30000\n\
+         [shutdown]\ngrace_period_secs = 30\n",
+        adapters = dir.path().join("adapters").display().to_string(),
+    );
+    let config_path = dir.path().join("ess-agent.toml");
+    std::fs::write(&config_path, support::config_text(dir.path(), &extra)).unwrap();
+    // A short watchdog interval: the drain below lasts many of them.
+    let mut agent = Agent::start_config(
+        &config_path,
+        &[
+            ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "100000"),
+        ],
+    );
+    let reply = post_event(&plain(), &agent, "slow-1").await.unwrap();
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    tokio::time::timeout(Duration::from_secs(10), arrived)
+        .await
+        .expect("the partner got the event")
+        .unwrap();
+
+    // SIGTERM while the partner holds the event.
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    notify
+        .wait_for("STOPPING=1", Duration::from_secs(5))
+        .expect("STOPPING=1");
+
+    // The admin API is still there and says why the agent is not ready.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = request(
+            &plain(),
+            Method::GET,
+            &agent.admin_url("/readyz"),
+            &[],
+            bytes::Bytes::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("/readyz during the drain: {e}"));
+        if ready.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(ready.body["ready"], false);
+            assert_eq!(ready.body["reasons"]["shutdown"], "shutting down");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz answered {ready:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let metrics = request(
+        &plain(),
+        Method::GET,
+        &agent.admin_url("/metrics"),
+        &[],
+        bytes::Bytes::new(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("/metrics during the drain: {e}"));
+    assert_eq!(metrics.status, StatusCode::OK);
+
+    // A new delivery is refused at connect time (a load balancer tries another agent).
+    let refused = tokio::net::TcpStream::connect(agent.ingress).await;
+    assert_eq!(
+        refused.map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+
+    // The journal writer keeps committing during the drain: the watchdog keeps pinging.
+    for _ in 0..3 {
+        notify
+            .wait_for("WATCHDOG=1", Duration::from_secs(5))
+            .expect("watchdog pings go on during the drain");
+    }
+
+    // The partner answers; the drain ends with the event applied and a clean log.
+    release.send(()).unwrap();
+    let status = agent.wait_exit(Duration::from_secs(30)).expect("exited");
+    assert!(status.success(), "{status:?}");
+    let log = agent.log_text();
+    assert!(
+        agent
+            .wait_for_log(Duration::ZERO, |v| v["message"] == "event final"
+                && v["event_id"] == "slow-1"
+                && v["state"] == "applied")
+            .is_some(),
+        "{log}"
+    );
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"level\":\"ERROR\""))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "a clean drain logged errors: {errors:#?}"
+    );
+}
+
+#[test]
+fn text_logs_into_a_pipe_have_no_colour_codes() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("ess-agent.toml");
+    std::fs::write(&config_path, support::config_text(dir.path(), "")).unwrap();
+    let mut child = std::process::Command::new(support::binary())
+        .args(["--log-format", "text", "run", "--config"])
+        .arg(&config_path)
+        .env("ESS_AGENT_LOG", "info")
+        .env_remove("NO_COLOR")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    // Read until the ready line, stop the agent, then read the rest.
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&text).contains(" ready ") {
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the agent exited: {}",
+            String::from_utf8_lossy(&text)
+        );
+        text.extend_from_slice(&buf[..n]);
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    stderr.read_to_end(&mut text).unwrap();
+    assert!(child.wait().unwrap().success());
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("INFO"), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes in a pipe: {text:?}");
+}
