@@ -781,6 +781,8 @@ impl Dispatcher {
             Err(e) => {
                 let message = route.adapter.describe_failure(&e, &event.id);
                 tracing::warn!(event_id = %event.id, route = %route.name, code = %e.code, "{message}");
+                // The adapter's run was this delivery's attempt.
+                update.attempts = attempts.saturating_add(1);
                 update.last_error = Some(message);
                 return update;
             }

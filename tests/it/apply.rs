@@ -854,3 +854,34 @@ async fn a_partner_that_keeps_failing_gives_a_final_error_that_promises_no_retry
     assert!(error.contains("answered 503"), "{error}");
     assert!(!error.contains("will be retried"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_adapter_run_counts_as_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    write_adapter(
+        dir.path(),
+        "pass.jsonata",
+        r#"$error("this payload cannot be stored")"#,
+    );
+    let agent = Agent::start(dir.path(), &file_route_config(dir.path(), "{id}.json", ""));
+    let reply = post(
+        &agent,
+        "a1",
+        event("a1", "rule.updated", "A", None, json!({})),
+        &[],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(wait_final(&agent, "a1", Duration::from_secs(10)), "failed");
+    let status = admin_get(&agent, "/v1/events/a1").await;
+    let delivery = &status.body["deliveries"][0];
+    assert_eq!(delivery["attempts"], 1, "{}", status.body);
+    assert!(
+        delivery["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("this payload cannot be stored"),
+        "{}",
+        status.body
+    );
+}
