@@ -815,6 +815,8 @@ impl Dispatcher {
             Err(e) => {
                 let message = route.adapter.describe_failure(&e, &event.id);
                 tracing::warn!(event_id = %event.id, route = %route.name, code = %e.code, "{message}");
+                // The adapter's run was this delivery's attempt.
+                update.attempts = attempts.saturating_add(1);
                 update.last_error = Some(message);
                 return update;
             }
@@ -860,7 +862,10 @@ impl Dispatcher {
                         format!("gave up after {age_secs} s")
                     };
                     tracing::warn!(event_id = %event.id, route = %route.name, sink = %route.sink_name, error = %message, "{why}: dead letter");
-                    update.last_error = Some(format!("{why}; last error: {message}"));
+                    update.last_error = Some(format!(
+                        "{why}; last error: {}",
+                        without_retry_promise(&message)
+                    ));
                 } else {
                     // A destination that said when to come back is not asked again before.
                     let delay = retry
@@ -960,12 +965,52 @@ impl Dispatcher {
     }
 }
 
+/// A sink's message for a failure it expects to be retried, for when no retry follows: each
+/// "; the request (upload, write…) will be retried" clause is cut, up to the next `;`.
+fn without_retry_promise(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("; the ") {
+        let clause_end = rest[at + 2..].find(';').map_or(rest.len(), |e| at + 2 + e);
+        out.push_str(&rest[..at]);
+        if !rest[at..clause_end].contains(" will be retried") {
+            out.push_str(&rest[at..clause_end]);
+        }
+        rest = &rest[clause_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::adapter::Adapter;
     use crate::journal::{Appended, JournalOptions, NewEvent, WireFormat};
     use crate::sink::Sink;
+
+    #[test]
+    fn a_final_failure_does_not_promise_a_retry() {
+        assert_eq!(
+            without_retry_promise(
+                "https://p.example/x answered 503 Service Unavailable: busy; the request will be \
+                 retried"
+            ),
+            "https://p.example/x answered 503 Service Unavailable: busy"
+        );
+        assert_eq!(
+            without_retry_promise(
+                "https://p.example/x did not answer within 2000 ms; the request will be retried \
+                 (raise timeout_ms if the endpoint is just slow)"
+            ),
+            "https://p.example/x did not answer within 2000 ms"
+        );
+        assert_eq!(
+            without_retry_promise("cannot connect; the upload will be retried; the host said no"),
+            "cannot connect; the host said no"
+        );
+        assert_eq!(without_retry_promise("disk full"), "disk full");
+    }
 
     /// Records what `field` takes from each event it is given.
     struct Recording {

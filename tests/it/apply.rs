@@ -918,3 +918,67 @@ async fn status_reports_reach_the_hub_signed_are_retried_and_survive_a_restart()
         "the queued report was not delivered after the restart"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partner_that_keeps_failing_gives_a_final_error_that_promises_no_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    write_adapter(dir.path(), "pass.jsonata", PASS_THROUGH);
+    let server = TestServer::start(503).await;
+    let config = http_route_config_with(
+        dir.path(),
+        &server.url("/apply"),
+        "{ initial_ms = 10, max_ms = 20, max_attempts = 2 }",
+    );
+    let agent = Agent::start(dir.path(), &config);
+    let reply = post(
+        &agent,
+        "g1",
+        event("g1", "rule.updated", "G", None, json!({})),
+        &[],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(wait_final(&agent, "g1", Duration::from_secs(10)), "failed");
+    let status = admin_get(&agent, "/v1/events/g1").await;
+    let error = status.body["deliveries"][0]["last_error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        error.starts_with("gave up after 2 attempts; last error: "),
+        "{error}"
+    );
+    assert!(error.contains("answered 503"), "{error}");
+    assert!(!error.contains("will be retried"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_adapter_run_counts_as_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    write_adapter(
+        dir.path(),
+        "pass.jsonata",
+        r#"$error("this payload cannot be stored")"#,
+    );
+    let agent = Agent::start(dir.path(), &file_route_config(dir.path(), "{id}.json", ""));
+    let reply = post(
+        &agent,
+        "a1",
+        event("a1", "rule.updated", "A", None, json!({})),
+        &[],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(wait_final(&agent, "a1", Duration::from_secs(10)), "failed");
+    let status = admin_get(&agent, "/v1/events/a1").await;
+    let delivery = &status.body["deliveries"][0];
+    assert_eq!(delivery["attempts"], 1, "{}", status.body);
+    assert!(
+        delivery["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("this payload cannot be stored"),
+        "{}",
+        status.body
+    );
+}
