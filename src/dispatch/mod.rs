@@ -660,9 +660,12 @@ impl Dispatcher {
             }
             let attempts = existing.map_or(0, |d| d.attempts);
             let update = self.apply_route(&event, route, attempts).await;
-            if update.next_attempt_ms.is_some()
-                && let Some(due) = self.retry_pending(event.seq, route, update.next_attempt_ms)
-            {
+            if update.next_attempt_ms.is_some() {
+                // A retry whose backoff has already run out (a short backoff on a busy machine)
+                // is due now: the event must wait for it, never go on to its final state.
+                let due = self
+                    .retry_pending(event.seq, route, update.next_attempt_ms)
+                    .unwrap_or_else(tokio::time::Instant::now);
                 retry_at = Some(retry_at.map_or(due, |r| r.min(due)));
             }
             let metrics = route.metrics();
