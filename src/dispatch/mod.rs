@@ -1437,4 +1437,64 @@ mod tests {
             );
         }
     }
+
+    /// Fails its first `failures` calls with a retryable error, then takes the event.
+    struct FailsFirst {
+        failures: usize,
+        calls: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Sink for FailsFirst {
+        async fn apply(&self, _: &EventMeta, _: &Value) -> Result<(), SinkError> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.failures {
+                Err(SinkError::Retryable("down".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    /// With no backoff, every retry is due the moment its failure is recorded: the event must
+    /// still wait for each retry, and become applied only once the sink took it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_due_at_once_is_made_before_the_event_is_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        std::fs::write(dir.path().join("pass.jsonata"), "subject").unwrap();
+        let adapter = Adapter::load(&dir.path().join("pass.jsonata")).unwrap();
+        let sink = Arc::new(FailsFirst {
+            failures: 3,
+            calls: AtomicUsize::new(0),
+        });
+        let mut route = Route::for_tests("r", adapter, sink.clone());
+        route.retry = crate::sink::RetryConfig {
+            initial_ms: 0,
+            max_ms: 0,
+            max_attempts: 0,
+            max_age_secs: 0,
+        };
+        let routing = Routing {
+            routes: vec![route],
+            sinks: Default::default(),
+        };
+        let appended = journal.append(new_event("e-1", "s")).await.unwrap();
+        assert_eq!(appended, Appended::Accepted);
+        let dispatcher = Dispatcher::new(journal.clone(), "acme".into(), routing, 1, None);
+        dispatcher.start().await.unwrap();
+        backlog_applied(&journal).await;
+        dispatcher.shutdown(Duration::from_secs(1)).await;
+        let event = journal.get("e-1").unwrap().expect("the event is stored");
+        assert_eq!(event.state, state::APPLIED);
+        assert_eq!(
+            sink.calls.load(Ordering::SeqCst),
+            4,
+            "three failures, then the apply"
+        );
+        let deliveries = journal.deliveries(1).unwrap();
+        assert_eq!(deliveries.len(), 1);
+        assert_eq!(deliveries[0].state, state::APPLIED);
+        assert_eq!(deliveries[0].attempts, 4);
+        journal.close();
+    }
 }
