@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::{Body as _, Incoming};
@@ -13,10 +14,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
 use crate::ingress::auth::BearerToken;
+use crate::ingress::conn::Connections;
 use crate::ingress::problem::{Body, Problem, json_response};
 use crate::journal::{DropOutcome, Journal, JournalError, Requeue};
 
@@ -414,32 +417,74 @@ pub fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// Serves the admin API until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
-    let builder = crate::ingress::http_builder(std::time::Duration::from_secs(30));
+/// How many admin connections may be open at once. Probes, scrapers and the CLI need a few;
+/// at the limit the connection idle the longest makes room, as on the ingress listener.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Serves the admin API until `stop` is cancelled. Like the ingress listener, a connection that
+/// delivers no complete request head within `header_read_timeout` of its start or of its previous
+/// request is closed, and at [`MAX_CONNECTIONS`] the connection idle the longest is closed to make
+/// room: silent sockets cannot keep health probes and metrics scrapers out.
+pub async fn serve(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    header_read_timeout: Duration,
+    stop: CancellationToken,
+) {
+    let builder = crate::ingress::http_builder(header_read_timeout);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(Connections::default());
     loop {
-        let (stream, _peer): (_, SocketAddr) = tokio::select! {
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if connections.evict_oldest_idle() {
+                    tracing::debug!(peer = %peer, "admin connection limit reached: closing the connection idle the longest");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    permit = slots.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return,
+                    },
+                }
+            }
+        };
+        let connection = Arc::new(connections.open());
         let admin = admin.clone();
         let builder = builder.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let busy_on = connection.clone();
             let service = service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin.handle(req).await) }
+                // The head has arrived: the connection is busy until the answer is made.
+                let busy = busy_on.request();
+                async move {
+                    let response = admin.handle(req).await;
+                    drop(busy);
+                    Ok::<_, std::convert::Infallible>(response)
+                }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
+                closed = connection.closing(header_read_timeout) => {
+                    tracing::debug!(peer = %peer, reason = closed.as_str(), "admin connection closed by the agent");
+                }
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;

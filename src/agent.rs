@@ -198,7 +198,12 @@ pub async fn run(
         });
         // Up until the drain ends, so that probes see `/readyz` say "shutting down" and
         // `/metrics` stays readable while in-flight work finishes.
-        tokio::spawn(admin::serve(listener, admin, background.clone()));
+        tokio::spawn(admin::serve(
+            listener,
+            admin,
+            config.header_read_timeout(),
+            background.clone(),
+        ));
     }
 
     let shutting_down = Arc::new(AtomicBool::new(false));

@@ -270,3 +270,41 @@ async fn requests_hyper_cannot_parse_are_answered_with_problem_details() {
     }
     assert!(agent.journal_ids().is_empty());
 }
+
+#[tokio::test]
+async fn the_admin_listener_closes_silent_connections_and_keeps_room_for_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        "[limits]\nmin_free_disk_bytes = 0\nheader_read_timeout_ms = 500\n",
+    );
+    // Silent, one byte, half a head and the HTTP/2 preface: each is closed after the header
+    // timeout, as on the ingress listener.
+    let mut silent = open_with(agent.admin, b"").await;
+    let mut one_byte = open_with(agent.admin, b"G").await;
+    let mut half_head = open_with(agent.admin, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await;
+    let mut h2_preface = open_with(agent.admin, H2_PREFACE).await;
+    for (name, stream) in [
+        ("silent", &mut silent),
+        ("one byte", &mut one_byte),
+        ("half a head", &mut half_head),
+        ("HTTP/2 preface", &mut h2_preface),
+    ] {
+        assert!(
+            closed_within(stream, CLOSE_BOUND).await.is_some(),
+            "a {name} admin connection was left open"
+        );
+    }
+    // More silent connections than the admin listener keeps: a health probe still gets in.
+    let mut squatters = Vec::new();
+    for _ in 0..ess_agent::admin::MAX_CONNECTIONS + 4 {
+        squatters.push(open_with(agent.admin, b"").await);
+    }
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        support::admin_get(&agent, "/healthz"),
+    )
+    .await
+    .expect("the health probe got no answer while silent connections held the admin listener");
+    assert_eq!(reply.status, StatusCode::OK);
+}
