@@ -204,7 +204,8 @@ mod tests {
         let e = entries(&t, OutputAs::Payload, &event(None), &json!([{"court": 1}, {}]))
             .unwrap_err();
         assert!(e.starts_with("record 1: cannot render the stream key"), "{e}");
-        let e = entries(&t, OutputAs::Payload, &event(None), &json!({"court": ""})).unwrap_err();
+        let bare = Template::parse("{output.court}").unwrap();
+        let e = entries(&bare, OutputAs::Payload, &event(None), &json!({"court": ""})).unwrap_err();
         assert!(e.contains("stream key is empty"), "{e}");
     }
 
