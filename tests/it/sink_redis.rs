@@ -49,9 +49,15 @@ async fn post(agent: &Agent, id: &str, body: Vec<u8>) {
 }
 
 async fn admin_post(agent: &Agent, path: &str) -> support::Reply {
-    request(&plain(), Method::POST, &agent.admin_url(path), &[], Vec::new())
-        .await
-        .unwrap()
+    request(
+        &plain(),
+        Method::POST,
+        &agent.admin_url(path),
+        &[],
+        Vec::new(),
+    )
+    .await
+    .unwrap()
 }
 
 /// Waits for the `nth` (1-based) "event final" line of `id`; returns it.
@@ -93,9 +99,7 @@ fn shared_url() -> String {
 fn count_ids(entries: &[StreamEntry]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for e in entries {
-        *counts
-            .entry(e.fields["ess_event_id"].clone())
-            .or_default() += 1;
+        *counts.entry(e.fields["ess_event_id"].clone()).or_default() += 1;
     }
     counts
 }
@@ -132,7 +136,11 @@ async fn entries_carry_the_event_fields_and_a_forced_replay_adds_nothing_twice()
     let agent = Agent::start(dir.path(), &config);
     let mut redis = rs::connect(SHARED_PORT, None).await;
     for (n, id) in ["h-1", "h-2", "h-3"].iter().enumerate() {
-        let courts = if n == 0 { json!(["N", "S"]) } else { json!(["N"]) };
+        let courts = if n == 0 {
+            json!(["N", "S"])
+        } else {
+            json!(["N"])
+        };
         post(
             &agent,
             id,
@@ -217,7 +225,9 @@ async fn entries_carry_the_event_fields_and_a_forced_replay_adds_nothing_twice()
     let rules_after = entries(&mut redis, &format!("{prefix}:rules:rule.updated")).await;
     assert_eq!(rules_after.len(), 3, "the replay added an entry");
     assert_eq!(
-        entries(&mut redis, &format!("{prefix}:court:S")).await.len(),
+        entries(&mut redis, &format!("{prefix}:court:S"))
+            .await
+            .len(),
         1
     );
     delete_prefix(&mut redis, &prefix).await;
@@ -332,7 +342,11 @@ async fn redis_cut_for_10_s_mid_stream_every_event_is_added_exactly_once() {
         twice.len(),
         missing.len()
     );
-    assert!(missing.is_empty(), "lost: {:?}", &missing[..missing.len().min(20)]);
+    assert!(
+        missing.is_empty(),
+        "lost: {:?}",
+        &missing[..missing.len().min(20)]
+    );
     assert!(twice.is_empty(), "added twice: {twice:?}");
 }
 
@@ -444,7 +458,10 @@ async fn a_key_of_another_type_is_a_dead_letter_that_a_retry_applies_once_it_is_
     assert_eq!(
         command(
             &mut redis,
-            &["EXISTS", &format!("{prefix}:applied:test-partner:kiosks:w-1")]
+            &[
+                "EXISTS",
+                &format!("{prefix}:applied:test-partner:kiosks:w-1")
+            ]
         )
         .await,
         redis::Value::Int(0)
@@ -457,7 +474,10 @@ async fn a_key_of_another_type_is_a_dead_letter_that_a_retry_applies_once_it_is_
     assert_eq!(wait_final(&agent, "w-1", 2)["state"], "applied");
     let added = entries(&mut redis, &stream).await;
     assert_eq!(added.len(), 1);
-    assert_eq!(added[0].fields["payload"], r#"{"subject":"S1","payload":{"n":1}}"#);
+    assert_eq!(
+        added[0].fields["payload"],
+        r#"{"subject":"S1","payload":{"n":1}}"#
+    );
     delete_prefix(&mut redis, &prefix).await;
 }
 
@@ -498,8 +518,15 @@ async fn the_password_comes_from_a_file_and_a_wrong_one_is_a_dead_letter() {
     );
     assert!(!text.contains("guess"), "the password was shown: {text}");
     let mut redis = rs::connect(server.port, Some("s3cret-pw")).await;
-    assert_eq!(entries(&mut redis, &format!("{prefix}:good")).await.len(), 1);
-    assert!(entries(&mut redis, &format!("{prefix}:bad")).await.is_empty());
+    assert_eq!(
+        entries(&mut redis, &format!("{prefix}:good")).await.len(),
+        1
+    );
+    assert!(
+        entries(&mut redis, &format!("{prefix}:bad"))
+            .await
+            .is_empty()
+    );
 }
 
 #[test]

@@ -172,9 +172,13 @@ pub fn parse_url(url: &str) -> Result<Server, String> {
     }
     let db = match parsed.path().trim_start_matches('/') {
         "" => 0,
-        db => db.parse::<i64>().ok().filter(|db| *db >= 0).ok_or_else(|| {
-            format!("{url:?}: the path must be a database number, like /0: {example}")
-        })?,
+        db => db
+            .parse::<i64>()
+            .ok()
+            .filter(|db| *db >= 0)
+            .ok_or_else(|| {
+                format!("{url:?}: the path must be a database number, like /0: {example}")
+            })?,
     };
     Ok(Server {
         host: host.to_string(),
@@ -476,11 +480,11 @@ mod tests {
             ("maxlen_approximate = false", "sinks.r.maxlen_approximate"),
             ("dedup_ttl_secs = 0", "sinks.r.dedup_ttl_secs"),
             ("dedup_ttl_secs = 60", "sinks.r.dedup_ttl_secs"),
+            ("retry = { max_age_secs = 0 }", "sinks.r.dedup_ttl_secs"),
             (
-                "retry = { max_age_secs = 0 }",
-                "sinks.r.dedup_ttl_secs",
+                "wait_replicas = 1\nwait_timeout_ms = 0",
+                "sinks.r.wait_timeout_ms",
             ),
-            ("wait_replicas = 1\nwait_timeout_ms = 0", "sinks.r.wait_timeout_ms"),
             (
                 "wait_replicas = 1\nwait_timeout_ms = 10000",
                 "sinks.r.wait_timeout_ms",
@@ -500,13 +504,11 @@ mod tests {
         for (extra, key) in cases {
             assert_eq!(keys(&config(extra)), vec![key.to_string()], "{extra}");
         }
-        let c: RedisConfig = toml::from_str(
-            "url = \"rediss://h\"\nstream = \"s\"\nclient_cert = \"c.pem\"\n",
-        )
-        .unwrap();
-        assert_eq!(keys(&c), vec!["sinks.r.client_key".to_string()]);
         let c: RedisConfig =
-            toml::from_str("url = \"ftp://h\"\nstream = \"s:{nope}\"\n").unwrap();
+            toml::from_str("url = \"rediss://h\"\nstream = \"s\"\nclient_cert = \"c.pem\"\n")
+                .unwrap();
+        assert_eq!(keys(&c), vec!["sinks.r.client_key".to_string()]);
+        let c: RedisConfig = toml::from_str("url = \"ftp://h\"\nstream = \"s:{nope}\"\n").unwrap();
         assert_eq!(
             keys(&c),
             vec!["sinks.r.url".to_string(), "sinks.r.stream".to_string()]
@@ -528,11 +530,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_values_are_refused_by_name() {
-        let e = toml::from_str::<RedisConfig>(
-            "url = \"redis://h\"\nstream = \"s\"\nmax_len = 5\n",
-        )
-        .unwrap_err()
-        .to_string();
+        let e = toml::from_str::<RedisConfig>("url = \"redis://h\"\nstream = \"s\"\nmax_len = 5\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_len"), "{e}");
         let e = toml::from_str::<RedisConfig>(
             "url = \"redis://h\"\nstream = \"s\"\noutput_as = \"hash\"\n",
@@ -553,9 +553,6 @@ mod tests {
         assert_eq!(c.ca_file.unwrap(), Path::new("/etc/ess/ca.pem"));
         assert_eq!(c.client_cert.unwrap(), Path::new("/abs/c.pem"));
         assert_eq!(c.client_key.unwrap(), Path::new("/etc/ess/k.pem"));
-        assert_eq!(
-            c.password.unwrap().file.unwrap(),
-            Path::new("/etc/ess/pw")
-        );
+        assert_eq!(c.password.unwrap().file.unwrap(), Path::new("/etc/ess/pw"));
     }
 }

@@ -71,9 +71,8 @@ pub fn entries(
         }
         match output_as {
             OutputAs::Payload => {
-                let json = serde_json::to_string(record).map_err(|e| {
-                    format!("{which}cannot encode the output as JSON: {e}")
-                })?;
+                let json = serde_json::to_string(record)
+                    .map_err(|e| format!("{which}cannot encode the output as JSON: {e}"))?;
                 fields.push((PAYLOAD.to_string(), json));
             }
             OutputAs::Fields => {
@@ -108,7 +107,10 @@ pub fn entries(
                 }
             }
         }
-        entries.push(Entry { stream: key, fields });
+        entries.push(Entry {
+            stream: key,
+            fields,
+        });
     }
     Ok(entries)
 }
@@ -159,8 +161,13 @@ mod tests {
     #[test]
     fn one_entry_with_the_event_fields_and_the_output_as_json() {
         let t = Template::parse("rules:{type}").unwrap();
-        let out = entries(&t, OutputAs::Payload, &event(Some(9)), &json!({"a": 1, "b": "x"}))
-            .unwrap();
+        let out = entries(
+            &t,
+            OutputAs::Payload,
+            &event(Some(9)),
+            &json!({"a": 1, "b": "x"}),
+        )
+        .unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].stream, "rules:rule.updated");
         assert_eq!(
@@ -201,11 +208,25 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        let e = entries(&t, OutputAs::Payload, &event(None), &json!([{"court": 1}, {}]))
-            .unwrap_err();
-        assert!(e.starts_with("record 1: cannot render the stream key"), "{e}");
+        let e = entries(
+            &t,
+            OutputAs::Payload,
+            &event(None),
+            &json!([{"court": 1}, {}]),
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("record 1: cannot render the stream key"),
+            "{e}"
+        );
         let bare = Template::parse("{output.court}").unwrap();
-        let e = entries(&bare, OutputAs::Payload, &event(None), &json!({"court": ""})).unwrap_err();
+        let e = entries(
+            &bare,
+            OutputAs::Payload,
+            &event(None),
+            &json!({"court": ""}),
+        )
+        .unwrap_err();
         assert!(e.contains("stream key is empty"), "{e}");
     }
 

@@ -44,9 +44,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{
-    ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind, TlsCertificates, Value,
-};
+use ::redis::{ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind, TlsCertificates, Value};
 use serde_json::Value as Json;
 
 pub use config::{OutputAs, RedisConfig};
@@ -119,7 +117,8 @@ impl RedisSink {
         // No CLIENT SETINFO at connect: one command less for the user's ACL to allow.
         let mut settings = info.redis_settings().clone().set_skip_set_lib_name();
         if let Some(user) = &config.username {
-            settings = settings.set_username(read_secret(user).map_err(|e| format!("username: {e}"))?);
+            settings =
+                settings.set_username(read_secret(user).map_err(|e| format!("username: {e}"))?);
         }
         if let Some(password) = &config.password {
             settings =
@@ -178,7 +177,8 @@ impl RedisSink {
             maxlen_approximate: config.maxlen_approximate,
             dedup_ttl_ms: config.dedup_ttl_secs.saturating_mul(1000),
             dedup_prefix: config.dedup_prefix.clone(),
-            wait: (config.wait_replicas > 0).then_some((config.wait_replicas, config.wait_timeout_ms)),
+            wait: (config.wait_replicas > 0)
+                .then_some((config.wait_replicas, config.wait_timeout_ms)),
             timeout,
             client,
             manager_config,
@@ -409,8 +409,7 @@ impl Sink for RedisSink {
             )));
         }
         let (keys, args) = self.invocation(event, &entries);
-        let result = match tokio::time::timeout(self.timeout, self.add(event, &keys, &args)).await
-        {
+        let result = match tokio::time::timeout(self.timeout, self.add(event, &keys, &args)).await {
             Ok(result) => result,
             Err(_) => Err(SinkError::Retryable(format!(
                 "redis at {} did not answer within timeout_ms ({} ms): the entries may or may \
@@ -465,7 +464,15 @@ mod tests {
     #[test]
     fn server_errors_are_classified_by_code() {
         let permanent = ["WRONGPASS", "NOAUTH", "WRONGTYPE", "NOPERM"];
-        let retryable = ["OOM", "LOADING", "BUSY", "READONLY", "MASTERDOWN", "ERR", "TRYAGAIN"];
+        let retryable = [
+            "OOM",
+            "LOADING",
+            "BUSY",
+            "READONLY",
+            "MASTERDOWN",
+            "ERR",
+            "TRYAGAIN",
+        ];
         for code in permanent {
             let e = classify(&server_error(code, "something"), &server());
             assert!(matches!(e, SinkError::Permanent(_)), "{code}: {e:?}");
@@ -488,19 +495,29 @@ mod tests {
     fn client_side_failures_are_classified_by_kind() {
         let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         let e = classify(&refused, &server());
-        assert!(e.is_retryable() && e.to_string().contains("is it running"), "{e}");
+        assert!(
+            e.is_retryable() && e.to_string().contains("is it running"),
+            "{e}"
+        );
         let timeout = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
-        assert!(classify(&timeout, &server()).to_string().contains("at most once"));
-        let auth = RedisError::from((ErrorKind::AuthenticationFailed, "Password authentication failed"));
-        assert!(matches!(classify(&auth, &server()), SinkError::Permanent(_)));
+        assert!(
+            classify(&timeout, &server())
+                .to_string()
+                .contains("at most once")
+        );
+        let auth = RedisError::from((
+            ErrorKind::AuthenticationFailed,
+            "Password authentication failed",
+        ));
+        assert!(matches!(
+            classify(&auth, &server()),
+            SinkError::Permanent(_)
+        ));
     }
 
     #[test]
     fn script_replies_are_read_and_anything_else_is_retried() {
-        let reply = Value::Array(vec![
-            Value::Int(1),
-            Value::BulkString(b"1-0 1-1".to_vec()),
-        ]);
+        let reply = Value::Array(vec![Value::Int(1), Value::BulkString(b"1-0 1-1".to_vec())]);
         assert_eq!(script_reply(reply).unwrap(), (true, "1-0 1-1".to_string()));
         let reply = Value::Array(vec![Value::Int(0), Value::BulkString(b"1-0".to_vec())]);
         assert_eq!(script_reply(reply).unwrap(), (false, "1-0".to_string()));

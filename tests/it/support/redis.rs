@@ -197,10 +197,7 @@ pub async fn entries(
 }
 
 /// Runs one command and returns its answer.
-pub async fn command(
-    connection: &mut redis::aio::MultiplexedConnection,
-    args: &[&str],
-) -> Value {
+pub async fn command(connection: &mut redis::aio::MultiplexedConnection, args: &[&str]) -> Value {
     let mut cmd = redis::cmd(args[0]);
     for arg in &args[1..] {
         cmd.arg(*arg);
