@@ -10,6 +10,7 @@
 pub mod file;
 pub mod http;
 pub mod mqtt;
+pub mod redis;
 pub mod sftp;
 pub mod sql;
 pub mod template;
@@ -165,6 +166,7 @@ pub enum SinkConfig {
     File(file::FileConfig),
     Http(http::HttpConfig),
     Mqtt(mqtt::MqttConfig),
+    Redis(redis::RedisConfig),
     Sftp(sftp::SftpConfig),
     Sql(sql::SqlConfig),
 }
@@ -176,6 +178,7 @@ impl SinkConfig {
             SinkConfig::File(c) => &c.retry,
             SinkConfig::Http(c) => &c.retry,
             SinkConfig::Mqtt(c) => &c.retry,
+            SinkConfig::Redis(c) => &c.retry,
             SinkConfig::Sftp(c) => &c.retry,
             SinkConfig::Sql(c) => &c.retry,
         }
@@ -187,6 +190,7 @@ impl SinkConfig {
             SinkConfig::File(c) => c.resolve_paths(base),
             SinkConfig::Http(c) => c.resolve_paths(base),
             SinkConfig::Mqtt(c) => c.resolve_paths(base),
+            SinkConfig::Redis(c) => c.resolve_paths(base),
             SinkConfig::Sftp(c) => c.resolve_paths(base),
             SinkConfig::Sql(c) => c.resolve_paths(base),
         }
@@ -198,6 +202,7 @@ impl SinkConfig {
             SinkConfig::File(c) => c.validate(key),
             SinkConfig::Http(c) => c.validate(key),
             SinkConfig::Mqtt(c) => c.validate(key),
+            SinkConfig::Redis(c) => c.validate(key),
             SinkConfig::Sftp(c) => c.validate(key),
             SinkConfig::Sql(c) => c.validate(key),
         }
@@ -227,6 +232,10 @@ impl SinkConfig {
                 }
             }
             SinkConfig::Mqtt(c) => {
+                secret(&mut sources, "username", &c.username);
+                secret(&mut sources, "password", &c.password);
+            }
+            SinkConfig::Redis(c) => {
                 secret(&mut sources, "username", &c.username);
                 secret(&mut sources, "password", &c.password);
             }
@@ -307,6 +316,15 @@ impl SinkConfig {
                     },
                 )?))
             }
+            SinkConfig::Redis(c) => {
+                let name = key.strip_prefix("sinks.").unwrap_or(key);
+                Ok(Arc::new(redis::RedisSink::new(c, name).map_err(
+                    |message| Problem {
+                        key: key.to_string(),
+                        message,
+                    },
+                )?))
+            }
             SinkConfig::Sftp(c) => Ok(Arc::new(sftp::SftpSink::new(c, key).map_err(
                 |message| Problem {
                     key: key.to_string(),
@@ -330,6 +348,7 @@ impl SinkConfig {
             SinkConfig::File(_)
             | SinkConfig::Http(_)
             | SinkConfig::Mqtt(_)
+            | SinkConfig::Redis(_)
             | SinkConfig::Sftp(_) => Ok(()),
         }
     }

@@ -6,6 +6,7 @@
 pub mod hub;
 pub mod mosquitto;
 pub mod proxy;
+pub mod redis;
 pub mod sshd;
 pub mod tls;
 
