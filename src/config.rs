@@ -1,8 +1,10 @@
 //! The TOML configuration.
 //!
-//! Loading happens in three steps, so that `ess-agent validate` can run all but the last:
-//! 1. [`Config::parse`] turns the text into typed structs (`deny_unknown_fields` everywhere, so a
-//!    misspelt key is an error that names its key path);
+//! Loading happens in three steps; `ess-agent validate` (and `run`, before it starts) goes
+//! through all three and reports what each finds:
+//! 1. [`Config::parse_parts`] turns the text into typed structs (`deny_unknown_fields`
+//!    everywhere, so a misspelt key is an error that names its key path), one part at a time so
+//!    that a mistake in one part does not hide those in the others;
 //! 2. [`Config::validate`] is pure and lists every semantic problem with its key path;
 //! 3. [`Config::load_secrets`] reads the secret files and environment variables the config names.
 //!
@@ -522,7 +524,7 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The file is not valid TOML or does not fit the schema.
+    /// The file is not valid TOML.
     #[error("{path}: {problem}")]
     Parse { path: PathBuf, problem: Problem },
     /// The file parsed but breaks one or more rules.
@@ -570,49 +572,299 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
+/// A configuration read part by part: what parsed, and what was wrong with the rest.
+#[derive(Debug)]
+pub struct Parsed {
+    /// Every part that parsed; one that did not is replaced by a stand-in (its default, an empty
+    /// route, or no sink at all).
+    pub config: Config,
+    /// Every problem found so far, each with its key path.
+    pub problems: Vec<Problem>,
+    /// Key paths that hold a stand-in. A problem later found at or below one of them is a
+    /// consequence of the problem already reported there, not news, and is left out.
+    stand_ins: Vec<String>,
+}
+
+impl Default for Parsed {
+    fn default() -> Self {
+        Parsed {
+            config: Config {
+                agent_id: String::new(),
+                state_dir: default_state_dir(),
+                ingress: IngressConfig::default(),
+                auth: AuthConfig::default(),
+                limits: LimitsConfig::default(),
+                admin: AdminConfig::default(),
+                journal: JournalConfig::default(),
+                shutdown: ShutdownConfig::default(),
+                adapters_dir: default_adapters_dir(),
+                routes: Vec::new(),
+                sinks: BTreeMap::new(),
+                report: None,
+                dispatch: DispatchConfig::default(),
+            },
+            problems: Vec::new(),
+            stand_ins: Vec::new(),
+        }
+    }
+}
+
+impl Parsed {
+    /// Adds problems found by a later check, leaving out those that concern a stand-in.
+    pub fn add(&mut self, problems: impl IntoIterator<Item = Problem>) {
+        for problem in problems {
+            let consequence = self.stand_ins.iter().any(|stand_in| {
+                problem
+                    .key
+                    .strip_prefix(stand_in.as_str())
+                    .is_some_and(|rest| {
+                        rest.is_empty() || rest.starts_with('.') || rest.starts_with('[')
+                    })
+            });
+            if !consequence {
+                self.problems.push(problem);
+            }
+        }
+    }
+
+    /// Records that the part at `key` did not parse and a stand-in took its place.
+    fn stand_in(&mut self, key: &str, message: String) {
+        self.problems.push(Problem {
+            key: key.to_string(),
+            message,
+        });
+        self.stand_ins.push(key.to_string());
+    }
+}
+
+/// The parts of a TOML document not parsed yet, and what parsing found so far.
+struct Parts {
+    table: toml::Table,
+    parsed: Parsed,
+}
+
+impl Parts {
+    /// Takes the top-level `key` out of the document and parses it; `None` when it is absent
+    /// or does not parse (then the problem is recorded).
+    fn take<T: serde::de::DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        let value = self.table.remove(key)?;
+        self.parse(value, key)
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(
+        &mut self,
+        value: toml::Value,
+        key: &str,
+    ) -> Option<T> {
+        match from_value(value, key) {
+            Ok(value) => Some(value),
+            Err(problem) => {
+                self.parsed.problems.push(problem);
+                self.parsed.stand_ins.push(key.to_string());
+                None
+            }
+        }
+    }
+
+    /// `[sinks.NAME]`, each sink on its own. One that does not parse is left out.
+    fn sinks(&mut self) -> BTreeMap<String, SinkConfig> {
+        let mut sinks = BTreeMap::new();
+        match self.table.remove("sinks") {
+            None => {}
+            Some(toml::Value::Table(entries)) => {
+                for (name, value) in entries {
+                    if let Some(sink) = self.parse(value, &format!("sinks.{name}")) {
+                        sinks.insert(name, sink);
+                    }
+                }
+            }
+            Some(_) => self.parsed.stand_in(
+                "sinks",
+                "must be a table: write each sink as [sinks.NAME] with its type and settings"
+                    .into(),
+            ),
+        }
+        sinks
+    }
+
+    /// `[[routes]]`, each route on its own. One that does not parse is replaced by an empty
+    /// route, so that the others keep their index in key paths.
+    fn routes(&mut self, sinks: &BTreeMap<String, SinkConfig>) -> Vec<RouteConfig> {
+        let items = match self.table.remove("routes") {
+            None => return Vec::new(),
+            Some(toml::Value::Array(items)) => items,
+            Some(_) => {
+                self.parsed.stand_in(
+                    "routes",
+                    "must be an array of tables: write each route as [[routes]] with name, \
+                     adapter and sink"
+                        .into(),
+                );
+                return Vec::new();
+            }
+        };
+        let mut routes = Vec::new();
+        for (i, value) in items.into_iter().enumerate() {
+            let key = format!("routes[{i}]");
+            let route = self.parse(value, &key).unwrap_or_else(|| RouteConfig {
+                name: String::new(),
+                types: default_types(),
+                versions: default_versions(),
+                adapter: PathBuf::new(),
+                sink: String::new(),
+                time_limit_ms: None,
+                max_depth: None,
+                max_output_bytes: None,
+            });
+            // A route naming a sink that did not parse is not told the sink is undefined.
+            if self
+                .parsed
+                .stand_ins
+                .contains(&format!("sinks.{}", route.sink))
+                && !sinks.contains_key(&route.sink)
+            {
+                self.parsed.stand_ins.push(format!("{key}.sink"));
+            }
+            routes.push(route);
+        }
+        routes
+    }
+}
+
+/// Deserializes one part of the document; a problem's key path starts with `key`.
+fn from_value<T: serde::de::DeserializeOwned>(value: toml::Value, key: &str) -> Result<T, Problem> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let key = match (key.is_empty(), path == ".") {
+            (_, true) => key.to_string(),
+            (true, false) => path,
+            (false, false) => format!("{key}.{path}"),
+        };
+        Problem {
+            key,
+            message: inner.message().trim().to_string(),
+        }
+    })
+}
+
 impl Config {
     /// Reads, parses and validates the file at `path`, resolving relative paths against its
-    /// directory. Secrets are not read yet.
+    /// directory. Secrets are not read yet. Every problem is reported, not only the first.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut config = Config::parse(&text).map_err(|problem| ConfigError::Parse {
-            path: path.to_owned(),
-            problem,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        config.resolve_paths(base);
-        let problems = config.validate();
-        if problems.is_empty() {
-            Ok(config)
+        let checked = Config::check_file(path)?;
+        if checked.problems.is_empty() {
+            Ok(checked.config)
         } else {
             Err(ConfigError::Invalid {
                 path: path.to_owned(),
-                problems,
+                problems: checked.problems,
             })
         }
     }
 
-    /// Parses TOML text. The error names the key path of the offending key.
+    /// Reads, parses (part by part, see [`Config::parse_parts`]) and validates the file at
+    /// `path`, resolving relative paths against its directory. Fails only when there is nothing
+    /// to go on: the file cannot be read or is not TOML. Otherwise every problem found so far is
+    /// in the result, beside the parts that did parse, so that later checks (secrets, adapters,
+    /// certificates) can still run over them.
+    pub fn check_file(path: &Path) -> Result<Parsed, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut parsed = Config::parse_parts(&text).map_err(|problem| ConfigError::Parse {
+            path: path.to_owned(),
+            problem,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        parsed.config.resolve_paths(base);
+        let problems = parsed.config.validate();
+        parsed.add(problems);
+        Ok(parsed)
+    }
+
+    /// Parses TOML text. The error names the key path of the offending key; it is the first of
+    /// the problems [`Config::parse_parts`] finds.
     pub fn parse(text: &str) -> Result<Config, Problem> {
-        let de = toml::de::Deserializer::parse(text).map_err(|e| Problem {
+        let parsed = Config::parse_parts(text)?;
+        match parsed.problems.into_iter().next() {
+            None => Ok(parsed.config),
+            Some(problem) => Err(problem),
+        }
+    }
+
+    /// Parses TOML text one part at a time: each top-level setting and section, each route and
+    /// each sink on its own, so that a mistake in one (a wrong type, an unknown key) does not
+    /// hide the mistakes in the others. A part that does not parse is replaced by a stand-in
+    /// (its default; an empty route; no sink) and its problem recorded. Fails only on a TOML
+    /// syntax error, after which nothing can be read.
+    pub fn parse_parts(text: &str) -> Result<Parsed, Problem> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| Problem {
             key: "(syntax)".into(),
             message: e.to_string().trim().to_string(),
         })?;
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            Problem {
-                key: if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                },
-                message: inner.message().trim().to_string(),
+        let mut parts = Parts {
+            table,
+            parsed: Parsed::default(),
+        };
+        let agent_id = parts.take::<String>("agent_id");
+        let agent_id = match agent_id {
+            Some(id) => id,
+            None => {
+                if !parts.parsed.stand_ins.iter().any(|k| k == "agent_id") {
+                    parts.parsed.stand_in(
+                        "agent_id",
+                        "is missing: set agent_id = \"...\" to the partner id the hub knows \
+                         you by"
+                            .into(),
+                    );
+                }
+                String::new()
             }
-        })
+        };
+        let state_dir = parts.take("state_dir").unwrap_or_else(default_state_dir);
+        let ingress = parts.take("ingress").unwrap_or_default();
+        let auth = parts.take("auth").unwrap_or_default();
+        let limits = parts.take("limits").unwrap_or_default();
+        let admin = parts.take("admin").unwrap_or_default();
+        let journal = parts.take("journal").unwrap_or_default();
+        let shutdown = parts.take("shutdown").unwrap_or_default();
+        let adapters_dir = parts
+            .take("adapters_dir")
+            .unwrap_or_else(default_adapters_dir);
+        let report = parts.take("report");
+        let dispatch = parts.take("dispatch").unwrap_or_default();
+        let sinks = parts.sinks();
+        let routes = parts.routes(&sinks);
+        let Parts { table, mut parsed } = parts;
+        // Whatever is left is no setting at all; serde words the refusal (with the list of
+        // known keys), one key at a time so that each is named.
+        for (key, value) in table {
+            let alone = toml::Value::Table(toml::Table::from_iter([(key.clone(), value)]));
+            if let Err(problem) = from_value::<Config>(alone, "") {
+                parsed.problems.push(Problem {
+                    key,
+                    message: problem.message,
+                });
+            }
+        }
+        parsed.config = Config {
+            agent_id,
+            state_dir,
+            ingress,
+            auth,
+            limits,
+            admin,
+            journal,
+            shutdown,
+            adapters_dir,
+            routes,
+            sinks,
+            report,
+            dispatch,
+        };
+        Ok(parsed)
     }
 
     pub(crate) fn resolve_paths(&mut self, base: &Path) {
@@ -1099,6 +1351,67 @@ state_dir = "state"
             assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
             assert_eq!(problems[0].key, "journal.retention_days");
         }
+    }
+
+    #[test]
+    fn every_part_is_parsed_on_its_own_and_every_problem_listed() {
+        let text = format!(
+            "{MINIMAL}shutdown_grace = 5\n\
+             [journal]\nmax_batch = \"many\"\n\
+             [limits]\nmax_body_bytes = 0\n\
+             [[routes]]\nname = \"a\"\nadapter = \"a.jsonata\"\nsink = \"broken\"\n\
+             [[routes]]\nname = \"b\"\nadapter = 7\nsink = \"files\"\n\
+             [[routes]]\nname = \"c\"\nadapter = \"c.jsonata\"\nsink = \"nowhere\"\n\
+             [sinks.broken]\ntype = \"file\"\ndir = 3\nname = \"{{id}}.json\"\n\
+             [sinks.files]\ntype = \"file\"\ndir = \"out\"\nname = \"{{id}}.json\"\nmod = 1\n"
+        );
+        let parsed = Config::parse_parts(&text).unwrap();
+        let mut keys: Vec<_> = parsed.problems.iter().map(|p| p.key.as_str()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![
+                "journal.max_batch",
+                "routes[1].adapter",
+                "shutdown_grace",
+                "sinks.broken",
+                // A sink is a tagged enum: serde names the field in the message, not the path.
+                "sinks.files",
+            ],
+            "{:#?}",
+            parsed.problems
+        );
+        for (key, words) in [
+            ("shutdown_grace", "unknown field `shutdown_grace`"),
+            ("sinks.files", "unknown field `mod`"),
+            ("sinks.broken", "invalid type: integer `3`"),
+        ] {
+            assert!(
+                parsed
+                    .problems
+                    .iter()
+                    .any(|p| p.key == key && p.message.contains(words)),
+                "{key}: {:#?}",
+                parsed.problems
+            );
+        }
+        // The parts that parsed are there: the checks after parsing still run over them, and
+        // say nothing about stand-ins (the default journal, the sink that did not parse and the
+        // route that names it, the route that did not parse).
+        let mut parsed = parsed;
+        let problems = parsed.config.validate();
+        parsed.add(problems);
+        let keys: Vec<_> = parsed.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"limits.max_body_bytes"), "{keys:?}");
+        assert!(keys.contains(&"routes[2].sink"), "{keys:?}");
+        assert!(!keys.contains(&"routes[0].sink"), "{keys:?}");
+        assert!(!keys.contains(&"routes[1].name"), "{keys:?}");
+        assert_eq!(parsed.problems.len(), 7, "{:#?}", parsed.problems);
+        // A syntax error leaves nothing to read on.
+        let p = Config::parse_parts("agent_id = ").unwrap_err();
+        assert_eq!(p.key, "(syntax)");
+        let p = Config::parse("state_dir = \"s\"\n").unwrap_err();
+        assert_eq!(p.key, "agent_id");
     }
 
     #[test]

@@ -1029,6 +1029,48 @@ fn validate_names_the_offending_key() {
 }
 
 #[test]
+fn validate_and_run_name_every_problem_in_one_go() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.jsonata"), "$").unwrap();
+    let extra = format!(
+        "adapters_dir = {:?}\n\
+         [journal]\nmax_btch = 5\n\
+         [[routes]]\nname = \"r\"\nadapter = \"a.jsonata\"\nsink = \"files\"\nversions = \"3-1\"\n\
+         [sinks.files]\ntype = \"file\"\ndir = 3\nname = \"{{id}}.json\"\n",
+        dir.path().display().to_string()
+    );
+    let text = support::config_text(dir.path(), &extra).replace("hub-secret", "no-such-secret");
+    let path = dir.path().join("ess-agent.toml");
+    std::fs::write(&path, text).unwrap();
+    let expected = [
+        ("sinks.files", "invalid type: integer `3`"),
+        ("journal.max_btch", "unknown field `max_btch`"),
+        ("routes[0].versions", "3-1"),
+        ("auth.hmac_secrets[0]", "no-such-secret"),
+    ];
+    for command in ["validate", "run"] {
+        let out = std::process::Command::new(support::binary())
+            .args([command, "--config"])
+            .arg(&path)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {err}");
+        for (key, words) in expected {
+            assert!(
+                err.lines()
+                    .any(|l| l.contains(&format!("{key}: ")) && l.contains(words)),
+                "{command} does not name {key} ({words}):\n{err}"
+            );
+        }
+        // A route whose sink did not parse is not also told that the sink does not exist.
+        assert!(!err.contains("routes[0].sink"), "{command}: {err}");
+    }
+    assert!(!dir.path().join("state").exists(), "run started anyway");
+}
+
+#[test]
 fn every_shipped_config_is_valid() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
     let mut checked = 0;
