@@ -50,6 +50,24 @@ fn event(
     serde_json::to_vec(&e).unwrap()
 }
 
+/// Asserts that `value` is a timestamp as the agent writes every one: RFC 3339, UTC, exactly
+/// three digits of milliseconds (`^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$`).
+fn assert_timestamp(value: &Value, what: &str) {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("{what} is not a string: {value}"));
+    let shape = "dddd-dd-ddTdd:dd:dd.dddZ";
+    let fits = text.len() == shape.len()
+        && text.chars().zip(shape.chars()).all(|(c, s)| match s {
+            'd' => c.is_ascii_digit(),
+            _ => c == s,
+        });
+    assert!(
+        fits,
+        "{what} {text:?} is not RFC 3339 with milliseconds in UTC"
+    );
+}
+
 async fn post(
     agent: &Agent,
     id: &str,
@@ -133,8 +151,22 @@ async fn an_event_is_applied_to_a_file_and_its_state_is_shown() {
     assert_eq!(status.body["deliveries"][0]["route"], "files");
     assert_eq!(status.body["deliveries"][0]["state"], "applied");
     assert_eq!(status.body["deliveries"][0]["attempts"], 1);
+    for field in ["received_at", "updated_at", "finished_at"] {
+        assert_timestamp(&status.body[field], field);
+    }
+    assert_timestamp(
+        &status.body["deliveries"][0]["updated_at"],
+        "deliveries[0].updated_at",
+    );
     let (ok, out) = cli(&agent, &["status", "e1"]);
     assert!(ok && out.contains("\"applied\""), "{out}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_timestamp(&shown["received_at"], "status received_at");
+    // Log lines carry the same timestamps.
+    let line = agent
+        .wait_for_log(Duration::from_secs(1), |v| v["message"] == "event final")
+        .unwrap();
+    assert_timestamp(&line["timestamp"], "the log line's timestamp");
     // Replaying an applied event needs force; with force it is applied again, to the same file.
     let (ok, out) = cli(&agent, &["replay", "e1"]);
     assert!(!ok && out.contains("already_applied"), "{out}");
@@ -877,7 +909,7 @@ async fn status_reports_reach_the_hub_signed_are_retried_and_survive_a_restart()
     assert_eq!(report["partner"], "test-partner");
     assert_eq!(report["status"], "applied");
     assert_eq!(report["attempts"], 1);
-    assert!(report["at"].as_str().is_some());
+    assert_timestamp(&report["at"], "the report's at");
     // The signature verifies with the agent's secret.
     let verifier = ess_agent::ingress::auth::WebhookVerifier::new(
         &[agent_secret.to_string()],
