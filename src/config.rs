@@ -253,8 +253,9 @@ pub struct TlsConfig {
     pub client_allowed_names: Vec<String>,
 }
 
-/// Where a secret comes from: exactly one of `file` or `env`. Secrets are never written inline.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// Where a secret comes from: exactly one of `file`, `env` or `credential` (see
+/// [`SecretSource::check`]). Secrets are never written inline.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretSource {
     /// A file whose contents (surrounding white space trimmed) are the secret.
@@ -263,6 +264,44 @@ pub struct SecretSource {
     /// An environment variable whose value is the secret.
     #[serde(default)]
     pub env: Option<String>,
+    /// A systemd credential: the file of this name in `$CREDENTIALS_DIRECTORY`, which systemd
+    /// fills from the unit's `LoadCredential=` or `LoadCredentialEncrypted=`.
+    #[serde(default)]
+    pub credential: Option<String>,
+}
+
+/// The environment variable systemd sets to the directory holding a service's credentials.
+pub const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+
+impl SecretSource {
+    /// The rule every secret follows, wherever it is configured: exactly one source, and a
+    /// credential name is a plain file name.
+    pub fn check(&self) -> Result<(), String> {
+        let set = [
+            self.file.is_some(),
+            self.env.is_some(),
+            self.credential.is_some(),
+        ];
+        match set.iter().filter(|s| **s).count() {
+            0 => Err(
+                "set one of file = \"/path/to/secret\", env = \"VARIABLE\" or \
+                      credential = \"NAME\""
+                    .into(),
+            ),
+            1 => match &self.credential {
+                Some(name)
+                    if name.is_empty() || name == "." || name == ".." || name.contains('/') =>
+                {
+                    Err(format!(
+                        "credential {name:?} is not a credential name: give the name before \
+                         the colon in LoadCredential=NAME:/path (no slashes)"
+                    ))
+                }
+                _ => Ok(()),
+            },
+            _ => Err("set only one of file, env and credential".into()),
+        }
+    }
 }
 
 /// Authentication of the hub (PROTOCOL.md §1.2). Every configured method must pass.
@@ -999,13 +1038,8 @@ impl Config {
                     .map(|r| ("report.secret".to_string(), &r.secret)),
             );
         for (key, source) in sources {
-            match (&source.file, &source.env) {
-                (Some(_), Some(_)) => bad(&key, "set either file or env, not both".into()),
-                (None, None) => bad(
-                    &key,
-                    "set file = \"/path/to/secret\" or env = \"VARIABLE\"".into(),
-                ),
-                _ => {}
+            if let Err(message) = source.check() {
+                bad(&key, message);
             }
         }
         if auth.timestamp_tolerance_secs == 0 {
@@ -1223,14 +1257,41 @@ impl Config {
     }
 }
 
-/// Reads one secret from its file or environment variable.
+/// Reads one secret from its file, environment variable or systemd credential.
 pub fn read_secret(source: &SecretSource) -> Result<String, String> {
-    let value = match (&source.file, &source.env) {
-        (Some(file), None) => std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read secret file {}: {e}", file.display()))?,
-        (None, Some(var)) => std::env::var(var)
-            .map_err(|_| format!("environment variable {var} is not set (or not valid UTF-8)"))?,
-        _ => return Err("set exactly one of file or env".into()),
+    read_secret_from(source, std::env::var_os(CREDENTIALS_DIRECTORY).as_deref())
+}
+
+/// [`read_secret`] with systemd's credentials directory given.
+fn read_secret_from(
+    source: &SecretSource,
+    credentials: Option<&std::ffi::OsStr>,
+) -> Result<String, String> {
+    source.check()?;
+    let value = if let Some(file) = &source.file {
+        std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read secret file {}: {e}", file.display()))?
+    } else if let Some(var) = &source.env {
+        std::env::var(var)
+            .map_err(|_| format!("environment variable {var} is not set (or not valid UTF-8)"))?
+    } else if let Some(name) = &source.credential {
+        let dir = credentials.filter(|d| !d.is_empty()).ok_or_else(|| {
+            format!(
+                "credential {name}: {CREDENTIALS_DIRECTORY} is not set; it is only set when \
+                 systemd starts the agent with LoadCredential= (or LoadCredentialEncrypted=); \
+                 use file = ... outside systemd"
+            )
+        })?;
+        let path = Path::new(dir).join(name);
+        std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "cannot read credential {name} ({}): {e}; the unit needs \
+                 LoadCredential={name}:/path/to/secret",
+                path.display()
+            )
+        })?
+    } else {
+        unreachable!("check() makes sure one source is set")
     };
     let value = value.trim().to_string();
     if value.is_empty() {
@@ -1412,6 +1473,79 @@ state_dir = "state"
         assert_eq!(p.key, "(syntax)");
         let p = Config::parse("state_dir = \"s\"\n").unwrap_err();
         assert_eq!(p.key, "agent_id");
+    }
+
+    #[test]
+    fn a_secret_comes_from_a_file_a_variable_or_a_systemd_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hub-hmac"), "  whsec_from_credential\n").unwrap();
+        std::fs::write(dir.path().join("file-secret"), "whsec_from_file\n").unwrap();
+        let creds = Some(dir.path().as_os_str());
+        let source = |text: &str| -> SecretSource { toml::from_str(text).unwrap() };
+        let file = format!(
+            "file = {:?}",
+            dir.path().join("file-secret").display().to_string()
+        );
+        assert_eq!(
+            read_secret_from(&source(&file), None).unwrap(),
+            "whsec_from_file"
+        );
+        // PATH is set wherever the tests run.
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(
+            read_secret_from(&source("env = \"PATH\""), None).unwrap(),
+            path.trim()
+        );
+        let credential = source("credential = \"hub-hmac\"");
+        assert_eq!(
+            read_secret_from(&credential, creds).unwrap(),
+            "whsec_from_credential"
+        );
+
+        // Outside systemd there is no credentials directory.
+        for unset in [None, Some(std::ffi::OsStr::new(""))] {
+            let e = read_secret_from(&credential, unset).unwrap_err();
+            assert!(
+                e.contains("CREDENTIALS_DIRECTORY is not set")
+                    && e.contains("LoadCredential=")
+                    && e.contains("use file = ... outside systemd"),
+                "{e}"
+            );
+        }
+        // A credential the unit does not load.
+        let e = read_secret_from(&source("credential = \"report\""), creds).unwrap_err();
+        assert!(
+            e.contains("cannot read credential report")
+                && e.contains("LoadCredential=report:/path/to/secret"),
+            "{e}"
+        );
+
+        // Exactly one source, and a credential is named, not a path.
+        for (text, words) in [
+            ("", "set one of file"),
+            ("file = \"a\"\nenv = \"B\"", "only one of"),
+            ("env = \"B\"\ncredential = \"c\"", "only one of"),
+            ("credential = \"../etc/shadow\"", "not a credential name"),
+            ("credential = \"\"", "not a credential name"),
+        ] {
+            let e = source(text).check().unwrap_err();
+            assert!(e.contains(words), "{text}: {e}");
+            assert_eq!(read_secret_from(&source(text), creds).unwrap_err(), e);
+        }
+        // The same rule holds for a sink's secrets as for the hub's.
+        let text = format!(
+            "{MINIMAL}\n[auth]\nbearer_token = {{ env = \"T\", credential = \"t\" }}\n\
+             [sinks.h]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/x\"\n\
+             secret_headers = {{ X-Key = {{ file = \"k\", credential = \"k\" }} }}\n"
+        );
+        let problems = Config::parse(&text).unwrap().validate();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec!["auth.bearer_token", "sinks.h.secret_headers.X-Key"],
+            "{problems:#?}"
+        );
+        assert!(problems.iter().all(|p| p.message.contains("only one of")));
     }
 
     #[test]

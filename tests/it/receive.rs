@@ -1070,6 +1070,57 @@ fn validate_and_run_name_every_problem_in_one_go() {
     assert!(!dir.path().join("state").exists(), "run started anyway");
 }
 
+#[tokio::test]
+async fn an_hmac_secret_given_as_a_systemd_credential_authenticates_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    // systemd writes credentials read-only; the content is the hub's secret, with a newline.
+    std::fs::write(credentials.join("hub-hmac"), format!("{SECRET}\n")).unwrap();
+    let config = support::config_text(
+        dir.path(),
+        "[auth]\nhmac_secrets = [{ credential = \"hub-hmac\" }]\n",
+    );
+    let path = dir.path().join("ess-agent.toml");
+    std::fs::write(&path, config).unwrap();
+
+    // Outside systemd there is no credentials directory: the agent refuses to start, saying so.
+    let out = std::process::Command::new(support::binary())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("auth.hmac_secrets[0]: credential hub-hmac: CREDENTIALS_DIRECTORY is not set"),
+        "{err}"
+    );
+
+    let agent = Agent::start_config(
+        &path,
+        &[("CREDENTIALS_DIRECTORY", credentials.to_str().unwrap())],
+    );
+    let client = plain();
+    let reply = post_event(&client, &agent, "cred-1").await.unwrap();
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+    // The credential is the secret in force: a delivery signed with another is refused.
+    let body = event_body("cred-2", "S", json!({}));
+    let mut headers = signed_headers("cred-2", unix_now(), &body);
+    for (name, value) in &mut headers {
+        if *name == "webhook-signature" {
+            *value = "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into();
+        }
+    }
+    let reply = request(&client, Method::POST, &agent.url(EVENTS), &headers, body)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{:?}", reply.body);
+    assert_eq!(agent.journal_ids(), vec!["cred-1"]);
+}
+
 #[test]
 fn every_shipped_config_is_valid() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
