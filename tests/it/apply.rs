@@ -992,7 +992,16 @@ async fn a_failed_adapter_run_counts_as_an_attempt() {
         "pass.jsonata",
         r#"$error("this payload cannot be stored")"#,
     );
-    let agent = Agent::start(dir.path(), &file_route_config(dir.path(), "{id}.json", ""));
+    let agent_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    std::fs::write(dir.path().join("agent-secret"), agent_secret).unwrap();
+    let hub = TestServer::start(200).await;
+    let config = format!(
+        "{}[report]\nurl = {:?}\nsecret = {{ file = {:?} }}\n",
+        file_route_config(dir.path(), "{id}.json", ""),
+        hub.url("/acks"),
+        dir.path().join("agent-secret").display().to_string()
+    );
+    let agent = Agent::start(dir.path(), &config);
     let reply = post(
         &agent,
         "a1",
@@ -1013,4 +1022,13 @@ async fn a_failed_adapter_run_counts_as_an_attempt() {
         "{}",
         status.body
     );
+    // The hub is told the same.
+    assert!(
+        hub.wait_until(Duration::from_secs(10), |r| !r.is_empty())
+            .await
+    );
+    let report: Value = serde_json::from_slice(&hub.received()[0].body).unwrap();
+    assert_eq!(report["ack"], "a1");
+    assert_eq!(report["status"], "failed");
+    assert_eq!(report["attempts"], 1, "{report}");
 }
