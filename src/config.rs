@@ -676,13 +676,16 @@ impl Parsed {
     }
 }
 
+/// One value of a TOML document, as the parser gives it.
+type TomlValue<'i> = toml::Spanned<toml::de::DeValue<'i>>;
+
 /// The parts of a TOML document not parsed yet, and what parsing found so far.
-struct Parts {
-    table: toml::Table,
+struct Parts<'i> {
+    table: BTreeMap<String, TomlValue<'i>>,
     parsed: Parsed,
 }
 
-impl Parts {
+impl<'i> Parts<'i> {
     /// Takes the top-level `key` out of the document and parses it; `None` when it is absent
     /// or does not parse (then the problem is recorded).
     fn take<T: serde::de::DeserializeOwned>(&mut self, key: &str) -> Option<T> {
@@ -692,7 +695,7 @@ impl Parts {
 
     fn parse<T: serde::de::DeserializeOwned>(
         &mut self,
-        value: toml::Value,
+        value: TomlValue<'i>,
         key: &str,
     ) -> Option<T> {
         match from_value(value, key) {
@@ -708,10 +711,11 @@ impl Parts {
     /// `[sinks.NAME]`, each sink on its own. One that does not parse is left out.
     fn sinks(&mut self) -> BTreeMap<String, SinkConfig> {
         let mut sinks = BTreeMap::new();
-        match self.table.remove("sinks") {
+        match self.table.remove("sinks").map(toml::Spanned::into_inner) {
             None => {}
-            Some(toml::Value::Table(entries)) => {
+            Some(toml::de::DeValue::Table(entries)) => {
                 for (name, value) in entries {
+                    let name = name.into_inner().into_owned();
                     if let Some(sink) = self.parse(value, &format!("sinks.{name}")) {
                         sinks.insert(name, sink);
                     }
@@ -729,9 +733,9 @@ impl Parts {
     /// `[[routes]]`, each route on its own. One that does not parse is replaced by an empty
     /// route, so that the others keep their index in key paths.
     fn routes(&mut self, sinks: &BTreeMap<String, SinkConfig>) -> Vec<RouteConfig> {
-        let items = match self.table.remove("routes") {
+        let items = match self.table.remove("routes").map(toml::Spanned::into_inner) {
             None => return Vec::new(),
-            Some(toml::Value::Array(items)) => items,
+            Some(toml::de::DeValue::Array(items)) => items,
             Some(_) => {
                 self.parsed.stand_in(
                     "routes",
@@ -743,18 +747,20 @@ impl Parts {
             }
         };
         let mut routes = Vec::new();
-        for (i, value) in items.into_iter().enumerate() {
+        for (i, value) in items.iter().enumerate() {
             let key = format!("routes[{i}]");
-            let route = self.parse(value, &key).unwrap_or_else(|| RouteConfig {
-                name: String::new(),
-                types: default_types(),
-                versions: default_versions(),
-                adapter: PathBuf::new(),
-                sink: String::new(),
-                time_limit_ms: None,
-                max_depth: None,
-                max_output_bytes: None,
-            });
+            let route = self
+                .parse(value.clone(), &key)
+                .unwrap_or_else(|| RouteConfig {
+                    name: String::new(),
+                    types: default_types(),
+                    versions: default_versions(),
+                    adapter: PathBuf::new(),
+                    sink: String::new(),
+                    time_limit_ms: None,
+                    max_depth: None,
+                    max_output_bytes: None,
+                });
             // A route naming a sink that did not parse is not told the sink is undefined.
             if self
                 .parsed
@@ -771,8 +777,11 @@ impl Parts {
 }
 
 /// Deserializes one part of the document; a problem's key path starts with `key`.
-fn from_value<T: serde::de::DeserializeOwned>(value: toml::Value, key: &str) -> Result<T, Problem> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
+fn from_value<T: serde::de::DeserializeOwned>(
+    value: TomlValue<'_>,
+    key: &str,
+) -> Result<T, Problem> {
+    serde_path_to_error::deserialize(toml::de::ValueDeserializer::from(value)).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let key = match (key.is_empty(), path == ".") {
@@ -839,10 +848,17 @@ impl Config {
     /// (its default; an empty route; no sink) and its problem recorded. Fails only on a TOML
     /// syntax error, after which nothing can be read.
     pub fn parse_parts(text: &str) -> Result<Parsed, Problem> {
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| Problem {
-            key: "(syntax)".into(),
-            message: e.to_string().trim().to_string(),
-        })?;
+        // The parser's own tree, not `toml::Table`: it keeps integers as written, so that a u64
+        // setting above i64::MAX still reads.
+        let table = toml::de::DeTable::parse(text)
+            .map_err(|e| Problem {
+                key: "(syntax)".into(),
+                message: e.to_string().trim().to_string(),
+            })?
+            .into_inner()
+            .into_iter()
+            .map(|(key, value)| (key.into_inner().into_owned(), value))
+            .collect();
         let mut parts = Parts {
             table,
             parsed: Parsed::default(),
@@ -880,7 +896,9 @@ impl Config {
         // Whatever is left is no setting at all; serde words the refusal (with the list of
         // known keys), one key at a time so that each is named.
         for (key, value) in table {
-            let alone = toml::Value::Table(toml::Table::from_iter([(key.clone(), value)]));
+            let mut alone = toml::de::DeTable::new();
+            alone.insert(toml::Spanned::new(0..0, key.clone().into()), value);
+            let alone = toml::Spanned::new(0..0, toml::de::DeValue::Table(alone));
             if let Err(problem) = from_value::<Config>(alone, "") {
                 parsed.problems.push(Problem {
                     key,
@@ -1468,6 +1486,12 @@ state_dir = "state"
         assert!(!keys.contains(&"routes[0].sink"), "{keys:?}");
         assert!(!keys.contains(&"routes[1].name"), "{keys:?}");
         assert_eq!(parsed.problems.len(), 7, "{:#?}", parsed.problems);
+        // Integers are read as written: a u64 above i64::MAX is a valid setting.
+        let text = format!("{MINIMAL}[limits]\nmin_free_disk_bytes = 18446744073709551615\n");
+        assert_eq!(
+            Config::parse(&text).unwrap().limits.min_free_disk_bytes,
+            u64::MAX
+        );
         // A syntax error leaves nothing to read on.
         let p = Config::parse_parts("agent_id = ").unwrap_err();
         assert_eq!(p.key, "(syntax)");
