@@ -1,8 +1,10 @@
 //! The TOML configuration.
 //!
-//! Loading happens in three steps, so that `ess-agent validate` can run all but the last:
-//! 1. [`Config::parse`] turns the text into typed structs (`deny_unknown_fields` everywhere, so a
-//!    misspelt key is an error that names its key path);
+//! Loading happens in three steps; `ess-agent validate` (and `run`, before it starts) goes
+//! through all three and reports what each finds:
+//! 1. [`Config::parse_parts`] turns the text into typed structs (`deny_unknown_fields`
+//!    everywhere, so a misspelt key is an error that names its key path), one part at a time so
+//!    that a mistake in one part does not hide those in the others;
 //! 2. [`Config::validate`] is pure and lists every semantic problem with its key path;
 //! 3. [`Config::load_secrets`] reads the secret files and environment variables the config names.
 //!
@@ -251,8 +253,9 @@ pub struct TlsConfig {
     pub client_allowed_names: Vec<String>,
 }
 
-/// Where a secret comes from: exactly one of `file` or `env`. Secrets are never written inline.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// Where a secret comes from: exactly one of `file`, `env` or `credential` (see
+/// [`SecretSource::check`]). Secrets are never written inline.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretSource {
     /// A file whose contents (surrounding white space trimmed) are the secret.
@@ -261,6 +264,44 @@ pub struct SecretSource {
     /// An environment variable whose value is the secret.
     #[serde(default)]
     pub env: Option<String>,
+    /// A systemd credential: the file of this name in `$CREDENTIALS_DIRECTORY`, which systemd
+    /// fills from the unit's `LoadCredential=` or `LoadCredentialEncrypted=`.
+    #[serde(default)]
+    pub credential: Option<String>,
+}
+
+/// The environment variable systemd sets to the directory holding a service's credentials.
+pub const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+
+impl SecretSource {
+    /// The rule every secret follows, wherever it is configured: exactly one source, and a
+    /// credential name is a plain file name.
+    pub fn check(&self) -> Result<(), String> {
+        let set = [
+            self.file.is_some(),
+            self.env.is_some(),
+            self.credential.is_some(),
+        ];
+        match set.iter().filter(|s| **s).count() {
+            0 => Err(
+                "set one of file = \"/path/to/secret\", env = \"VARIABLE\" or \
+                      credential = \"NAME\""
+                    .into(),
+            ),
+            1 => match &self.credential {
+                Some(name)
+                    if name.is_empty() || name == "." || name == ".." || name.contains('/') =>
+                {
+                    Err(format!(
+                        "credential {name:?} is not a credential name: give the name before \
+                         the colon in LoadCredential=NAME:/path (no slashes)"
+                    ))
+                }
+                _ => Ok(()),
+            },
+            _ => Err("set only one of file, env and credential".into()),
+        }
+    }
 }
 
 /// Authentication of the hub (PROTOCOL.md §1.2). Every configured method must pass.
@@ -522,7 +563,7 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The file is not valid TOML or does not fit the schema.
+    /// The file is not valid TOML.
     #[error("{path}: {problem}")]
     Parse { path: PathBuf, problem: Problem },
     /// The file parsed but breaks one or more rules.
@@ -570,49 +611,317 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
+/// A configuration read part by part: what parsed, and what was wrong with the rest.
+#[derive(Debug)]
+pub struct Parsed {
+    /// Every part that parsed; one that did not is replaced by a stand-in (its default, an empty
+    /// route, or no sink at all).
+    pub config: Config,
+    /// Every problem found so far, each with its key path.
+    pub problems: Vec<Problem>,
+    /// Key paths that hold a stand-in. A problem later found at or below one of them is a
+    /// consequence of the problem already reported there, not news, and is left out.
+    stand_ins: Vec<String>,
+}
+
+impl Default for Parsed {
+    fn default() -> Self {
+        Parsed {
+            config: Config {
+                agent_id: String::new(),
+                state_dir: default_state_dir(),
+                ingress: IngressConfig::default(),
+                auth: AuthConfig::default(),
+                limits: LimitsConfig::default(),
+                admin: AdminConfig::default(),
+                journal: JournalConfig::default(),
+                shutdown: ShutdownConfig::default(),
+                adapters_dir: default_adapters_dir(),
+                routes: Vec::new(),
+                sinks: BTreeMap::new(),
+                report: None,
+                dispatch: DispatchConfig::default(),
+            },
+            problems: Vec::new(),
+            stand_ins: Vec::new(),
+        }
+    }
+}
+
+impl Parsed {
+    /// Adds problems found by a later check, leaving out those that concern a stand-in.
+    pub fn add(&mut self, problems: impl IntoIterator<Item = Problem>) {
+        for problem in problems {
+            let consequence = self.stand_ins.iter().any(|stand_in| {
+                problem
+                    .key
+                    .strip_prefix(stand_in.as_str())
+                    .is_some_and(|rest| {
+                        rest.is_empty() || rest.starts_with('.') || rest.starts_with('[')
+                    })
+            });
+            if !consequence {
+                self.problems.push(problem);
+            }
+        }
+    }
+
+    /// Records that the part at `key` did not parse and a stand-in took its place.
+    fn stand_in(&mut self, key: &str, message: String) {
+        self.problems.push(Problem {
+            key: key.to_string(),
+            message,
+        });
+        self.stand_ins.push(key.to_string());
+    }
+}
+
+/// One value of a TOML document, as the parser gives it.
+type TomlValue<'i> = toml::Spanned<toml::de::DeValue<'i>>;
+
+/// The parts of a TOML document not parsed yet, and what parsing found so far.
+struct Parts<'i> {
+    table: BTreeMap<String, TomlValue<'i>>,
+    parsed: Parsed,
+}
+
+impl<'i> Parts<'i> {
+    /// Takes the top-level `key` out of the document and parses it; `None` when it is absent
+    /// or does not parse (then the problem is recorded).
+    fn take<T: serde::de::DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        let value = self.table.remove(key)?;
+        self.parse(value, key)
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(
+        &mut self,
+        value: TomlValue<'i>,
+        key: &str,
+    ) -> Option<T> {
+        match from_value(value, key) {
+            Ok(value) => Some(value),
+            Err(problem) => {
+                self.parsed.problems.push(problem);
+                self.parsed.stand_ins.push(key.to_string());
+                None
+            }
+        }
+    }
+
+    /// `[sinks.NAME]`, each sink on its own. One that does not parse is left out.
+    fn sinks(&mut self) -> BTreeMap<String, SinkConfig> {
+        let mut sinks = BTreeMap::new();
+        match self.table.remove("sinks").map(toml::Spanned::into_inner) {
+            None => {}
+            Some(toml::de::DeValue::Table(entries)) => {
+                for (name, value) in entries {
+                    let name = name.into_inner().into_owned();
+                    if let Some(sink) = self.parse(value, &format!("sinks.{name}")) {
+                        sinks.insert(name, sink);
+                    }
+                }
+            }
+            Some(_) => self.parsed.stand_in(
+                "sinks",
+                "must be a table: write each sink as [sinks.NAME] with its type and settings"
+                    .into(),
+            ),
+        }
+        sinks
+    }
+
+    /// `[[routes]]`, each route on its own. One that does not parse is replaced by an empty
+    /// route, so that the others keep their index in key paths.
+    fn routes(&mut self, sinks: &BTreeMap<String, SinkConfig>) -> Vec<RouteConfig> {
+        let items = match self.table.remove("routes").map(toml::Spanned::into_inner) {
+            None => return Vec::new(),
+            Some(toml::de::DeValue::Array(items)) => items,
+            Some(_) => {
+                self.parsed.stand_in(
+                    "routes",
+                    "must be an array of tables: write each route as [[routes]] with name, \
+                     adapter and sink"
+                        .into(),
+                );
+                return Vec::new();
+            }
+        };
+        let mut routes = Vec::new();
+        for (i, value) in items.iter().enumerate() {
+            let key = format!("routes[{i}]");
+            let route = self
+                .parse(value.clone(), &key)
+                .unwrap_or_else(|| RouteConfig {
+                    name: String::new(),
+                    types: default_types(),
+                    versions: default_versions(),
+                    adapter: PathBuf::new(),
+                    sink: String::new(),
+                    time_limit_ms: None,
+                    max_depth: None,
+                    max_output_bytes: None,
+                });
+            // A route naming a sink that did not parse is not told the sink is undefined.
+            if self
+                .parsed
+                .stand_ins
+                .contains(&format!("sinks.{}", route.sink))
+                && !sinks.contains_key(&route.sink)
+            {
+                self.parsed.stand_ins.push(format!("{key}.sink"));
+            }
+            routes.push(route);
+        }
+        routes
+    }
+}
+
+/// Deserializes one part of the document; a problem's key path starts with `key`.
+fn from_value<T: serde::de::DeserializeOwned>(
+    value: TomlValue<'_>,
+    key: &str,
+) -> Result<T, Problem> {
+    serde_path_to_error::deserialize(toml::de::ValueDeserializer::from(value)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let key = match (key.is_empty(), path == ".") {
+            (_, true) => key.to_string(),
+            (true, false) => path,
+            (false, false) => format!("{key}.{path}"),
+        };
+        Problem {
+            key,
+            message: inner.message().trim().to_string(),
+        }
+    })
+}
+
 impl Config {
     /// Reads, parses and validates the file at `path`, resolving relative paths against its
-    /// directory. Secrets are not read yet.
+    /// directory. Secrets are not read yet. Every problem is reported, not only the first.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut config = Config::parse(&text).map_err(|problem| ConfigError::Parse {
-            path: path.to_owned(),
-            problem,
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        config.resolve_paths(base);
-        let problems = config.validate();
-        if problems.is_empty() {
-            Ok(config)
+        let checked = Config::check_file(path)?;
+        if checked.problems.is_empty() {
+            Ok(checked.config)
         } else {
             Err(ConfigError::Invalid {
                 path: path.to_owned(),
-                problems,
+                problems: checked.problems,
             })
         }
     }
 
-    /// Parses TOML text. The error names the key path of the offending key.
-    pub fn parse(text: &str) -> Result<Config, Problem> {
-        let de = toml::de::Deserializer::parse(text).map_err(|e| Problem {
-            key: "(syntax)".into(),
-            message: e.to_string().trim().to_string(),
+    /// Reads, parses (part by part, see [`Config::parse_parts`]) and validates the file at
+    /// `path`, resolving relative paths against its directory. Fails only when there is nothing
+    /// to go on: the file cannot be read or is not TOML. Otherwise every problem found so far is
+    /// in the result, beside the parts that did parse, so that later checks (secrets, adapters,
+    /// certificates) can still run over them.
+    pub fn check_file(path: &Path) -> Result<Parsed, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
         })?;
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            Problem {
-                key: if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                },
-                message: inner.message().trim().to_string(),
+        let mut parsed = Config::parse_parts(&text).map_err(|problem| ConfigError::Parse {
+            path: path.to_owned(),
+            problem,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        parsed.config.resolve_paths(base);
+        let problems = parsed.config.validate();
+        parsed.add(problems);
+        Ok(parsed)
+    }
+
+    /// Parses TOML text. The error names the key path of the offending key; it is the first of
+    /// the problems [`Config::parse_parts`] finds.
+    pub fn parse(text: &str) -> Result<Config, Problem> {
+        let parsed = Config::parse_parts(text)?;
+        match parsed.problems.into_iter().next() {
+            None => Ok(parsed.config),
+            Some(problem) => Err(problem),
+        }
+    }
+
+    /// Parses TOML text one part at a time: each top-level setting and section, each route and
+    /// each sink on its own, so that a mistake in one (a wrong type, an unknown key) does not
+    /// hide the mistakes in the others. A part that does not parse is replaced by a stand-in
+    /// (its default; an empty route; no sink) and its problem recorded. Fails only on a TOML
+    /// syntax error, after which nothing can be read.
+    pub fn parse_parts(text: &str) -> Result<Parsed, Problem> {
+        // The parser's own tree, not `toml::Table`: it keeps integers as written, so that a u64
+        // setting above i64::MAX still reads.
+        let table = toml::de::DeTable::parse(text)
+            .map_err(|e| Problem {
+                key: "(syntax)".into(),
+                message: e.to_string().trim().to_string(),
+            })?
+            .into_inner()
+            .into_iter()
+            .map(|(key, value)| (key.into_inner().into_owned(), value))
+            .collect();
+        let mut parts = Parts {
+            table,
+            parsed: Parsed::default(),
+        };
+        let agent_id = parts.take::<String>("agent_id");
+        let agent_id = match agent_id {
+            Some(id) => id,
+            None => {
+                if !parts.parsed.stand_ins.iter().any(|k| k == "agent_id") {
+                    parts.parsed.stand_in(
+                        "agent_id",
+                        "is missing: set agent_id = \"...\" to the partner id the hub knows \
+                         you by"
+                            .into(),
+                    );
+                }
+                String::new()
             }
-        })
+        };
+        let state_dir = parts.take("state_dir").unwrap_or_else(default_state_dir);
+        let ingress = parts.take("ingress").unwrap_or_default();
+        let auth = parts.take("auth").unwrap_or_default();
+        let limits = parts.take("limits").unwrap_or_default();
+        let admin = parts.take("admin").unwrap_or_default();
+        let journal = parts.take("journal").unwrap_or_default();
+        let shutdown = parts.take("shutdown").unwrap_or_default();
+        let adapters_dir = parts
+            .take("adapters_dir")
+            .unwrap_or_else(default_adapters_dir);
+        let report = parts.take("report");
+        let dispatch = parts.take("dispatch").unwrap_or_default();
+        let sinks = parts.sinks();
+        let routes = parts.routes(&sinks);
+        let Parts { table, mut parsed } = parts;
+        // Whatever is left is no setting at all; serde words the refusal (with the list of
+        // known keys), one key at a time so that each is named.
+        for (key, value) in table {
+            let mut alone = toml::de::DeTable::new();
+            alone.insert(toml::Spanned::new(0..0, key.clone().into()), value);
+            let alone = toml::Spanned::new(0..0, toml::de::DeValue::Table(alone));
+            if let Err(problem) = from_value::<Config>(alone, "") {
+                parsed.problems.push(Problem {
+                    key,
+                    message: problem.message,
+                });
+            }
+        }
+        parsed.config = Config {
+            agent_id,
+            state_dir,
+            ingress,
+            auth,
+            limits,
+            admin,
+            journal,
+            shutdown,
+            adapters_dir,
+            routes,
+            sinks,
+            report,
+            dispatch,
+        };
+        Ok(parsed)
     }
 
     pub(crate) fn resolve_paths(&mut self, base: &Path) {
@@ -747,13 +1056,8 @@ impl Config {
                     .map(|r| ("report.secret".to_string(), &r.secret)),
             );
         for (key, source) in sources {
-            match (&source.file, &source.env) {
-                (Some(_), Some(_)) => bad(&key, "set either file or env, not both".into()),
-                (None, None) => bad(
-                    &key,
-                    "set file = \"/path/to/secret\" or env = \"VARIABLE\"".into(),
-                ),
-                _ => {}
+            if let Err(message) = source.check() {
+                bad(&key, message);
             }
         }
         if auth.timestamp_tolerance_secs == 0 {
@@ -971,14 +1275,41 @@ impl Config {
     }
 }
 
-/// Reads one secret from its file or environment variable.
+/// Reads one secret from its file, environment variable or systemd credential.
 pub fn read_secret(source: &SecretSource) -> Result<String, String> {
-    let value = match (&source.file, &source.env) {
-        (Some(file), None) => std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read secret file {}: {e}", file.display()))?,
-        (None, Some(var)) => std::env::var(var)
-            .map_err(|_| format!("environment variable {var} is not set (or not valid UTF-8)"))?,
-        _ => return Err("set exactly one of file or env".into()),
+    read_secret_from(source, std::env::var_os(CREDENTIALS_DIRECTORY).as_deref())
+}
+
+/// [`read_secret`] with systemd's credentials directory given.
+fn read_secret_from(
+    source: &SecretSource,
+    credentials: Option<&std::ffi::OsStr>,
+) -> Result<String, String> {
+    source.check()?;
+    let value = if let Some(file) = &source.file {
+        std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read secret file {}: {e}", file.display()))?
+    } else if let Some(var) = &source.env {
+        std::env::var(var)
+            .map_err(|_| format!("environment variable {var} is not set (or not valid UTF-8)"))?
+    } else if let Some(name) = &source.credential {
+        let dir = credentials.filter(|d| !d.is_empty()).ok_or_else(|| {
+            format!(
+                "credential {name}: {CREDENTIALS_DIRECTORY} is not set; it is only set when \
+                 systemd starts the agent with LoadCredential= (or LoadCredentialEncrypted=); \
+                 use file = ... outside systemd"
+            )
+        })?;
+        let path = Path::new(dir).join(name);
+        std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "cannot read credential {name} ({}): {e}; the unit needs \
+                 LoadCredential={name}:/path/to/secret",
+                path.display()
+            )
+        })?
+    } else {
+        unreachable!("check() makes sure one source is set")
     };
     let value = value.trim().to_string();
     if value.is_empty() {
@@ -1099,6 +1430,146 @@ state_dir = "state"
             assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
             assert_eq!(problems[0].key, "journal.retention_days");
         }
+    }
+
+    #[test]
+    fn every_part_is_parsed_on_its_own_and_every_problem_listed() {
+        let text = format!(
+            "{MINIMAL}shutdown_grace = 5\n\
+             [journal]\nmax_batch = \"many\"\n\
+             [limits]\nmax_body_bytes = 0\n\
+             [[routes]]\nname = \"a\"\nadapter = \"a.jsonata\"\nsink = \"broken\"\n\
+             [[routes]]\nname = \"b\"\nadapter = 7\nsink = \"files\"\n\
+             [[routes]]\nname = \"c\"\nadapter = \"c.jsonata\"\nsink = \"nowhere\"\n\
+             [sinks.broken]\ntype = \"file\"\ndir = 3\nname = \"{{id}}.json\"\n\
+             [sinks.files]\ntype = \"file\"\ndir = \"out\"\nname = \"{{id}}.json\"\nmod = 1\n"
+        );
+        let parsed = Config::parse_parts(&text).unwrap();
+        let mut keys: Vec<_> = parsed.problems.iter().map(|p| p.key.as_str()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![
+                "journal.max_batch",
+                "routes[1].adapter",
+                "shutdown_grace",
+                "sinks.broken",
+                // A sink is a tagged enum: serde names the field in the message, not the path.
+                "sinks.files",
+            ],
+            "{:#?}",
+            parsed.problems
+        );
+        for (key, words) in [
+            ("shutdown_grace", "unknown field `shutdown_grace`"),
+            ("sinks.files", "unknown field `mod`"),
+            ("sinks.broken", "invalid type: integer `3`"),
+        ] {
+            assert!(
+                parsed
+                    .problems
+                    .iter()
+                    .any(|p| p.key == key && p.message.contains(words)),
+                "{key}: {:#?}",
+                parsed.problems
+            );
+        }
+        // The parts that parsed are there: the checks after parsing still run over them, and
+        // say nothing about stand-ins (the default journal, the sink that did not parse and the
+        // route that names it, the route that did not parse).
+        let mut parsed = parsed;
+        let problems = parsed.config.validate();
+        parsed.add(problems);
+        let keys: Vec<_> = parsed.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"limits.max_body_bytes"), "{keys:?}");
+        assert!(keys.contains(&"routes[2].sink"), "{keys:?}");
+        assert!(!keys.contains(&"routes[0].sink"), "{keys:?}");
+        assert!(!keys.contains(&"routes[1].name"), "{keys:?}");
+        assert_eq!(parsed.problems.len(), 7, "{:#?}", parsed.problems);
+        // Integers are read as written: a u64 above i64::MAX is a valid setting.
+        let text = format!("{MINIMAL}[limits]\nmin_free_disk_bytes = 18446744073709551615\n");
+        assert_eq!(
+            Config::parse(&text).unwrap().limits.min_free_disk_bytes,
+            u64::MAX
+        );
+        // A syntax error leaves nothing to read on.
+        let p = Config::parse_parts("agent_id = ").unwrap_err();
+        assert_eq!(p.key, "(syntax)");
+        let p = Config::parse("state_dir = \"s\"\n").unwrap_err();
+        assert_eq!(p.key, "agent_id");
+    }
+
+    #[test]
+    fn a_secret_comes_from_a_file_a_variable_or_a_systemd_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hub-hmac"), "  whsec_from_credential\n").unwrap();
+        std::fs::write(dir.path().join("file-secret"), "whsec_from_file\n").unwrap();
+        let creds = Some(dir.path().as_os_str());
+        let source = |text: &str| -> SecretSource { toml::from_str(text).unwrap() };
+        let file = format!(
+            "file = {:?}",
+            dir.path().join("file-secret").display().to_string()
+        );
+        assert_eq!(
+            read_secret_from(&source(&file), None).unwrap(),
+            "whsec_from_file"
+        );
+        // PATH is set wherever the tests run.
+        let path = std::env::var("PATH").unwrap();
+        assert_eq!(
+            read_secret_from(&source("env = \"PATH\""), None).unwrap(),
+            path.trim()
+        );
+        let credential = source("credential = \"hub-hmac\"");
+        assert_eq!(
+            read_secret_from(&credential, creds).unwrap(),
+            "whsec_from_credential"
+        );
+
+        // Outside systemd there is no credentials directory.
+        for unset in [None, Some(std::ffi::OsStr::new(""))] {
+            let e = read_secret_from(&credential, unset).unwrap_err();
+            assert!(
+                e.contains("CREDENTIALS_DIRECTORY is not set")
+                    && e.contains("LoadCredential=")
+                    && e.contains("use file = ... outside systemd"),
+                "{e}"
+            );
+        }
+        // A credential the unit does not load.
+        let e = read_secret_from(&source("credential = \"report\""), creds).unwrap_err();
+        assert!(
+            e.contains("cannot read credential report")
+                && e.contains("LoadCredential=report:/path/to/secret"),
+            "{e}"
+        );
+
+        // Exactly one source, and a credential is named, not a path.
+        for (text, words) in [
+            ("", "set one of file"),
+            ("file = \"a\"\nenv = \"B\"", "only one of"),
+            ("env = \"B\"\ncredential = \"c\"", "only one of"),
+            ("credential = \"../etc/shadow\"", "not a credential name"),
+            ("credential = \"\"", "not a credential name"),
+        ] {
+            let e = source(text).check().unwrap_err();
+            assert!(e.contains(words), "{text}: {e}");
+            assert_eq!(read_secret_from(&source(text), creds).unwrap_err(), e);
+        }
+        // The same rule holds for a sink's secrets as for the hub's.
+        let text = format!(
+            "{MINIMAL}\n[auth]\nbearer_token = {{ env = \"T\", credential = \"t\" }}\n\
+             [sinks.h]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/x\"\n\
+             secret_headers = {{ X-Key = {{ file = \"k\", credential = \"k\" }} }}\n"
+        );
+        let problems = Config::parse(&text).unwrap().validate();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec!["auth.bearer_token", "sinks.h.secret_headers.X-Key"],
+            "{problems:#?}"
+        );
+        assert!(problems.iter().all(|p| p.message.contains("only one of")));
     }
 
     #[test]

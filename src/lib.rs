@@ -14,6 +14,7 @@
 //! - [`admin`]: health, readiness, event status, replay and dead letters on the admin listener.
 //! - [`shutdown`]: signal handling and the graceful drain.
 //! - [`telemetry`]: Prometheus metrics and systemd notifications (readiness, watchdog).
+//! - [`timestamp`]: the one format of a point in time (RFC 3339, UTC, milliseconds).
 //! - [`cli`]: the command line (`run`, `validate`, `send`, `adapter eval`).
 //! - `fuzzing`: the parsers hostile input reaches, as the fuzz targets in `fuzz/` run them.
 
@@ -33,3 +34,4 @@ pub mod report;
 pub mod shutdown;
 pub mod sink;
 pub mod telemetry;
+pub mod timestamp;

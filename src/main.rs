@@ -34,7 +34,8 @@ fn init_tracing(format: LogFormat, daemon: bool) -> Option<WorkerGuard> {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writer)
+        .with_timer(ess_agent::timestamp::LogTimer);
     // Under systemd the journal adds its own timestamps.
     let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
     match (format, under_systemd) {

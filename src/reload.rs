@@ -39,7 +39,6 @@ use crate::dispatch::Dispatcher;
 use crate::dispatch::routes::Routing;
 use crate::ingress::handler::{HubAuth, SharedAuth};
 use crate::ingress::tls::{TlsAcceptor, TlsSettings};
-use crate::journal::now_rfc3339;
 
 /// What `GET /v1/adapters` shows for one adapter file.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -232,7 +231,7 @@ impl Reloader {
             },
             _ => None,
         };
-        let now = now_rfc3339();
+        let now = crate::timestamp::now();
         let mut loaded: BTreeMap<PathBuf, Result<Arc<Adapter>, AdapterError>> = BTreeMap::new();
         let previous = self.dispatcher.routing();
         let result = Routing::build_with(&config, Some(&previous), &mut |path| {
@@ -429,11 +428,7 @@ fn fresh_status(adapter: &Adapter) -> AdapterStatus {
         file: adapter.path.clone(),
         routes: Vec::new(),
         checksum: Some(adapter.checksum.clone()),
-        loaded_at: Some(
-            time::OffsetDateTime::from(adapter.loaded_at)
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
-        ),
+        loaded_at: Some(crate::timestamp::format_system(adapter.loaded_at)),
         last_error: None,
         last_error_at: None,
     }

@@ -5,12 +5,12 @@ pub mod adapter;
 pub mod ops;
 pub mod send;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use crate::config::{Config, DEFAULT_CONFIG_PATH, Problem, Secrets};
 
 /// ess-agent: receives Change Events from a Sync Hub, records each durably, and applies it to the
 /// partner's systems.
@@ -85,70 +85,85 @@ pub enum AdapterCommand {
     Test(adapter::TestArgs),
 }
 
-/// Loads the configuration or reports every problem on stderr.
-fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-    Config::load(path)
-}
-
-/// `ess-agent validate`: parse, validate, and read every secret and TLS file the config names.
-pub fn validate(args: &ConfigArg) -> ExitCode {
+/// Every check `validate` makes, and `run` before it starts: the configuration part by part,
+/// its rules, the secrets, the TLS files, the adapters and sinks (built, but no connection is
+/// opened), and the outputs the adapters' fixtures expect. The configuration and its secrets
+/// when all is well, else every problem found, each with its key path.
+pub fn check(path: &Path) -> Result<(Config, Secrets), Vec<Problem>> {
+    let mut parsed = match Config::check_file(path) {
+        Ok(parsed) => parsed,
+        Err(e) => return Err(e.problems()),
+    };
+    let config = &parsed.config;
     let mut problems = Vec::new();
-    match load(&args.config) {
-        Ok(config) => {
-            match config.load_secrets() {
-                Ok(secrets) => {
-                    if let Err(e) = crate::agent::hub_auth(&config, &secrets) {
-                        problems.push(e.to_string());
-                    }
-                }
-                Err(list) => problems.extend(list.iter().map(ToString::to_string)),
+    let secrets = match config.load_secrets() {
+        Ok(secrets) => {
+            if let Err(e) = crate::agent::hub_auth(config, &secrets) {
+                problems.push(Problem {
+                    key: "auth".into(),
+                    message: e.to_string(),
+                });
             }
-            if let Some(tls) = &config.ingress.tls
-                && let Err(e) = crate::ingress::tls::TlsAcceptor::new(tls)
-            {
-                problems.push(format!("ingress.tls: {e}"));
-            }
-            // Compiles every adapter and builds every sink (no connection is opened).
-            if let Err(list) = crate::dispatch::routes::Routing::build(&config, None) {
-                problems.extend(list.iter().map(ToString::to_string));
-            }
-            // Outputs the adapters' fixtures expect must be ones their sinks can apply (a SQL
-            // statement's parameters are fields the adapter returns).
-            problems.extend(
-                crate::sink::check_fixture_outputs(&config)
-                    .iter()
-                    .map(ToString::to_string),
-            );
+            Some(secrets)
         }
-        Err(e) => problems.extend(e.problems().iter().map(ToString::to_string)),
-    }
-    if problems.is_empty() {
-        println!("{}: ok", args.config.display());
-        ExitCode::SUCCESS
-    } else {
-        eprintln!("{}: {} problem(s):", args.config.display(), problems.len());
-        for p in &problems {
-            eprintln!("  {p}");
-        }
-        ExitCode::FAILURE
-    }
-}
-
-/// `ess-agent run`.
-pub fn run(args: &ConfigArg) -> anyhow::Result<ExitCode> {
-    let config = match load(&args.config) {
-        Ok(config) => config,
-        Err(e) => {
-            tracing::error!("{e}");
-            return Ok(ExitCode::FAILURE);
+        Err(mut list) => {
+            problems.append(&mut list);
+            None
         }
     };
-    let secrets = match config.load_secrets() {
-        Ok(secrets) => secrets,
+    if let Some(tls) = &config.ingress.tls
+        && let Err(e) = crate::ingress::tls::TlsAcceptor::new(tls)
+    {
+        problems.push(Problem {
+            key: "ingress.tls".into(),
+            message: e.to_string(),
+        });
+    }
+    // Compiles every adapter and builds every sink (no connection is opened).
+    if let Err(mut list) = crate::dispatch::routes::Routing::build(config, None) {
+        problems.append(&mut list);
+    }
+    // Outputs the adapters' fixtures expect must be ones their sinks can apply (a SQL
+    // statement's parameters are fields the adapter returns).
+    problems.extend(crate::sink::check_fixture_outputs(config));
+    parsed.add(problems);
+    match secrets {
+        Some(secrets) if parsed.problems.is_empty() => Ok((parsed.config, secrets)),
+        _ => Err(parsed.problems),
+    }
+}
+
+/// `ess-agent validate`: [`check`], printing every problem.
+pub fn validate(args: &ConfigArg) -> ExitCode {
+    match check(&args.config) {
+        Ok(_) => {
+            println!("{}: ok", args.config.display());
+            ExitCode::SUCCESS
+        }
         Err(problems) => {
-            for p in problems {
+            eprintln!("{}: {} problem(s):", args.config.display(), problems.len());
+            for p in &problems {
+                eprintln!("  {p}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `ess-agent run`: refuses to start, naming every problem [`check`] finds, unless there is none.
+pub fn run(args: &ConfigArg) -> anyhow::Result<ExitCode> {
+    let (config, secrets) = match check(&args.config) {
+        Ok(checked) => checked,
+        Err(problems) => {
+            for p in &problems {
                 tracing::error!("{}: {p}", args.config.display());
             }
+            tracing::error!(
+                "cannot start: {} problem(s) in {}; `ess-agent validate --config {}` lists them",
+                problems.len(),
+                args.config.display(),
+                args.config.display()
+            );
             return Ok(ExitCode::FAILURE);
         }
     };

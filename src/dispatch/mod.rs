@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::journal::{
     self, Committed, DeliveryRecord, DeliveryUpdate, Finish, Journal, JournalError, StoredEvent,
-    now_rfc3339, state,
+    state,
 };
 use crate::sink::{EventMeta, MAX_RETRY_AFTER, SinkError};
 use routes::{Route, Routing};
@@ -914,7 +914,7 @@ impl Dispatcher {
                 state::SUPERSEDED => "superseded",
                 _ => "failed",
             };
-            let at = now_rfc3339();
+            let at = crate::timestamp::now();
             let body = json!({
                 "ack": event.id,
                 "partner": self.partner,

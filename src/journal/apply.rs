@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use super::{EventRecord, Journal, JournalError, now_rfc3339, read_record, state};
+use super::{EventRecord, Journal, JournalError, read_record, state};
 
 /// An event as the dispatcher needs it.
 #[derive(Debug, Clone)]
@@ -312,6 +312,13 @@ const PRUNABLE: [&str; 4] = [
 
 /// The highest seq of an event received before `cutoff` (RFC 3339, UTC), found by bisecting
 /// seq (receive order is seq order) with point lookups rather than scanning.
+///
+/// Timestamps are compared as text. The journal writes them with exactly three digits of
+/// milliseconds ([`crate::timestamp`]), so text order is time order. Rows written by earlier
+/// versions dropped trailing zeros (`07.49Z`, `07Z`); such a string still agrees with a new one
+/// up to the seconds and only its fraction can compare wrongly (`Z` sorts after the digits),
+/// so an old row is at most a second off. Retention is counted in days: that second decides
+/// nothing, and the rows are left as they are.
 fn last_seq_received_before(conn: &Connection, cutoff: &str) -> Result<i64, rusqlite::Error> {
     let (Some(mut lo), Some(mut hi)) =
         conn.query_row("SELECT min(seq), max(seq) FROM events", [], |r| {
@@ -434,7 +441,7 @@ impl Journal {
 
     /// Records the state of several deliveries in one transaction.
     pub async fn set_deliveries(&self, updates: Vec<DeliveryUpdate>) -> Result<(), JournalError> {
-        self.write(move |conn| write_deliveries(conn, &updates, &now_rfc3339()))
+        self.write(move |conn| write_deliveries(conn, &updates, &crate::timestamp::now()))
             .await
     }
 
@@ -506,7 +513,7 @@ impl Journal {
                 conn.execute(
                     "UPDATE events SET state = ?2, error = NULL, finished_at = NULL, \
                      updated_at = ?3 WHERE seq = ?1",
-                    params![seq, state::ACCEPTED, now_rfc3339()],
+                    params![seq, state::ACCEPTED, crate::timestamp::now()],
                 )?;
                 Ok(Requeue::Queued { seq, subject })
             })
@@ -532,7 +539,7 @@ impl Journal {
                 Some(state::FAILED) | Some(state::PARKED) => {
                     conn.execute(
                         "UPDATE events SET state = ?2, updated_at = ?3 WHERE id = ?1",
-                        params![id, state::DROPPED, now_rfc3339()],
+                        params![id, state::DROPPED, crate::timestamp::now()],
                     )?;
                     Ok(DropOutcome::Dropped)
                 }

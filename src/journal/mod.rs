@@ -638,9 +638,8 @@ impl PruneRound {
     fn new(keep: Duration) -> Option<PruneRound> {
         let cutoff = time::Duration::try_from(keep)
             .ok()
-            .and_then(|keep| time::OffsetDateTime::now_utc().checked_sub(keep))?
-            .format(&time::format_description::well_known::Rfc3339)
-            .ok()?;
+            .and_then(|keep| time::OffsetDateTime::now_utc().checked_sub(keep))
+            .map(crate::timestamp::format)?;
         Some(PruneRound { cutoff, pruned: 0 })
     }
 
@@ -743,16 +742,6 @@ pub(super) fn checkpoint(conn: &Connection) -> Result<(u64, u64), rusqlite::Erro
 fn free_bytes(dir: &Path) -> Option<u64> {
     let stat = nix::sys::statvfs::statvfs(dir).ok()?;
     Some((stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64))
-}
-
-/// The current time in RFC 3339 with milliseconds, UTC.
-pub fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc();
-    let now = now
-        .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
-        .unwrap_or(now);
-    now.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -920,9 +909,7 @@ mod tests {
             }
         }
         let cutoff = |offset: time::Duration| {
-            (time::OffsetDateTime::now_utc() + offset)
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap()
+            crate::timestamp::format(time::OffsetDateTime::now_utc() + offset)
         };
         let prune_at =
             |cutoff: String, limit| journal.write(move |conn| apply::prune(conn, &cutoff, limit));
@@ -975,9 +962,8 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let future = (time::OffsetDateTime::now_utc() + time::Duration::HOUR)
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap();
+        let future =
+            crate::timestamp::format(time::OffsetDateTime::now_utc() + time::Duration::HOUR);
         let mut round = PruneRound {
             cutoff: future,
             pruned: 0,

@@ -26,9 +26,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::apply::{DeliveryUpdate, Finish, finish_event, rfc3339_ms, write_deliveries};
-use super::{
-    Appended, JournalError, NewEvent, Shared, StoredEvent, now_rfc3339, read_record, state,
-};
+use super::{Appended, JournalError, NewEvent, Shared, StoredEvent, read_record, state};
 
 /// Where the outcome of one append is sent.
 pub(super) type Reply = oneshot::Sender<Result<Appended, JournalError>>;
@@ -258,7 +256,7 @@ impl Writer {
 
     /// Writes the batch in one transaction. Nothing is visible or durable until it returns Ok.
     fn write(&mut self, batch: &mut [Op]) -> Result<Vec<Outcome>, JournalError> {
-        let now = now_rfc3339();
+        let now = crate::timestamp::now();
         let now_ms = rfc3339_ms(&now);
         // Final states first: nothing else of the batch depends on them, and written first
         // they can be retried alone (see `write_finishes`).

@@ -238,16 +238,8 @@ impl HttpConfig {
             }
         }
         for (name, source) in &self.secret_headers {
-            match (&source.file, &source.env) {
-                (Some(_), Some(_)) => bad(
-                    format!("secret_headers.{name}"),
-                    "set either file or env, not both".into(),
-                ),
-                (None, None) => bad(
-                    format!("secret_headers.{name}"),
-                    "set file = \"/path/to/secret\" or env = \"VARIABLE\"".into(),
-                ),
-                _ => {}
+            if let Err(message) = source.check() {
+                bad(format!("secret_headers.{name}"), message);
             }
         }
         if self.timeout_ms == 0 {
@@ -836,6 +828,7 @@ mod tests {
             SecretSource {
                 file: Some("key".into()),
                 env: None,
+                credential: None,
             },
         );
         c.resolve_paths(dir.path());
@@ -855,6 +848,7 @@ mod tests {
             SecretSource {
                 file: None,
                 env: Some("PATH".into()),
+                credential: None,
             },
         );
         let sink = HttpSink::new(&c).unwrap();
@@ -872,6 +866,7 @@ mod tests {
             SecretSource {
                 file: Some(dir.path().join("missing")),
                 env: None,
+                credential: None,
             },
         );
         let e = HttpSink::new(&c).unwrap_err();
@@ -981,6 +976,7 @@ mod tests {
             SecretSource {
                 file: Some("f".into()),
                 env: None,
+                credential: None,
             },
         );
         c.secret_headers.insert(
@@ -988,6 +984,7 @@ mod tests {
             SecretSource {
                 file: None,
                 env: None,
+                credential: None,
             },
         );
         c.secret_headers.insert(
@@ -995,6 +992,7 @@ mod tests {
             SecretSource {
                 file: Some("f".into()),
                 env: Some("E".into()),
+                credential: None,
             },
         );
         c.timeout_ms = 0;

@@ -333,14 +333,6 @@ pub fn check_topic(topic: &str, allow_empty_levels: bool) -> Result<(), String> 
     Ok(())
 }
 
-fn check_secret(source: &SecretSource) -> Result<(), String> {
-    match (&source.file, &source.env) {
-        (Some(_), Some(_)) => Err("set either file or env, not both".into()),
-        (None, None) => Err("set file = \"/path/to/secret\" or env = \"VARIABLE\"".into()),
-        _ => Ok(()),
-    }
-}
-
 impl MqttConfig {
     /// Resolves relative file paths (TLS files, secret files) against `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
@@ -456,7 +448,7 @@ impl MqttConfig {
         }
         for (field, source) in [("username", &self.username), ("password", &self.password)] {
             if let Some(source) = source
-                && let Err(message) = check_secret(source)
+                && let Err(message) = source.check()
             {
                 bad(field, message);
             }

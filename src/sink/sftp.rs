@@ -213,19 +213,6 @@ fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
         .ok_or_else(|| format!("{text:?} is not a valid SHA256 fingerprint: {example}"))
 }
 
-fn check_secret(field: &str, source: &SecretSource, problems: &mut Vec<(String, String)>) {
-    match (&source.file, &source.env) {
-        (Some(_), Some(_)) => {
-            problems.push((field.into(), "set either file or env, not both".into()))
-        }
-        (None, None) => problems.push((
-            field.into(),
-            "set file = \"/path/to/secret\" or env = \"VARIABLE\"".into(),
-        )),
-        _ => {}
-    }
-}
-
 impl SftpConfig {
     /// Resolves relative local paths (`private_key`, `known_hosts`, secret files) against
     /// `base`. `dir` is a path on the server and is left as it is.
@@ -338,11 +325,13 @@ impl SftpConfig {
                 format!("must be 1 to {MAX_UPLOADS} (the default is 4)"),
             );
         }
-        if let Some(source) = &self.private_key_passphrase {
-            check_secret("private_key_passphrase", source, &mut problems);
-        }
-        if let Some(source) = &self.password {
-            check_secret("password", source, &mut problems);
+        for (field, source) in [
+            ("private_key_passphrase", &self.private_key_passphrase),
+            ("password", &self.password),
+        ] {
+            if let Some(Err(message)) = source.as_ref().map(SecretSource::check) {
+                problems.push((field.into(), message));
+            }
         }
         problems
             .into_iter()
@@ -1798,6 +1787,7 @@ mod tests {
             password: Some(SecretSource {
                 file: Some(secret),
                 env: None,
+                credential: None,
             }),
             ..c
         };
@@ -1853,6 +1843,7 @@ mod tests {
         c.password = Some(SecretSource {
             file: None,
             env: Some("PATH".into()),
+            credential: None,
         });
         let e = SftpSink::new(&c, "sinks.s").unwrap_err();
         assert!(e.contains("host key must be verified"), "{e}");
@@ -1897,6 +1888,7 @@ mod tests {
         c.private_key_passphrase = Some(SecretSource {
             file: Some("a".into()),
             env: Some("B".into()),
+            credential: None,
         });
         c.dir = String::new();
         c.name = "../{id}".into();

@@ -247,17 +247,6 @@ fn check_plain_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_secret(bad: &mut impl FnMut(&str, String), field: &str, source: &SecretSource) {
-    match (&source.file, &source.env) {
-        (Some(_), Some(_)) => bad(field, "set either file or env, not both".into()),
-        (None, None) => bad(
-            field,
-            "set file = \"/path/to/secret\" or env = \"VARIABLE\"".into(),
-        ),
-        _ => {}
-    }
-}
-
 impl SqlConfig {
     /// Resolves relative paths (a `sqlite:` file, `ca_file`, secret files) against `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
@@ -321,10 +310,14 @@ impl SqlConfig {
                     }
                 }
             },
-            (None, Some(source)) => check_secret(&mut bad, "url_secret", source),
+            (None, Some(source)) => {
+                if let Err(message) = source.check() {
+                    bad("url_secret", message);
+                }
+            }
         }
-        if let Some(source) = &self.password {
-            check_secret(&mut bad, "password", source);
+        if let Some(Err(message)) = self.password.as_ref().map(SecretSource::check) {
+            bad("password", message);
         }
         let dialect = self.known_dialect();
         if dialect == Some(Dialect::Sqlite) {
@@ -2103,6 +2096,7 @@ statement_timeout_ms = 0
         c.password = Some(SecretSource {
             file: Some(dir.path().join("missing")),
             env: None,
+            credential: None,
         });
         let e = SqlSink::new(&c).unwrap_err();
         assert!(e.starts_with("password: cannot read secret file"), "{e}");

@@ -50,6 +50,24 @@ fn event(
     serde_json::to_vec(&e).unwrap()
 }
 
+/// Asserts that `value` is a timestamp as the agent writes every one: RFC 3339, UTC, exactly
+/// three digits of milliseconds (`^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$`).
+fn assert_timestamp(value: &Value, what: &str) {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("{what} is not a string: {value}"));
+    let shape = "dddd-dd-ddTdd:dd:dd.dddZ";
+    let fits = text.len() == shape.len()
+        && text.chars().zip(shape.chars()).all(|(c, s)| match s {
+            'd' => c.is_ascii_digit(),
+            _ => c == s,
+        });
+    assert!(
+        fits,
+        "{what} {text:?} is not RFC 3339 with milliseconds in UTC"
+    );
+}
+
 async fn post(
     agent: &Agent,
     id: &str,
@@ -133,8 +151,22 @@ async fn an_event_is_applied_to_a_file_and_its_state_is_shown() {
     assert_eq!(status.body["deliveries"][0]["route"], "files");
     assert_eq!(status.body["deliveries"][0]["state"], "applied");
     assert_eq!(status.body["deliveries"][0]["attempts"], 1);
+    for field in ["received_at", "updated_at", "finished_at"] {
+        assert_timestamp(&status.body[field], field);
+    }
+    assert_timestamp(
+        &status.body["deliveries"][0]["updated_at"],
+        "deliveries[0].updated_at",
+    );
     let (ok, out) = cli(&agent, &["status", "e1"]);
     assert!(ok && out.contains("\"applied\""), "{out}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_timestamp(&shown["received_at"], "status received_at");
+    // Log lines carry the same timestamps.
+    let line = agent
+        .wait_for_log(Duration::from_secs(1), |v| v["message"] == "event final")
+        .unwrap();
+    assert_timestamp(&line["timestamp"], "the log line's timestamp");
     // Replaying an applied event needs force; with force it is applied again, to the same file.
     let (ok, out) = cli(&agent, &["replay", "e1"]);
     assert!(!ok && out.contains("already_applied"), "{out}");
@@ -877,7 +909,7 @@ async fn status_reports_reach_the_hub_signed_are_retried_and_survive_a_restart()
     assert_eq!(report["partner"], "test-partner");
     assert_eq!(report["status"], "applied");
     assert_eq!(report["attempts"], 1);
-    assert!(report["at"].as_str().is_some());
+    assert_timestamp(&report["at"], "the report's at");
     // The signature verifies with the agent's secret.
     let verifier = ess_agent::ingress::auth::WebhookVerifier::new(
         &[agent_secret.to_string()],
@@ -960,7 +992,16 @@ async fn a_failed_adapter_run_counts_as_an_attempt() {
         "pass.jsonata",
         r#"$error("this payload cannot be stored")"#,
     );
-    let agent = Agent::start(dir.path(), &file_route_config(dir.path(), "{id}.json", ""));
+    let agent_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    std::fs::write(dir.path().join("agent-secret"), agent_secret).unwrap();
+    let hub = TestServer::start(200).await;
+    let config = format!(
+        "{}[report]\nurl = {:?}\nsecret = {{ file = {:?} }}\n",
+        file_route_config(dir.path(), "{id}.json", ""),
+        hub.url("/acks"),
+        dir.path().join("agent-secret").display().to_string()
+    );
+    let agent = Agent::start(dir.path(), &config);
     let reply = post(
         &agent,
         "a1",
@@ -981,4 +1022,13 @@ async fn a_failed_adapter_run_counts_as_an_attempt() {
         "{}",
         status.body
     );
+    // The hub is told the same.
+    assert!(
+        hub.wait_until(Duration::from_secs(10), |r| !r.is_empty())
+            .await
+    );
+    let report: Value = serde_json::from_slice(&hub.received()[0].body).unwrap();
+    assert_eq!(report["ack"], "a1");
+    assert_eq!(report["status"], "failed");
+    assert_eq!(report["attempts"], 1, "{report}");
 }

@@ -680,3 +680,69 @@ fn text_logs_into_a_pipe_have_no_colour_codes() {
     assert!(text.contains("INFO"), "{text}");
     assert!(!text.contains('\u{1b}'), "colour codes in a pipe: {text:?}");
 }
+
+/// Runs the agent with its stderr on a pseudo-terminal until it is ready, stops it, and returns
+/// everything it wrote there.
+fn text_log_on_a_terminal(no_color: Option<&str>) -> String {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("ess-agent.toml");
+    std::fs::write(&config_path, support::config_text(dir.path(), "")).unwrap();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut command = std::process::Command::new(support::binary());
+    command
+        .args(["--log-format", "text", "run", "--config"])
+        .arg(&config_path)
+        .env("ESS_AGENT_LOG", "info")
+        .env_remove("NO_COLOR")
+        .env_remove("JOURNAL_STREAM")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(pty.slave));
+    if let Some(value) = no_color {
+        command.env("NO_COLOR", value);
+    }
+    // The command holds the only copy of the terminal's other end: once the agent exits,
+    // reading gives EIO.
+    let mut child = command.spawn().unwrap();
+    drop(command);
+    let mut terminal = std::fs::File::from(pty.master);
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&text).contains(" ready ") {
+        let n = terminal.read(&mut buf).unwrap_or(0);
+        assert!(
+            n > 0,
+            "the agent exited: {}",
+            String::from_utf8_lossy(&text)
+        );
+        text.extend_from_slice(&buf[..n]);
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    loop {
+        match terminal.read(&mut buf) {
+            Ok(n) if n > 0 => text.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+#[test]
+fn text_logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
+    let coloured = text_log_on_a_terminal(None);
+    assert!(
+        coloured.contains("\u{1b}["),
+        "no colour on a terminal: {coloured:?}"
+    );
+    // An empty NO_COLOR does not count (no-color.org).
+    assert!(text_log_on_a_terminal(Some("")).contains("\u{1b}["));
+    let plain = text_log_on_a_terminal(Some("1"));
+    assert!(plain.contains("INFO"), "{plain}");
+    assert!(
+        !plain.contains('\u{1b}'),
+        "colour codes with NO_COLOR=1: {plain:?}"
+    );
+}

@@ -120,6 +120,11 @@ fn the_unit_passes_systemd_analyze_verify() {
     let unit = read(Path::new(ROOT).join("packaging/ess-agent.service"));
     let path = unit_with_binary(dir.path(), &unit, Path::new(support::binary()));
     assert_unit_verifies(&path);
+    // With the credential example in force, as docs/operations.md shows it.
+    let with_credential = unit.replace("#LoadCredential=", "LoadCredential=");
+    assert_ne!(with_credential, unit);
+    let path = unit_with_binary(dir.path(), &with_credential, Path::new(support::binary()));
+    assert_unit_verifies(&path);
 
     // The check does catch a broken unit.
     let broken = unit.replace("Type=notify", "Type=notfy");
@@ -166,6 +171,8 @@ fn the_unit_runs_the_agent_as_its_own_user_with_a_watchdog() {
         "Environment=ESS_AGENT_CONFIG=/etc/ess-agent/ess-agent.toml",
         // journald's default rate limit would drop most access lines under load.
         "LogRateLimitIntervalSec=0",
+        // docs/operations.md: secrets as systemd credentials.
+        "#LoadCredential=hub-hmac:/etc/ess-agent/secrets/hub-hmac",
     ] {
         assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
     }

@@ -1029,6 +1029,99 @@ fn validate_names_the_offending_key() {
 }
 
 #[test]
+fn validate_and_run_name_every_problem_in_one_go() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.jsonata"), "$").unwrap();
+    let extra = format!(
+        "adapters_dir = {:?}\n\
+         [journal]\nmax_btch = 5\n\
+         [[routes]]\nname = \"r\"\nadapter = \"a.jsonata\"\nsink = \"files\"\nversions = \"3-1\"\n\
+         [sinks.files]\ntype = \"file\"\ndir = 3\nname = \"{{id}}.json\"\n",
+        dir.path().display().to_string()
+    );
+    let text = support::config_text(dir.path(), &extra).replace("hub-secret", "no-such-secret");
+    let path = dir.path().join("ess-agent.toml");
+    std::fs::write(&path, text).unwrap();
+    let expected = [
+        ("sinks.files", "invalid type: integer `3`"),
+        ("journal.max_btch", "unknown field `max_btch`"),
+        ("routes[0].versions", "3-1"),
+        ("auth.hmac_secrets[0]", "no-such-secret"),
+    ];
+    for command in ["validate", "run"] {
+        let out = std::process::Command::new(support::binary())
+            .args([command, "--config"])
+            .arg(&path)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {err}");
+        for (key, words) in expected {
+            assert!(
+                err.lines()
+                    .any(|l| l.contains(&format!("{key}: ")) && l.contains(words)),
+                "{command} does not name {key} ({words}):\n{err}"
+            );
+        }
+        // A route whose sink did not parse is not also told that the sink does not exist.
+        assert!(!err.contains("routes[0].sink"), "{command}: {err}");
+    }
+    assert!(!dir.path().join("state").exists(), "run started anyway");
+}
+
+#[tokio::test]
+async fn an_hmac_secret_given_as_a_systemd_credential_authenticates_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    // systemd writes credentials read-only; the content is the hub's secret, with a newline.
+    std::fs::write(credentials.join("hub-hmac"), format!("{SECRET}\n")).unwrap();
+    let config = support::config_text(
+        dir.path(),
+        "[auth]\nhmac_secrets = [{ credential = \"hub-hmac\" }]\n",
+    );
+    let path = dir.path().join("ess-agent.toml");
+    std::fs::write(&path, config).unwrap();
+
+    // Outside systemd there is no credentials directory: the agent refuses to start, saying so.
+    let out = std::process::Command::new(support::binary())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("auth.hmac_secrets[0]: credential hub-hmac: CREDENTIALS_DIRECTORY is not set"),
+        "{err}"
+    );
+
+    let agent = Agent::start_config(
+        &path,
+        &[("CREDENTIALS_DIRECTORY", credentials.to_str().unwrap())],
+    );
+    let client = plain();
+    let reply = post_event(&client, &agent, "cred-1").await.unwrap();
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
+    // The credential is the secret in force: a delivery signed with another is refused.
+    let body = event_body("cred-2", "S", json!({}));
+    let mut headers = signed_headers("cred-2", unix_now(), &body);
+    for (name, value) in &mut headers {
+        if *name == "webhook-signature" {
+            *value = "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into();
+        }
+    }
+    let reply = request(&client, Method::POST, &agent.url(EVENTS), &headers, body)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{:?}", reply.body);
+    assert_eq!(agent.journal_ids(), vec!["cred-1"]);
+}
+
+#[test]
 fn every_shipped_config_is_valid() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
     let mut checked = 0;

@@ -595,3 +595,52 @@ async fn a_renewed_tls_certificate_is_served_after_a_reload_and_a_broken_key_kee
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_client_ca_is_in_force_after_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["old", "new", "tls"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    let old = support::tls::generate(&dir.path().join("old"));
+    let new = support::tls::generate(&dir.path().join("new"));
+    let client_ca = dir.path().join("tls/client-ca.pem");
+    std::fs::copy(&old.ca, &client_ca).unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        &format!(
+            "[ingress]\nlisten = \"127.0.0.1:0\"\n[ingress.tls]\ncert = {:?}\nkey = {:?}\n\
+             client_ca = {:?}\n",
+            old.server_cert.display().to_string(),
+            old.server_key.display().to_string(),
+            client_ca.display().to_string(),
+        ),
+    );
+    // A delivery over mutual TLS with the client certificate of `pki`; Err when the handshake
+    // (or anything after it) fails.
+    let deliver = |pki: &support::tls::TestPki, id: &str| {
+        let client = support::http(&ess_agent::http_client::ClientTls {
+            ca_file: Some(&old.ca),
+            client_cert: Some((&pki.client_cert, &pki.client_key)),
+        });
+        let body = support::event_body(id, "S", json!({}));
+        let headers = signed_headers(id, unix_now(), &body);
+        let url = agent.url("/v1/events");
+        async move {
+            request(&client, Method::POST, &url, &headers, body)
+                .await
+                .map(|reply| reply.status)
+        }
+    };
+    assert_eq!(deliver(&old, "ca-1").await.unwrap(), StatusCode::ACCEPTED);
+    let refused = deliver(&new, "ca-2").await;
+    assert!(refused.is_err(), "a client of the new CA got {refused:?}");
+
+    // The hub's client certificates move to a new CA: replace the file, then SIGHUP.
+    replace_file(&client_ca, &std::fs::read(&new.ca).unwrap());
+    hup_and_wait(&agent, reloaded);
+    assert_eq!(deliver(&new, "ca-3").await.unwrap(), StatusCode::ACCEPTED);
+    let refused = deliver(&old, "ca-4").await;
+    assert!(refused.is_err(), "a client of the old CA got {refused:?}");
+    assert_eq!(agent.journal_ids(), vec!["ca-1", "ca-3"]);
+}

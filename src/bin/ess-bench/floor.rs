@@ -223,7 +223,7 @@ fn round(
             journal.append(event).await.map(|_| ())
         })?;
     let insert_us = writer_us_in_batches(runtime, &journal, batched, IN_FLIGHT, |conn, batch| {
-        let now = journal::now_rfc3339();
+        let now = ess_agent::timestamp::now();
         for event in batch {
             journal::insert_event(conn, event, &now)?;
         }
@@ -290,7 +290,7 @@ fn round(
         })?;
     let final_us =
         writer_us_in_batches(runtime, &journal, batched, FINISH_BATCH, |conn, batch| {
-            let now = journal::now_rfc3339();
+            let now = ess_agent::timestamp::now();
             for finish in batch {
                 journal::finish_event(conn, finish, &now)?;
             }
