@@ -16,9 +16,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
-use crate::ingress::auth::BearerToken;
-use crate::ingress::problem::{Body, Problem, json_response};
 use crate::journal::{DropOutcome, Journal, JournalError, Requeue};
+use crate::protocol::auth::BearerToken;
+use crate::protocol::problem::{Body, Problem, json_response};
 
 /// Why the agent is not ready, per component. Empty means ready.
 #[derive(Debug, Default)]

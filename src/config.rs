@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::settings::{Problem, SecretSource, TlsConfig, VersionRange, read_secret};
 use crate::sink::SinkConfig;
 
 /// Where the configuration is read from when `--config` is not given and `ESS_AGENT_CONFIG` is unset.
@@ -233,36 +234,6 @@ impl Default for IngressConfig {
     }
 }
 
-/// TLS for the ingress listener (rustls, TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM file with the server certificate chain, leaf first. Required.
-    pub cert: PathBuf,
-    /// PEM file with the server's private key (PKCS#8, PKCS#1 or SEC1). Required.
-    pub key: PathBuf,
-    /// PEM file with the CA certificate(s) hub client certificates must chain to. When set, mutual
-    /// TLS is required: a client without a valid certificate is refused during the handshake.
-    #[serde(default)]
-    pub client_ca: Option<PathBuf>,
-    /// With `client_ca`: DNS names or IP addresses, one of which the client certificate's subject
-    /// alternative names must match. Empty (the default) accepts any certificate the CA signed.
-    #[serde(default)]
-    pub client_allowed_names: Vec<String>,
-}
-
-/// Where a secret comes from: exactly one of `file` or `env`. Secrets are never written inline.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecretSource {
-    /// A file whose contents (surrounding white space trimmed) are the secret.
-    #[serde(default)]
-    pub file: Option<PathBuf>,
-    /// An environment variable whose value is the secret.
-    #[serde(default)]
-    pub env: Option<String>,
-}
-
 /// Authentication of the hub (PROTOCOL.md §1.2). Every configured method must pass.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -356,7 +327,7 @@ fn default_retry_after() -> u64 {
     5
 }
 fn default_max_json_depth() -> usize {
-    crate::ingress::envelope::DEFAULT_MAX_DEPTH
+    crate::protocol::envelope::DEFAULT_MAX_DEPTH
 }
 
 impl Default for LimitsConfig {
@@ -495,21 +466,6 @@ impl Default for ShutdownConfig {
         Self {
             grace_period_secs: default_grace(),
         }
-    }
-}
-
-/// One problem found in a configuration, with the key path it concerns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Dotted key path, e.g. `auth.hmac_secrets[0].file`.
-    pub key: String,
-    /// What is wrong and what to do.
-    pub message: String,
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
     }
 }
 
@@ -652,9 +608,7 @@ impl Config {
             .chain(self.admin.token.iter_mut())
             .chain(self.report.iter_mut().map(|r| &mut r.secret));
         for source in sources {
-            if let Some(file) = &mut source.file {
-                fix(file);
-            }
+            source.resolve_path(base);
         }
     }
 
@@ -747,13 +701,8 @@ impl Config {
                     .map(|r| ("report.secret".to_string(), &r.secret)),
             );
         for (key, source) in sources {
-            match (&source.file, &source.env) {
-                (Some(_), Some(_)) => bad(&key, "set either file or env, not both".into()),
-                (None, None) => bad(
-                    &key,
-                    "set file = \"/path/to/secret\" or env = \"VARIABLE\"".into(),
-                ),
-                _ => {}
+            if let Err(message) = source.check() {
+                bad(&key, message);
             }
         }
         if auth.timestamp_tolerance_secs == 0 {
@@ -795,7 +744,7 @@ impl Config {
         if limits.backlog_high_water == 0 {
             bad("limits.backlog_high_water", "must be at least 1".into());
         }
-        let deepest = crate::ingress::envelope::MAX_DEPTH_LIMIT;
+        let deepest = crate::protocol::envelope::MAX_DEPTH_LIMIT;
         if !(1..=deepest).contains(&limits.max_json_depth) {
             bad(
                 "limits.max_json_depth",
@@ -852,7 +801,7 @@ impl Config {
                     "must list at least one type (\"*\" for all)".into(),
                 );
             }
-            if let Err(e) = crate::dispatch::routes::VersionRange::parse(&route.versions) {
+            if let Err(e) = VersionRange::parse(&route.versions) {
                 bad(&format!("{key}.versions"), e);
             }
             if !self.sinks.contains_key(&route.sink) {
@@ -969,22 +918,6 @@ impl Config {
     pub fn body_read_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.body_read_timeout_ms)
     }
-}
-
-/// Reads one secret from its file or environment variable.
-pub fn read_secret(source: &SecretSource) -> Result<String, String> {
-    let value = match (&source.file, &source.env) {
-        (Some(file), None) => std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read secret file {}: {e}", file.display()))?,
-        (None, Some(var)) => std::env::var(var)
-            .map_err(|_| format!("environment variable {var} is not set (or not valid UTF-8)"))?,
-        _ => return Err("set exactly one of file or env".into()),
-    };
-    let value = value.trim().to_string();
-    if value.is_empty() {
-        return Err("the secret is empty".into());
-    }
-    Ok(value)
 }
 
 #[cfg(test)]

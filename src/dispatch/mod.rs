@@ -26,18 +26,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::journal::{
-    self, Committed, DeliveryRecord, DeliveryUpdate, Finish, Journal, JournalError, StoredEvent,
-    now_rfc3339, state,
+    self, Committed, DeliveryRecord, DeliveryUpdate, Finish, Journal, JournalError, Outcome,
+    StoredEvent, now_rfc3339, state,
 };
 use crate::sink::{EventMeta, MAX_RETRY_AFTER, SinkError};
 use routes::{Route, Routing};
-
-/// How an event ended, for a hub waiting in ack mode `applied`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
-    pub state: String,
-    pub error: Option<String>,
-}
 
 /// Clears the intake flag when the intake task ends, however it ends.
 struct IntakeGuard<'a>(&'a std::sync::atomic::AtomicBool);
@@ -1468,7 +1461,7 @@ mod tests {
             calls: AtomicUsize::new(0),
         });
         let mut route = Route::for_tests("r", adapter, sink.clone());
-        route.retry = crate::sink::RetryConfig {
+        route.retry = crate::settings::RetryConfig {
             initial_ms: 0,
             max_ms: 0,
             max_attempts: 0,

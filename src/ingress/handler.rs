@@ -17,12 +17,31 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::InFlight;
-use super::auth::{BearerToken, WebhookVerifier};
-use super::envelope::{self, Envelope, Format};
-use super::problem::{Body, Problem, json_response};
 use crate::config::AckMode;
-use crate::dispatch::Dispatcher;
-use crate::journal::{Appended, Journal, JournalError, NewEvent, WireFormat, state};
+use crate::journal::{Appended, Journal, JournalError, NewEvent, Outcome, WireFormat, state};
+use crate::protocol::auth::{BearerToken, WebhookVerifier};
+use crate::protocol::envelope::{self, Envelope, Format};
+use crate::protocol::problem::{Body, Problem, json_response};
+
+/// What the handler asks of the part that applies events (the dispatcher, which `agent.rs`
+/// hands in): how an event ended, for ack mode `applied`, and dry runs. Ingress knows nothing
+/// else of it.
+#[async_trait::async_trait]
+pub trait Applier: Send + Sync {
+    /// A receiver of the outcome of event `id`, registered before the event is appended so that
+    /// the outcome cannot slip past.
+    fn wait_for(&self, id: &str) -> tokio::sync::oneshot::Receiver<Outcome>;
+    /// Drops the waiters for `id` that nobody listens to any more.
+    fn forget(&self, id: &str);
+    /// Routes an event and runs its adapters without applying anything: one JSON object per
+    /// matching route (`route`, `sink`, and `output`, `filtered` or `error`).
+    async fn dry_run(
+        &self,
+        document: serde_json::Value,
+        event_type: &str,
+        version: u64,
+    ) -> Vec<serde_json::Value>;
+}
 
 /// Hub authentication: every configured check must pass.
 #[derive(Default)]
@@ -65,7 +84,7 @@ pub struct HandlerLimits {
 /// Everything a request needs, shared by all connections.
 pub struct Handler {
     pub journal: Arc<Journal>,
-    pub dispatcher: Arc<Dispatcher>,
+    pub dispatcher: Arc<dyn Applier>,
     /// When the hub gets its answer.
     pub ack_mode: AckMode,
     /// With [`AckMode::Applied`]: how long to wait for the sinks.

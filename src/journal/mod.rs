@@ -166,6 +166,14 @@ pub mod state {
     }
 }
 
+/// How an event ended (its final state, and the error of a dead letter), for a hub waiting in
+/// ack mode `applied`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub state: String,
+    pub error: Option<String>,
+}
+
 /// What the journal knows about one event.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct EventRecord {

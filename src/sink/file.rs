@@ -65,8 +65,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::template::{Template, file_records, is_temp_name, safe_relative_path, temp_name};
-use super::{EventMeta, RetryConfig, Sink, SinkError};
-use crate::config::Problem;
+use super::{EventMeta, Sink, SinkError};
+use crate::settings::Problem;
+use crate::settings::RetryConfig;
 
 /// Configuration of a `file` sink.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -37,9 +37,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::time::{Instant, timeout_at};
 
-use super::{EventMeta, RetryConfig, Sink, SinkError};
-use crate::config::{Problem, SecretSource, read_secret};
+use super::{EventMeta, Sink, SinkError};
 use crate::http_client::{ClientTls, HttpClient, client};
+use crate::settings::RetryConfig;
+use crate::settings::{Problem, SecretSource, read_secret};
 
 /// The request method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -192,9 +193,7 @@ impl HttpConfig {
             fix(ca);
         }
         for source in self.secret_headers.values_mut() {
-            if let Some(file) = &mut source.file {
-                fix(file);
-            }
+            source.resolve_path(base);
         }
     }
 
@@ -238,16 +237,8 @@ impl HttpConfig {
             }
         }
         for (name, source) in &self.secret_headers {
-            match (&source.file, &source.env) {
-                (Some(_), Some(_)) => bad(
-                    format!("secret_headers.{name}"),
-                    "set either file or env, not both".into(),
-                ),
-                (None, None) => bad(
-                    format!("secret_headers.{name}"),
-                    "set file = \"/path/to/secret\" or env = \"VARIABLE\"".into(),
-                ),
-                _ => {}
+            if let Err(message) = source.check() {
+                bad(format!("secret_headers.{name}"), message);
             }
         }
         if self.timeout_ms == 0 {
@@ -905,7 +896,7 @@ mod tests {
             std::fs::write(&path, text).unwrap();
             path
         };
-        let tls = crate::config::TlsConfig {
+        let tls = crate::settings::TlsConfig {
             cert: write("server.pem", &leaf.pem()),
             key: write("server.key", &key.serialize_pem()),
             client_ca: None,

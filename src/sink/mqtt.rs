@@ -76,9 +76,10 @@ use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::template::Template;
-use super::{EventMeta, RetryConfig, Sink, SinkError};
-use crate::config::{Problem, SecretSource, read_secret};
+use super::{EventMeta, Sink, SinkError};
 use crate::http_client::{ClientTls, client_config};
+use crate::settings::RetryConfig;
+use crate::settings::{Problem, SecretSource, read_secret};
 
 /// The MQTT protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -333,14 +334,6 @@ pub fn check_topic(topic: &str, allow_empty_levels: bool) -> Result<(), String> 
     Ok(())
 }
 
-fn check_secret(source: &SecretSource) -> Result<(), String> {
-    match (&source.file, &source.env) {
-        (Some(_), Some(_)) => Err("set either file or env, not both".into()),
-        (None, None) => Err("set file = \"/path/to/secret\" or env = \"VARIABLE\"".into()),
-        _ => Ok(()),
-    }
-}
-
 impl MqttConfig {
     /// Resolves relative file paths (TLS files, secret files) against `base`.
     pub fn resolve_paths(&mut self, base: &Path) {
@@ -363,9 +356,7 @@ impl MqttConfig {
             .into_iter()
             .flatten()
         {
-            if let Some(file) = &mut source.file {
-                fix(file);
-            }
+            source.resolve_path(base);
         }
     }
 
@@ -456,7 +447,7 @@ impl MqttConfig {
         }
         for (field, source) in [("username", &self.username), ("password", &self.password)] {
             if let Some(source) = source
-                && let Err(message) = check_secret(source)
+                && let Err(message) = source.check()
             {
                 bad(field, message);
             }

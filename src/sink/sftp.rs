@@ -91,8 +91,9 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::template::{Template, file_records, safe_relative_path, temp_name};
-use super::{EventMeta, RetryConfig, Sink, SinkError};
-use crate::config::{Problem, SecretSource, read_secret};
+use super::{EventMeta, Sink, SinkError};
+use crate::settings::RetryConfig;
+use crate::settings::{Problem, SecretSource, read_secret};
 
 /// Configuration of an `sftp` sink.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -214,15 +215,8 @@ fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
 }
 
 fn check_secret(field: &str, source: &SecretSource, problems: &mut Vec<(String, String)>) {
-    match (&source.file, &source.env) {
-        (Some(_), Some(_)) => {
-            problems.push((field.into(), "set either file or env, not both".into()))
-        }
-        (None, None) => problems.push((
-            field.into(),
-            "set file = \"/path/to/secret\" or env = \"VARIABLE\"".into(),
-        )),
-        _ => {}
+    if let Err(message) = source.check() {
+        problems.push((field.into(), message));
     }
 }
 
@@ -245,9 +239,7 @@ impl SftpConfig {
             .into_iter()
             .flatten()
         {
-            if let Some(file) = &mut source.file {
-                fix(file);
-            }
+            source.resolve_path(base);
         }
     }
 

@@ -67,9 +67,10 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout};
 
-use super::{EventMeta, RetryConfig, Sink, SinkError};
+use super::{EventMeta, Sink, SinkError};
 use crate::adapter::engine::{Expression, Limits};
-use crate::config::{Problem, SecretSource, read_secret};
+use crate::settings::RetryConfig;
+use crate::settings::{Problem, SecretSource, read_secret};
 pub use statement::Dialect;
 use statement::{LedgerSql, Statement, TableName, check_identifier, parse_statement};
 use value::{MyColumn, MyParam};
@@ -248,13 +249,8 @@ fn check_plain_url(url: &str) -> Result<(), String> {
 }
 
 fn check_secret(bad: &mut impl FnMut(&str, String), field: &str, source: &SecretSource) {
-    match (&source.file, &source.env) {
-        (Some(_), Some(_)) => bad(field, "set either file or env, not both".into()),
-        (None, None) => bad(
-            field,
-            "set file = \"/path/to/secret\" or env = \"VARIABLE\"".into(),
-        ),
-        _ => {}
+    if let Err(message) = source.check() {
+        bad(field, message);
     }
 }
 
@@ -280,9 +276,7 @@ impl SqlConfig {
             .into_iter()
             .flatten()
         {
-            if let Some(file) = &mut source.file {
-                fix(file);
-            }
+            source.resolve_path(base);
         }
     }
 

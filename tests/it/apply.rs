@@ -879,7 +879,7 @@ async fn status_reports_reach_the_hub_signed_are_retried_and_survive_a_restart()
     assert_eq!(report["attempts"], 1);
     assert!(report["at"].as_str().is_some());
     // The signature verifies with the agent's secret.
-    let verifier = ess_agent::ingress::auth::WebhookVerifier::new(
+    let verifier = ess_agent::protocol::auth::WebhookVerifier::new(
         &[agent_secret.to_string()],
         &[],
         Duration::from_secs(300),

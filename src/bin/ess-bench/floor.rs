@@ -10,9 +10,10 @@ use anyhow::Context;
 use bytes::Bytes;
 use ess_agent::adapter::Adapter;
 use ess_agent::adapter::engine::Limits;
-use ess_agent::ingress::auth::{WebhookSigner, WebhookVerifier};
-use ess_agent::ingress::{envelope, handler};
+use ess_agent::ingress::handler;
 use ess_agent::journal::{self, Finish, Journal, JournalOptions, NewEvent, state};
+use ess_agent::protocol::auth::{WebhookSigner, WebhookVerifier};
+use ess_agent::protocol::envelope;
 use http::{HeaderMap, HeaderValue, header};
 use serde_json::{Value, json};
 
