@@ -1,8 +1,11 @@
 //! The `file` sink's configuration: its serde type and pure checks.
 
+use std::sync::Arc;
+
 use crate::settings::Problem;
 use crate::settings::RetryConfig;
 use crate::sink::template::{Template, safe_relative_path};
+use crate::sink::{BuildContext, Sink, SinkSpec};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -53,16 +56,20 @@ pub(crate) fn parse_mode(text: &str) -> Result<u32, String> {
     Ok(mode)
 }
 
-impl FileConfig {
+impl SinkSpec for FileConfig {
+    fn retry(&self) -> &RetryConfig {
+        &self.retry
+    }
+
     /// Resolves a relative `dir` against `base`.
-    pub fn resolve_paths(&mut self, base: &Path) {
+    fn resolve_paths(&mut self, base: &Path) {
         if self.dir.is_relative() {
             self.dir = base.join(&self.dir);
         }
     }
 
     /// Pure checks; `key` is this sink's key path.
-    pub fn validate(&self, key: &str) -> Vec<Problem> {
+    fn validate(&self, key: &str) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut bad = |field: &str, message: String| {
             problems.push(Problem {
@@ -108,5 +115,9 @@ impl FileConfig {
             bad("file_mode", message);
         }
         problems
+    }
+
+    fn build(&self, _context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String> {
+        Ok(Arc::new(super::FileSink::new(self)?))
     }
 }

@@ -416,6 +416,7 @@ fn classify(action: &str, path: &Path, e: &io::Error) -> SinkError {
 mod tests {
     use super::*;
     use crate::settings::RetryConfig;
+    use crate::sink::SinkSpec;
     use serde_json::json;
 
     fn event() -> EventMeta {

@@ -1,8 +1,11 @@
 //! The `http` sink's configuration: its serde type and pure checks.
 
+use std::sync::Arc;
+
 use super::redact;
 use crate::settings::RetryConfig;
 use crate::settings::{Problem, SecretSource};
+use crate::sink::{BuildContext, SecretOrFile, Sink, SinkSpec};
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::{Method, Uri};
 use serde::Deserialize;
@@ -129,9 +132,13 @@ pub(super) fn header_name(name: &str) -> Result<HeaderName, String> {
     Ok(parsed)
 }
 
-impl HttpConfig {
+impl SinkSpec for HttpConfig {
+    fn retry(&self) -> &RetryConfig {
+        &self.retry
+    }
+
     /// Resolves relative file paths (`ca_file`, secret files) against `base`.
-    pub fn resolve_paths(&mut self, base: &Path) {
+    fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -146,7 +153,7 @@ impl HttpConfig {
     }
 
     /// Pure checks; `key` is this sink's key path.
-    pub fn validate(&self, key: &str) -> Vec<Problem> {
+    fn validate(&self, key: &str) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut bad = |field: String, message: String| {
             problems.push(Problem {
@@ -204,5 +211,21 @@ impl HttpConfig {
             );
         }
         problems
+    }
+
+    fn secret_sources(&self) -> Vec<(String, SecretOrFile<'_>)> {
+        self.secret_headers
+            .iter()
+            .map(|(name, source)| {
+                (
+                    format!("secret_headers.{name}"),
+                    SecretOrFile::Secret(source),
+                )
+            })
+            .collect()
+    }
+
+    fn build(&self, _context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String> {
+        Ok(Arc::new(super::HttpSink::new(self)?))
     }
 }

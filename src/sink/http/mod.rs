@@ -354,6 +354,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use crate::settings::{RetryConfig, SecretSource};
+    use crate::sink::SinkSpec;
     use std::collections::BTreeMap;
     use std::net::SocketAddr;
     use std::path::Path;

@@ -1,8 +1,11 @@
 //! The `mqtt` sink's configuration: its serde type and pure checks (broker URL, topic).
 
+use std::sync::Arc;
+
 use crate::settings::RetryConfig;
 use crate::settings::{Problem, SecretSource};
 use crate::sink::template::Template;
+use crate::sink::{BuildContext, SecretOrFile, Sink, SinkSpec, push_secret};
 use http::Uri;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -265,9 +268,13 @@ pub fn check_topic(topic: &str, allow_empty_levels: bool) -> Result<(), String> 
     Ok(())
 }
 
-impl MqttConfig {
+impl SinkSpec for MqttConfig {
+    fn retry(&self) -> &RetryConfig {
+        &self.retry
+    }
+
     /// Resolves relative file paths (TLS files, secret files) against `base`.
-    pub fn resolve_paths(&mut self, base: &Path) {
+    fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -292,7 +299,7 @@ impl MqttConfig {
     }
 
     /// Pure checks; `key` is this sink's key path.
-    pub fn validate(&self, key: &str) -> Vec<Problem> {
+    fn validate(&self, key: &str) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut bad = |field: &str, message: String| {
             problems.push(Problem {
@@ -453,5 +460,16 @@ impl MqttConfig {
             );
         }
         problems
+    }
+
+    fn secret_sources(&self) -> Vec<(String, SecretOrFile<'_>)> {
+        let mut sources = Vec::new();
+        push_secret(&mut sources, "username", &self.username);
+        push_secret(&mut sources, "password", &self.password);
+        sources
+    }
+
+    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String> {
+        Ok(Arc::new(super::MqttSink::new(self, context.name)?))
     }
 }

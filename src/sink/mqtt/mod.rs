@@ -75,7 +75,7 @@ use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::template::Template;
-use super::{EventMeta, Sink, SinkError};
+use super::{EventMeta, Sink, SinkError, SinkSpec};
 use crate::http_client::{ClientTls, client_config};
 use crate::settings::read_secret;
 pub use config::MqttConfig;

@@ -1,8 +1,11 @@
 //! The `sftp` sink's configuration: its serde type and pure checks.
 
+use std::sync::Arc;
+
 use crate::settings::RetryConfig;
 use crate::settings::{Problem, SecretSource};
 use crate::sink::template::{Template, safe_relative_path};
+use crate::sink::{BuildContext, SecretOrFile, Sink, SinkSpec, push_secret};
 use base64::Engine as _;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -136,10 +139,14 @@ pub(super) fn check_secret(
     }
 }
 
-impl SftpConfig {
+impl SinkSpec for SftpConfig {
+    fn retry(&self) -> &RetryConfig {
+        &self.retry
+    }
+
     /// Resolves relative local paths (`private_key`, `known_hosts`, secret files) against
     /// `base`. `dir` is a path on the server and is left as it is.
-    pub fn resolve_paths(&mut self, base: &Path) {
+    fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -160,7 +167,7 @@ impl SftpConfig {
     }
 
     /// Pure checks; `key` is this sink's key path.
-    pub fn validate(&self, key: &str) -> Vec<Problem> {
+    fn validate(&self, key: &str) -> Vec<Problem> {
         let mut problems: Vec<(String, String)> = Vec::new();
         let mut bad = |field: &str, message: String| problems.push((field.into(), message));
         let host = self.host.trim();
@@ -259,6 +266,24 @@ impl SftpConfig {
                 message,
             })
             .collect()
+    }
+
+    fn secret_sources(&self) -> Vec<(String, SecretOrFile<'_>)> {
+        let mut sources = Vec::new();
+        push_secret(
+            &mut sources,
+            "private_key_passphrase",
+            &self.private_key_passphrase,
+        );
+        push_secret(&mut sources, "password", &self.password);
+        if let Some(path) = &self.private_key {
+            sources.push(("private_key".to_string(), SecretOrFile::File(path)));
+        }
+        sources
+    }
+
+    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String> {
+        Ok(Arc::new(super::SftpSink::new(self, context.key)?))
     }
 }
 

@@ -1462,6 +1462,7 @@ impl Sink for SftpSink {
 mod tests {
     use super::*;
     use crate::settings::SecretSource;
+    use crate::sink::SinkSpec;
     use russh_sftp::protocol::Status;
     use serde_json::json;
 

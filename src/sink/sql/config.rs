@@ -1,10 +1,13 @@
 //! The `sql` sink's configuration: its serde type and pure checks, and the check of an adapter output against the statement.
 
+use std::sync::Arc;
+
 use super::statement::{TableName, check_identifier, parse_statement};
 use super::{Dialect, Mode, missing_field, not_an_object, records, table_columns};
 use crate::adapter::engine::Expression;
 use crate::settings::RetryConfig;
 use crate::settings::{Problem, SecretSource};
+use crate::sink::{BuildContext, SecretOrFile, Sink, SinkSpec, push_secret};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -196,8 +199,19 @@ pub(super) fn check_secret(bad: &mut impl FnMut(&str, String), field: &str, sour
 }
 
 impl SqlConfig {
+    /// The dialect when the URL is in the configuration (not a secret).
+    fn known_dialect(&self) -> Option<Dialect> {
+        self.url.as_deref().and_then(|u| dialect_of(u).ok())
+    }
+}
+
+impl SinkSpec for SqlConfig {
+    fn retry(&self) -> &RetryConfig {
+        &self.retry
+    }
+
     /// Resolves relative paths (a `sqlite:` file, `ca_file`, secret files) against `base`.
-    pub fn resolve_paths(&mut self, base: &Path) {
+    fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -221,13 +235,8 @@ impl SqlConfig {
         }
     }
 
-    /// The dialect when the URL is in the configuration (not a secret).
-    fn known_dialect(&self) -> Option<Dialect> {
-        self.url.as_deref().and_then(|u| dialect_of(u).ok())
-    }
-
     /// Pure checks; `key` is this sink's key path.
-    pub fn validate(&self, key: &str) -> Vec<Problem> {
+    fn validate(&self, key: &str) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut bad = |field: &str, message: String| {
             problems.push(Problem {
@@ -358,7 +367,7 @@ impl SqlConfig {
     /// Checks that an output the route's adapter produces (e.g. a fixture's expected output)
     /// can be bound: objects with every parameter of the statement, or with the key columns and
     /// plain field names for a table. Pure.
-    pub fn check_output(&self, output: &Value) -> Result<(), String> {
+    fn check_output(&self, output: &Value) -> Result<(), String> {
         let mode = Mode::new(self, self.known_dialect().unwrap_or(Dialect::Postgres))?;
         for (index, record) in records(output) {
             let Some(object) = record.as_object() else {
@@ -378,5 +387,16 @@ impl SqlConfig {
             }
         }
         Ok(())
+    }
+
+    fn secret_sources(&self) -> Vec<(String, SecretOrFile<'_>)> {
+        let mut sources = Vec::new();
+        push_secret(&mut sources, "url_secret", &self.url_secret);
+        push_secret(&mut sources, "password", &self.password);
+        sources
+    }
+
+    fn build(&self, _context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String> {
+        Ok(Arc::new(super::SqlSink::new(self)?))
     }
 }

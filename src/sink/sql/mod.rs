@@ -1577,6 +1577,7 @@ fn classify_my(number: u16, sqlstate: Option<&str>) -> (bool, bool) {
 mod tests {
     use super::*;
     use crate::settings::SecretSource;
+    use crate::sink::SinkSpec;
     use serde_json::json;
     use std::path::Path;
 
