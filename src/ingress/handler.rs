@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::InFlight;
 use crate::config::AckMode;
-use crate::journal::{Appended, Journal, JournalError, NewEvent, Outcome, WireFormat, state};
+use crate::journal::{Appended, EventState, Journal, JournalError, NewEvent, Outcome, WireFormat};
 use crate::protocol::auth::{BearerToken, WebhookVerifier};
 use crate::protocol::envelope::{self, Envelope, Format};
 use crate::protocol::problem::{Body, Problem, json_response};
@@ -231,7 +231,7 @@ impl Handler {
         let response = match (appended, waiter) {
             (Ok(Appended::Accepted), Some(waiter)) => {
                 match tokio::time::timeout(self.ack_timeout, waiter).await {
-                    Ok(Ok(outcome)) => Ok(applied_response(&id, &outcome.state, outcome.error)),
+                    Ok(Ok(outcome)) => Ok(applied_response(&id, outcome.state, outcome.error)),
                     _ => Ok(json_response(
                         StatusCode::ACCEPTED,
                         &json!({"ack": id, "status": "accepted"}),
@@ -334,12 +334,8 @@ fn outputs_empty(body: &serde_json::Value) -> bool {
 }
 
 /// The answer in ack mode `applied` once the event is final.
-fn applied_response(id: &str, final_state: &str, error: Option<String>) -> Response<Body> {
-    let status = match final_state {
-        state::APPLIED | state::FILTERED => "applied",
-        state::SUPERSEDED => "superseded",
-        _ => "failed",
-    };
+fn applied_response(id: &str, final_state: EventState, error: Option<String>) -> Response<Body> {
+    let status = final_state.status_word().unwrap_or("failed");
     let mut body = json!({"ack": id, "status": status});
     if status == "failed" {
         body["error"] = json!(error);

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::apply::{DeliveryUpdate, Finish, finish_event, rfc3339_ms, write_deliveries};
 use super::{
-    Appended, JournalError, NewEvent, Shared, StoredEvent, now_rfc3339, read_record, state,
+    Appended, EventState, JournalError, NewEvent, Shared, StoredEvent, now_rfc3339, read_record,
 };
 
 /// Where the outcome of one append is sent.
@@ -279,7 +279,7 @@ impl Writer {
                             revision: e.revision,
                             source: e.source.clone(),
                             received_at_ms: now_ms,
-                            state: state::ACCEPTED.to_owned(),
+                            state: EventState::Accepted.to_owned(),
                             envelope: std::mem::take(&mut e.envelope),
                         };
                         let committed = Committed {
@@ -393,7 +393,7 @@ pub fn insert_event(
             e.format.as_str(),
             e.content_type,
             now,
-            state::ACCEPTED,
+            EventState::Accepted,
         ])?;
     if inserted == 0 {
         return Ok(None);
