@@ -572,6 +572,29 @@ fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
     None
 }
 
+// The connection failures both protocol versions word alike (their error types differ).
+
+/// No CONNACK within the connect timeout: retryable.
+fn no_connack(broker: &Broker) -> Failure {
+    Failure::Error(SinkError::Retryable(format!(
+        "no CONNACK from the MQTT broker at {broker} within connect_timeout_secs"
+    )))
+}
+
+/// The broker closed the connection: retryable.
+fn closed(broker: &Broker) -> Failure {
+    Failure::Error(SinkError::Retryable(format!(
+        "the MQTT broker at {broker} closed the connection"
+    )))
+}
+
+/// The broker stopped answering pings: retryable.
+fn no_pong(broker: &Broker) -> Failure {
+    Failure::Error(SinkError::Retryable(format!(
+        "the MQTT broker at {broker} stopped answering pings"
+    )))
+}
+
 /// Describes a connection error; every one of these is retryable.
 fn describe_connection_error(error: &(dyn std::error::Error + 'static), broker: &Broker) -> String {
     use rustls::{AlertDescription, CertificateError};
@@ -630,7 +653,10 @@ fn describe_connection_error(error: &(dyn std::error::Error + 'static), broker: 
 mod v311 {
     use rumqttc::{ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, StateError};
 
-    use super::{Broker, BrokerLimits, Failure, Happening, SinkError, describe_connection_error};
+    use super::{
+        Broker, BrokerLimits, Failure, Happening, SinkError, closed, describe_connection_error,
+        no_connack, no_pong,
+    };
 
     pub(super) fn happening(event: Event) -> Happening {
         match event {
@@ -696,20 +722,12 @@ mod v311 {
                     SinkError::Retryable(message)
                 })
             }
-            ConnectionError::NetworkTimeout => Failure::Error(SinkError::Retryable(format!(
-                "no CONNACK from the MQTT broker at {broker} within connect_timeout_secs"
-            ))),
+            ConnectionError::NetworkTimeout => no_connack(broker),
             ConnectionError::FlushTimeout => Failure::Error(SinkError::Retryable(format!(
                 "writing to the MQTT broker at {broker} timed out"
             ))),
-            ConnectionError::MqttState(StateError::ConnectionAborted) => Failure::Error(
-                SinkError::Retryable(format!("the MQTT broker at {broker} closed the connection")),
-            ),
-            ConnectionError::MqttState(StateError::AwaitPingResp) => {
-                Failure::Error(SinkError::Retryable(format!(
-                    "the MQTT broker at {broker} stopped answering pings"
-                )))
-            }
+            ConnectionError::MqttState(StateError::ConnectionAborted) => closed(broker),
+            ConnectionError::MqttState(StateError::AwaitPingResp) => no_pong(broker),
             other => Failure::Error(SinkError::Retryable(describe_connection_error(
                 &other, broker,
             ))),
@@ -725,7 +743,10 @@ mod v5 {
     };
     use rumqttc::v5::{ConnectionError, Event, StateError};
 
-    use super::{Broker, BrokerLimits, Failure, Happening, SinkError, describe_connection_error};
+    use super::{
+        Broker, BrokerLimits, Failure, Happening, SinkError, closed, describe_connection_error,
+        no_connack, no_pong,
+    };
 
     pub(super) fn happening(event: Event) -> Happening {
         match event {
@@ -930,17 +951,9 @@ mod v5 {
                     .map(|r| format!(" (the broker said: {r})"))
                     .unwrap_or_default()
             ))),
-            ConnectionError::Timeout(_) => Failure::Error(SinkError::Retryable(format!(
-                "no CONNACK from the MQTT broker at {broker} within connect_timeout_secs"
-            ))),
-            ConnectionError::MqttState(StateError::ConnectionAborted) => Failure::Error(
-                SinkError::Retryable(format!("the MQTT broker at {broker} closed the connection")),
-            ),
-            ConnectionError::MqttState(StateError::AwaitPingResp) => {
-                Failure::Error(SinkError::Retryable(format!(
-                    "the MQTT broker at {broker} stopped answering pings"
-                )))
-            }
+            ConnectionError::Timeout(_) => no_connack(broker),
+            ConnectionError::MqttState(StateError::ConnectionAborted) => closed(broker),
+            ConnectionError::MqttState(StateError::AwaitPingResp) => no_pong(broker),
             other => Failure::Error(SinkError::Retryable(describe_connection_error(
                 &other, broker,
             ))),

@@ -678,6 +678,18 @@ impl Sink for SqlSink {
 // Workers and batches
 
 /// Takes batches off the queue and applies them, until the sink is dropped.
+/// Closes the connection of an attempt that left it unusable (see `Failure::poisoned`) instead
+/// of giving it back to the pool; the same for every database.
+fn close_if_poisoned<DB: sqlx::Database>(conn: &mut PoolConnection<DB>, attempt: &Attempt) {
+    let poisoned = match attempt {
+        Attempt::Committed(_) => false,
+        Attempt::EventFailed(_, f) | Attempt::Failed(f) => f.poisoned,
+    };
+    if poisoned {
+        conn.close_on_drop();
+    }
+}
+
 async fn worker(shared: Arc<Shared>, rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>>) {
     loop {
         let batch = {
@@ -950,13 +962,7 @@ impl Shared {
             Err(f) => return Attempt::Failed(f),
         };
         let attempt = self.pg_transaction(&mut conn, jobs).await;
-        let poisoned = match &attempt {
-            Attempt::Committed(_) => false,
-            Attempt::EventFailed(_, f) | Attempt::Failed(f) => f.poisoned,
-        };
-        if poisoned {
-            conn.close_on_drop();
-        }
+        close_if_poisoned(&mut conn, &attempt);
         attempt
     }
 
@@ -1101,13 +1107,7 @@ impl Shared {
             Err(f) => return Attempt::Failed(f),
         };
         let attempt = self.my_transaction(&mut conn, jobs).await;
-        let poisoned = match &attempt {
-            Attempt::Committed(_) => false,
-            Attempt::EventFailed(_, f) | Attempt::Failed(f) => f.poisoned,
-        };
-        if poisoned {
-            conn.close_on_drop();
-        }
+        close_if_poisoned(&mut conn, &attempt);
         attempt
     }
 
