@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ess_agent::http_client::{ClientTls, client};
-use ess_agent::ingress::auth::WebhookSigner;
+use ess_agent::protocol::auth::WebhookSigner;
 use http_body_util::Full;
 use serde_json::{Value, json};
 

@@ -18,10 +18,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
-use crate::ingress::auth::BearerToken;
 use crate::ingress::conn::Connections;
-use crate::ingress::problem::{Body, Problem, json_response};
 use crate::journal::{DropOutcome, Journal, JournalError, Requeue};
+use crate::protocol::auth::BearerToken;
+use crate::protocol::problem::{Body, Problem, json_response};
 
 /// Why the agent is not ready, per component. Empty means ready.
 #[derive(Debug, Default)]

@@ -9,16 +9,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin, Readiness};
-use crate::config::{Config, Problem, Secrets};
+use crate::config::{Config, Secrets};
 use crate::dispatch::Dispatcher;
 use crate::dispatch::routes::Routing;
-use crate::ingress::auth::{BearerToken, KeyError, WebhookVerifier};
-use crate::ingress::handler::{HandlerLimits, HubAuth, SharedAuth};
-use crate::ingress::tls::{TlsAcceptor, TlsError};
+use crate::ingress::handler::{Applier, HandlerLimits, HubAuth, SharedAuth};
+use crate::ingress::tls::TlsAcceptor;
 use crate::ingress::{self, Handler, InFlight, ServerSettings};
-use crate::journal::{Journal, JournalError, JournalOptions};
+use crate::journal::{Journal, JournalError, JournalOptions, Outcome};
+use crate::protocol::auth::{BearerToken, KeyError, WebhookVerifier};
 use crate::reload::Reloader;
 use crate::report::{ReportError, Reporter};
+use crate::settings::Problem;
+use crate::settings::tls::TlsError;
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,31 @@ pub fn hub_auth(config: &Config, secrets: &Secrets) -> Result<HubAuth, StartErro
             source,
         })?;
     Ok(HubAuth { webhook, bearer })
+}
+
+/// The dispatcher as the ingress handler sees it.
+#[async_trait::async_trait]
+impl Applier for Dispatcher {
+    fn wait_for(&self, id: &str) -> tokio::sync::oneshot::Receiver<Outcome> {
+        Dispatcher::wait_for(self, id)
+    }
+
+    fn forget(&self, id: &str) {
+        Dispatcher::forget(self, id)
+    }
+
+    async fn dry_run(
+        &self,
+        document: serde_json::Value,
+        event_type: &str,
+        version: u64,
+    ) -> Vec<serde_json::Value> {
+        Dispatcher::dry_run(self, document, event_type, version)
+            .await
+            .iter()
+            .map(|output| serde_json::to_value(output).unwrap_or_default())
+            .collect()
+    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {

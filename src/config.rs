@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::settings::{Problem, SecretSource, TlsConfig, VersionRange, read_secret};
 use crate::sink::SinkConfig;
 
 /// Where the configuration is read from when `--config` is not given and `ESS_AGENT_CONFIG` is unset.
@@ -235,75 +236,6 @@ impl Default for IngressConfig {
     }
 }
 
-/// TLS for the ingress listener (rustls, TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM file with the server certificate chain, leaf first. Required.
-    pub cert: PathBuf,
-    /// PEM file with the server's private key (PKCS#8, PKCS#1 or SEC1). Required.
-    pub key: PathBuf,
-    /// PEM file with the CA certificate(s) hub client certificates must chain to. When set, mutual
-    /// TLS is required: a client without a valid certificate is refused during the handshake.
-    #[serde(default)]
-    pub client_ca: Option<PathBuf>,
-    /// With `client_ca`: DNS names or IP addresses, one of which the client certificate's subject
-    /// alternative names must match. Empty (the default) accepts any certificate the CA signed.
-    #[serde(default)]
-    pub client_allowed_names: Vec<String>,
-}
-
-/// Where a secret comes from: exactly one of `file`, `env` or `credential` (see
-/// [`SecretSource::check`]). Secrets are never written inline.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecretSource {
-    /// A file whose contents (surrounding white space trimmed) are the secret.
-    #[serde(default)]
-    pub file: Option<PathBuf>,
-    /// An environment variable whose value is the secret.
-    #[serde(default)]
-    pub env: Option<String>,
-    /// A systemd credential: the file of this name in `$CREDENTIALS_DIRECTORY`, which systemd
-    /// fills from the unit's `LoadCredential=` or `LoadCredentialEncrypted=`.
-    #[serde(default)]
-    pub credential: Option<String>,
-}
-
-/// The environment variable systemd sets to the directory holding a service's credentials.
-pub const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
-
-impl SecretSource {
-    /// The rule every secret follows, wherever it is configured: exactly one source, and a
-    /// credential name is a plain file name.
-    pub fn check(&self) -> Result<(), String> {
-        let set = [
-            self.file.is_some(),
-            self.env.is_some(),
-            self.credential.is_some(),
-        ];
-        match set.iter().filter(|s| **s).count() {
-            0 => Err(
-                "set one of file = \"/path/to/secret\", env = \"VARIABLE\" or \
-                      credential = \"NAME\""
-                    .into(),
-            ),
-            1 => match &self.credential {
-                Some(name)
-                    if name.is_empty() || name == "." || name == ".." || name.contains('/') =>
-                {
-                    Err(format!(
-                        "credential {name:?} is not a credential name: give the name before \
-                         the colon in LoadCredential=NAME:/path (no slashes)"
-                    ))
-                }
-                _ => Ok(()),
-            },
-            _ => Err("set only one of file, env and credential".into()),
-        }
-    }
-}
-
 /// Authentication of the hub (PROTOCOL.md §1.2). Every configured method must pass.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -397,7 +329,7 @@ fn default_retry_after() -> u64 {
     5
 }
 fn default_max_json_depth() -> usize {
-    crate::ingress::envelope::DEFAULT_MAX_DEPTH
+    crate::protocol::envelope::DEFAULT_MAX_DEPTH
 }
 
 impl Default for LimitsConfig {
@@ -536,21 +468,6 @@ impl Default for ShutdownConfig {
         Self {
             grace_period_secs: default_grace(),
         }
-    }
-}
-
-/// One problem found in a configuration, with the key path it concerns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Dotted key path, e.g. `auth.hmac_secrets[0].file`.
-    pub key: String,
-    /// What is wrong and what to do.
-    pub message: String,
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
     }
 }
 
@@ -961,9 +878,7 @@ impl Config {
             .chain(self.admin.token.iter_mut())
             .chain(self.report.iter_mut().map(|r| &mut r.secret));
         for source in sources {
-            if let Some(file) = &mut source.file {
-                fix(file);
-            }
+            source.resolve_path(base);
         }
     }
 
@@ -1099,7 +1014,7 @@ impl Config {
         if limits.backlog_high_water == 0 {
             bad("limits.backlog_high_water", "must be at least 1".into());
         }
-        let deepest = crate::ingress::envelope::MAX_DEPTH_LIMIT;
+        let deepest = crate::protocol::envelope::MAX_DEPTH_LIMIT;
         if !(1..=deepest).contains(&limits.max_json_depth) {
             bad(
                 "limits.max_json_depth",
@@ -1156,7 +1071,7 @@ impl Config {
                     "must list at least one type (\"*\" for all)".into(),
                 );
             }
-            if let Err(e) = crate::dispatch::routes::VersionRange::parse(&route.versions) {
+            if let Err(e) = VersionRange::parse(&route.versions) {
                 bad(&format!("{key}.versions"), e);
             }
             if !self.sinks.contains_key(&route.sink) {
@@ -1275,52 +1190,10 @@ impl Config {
     }
 }
 
-/// Reads one secret from its file, environment variable or systemd credential.
-pub fn read_secret(source: &SecretSource) -> Result<String, String> {
-    read_secret_from(source, std::env::var_os(CREDENTIALS_DIRECTORY).as_deref())
-}
-
-/// [`read_secret`] with systemd's credentials directory given.
-fn read_secret_from(
-    source: &SecretSource,
-    credentials: Option<&std::ffi::OsStr>,
-) -> Result<String, String> {
-    source.check()?;
-    let value = if let Some(file) = &source.file {
-        std::fs::read_to_string(file)
-            .map_err(|e| format!("cannot read secret file {}: {e}", file.display()))?
-    } else if let Some(var) = &source.env {
-        std::env::var(var)
-            .map_err(|_| format!("environment variable {var} is not set (or not valid UTF-8)"))?
-    } else if let Some(name) = &source.credential {
-        let dir = credentials.filter(|d| !d.is_empty()).ok_or_else(|| {
-            format!(
-                "credential {name}: {CREDENTIALS_DIRECTORY} is not set; it is only set when \
-                 systemd starts the agent with LoadCredential= (or LoadCredentialEncrypted=); \
-                 use file = ... outside systemd"
-            )
-        })?;
-        let path = Path::new(dir).join(name);
-        std::fs::read_to_string(&path).map_err(|e| {
-            format!(
-                "cannot read credential {name} ({}): {e}; the unit needs \
-                 LoadCredential={name}:/path/to/secret",
-                path.display()
-            )
-        })?
-    } else {
-        unreachable!("check() makes sure one source is set")
-    };
-    let value = value.trim().to_string();
-    if value.is_empty() {
-        return Err("the secret is empty".into());
-    }
-    Ok(value)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::secret::read_secret_from;
 
     const MINIMAL: &str = r#"
 agent_id = "p1"

@@ -24,8 +24,8 @@ use serde_json::Value;
 
 use crate::adapter::fixtures::{Expectation, Fixture, line_diff};
 use crate::config::Config;
-use crate::ingress::auth::{WebhookSigner, WebhookVerifier};
-use crate::ingress::envelope::{self, Envelope, EnvelopeError, Format, MAX_ID_LEN, MAX_INTEGER};
+use crate::protocol::auth::{WebhookSigner, WebhookVerifier};
+use crate::protocol::envelope::{self, Envelope, EnvelopeError, Format, MAX_ID_LEN, MAX_INTEGER};
 use crate::sink::EventMeta;
 use crate::sink::template::file_records;
 
@@ -247,7 +247,7 @@ fn verify_one(
     signature: &[u8],
     body: &[u8],
     now: SystemTime,
-) -> Result<(), crate::ingress::auth::AuthError> {
+) -> Result<(), crate::protocol::auth::AuthError> {
     let mut headers = HeaderMap::new();
     let (Ok(id), Ok(signature)) = (
         HeaderValue::from_str(id),

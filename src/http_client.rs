@@ -13,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 
-use crate::ingress::tls::{TlsError, provider, read_certs, read_roots};
+use crate::settings::tls::{TlsError, provider, read_certs, read_roots};
 
 /// A pooled HTTP(S) client.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;

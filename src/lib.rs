@@ -2,6 +2,9 @@
 //! and applies them to the partner's systems.
 //!
 //! Code map:
+//! - [`settings`]: small shared settings types (problems, secrets, retry, TLS, version ranges)
+//!   that depend on nothing else in the crate.
+//! - [`protocol`]: the hub's wire contract (envelope, signatures, problem+json), no runtime.
 //! - [`config`]: the TOML configuration, its pure validation and the loading of secrets.
 //! - [`ingress`]: the HTTPS listener, hub authentication, envelope parsing and the acknowledgement.
 //! - [`journal`]: the durable store (SQLite, WAL, group commit) every accepted event is written to.
@@ -29,8 +32,10 @@ pub mod fuzzing;
 pub mod http_client;
 pub mod ingress;
 pub mod journal;
+pub mod protocol;
 pub mod reload;
 pub mod report;
+pub mod settings;
 pub mod shutdown;
 pub mod sink;
 pub mod telemetry;

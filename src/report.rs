@@ -17,9 +17,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ReportConfig;
 use crate::http_client::{ClientTls, HttpClient, client};
-use crate::ingress::auth::WebhookSigner;
 use crate::journal::{Journal, OutboxRow};
-use crate::sink::RetryConfig;
+use crate::protocol::auth::WebhookSigner;
+use crate::settings::RetryConfig;
 
 /// Why the reporter could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +27,7 @@ pub enum ReportError {
     #[error("report.secret: {0}")]
     Secret(String),
     #[error("report.ca_file: {0}")]
-    Tls(#[from] crate::ingress::tls::TlsError),
+    Tls(#[from] crate::settings::tls::TlsError),
 }
 
 /// Sends the outbox to the hub.

@@ -77,7 +77,7 @@ use serde_json::{Map, Value};
 
 use crate::adapter::diagnostics::undefined_reason;
 use crate::adapter::engine::{EngineError, Expression, Limits, UndefinedKind};
-use crate::ingress::envelope;
+use crate::protocol::envelope;
 
 /// The extension of an adapter script.
 pub const SCRIPT_EXTENSION: &str = "jsonata";

@@ -10,7 +10,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH, Problem, Secrets};
+use crate::config::{Config, DEFAULT_CONFIG_PATH, Secrets};
+use crate::settings::Problem;
 
 /// ess-agent: receives Change Events from a Sync Hub, records each durably, and applies it to the
 /// partner's systems.
@@ -125,7 +126,7 @@ pub fn check(path: &Path) -> Result<(Config, Secrets), Vec<Problem>> {
     }
     // Outputs the adapters' fixtures expect must be ones their sinks can apply (a SQL
     // statement's parameters are fields the adapter returns).
-    problems.extend(crate::sink::check_fixture_outputs(config));
+    problems.extend(check_fixture_outputs(config));
     parsed.add(problems);
     match secrets {
         Some(secrets) if parsed.problems.is_empty() => Ok((parsed.config, secrets)),
@@ -182,4 +183,47 @@ pub fn run(args: &ConfigArg) -> anyhow::Result<ExitCode> {
             }
         }
     })
+}
+
+/// For every route, checks with its sink (see [`crate::sink::SinkSpec::check_output`]) each
+/// expected output among the fixtures of the route's adapter, e.g. that a SQL statement's
+/// parameters are fields the adapter returns. For `ess-agent validate`; reads only the fixture
+/// files. A fixture that cannot be read is left to the adapter tests.
+fn check_fixture_outputs(config: &Config) -> Vec<Problem> {
+    use crate::adapter::fixtures::{Expectation, FIXTURE_EXTENSION, Fixture, tests_dir};
+    let mut problems = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        let Some(sink) = config.sinks.get(&route.sink) else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(tests_dir(&route.adapter)) else {
+            continue;
+        };
+        let mut cases: Vec<_> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == FIXTURE_EXTENSION))
+            .collect();
+        cases.sort();
+        for case in cases {
+            let Ok(fixture) = Fixture::load(&case) else {
+                continue;
+            };
+            if let Expectation::Value(output) = &fixture.expectation
+                && let Err(message) = sink.check_output(output)
+            {
+                problems.push(Problem {
+                    key: format!("routes[{i}]"),
+                    message: format!(
+                        "sink {} cannot apply the output fixture {} expects of adapter {}: \
+                         {message}",
+                        route.sink,
+                        case.display(),
+                        route.adapter.display()
+                    ),
+                });
+            }
+        }
+    }
+    problems
 }

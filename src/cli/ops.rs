@@ -10,8 +10,9 @@ use http::{Method, Request, header};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH, read_secret};
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::http_client::{ClientTls, client};
+use crate::settings::read_secret;
 
 /// How to reach the admin API.
 #[derive(Debug, clap::Args)]

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{Map, Value, json};
 
 use crate::http_client::{ClientTls, client};
-use crate::ingress::auth::WebhookSigner;
+use crate::protocol::auth::WebhookSigner;
 
 #[derive(Debug, clap::Args)]
 pub struct SendArgs {

@@ -26,18 +26,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::journal::{
-    self, Committed, DeliveryRecord, DeliveryUpdate, Finish, Journal, JournalError, StoredEvent,
-    state,
+    self, Committed, DeliveryRecord, DeliveryState, DeliveryUpdate, EventState, Finish, Journal,
+    JournalError, Outcome, StoredEvent,
 };
 use crate::sink::{EventMeta, MAX_RETRY_AFTER, SinkError};
 use routes::{Route, Routing};
-
-/// How an event ended, for a hub waiting in ack mode `applied`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outcome {
-    pub state: String,
-    pub error: Option<String>,
-}
 
 /// Clears the intake flag when the intake task ends, however it ends.
 struct IntakeGuard<'a>(&'a std::sync::atomic::AtomicBool);
@@ -612,7 +605,7 @@ impl Dispatcher {
         let Some((event, deliveries, applied_revision)) = loaded else {
             return Ok(Step::Done);
         };
-        if state::is_final(&event.state) {
+        if event.state.is_final() {
             return Ok(Step::Done);
         }
         let routing = self.routing();
@@ -626,7 +619,7 @@ impl Dispatcher {
             );
             drop(permit);
             return self
-                .finish(&event, state::SUPERSEDED, Some(reason), 0, Vec::new())
+                .finish(&event, EventState::Superseded, Some(reason), 0, Vec::new())
                 .await;
         }
 
@@ -639,7 +632,7 @@ impl Dispatcher {
             tracing::warn!(event_id = %event.id, "{reason}");
             drop(permit);
             return self
-                .finish(&event, state::PARKED, Some(reason), 0, Vec::new())
+                .finish(&event, EventState::Parked, Some(reason), 0, Vec::new())
                 .await;
         }
         // Delivery states are written with the event's final state in one transaction, or on
@@ -650,7 +643,7 @@ impl Dispatcher {
         for route in &routes {
             let existing = deliveries.iter().find(|d| d.route == route.name);
             if let Some(d) = existing {
-                if d.state != state::PENDING {
+                if d.state != DeliveryState::Pending {
                     continue;
                 }
                 if let Some(due) = self.retry_pending(event.seq, route, d.next_attempt_ms) {
@@ -670,10 +663,10 @@ impl Dispatcher {
             }
             let metrics = route.metrics();
             match update.state {
-                state::APPLIED => &metrics.applied,
-                state::FILTERED => &metrics.filtered,
-                state::PENDING => &metrics.retry,
-                _ => &metrics.failed,
+                DeliveryState::Applied => &metrics.applied,
+                DeliveryState::Filtered => &metrics.filtered,
+                DeliveryState::Pending => &metrics.retry,
+                DeliveryState::Failed => &metrics.failed,
             }
             .increment(1);
             updates.push(update);
@@ -684,7 +677,7 @@ impl Dispatcher {
             return Ok(Step::RetryAt(at));
         }
         // Each matching route's state: this pass's, else what the journal holds.
-        let current: Vec<(&str, &str, u32, Option<&str>)> = routes
+        let current: Vec<(&str, DeliveryState, u32, Option<&str>)> = routes
             .iter()
             .filter_map(|route| {
                 let name = route.name.as_str();
@@ -696,24 +689,24 @@ impl Dispatcher {
                         deliveries
                             .iter()
                             .find(|d| d.route == name)
-                            .map(|d| (name, d.state.as_str(), d.attempts, d.last_error.as_deref()))
+                            .map(|d| (name, d.state, d.attempts, d.last_error.as_deref()))
                     })
             })
             .collect();
         let failed: Vec<String> = current
             .iter()
-            .filter(|(_, state, ..)| *state == state::FAILED)
+            .filter(|(_, state, ..)| *state == DeliveryState::Failed)
             .map(|(route, _, _, error)| format!("route {route}: {}", error.unwrap_or("failed")))
             .collect();
         let (final_state, error) = if !failed.is_empty() {
-            (state::FAILED, Some(failed.join("; ")))
+            (EventState::Failed, Some(failed.join("; ")))
         } else if current
             .iter()
-            .all(|(_, state, ..)| *state == state::FILTERED)
+            .all(|(_, state, ..)| *state == DeliveryState::Filtered)
         {
-            (state::FILTERED, None)
+            (EventState::Filtered, None)
         } else {
-            (state::APPLIED, None)
+            (EventState::Applied, None)
         };
         let attempts = current.iter().map(|(_, _, a, _)| *a).max().unwrap_or(0);
         drop(current);
@@ -758,7 +751,7 @@ impl Dispatcher {
             let Some(event) = journal::load_event(conn, seq)? else {
                 return Ok(None);
             };
-            if state::is_final(&event.state) {
+            if event.state.is_final() {
                 return Ok(Some((event, Vec::new(), None)));
             }
             let deliveries = journal::deliveries(conn, seq)?;
@@ -795,7 +788,7 @@ impl Dispatcher {
             seq: event.seq,
             route: route.name.clone(),
             sink: route.sink_name.clone(),
-            state: state::FAILED,
+            state: DeliveryState::Failed,
             attempts,
             next_attempt_ms: None,
             last_error: None,
@@ -811,7 +804,7 @@ impl Dispatcher {
         let output = match result {
             Ok(Some(output)) => output,
             Ok(None) => {
-                update.state = state::FILTERED;
+                update.state = DeliveryState::Filtered;
                 tracing::debug!(event_id = %event.id, route = %route.name, "adapter returned undefined: route skipped");
                 return update;
             }
@@ -843,7 +836,7 @@ impl Dispatcher {
             .record(started.elapsed().as_secs_f64());
         match applied {
             Ok(()) => {
-                update.state = state::APPLIED;
+                update.state = DeliveryState::Applied;
                 // The event's own "event final" line says it at level info.
                 tracing::debug!(event_id = %event.id, route = %route.name, sink = %route.sink_name, attempts = update.attempts, "applied");
             }
@@ -874,7 +867,7 @@ impl Dispatcher {
                     let delay = retry
                         .delay(update.attempts, rand::random::<f64>())
                         .max(asked_wait);
-                    update.state = state::PENDING;
+                    update.state = DeliveryState::Pending;
                     // The journal keeps the wall-clock time for a later run; this run waits on
                     // the monotonic clock.
                     update.next_attempt_ms = Some(now_ms() + delay.as_millis() as i64);
@@ -897,23 +890,19 @@ impl Dispatcher {
     async fn finish(
         &self,
         event: &StoredEvent,
-        final_state: &'static str,
+        final_state: EventState,
         error: Option<String>,
         attempts: u32,
         updates: Vec<DeliveryUpdate>,
     ) -> Result<Step, JournalError> {
         let subject_revision = match (final_state, event.revision) {
-            (state::APPLIED | state::FILTERED, Some(revision)) => {
+            (EventState::Applied | EventState::Filtered, Some(revision)) => {
                 Some((event.subject.clone(), revision))
             }
             _ => None,
         };
         let report = self.report_wake.as_ref().map(|_| {
-            let status = match final_state {
-                state::APPLIED | state::FILTERED => "applied",
-                state::SUPERSEDED => "superseded",
-                _ => "failed",
-            };
+            let status = final_state.status_word().unwrap_or("failed");
             let at = crate::timestamp::now();
             let body = json!({
                 "ack": event.id,
@@ -948,8 +937,9 @@ impl Dispatcher {
                 },
             )
             .await?;
-        metrics::counter!("ess_agent_events_final_total", "state" => final_state).increment(1);
-        tracing::info!(event_id = %event.id, state = final_state, error = error.as_deref(), "event final");
+        metrics::counter!("ess_agent_events_final_total", "state" => final_state.as_str())
+            .increment(1);
+        tracing::info!(event_id = %event.id, state = final_state.as_str(), error = error.as_deref(), "event final");
         if has_report && let Some(wake) = &self.report_wake {
             wake.notify_one();
         }
@@ -1119,7 +1109,10 @@ mod tests {
                 "no retry was recorded"
             );
             let waiting = journal.deliveries(1).unwrap();
-            if let Some(d) = waiting.into_iter().find(|d| d.state == state::PENDING) {
+            if let Some(d) = waiting
+                .into_iter()
+                .find(|d| d.state == DeliveryState::Pending)
+            {
                 break d;
             }
             tokio::task::yield_now().await;
@@ -1134,7 +1127,7 @@ mod tests {
                 seq: 1,
                 route: "r".into(),
                 sink: "r".into(),
-                state: state::PENDING,
+                state: DeliveryState::Pending,
                 attempts: recorded.attempts,
                 next_attempt_ms: Some(set_back),
                 last_error: recorded.last_error,
@@ -1226,7 +1219,7 @@ mod tests {
             assert_eq!(appended, Appended::Accepted);
         }
         // a-2 was tried by an earlier run: its first route was applied, its second waits.
-        let tried = |route: &str, state: &'static str| DeliveryUpdate {
+        let tried = |route: &str, state: DeliveryState| DeliveryUpdate {
             seq: 3,
             route: route.into(),
             sink: route.into(),
@@ -1237,8 +1230,8 @@ mod tests {
         };
         journal
             .set_deliveries(vec![
-                tried("first", state::APPLIED),
-                tried("second", state::PENDING),
+                tried("first", DeliveryState::Applied),
+                tried("second", DeliveryState::Pending),
             ])
             .await
             .unwrap();
@@ -1468,7 +1461,7 @@ mod tests {
             calls: AtomicUsize::new(0),
         });
         let mut route = Route::for_tests("r", adapter, sink.clone());
-        route.retry = crate::sink::RetryConfig {
+        route.retry = crate::settings::RetryConfig {
             initial_ms: 0,
             max_ms: 0,
             max_attempts: 0,
@@ -1485,7 +1478,7 @@ mod tests {
         backlog_applied(&journal).await;
         dispatcher.shutdown(Duration::from_secs(1)).await;
         let event = journal.get("e-1").unwrap().expect("the event is stored");
-        assert_eq!(event.state, state::APPLIED);
+        assert_eq!(event.state, EventState::Applied);
         assert_eq!(
             sink.calls.load(Ordering::SeqCst),
             4,
@@ -1493,7 +1486,7 @@ mod tests {
         );
         let deliveries = journal.deliveries(1).unwrap();
         assert_eq!(deliveries.len(), 1);
-        assert_eq!(deliveries[0].state, state::APPLIED);
+        assert_eq!(deliveries[0].state, DeliveryState::Applied);
         assert_eq!(deliveries[0].attempts, 4);
         journal.close();
     }

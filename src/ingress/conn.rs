@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::problem::Problem;
+use crate::protocol::problem::Problem;
 
 /// Whether a connection is handling requests, and since when it has been idle.
 #[derive(Debug, Clone, Copy)]

@@ -17,12 +17,31 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::InFlight;
-use super::auth::{BearerToken, WebhookVerifier};
-use super::envelope::{self, Envelope, Format};
-use super::problem::{Body, Problem, json_response};
 use crate::config::AckMode;
-use crate::dispatch::Dispatcher;
-use crate::journal::{Appended, Journal, JournalError, NewEvent, WireFormat, state};
+use crate::journal::{Appended, EventState, Journal, JournalError, NewEvent, Outcome, WireFormat};
+use crate::protocol::auth::{BearerToken, WebhookVerifier};
+use crate::protocol::envelope::{self, Envelope, Format};
+use crate::protocol::problem::{Body, Problem, json_response};
+
+/// What the handler asks of the part that applies events (the dispatcher, which `agent.rs`
+/// hands in): how an event ended, for ack mode `applied`, and dry runs. Ingress knows nothing
+/// else of it.
+#[async_trait::async_trait]
+pub trait Applier: Send + Sync {
+    /// A receiver of the outcome of event `id`, registered before the event is appended so that
+    /// the outcome cannot slip past.
+    fn wait_for(&self, id: &str) -> tokio::sync::oneshot::Receiver<Outcome>;
+    /// Drops the waiters for `id` that nobody listens to any more.
+    fn forget(&self, id: &str);
+    /// Routes an event and runs its adapters without applying anything: one JSON object per
+    /// matching route (`route`, `sink`, and `output`, `filtered` or `error`).
+    async fn dry_run(
+        &self,
+        document: serde_json::Value,
+        event_type: &str,
+        version: u64,
+    ) -> Vec<serde_json::Value>;
+}
 
 /// Hub authentication: every configured check must pass.
 #[derive(Default)]
@@ -65,7 +84,7 @@ pub struct HandlerLimits {
 /// Everything a request needs, shared by all connections.
 pub struct Handler {
     pub journal: Arc<Journal>,
-    pub dispatcher: Arc<Dispatcher>,
+    pub dispatcher: Arc<dyn Applier>,
     /// When the hub gets its answer.
     pub ack_mode: AckMode,
     /// With [`AckMode::Applied`]: how long to wait for the sinks.
@@ -212,7 +231,7 @@ impl Handler {
         let response = match (appended, waiter) {
             (Ok(Appended::Accepted), Some(waiter)) => {
                 match tokio::time::timeout(self.ack_timeout, waiter).await {
-                    Ok(Ok(outcome)) => Ok(applied_response(&id, &outcome.state, outcome.error)),
+                    Ok(Ok(outcome)) => Ok(applied_response(&id, outcome.state, outcome.error)),
                     _ => Ok(json_response(
                         StatusCode::ACCEPTED,
                         &json!({"ack": id, "status": "accepted"}),
@@ -315,12 +334,8 @@ fn outputs_empty(body: &serde_json::Value) -> bool {
 }
 
 /// The answer in ack mode `applied` once the event is final.
-fn applied_response(id: &str, final_state: &str, error: Option<String>) -> Response<Body> {
-    let status = match final_state {
-        state::APPLIED | state::FILTERED => "applied",
-        state::SUPERSEDED => "superseded",
-        _ => "failed",
-    };
+fn applied_response(id: &str, final_state: EventState, error: Option<String>) -> Response<Body> {
+    let status = final_state.status_word().unwrap_or("failed");
     let mut body = json!({"ack": id, "status": status});
     if status == "failed" {
         body["error"] = json!(error);

@@ -3,11 +3,8 @@
 //!
 //! Ingress never touches a sink: it authenticates, validates, journals and answers.
 
-pub mod auth;
 pub mod conn;
-pub mod envelope;
 pub mod handler;
-pub mod problem;
 pub mod tls;
 
 use std::collections::HashMap;

@@ -1,7 +1,6 @@
 //! TLS for the ingress listener: rustls with the ring provider, ALPN `h2` and `http/1.1`, and
 //! mutual TLS when a client CA is configured.
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use rustls::RootCertStore;
@@ -11,24 +10,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use crate::config::TlsConfig;
-
-/// Why the TLS configuration could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read {what} from {path}: {reason}: check that the file exists and is PEM")]
-    Pem {
-        what: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
-    #[error("{path} holds no {what}: it must contain at least one PEM block")]
-    Empty { what: &'static str, path: PathBuf },
-    #[error("TLS configuration rejected: {0}")]
-    Rustls(String),
-    #[error("ingress.tls.client_allowed_names: {0:?} is neither a DNS name nor an IP address")]
-    BadName(String),
-}
+use crate::settings::TlsConfig;
+use crate::settings::tls::{TlsError, provider, read_certs};
 
 /// Accepts TLS connections and applies the client-name allow-list.
 ///
@@ -54,45 +37,6 @@ impl std::fmt::Debug for TlsAcceptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsAcceptor").finish_non_exhaustive()
     }
-}
-
-/// The crypto provider every TLS endpoint of the agent uses.
-pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Reads every certificate in a PEM file.
-pub fn read_certs(
-    path: &Path,
-    what: &'static str,
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem_err = |reason: String| TlsError::Pem {
-        what,
-        path: path.to_owned(),
-        reason,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem_err(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(TlsError::Empty {
-            what,
-            path: path.to_owned(),
-        });
-    }
-    Ok(certs)
-}
-
-/// Reads a root store from a PEM file of CA certificates.
-pub fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in read_certs(path, "CA certificates")? {
-        roots
-            .add(cert)
-            .map_err(|e| TlsError::Rustls(format!("CA certificate in {}: {e}", path.display())))?;
-    }
-    Ok(roots)
 }
 
 impl TlsAcceptor {

@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use super::{EventRecord, Journal, JournalError, read_record, state};
+use super::{DeliveryState, EventRecord, EventState, Journal, JournalError, read_record};
 
 /// An event as the dispatcher needs it.
 #[derive(Debug, Clone)]
@@ -23,7 +23,7 @@ pub struct StoredEvent {
     pub source: Option<String>,
     /// Unix milliseconds.
     pub received_at_ms: i64,
-    pub state: String,
+    pub state: EventState,
     /// The normalised envelope (JSON text).
     pub envelope: String,
 }
@@ -33,7 +33,7 @@ pub struct StoredEvent {
 pub struct DeliveryRecord {
     pub route: String,
     pub sink: String,
-    pub state: String,
+    pub state: DeliveryState,
     pub attempts: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_attempt_ms: Option<i64>,
@@ -48,7 +48,7 @@ pub struct DeliveryUpdate {
     pub seq: i64,
     pub route: String,
     pub sink: String,
-    pub state: &'static str,
+    pub state: DeliveryState,
     pub attempts: u32,
     pub next_attempt_ms: Option<i64>,
     pub last_error: Option<String>,
@@ -58,7 +58,7 @@ pub struct DeliveryUpdate {
 #[derive(Debug, Clone)]
 pub struct Finish {
     pub seq: i64,
-    pub state: &'static str,
+    pub state: EventState,
     pub error: Option<String>,
     /// Raise the subject's applied revision to this (only ever raised).
     pub subject_revision: Option<(String, u64)>,
@@ -80,7 +80,7 @@ pub enum Requeue {
     Pending,
     /// Applied (or filtered/superseded): replaying needs `force`.
     NeedsForce {
-        state: String,
+        state: EventState,
     },
 }
 
@@ -90,7 +90,7 @@ pub enum DropOutcome {
     Dropped,
     NotFound,
     /// Not a dead letter; carries the state.
-    NotDeadLetter(String),
+    NotDeadLetter(EventState),
 }
 
 /// A dead letter for the listing.
@@ -200,7 +200,7 @@ pub fn untried_events(
          WHERE e.seq BETWEEN ?1 AND ?2 AND +e.state = ?3 \
          AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq) ORDER BY e.seq",
     )?;
-    stmt.query_map(params![from, to, state::ACCEPTED], stored_event)?
+    stmt.query_map(params![from, to, EventState::Accepted], stored_event)?
         .collect()
 }
 
@@ -279,7 +279,7 @@ pub fn finish_event(
             finish.state,
             finish.error,
             now,
-            state::ACCEPTED
+            EventState::Accepted
         ])?;
     if changed == 0 {
         return Ok(false);
@@ -303,11 +303,11 @@ pub fn finish_event(
 }
 
 /// The states an event can be pruned in: final, and not a dead letter waiting for the operator.
-const PRUNABLE: [&str; 4] = [
-    state::APPLIED,
-    state::FILTERED,
-    state::SUPERSEDED,
-    state::DROPPED,
+const PRUNABLE: [EventState; 4] = [
+    EventState::Applied,
+    EventState::Filtered,
+    EventState::Superseded,
+    EventState::Dropped,
 ];
 
 /// The highest seq of an event received before `cutoff` (RFC 3339, UTC), found by bisecting
@@ -394,7 +394,7 @@ impl Journal {
         self.read(|conn| {
             let mut stmt =
                 conn.prepare("SELECT seq, subject FROM events WHERE state = ?1 ORDER BY seq")?;
-            stmt.query_map([state::ACCEPTED], |r| Ok((r.get(0)?, r.get(1)?)))?
+            stmt.query_map([EventState::Accepted], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect()
         })
     }
@@ -484,7 +484,7 @@ impl Journal {
         let id = id.to_owned();
         let outcome = self
             .write(move |conn| {
-                let row: Option<(i64, String, String)> = conn
+                let row: Option<(i64, String, EventState)> = conn
                     .query_row(
                         "SELECT seq, subject, state FROM events WHERE id = ?1",
                         [&id],
@@ -494,9 +494,8 @@ impl Journal {
                 let Some((seq, subject, current)) = row else {
                     return Ok(Requeue::NotFound);
                 };
-                let dead =
-                    [state::FAILED, state::PARKED, state::DROPPED].contains(&current.as_str());
-                if current == state::ACCEPTED {
+                let dead = current.is_dead_letter();
+                if current == EventState::Accepted {
                     return Ok(Requeue::Pending);
                 }
                 if !dead && !force {
@@ -507,13 +506,13 @@ impl Journal {
                 } else {
                     conn.execute(
                         "DELETE FROM deliveries WHERE event_seq = ?1 AND state NOT IN (?2, ?3)",
-                        params![seq, state::APPLIED, state::FILTERED],
+                        params![seq, DeliveryState::Applied, DeliveryState::Filtered],
                     )?;
                 }
                 conn.execute(
                     "UPDATE events SET state = ?2, error = NULL, finished_at = NULL, \
                      updated_at = ?3 WHERE seq = ?1",
-                    params![seq, state::ACCEPTED, crate::timestamp::now()],
+                    params![seq, EventState::Accepted, crate::timestamp::now()],
                 )?;
                 Ok(Requeue::Queued { seq, subject })
             })
@@ -529,21 +528,27 @@ impl Journal {
     pub async fn drop_dead_letter(&self, id: &str) -> Result<DropOutcome, JournalError> {
         let id = id.to_owned();
         self.write(move |conn| {
-            let current: Option<String> = conn
+            let current: Option<EventState> = conn
                 .query_row("SELECT state FROM events WHERE id = ?1", [&id], |r| {
                     r.get(0)
                 })
                 .optional()?;
-            match current.as_deref() {
+            match current {
                 None => Ok(DropOutcome::NotFound),
-                Some(state::FAILED) | Some(state::PARKED) => {
+                Some(EventState::Failed | EventState::Parked) => {
                     conn.execute(
                         "UPDATE events SET state = ?2, updated_at = ?3 WHERE id = ?1",
-                        params![id, state::DROPPED, crate::timestamp::now()],
+                        params![id, EventState::Dropped, crate::timestamp::now()],
                     )?;
                     Ok(DropOutcome::Dropped)
                 }
-                Some(other) => Ok(DropOutcome::NotDeadLetter(other.to_owned())),
+                Some(
+                    other @ (EventState::Accepted
+                    | EventState::Applied
+                    | EventState::Filtered
+                    | EventState::Superseded
+                    | EventState::Dropped),
+                ) => Ok(DropOutcome::NotDeadLetter(other)),
             }
         })
         .await
@@ -561,7 +566,7 @@ impl Journal {
                  FROM events WHERE state IN (?1, ?2) AND seq > ?3 ORDER BY seq LIMIT ?4",
             )?;
             stmt.query_map(
-                params![state::FAILED, state::PARKED, after_seq, limit],
+                params![EventState::Failed, EventState::Parked, after_seq, limit],
                 |r| {
                     let seq: i64 = r.get(0)?;
                     let row = || -> Result<DeadLetter, rusqlite::Error> {
@@ -591,7 +596,7 @@ impl Journal {
         self.read(|conn| {
             conn.query_row(
                 "SELECT count(*) FROM events WHERE state IN (?1, ?2)",
-                params![state::FAILED, state::PARKED],
+                params![EventState::Failed, EventState::Parked],
                 |r| r.get(0),
             )
         })
@@ -695,7 +700,7 @@ mod tests {
         }
         journal
             .write(|conn| {
-                conn.execute("UPDATE events SET state = ?1", [state::FAILED])?;
+                conn.execute("UPDATE events SET state = ?1", [EventState::Failed])?;
                 // A value no agent writes, which no read can decode as an integer.
                 conn.execute(
                     "UPDATE events SET version = 'not a number' WHERE id = 'mangled'",

@@ -141,29 +141,15 @@ pub struct NewEvent {
 }
 
 /// The lifecycle states of an event and of its deliveries.
-pub mod state {
-    /// Durably recorded, not yet in a final state (the backlog).
-    pub const ACCEPTED: &str = "accepted";
-    /// Applied to every route's sink (routes whose adapter filtered it count as done).
-    pub const APPLIED: &str = "applied";
-    /// Every matching route's adapter returned `undefined`: nothing to apply.
-    pub const FILTERED: &str = "filtered";
-    /// Not applied: a higher revision of its subject was applied before it.
-    pub const SUPERSEDED: &str = "superseded";
-    /// A dead letter: an adapter or sink failed permanently, or retries ran out.
-    pub const FAILED: &str = "failed";
-    /// A dead letter: no route matched.
-    pub const PARKED: &str = "parked";
-    /// A dead letter the operator dropped. The id stays known for the retention period, so a
-    /// redelivery is a duplicate.
-    pub const DROPPED: &str = "dropped";
-    /// A delivery waiting for its (next) attempt.
-    pub const PENDING: &str = "pending";
+pub mod state;
+pub use state::{DeliveryState, EventState};
 
-    /// True for the states an event does not leave without an operator's replay.
-    pub fn is_final(state: &str) -> bool {
-        state != ACCEPTED
-    }
+/// How an event ended (its final state, and the error of a dead letter), for a hub waiting in
+/// ack mode `applied`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub state: EventState,
+    pub error: Option<String>,
 }
 
 /// What the journal knows about one event.
@@ -182,7 +168,7 @@ pub struct EventRecord {
     pub time: Option<String>,
     pub format: String,
     pub received_at: String,
-    pub state: String,
+    pub state: EventState,
     pub updated_at: String,
     /// Why it was parked or failed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -362,7 +348,7 @@ impl Journal {
         let backlog: u64 = conn
             .query_row(
                 "SELECT count(*) FROM events WHERE state = ?1",
-                [state::ACCEPTED],
+                [EventState::Accepted],
                 |row| row.get(0),
             )
             .map_err(|e| damaged(e.into()))?;
@@ -839,7 +825,7 @@ mod tests {
             Appended::Accepted
         );
         match journal.append(event("a")).await.unwrap() {
-            Appended::Duplicate(record) => assert_eq!(record.state, state::ACCEPTED),
+            Appended::Duplicate(record) => assert_eq!(record.state, EventState::Accepted),
             other => panic!("expected duplicate, got {other:?}"),
         }
         assert_eq!(journal.backlog(), 1);
@@ -875,7 +861,7 @@ mod tests {
         journal.close();
     }
 
-    fn finish(seq: i64, id: &str, final_state: &'static str) -> Finish {
+    fn finish(seq: i64, id: &str, final_state: EventState) -> Finish {
         Finish {
             seq,
             state: final_state,
@@ -895,11 +881,11 @@ mod tests {
         };
         let journal = Journal::open(dir.path(), options).unwrap();
         let states = [
-            ("applied", Some(state::APPLIED)),
-            ("filtered", Some(state::FILTERED)),
-            ("superseded", Some(state::SUPERSEDED)),
-            ("failed", Some(state::FAILED)),
-            ("parked", Some(state::PARKED)),
+            ("applied", Some(EventState::Applied)),
+            ("filtered", Some(EventState::Filtered)),
+            ("superseded", Some(EventState::Superseded)),
+            ("failed", Some(EventState::Failed)),
+            ("parked", Some(EventState::Parked)),
             ("pending", None),
         ];
         for (seq, (id, final_state)) in (1..).zip(states) {
@@ -958,7 +944,7 @@ mod tests {
             let id = format!("e{n}");
             journal.append(event(&id)).await.unwrap();
             journal
-                .finish(finish(n as i64 + 1, &id, state::APPLIED))
+                .finish(finish(n as i64 + 1, &id, EventState::Applied))
                 .await
                 .unwrap();
         }
@@ -1023,7 +1009,7 @@ mod tests {
         journal.close();
     }
 
-    fn state_of(journal: &Journal, id: &str) -> String {
+    fn state_of(journal: &Journal, id: &str) -> EventState {
         journal.get(id).unwrap().unwrap().state
     }
 
@@ -1046,20 +1032,20 @@ mod tests {
             seq: 999,
             route: "r".into(),
             sink: "s".into(),
-            state: state::APPLIED,
+            state: DeliveryState::Applied,
             attempts: 1,
             next_attempt_ms: None,
             last_error: None,
         };
         let (a, b, c) = tokio::join!(
-            journal.finish(finish(1, "a", state::APPLIED)),
-            journal.finish_with(vec![broken], finish(2, "b", state::APPLIED)),
-            journal.finish(finish(3, "c", state::FAILED)),
+            journal.finish(finish(1, "a", EventState::Applied)),
+            journal.finish_with(vec![broken], finish(2, "b", EventState::Applied)),
+            journal.finish(finish(3, "c", EventState::Failed)),
         );
         assert!(a.is_ok() && b.is_err() && c.is_ok(), "{a:?} {b:?} {c:?}");
-        assert_eq!(state_of(&journal, "a"), state::APPLIED);
-        assert_eq!(state_of(&journal, "b"), state::ACCEPTED);
-        assert_eq!(state_of(&journal, "c"), state::FAILED);
+        assert_eq!(state_of(&journal, "a"), EventState::Applied);
+        assert_eq!(state_of(&journal, "b"), EventState::Accepted);
+        assert_eq!(state_of(&journal, "c"), EventState::Failed);
         assert_eq!(journal.backlog(), 1);
         journal.close();
     }
@@ -1077,12 +1063,12 @@ mod tests {
             journal.append(event("a")).await.unwrap(),
             Appended::Accepted
         );
-        let finishing = journal.finish(finish(1, "a", state::APPLIED));
+        let finishing = journal.finish(finish(1, "a", EventState::Applied));
         tokio::time::timeout(Duration::from_secs(10), finishing)
             .await
             .expect("a lone final state is committed within a gap, not a linger")
             .unwrap();
-        assert_eq!(state_of(&journal, "a"), state::APPLIED);
+        assert_eq!(state_of(&journal, "a"), EventState::Applied);
         journal.close();
     }
 
@@ -1104,7 +1090,7 @@ mod tests {
         let commits = journal.commits();
         let mut finishing = tokio::spawn({
             let journal = journal.clone();
-            async move { journal.finish(finish(1, "a", state::APPLIED)).await }
+            async move { journal.finish(finish(1, "a", EventState::Applied)).await }
         });
         // Alone, the final state waits for more (the linger is a minute).
         assert!(
@@ -1112,12 +1098,12 @@ mod tests {
                 .await
                 .is_err()
         );
-        assert_eq!(state_of(&journal, "a"), state::ACCEPTED);
+        assert_eq!(state_of(&journal, "a"), EventState::Accepted);
         // A new event is not kept waiting, and takes the final state with it.
         let appended = tokio::time::timeout(Duration::from_secs(10), journal.append(event("b")));
         assert_eq!(appended.await.unwrap().unwrap(), Appended::Accepted);
         finishing.await.unwrap().unwrap();
-        assert_eq!(state_of(&journal, "a"), state::APPLIED);
+        assert_eq!(state_of(&journal, "a"), EventState::Applied);
         assert_eq!(journal.commits(), commits + 1);
         journal.close();
     }

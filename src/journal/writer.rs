@@ -26,7 +26,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::apply::{DeliveryUpdate, Finish, finish_event, rfc3339_ms, write_deliveries};
-use super::{Appended, JournalError, NewEvent, Shared, StoredEvent, read_record, state};
+use super::{Appended, EventState, JournalError, NewEvent, Shared, StoredEvent, read_record};
 
 /// Where the outcome of one append is sent.
 pub(super) type Reply = oneshot::Sender<Result<Appended, JournalError>>;
@@ -277,7 +277,7 @@ impl Writer {
                             revision: e.revision,
                             source: e.source.clone(),
                             received_at_ms: now_ms,
-                            state: state::ACCEPTED.to_owned(),
+                            state: EventState::Accepted.to_owned(),
                             envelope: std::mem::take(&mut e.envelope),
                         };
                         let committed = Committed {
@@ -391,7 +391,7 @@ pub fn insert_event(
             e.format.as_str(),
             e.content_type,
             now,
-            state::ACCEPTED,
+            EventState::Accepted,
         ])?;
     if inserted == 0 {
         return Ok(None);

@@ -1,7 +1,9 @@
 //! Sinks: where adapter output is applied.
 //!
-//! A sink is one small trait ([`Sink`]) and one variant of the closed, tagged configuration enum
-//! ([`SinkConfig`]). A sink reports success only once the destination has durably taken the
+//! A sink is a folder `src/sink/NAME/`: its configuration type (`config.rs`) implements
+//! [`SinkSpec`], its sink implements [`Sink`], and one line in [`sink_kinds!`] below makes it a
+//! variant of the closed, tagged configuration enum [`SinkConfig`]. This file is the one place
+//! that lists the sink kinds. A sink reports success only once the destination has durably taken the
 //! output (files: fsync of file and directory; HTTP: a 2xx answer; MQTT: the broker's PUBACK or
 //! PUBCOMP). Errors say whether trying
 //! again can help ([`SinkError::Retryable`]) or not ([`SinkError::Permanent`]); the dispatcher
@@ -22,10 +24,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{Problem, SecretSource, read_secret};
+use crate::settings::{Problem, RetryConfig, SecretSource, read_secret};
 
-/// A secret a sink reads when it is built.
-enum SecretOrFile<'a> {
+/// A secret a sink reads when it is built: a secret source, or a file that is as secret (an
+/// SFTP private key).
+pub enum SecretOrFile<'a> {
     Secret(&'a SecretSource),
     File(&'a Path),
 }
@@ -102,67 +105,86 @@ pub trait Sink: Send + Sync {
     }
 }
 
-/// Retry policy of a sink: exponential backoff with full jitter.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetryConfig {
-    /// Upper bound of the first delay, in milliseconds. Default: 1000.
-    #[serde(default = "default_initial_ms")]
-    pub initial_ms: u64,
-    /// Upper bound of any delay, in milliseconds. Default: 300000 (5 minutes).
-    #[serde(default = "default_max_ms")]
-    pub max_ms: u64,
-    /// Attempts after which the event is dead-lettered. 0 means no limit. Default: 25.
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: u32,
-    /// Age (since the event was received) after which no further attempt is made and the event
-    /// is dead-lettered, in seconds. 0 means no limit. Default: 86400 (one day).
-    #[serde(default = "default_max_age_secs")]
-    pub max_age_secs: u64,
+/// What the agent needs of a sink kind's configuration: every sink's config type implements it,
+/// and [`SinkConfig`] dispatches to it.
+pub trait SinkSpec {
+    /// The retry policy.
+    fn retry(&self) -> &RetryConfig;
+
+    /// Resolves relative paths against the configuration file's directory.
+    fn resolve_paths(&mut self, base: &Path);
+
+    /// Pure checks; `key` is this sink's key path, e.g. `sinks.court-files`.
+    fn validate(&self, key: &str) -> Vec<Problem>;
+
+    /// The secrets the sink is built with, each with its key below the sink's (e.g.
+    /// `secret_headers.X-Api-Key`), and files that are as secret (an SFTP private key). A reload
+    /// rebuilds the sink when one of them changed. Default: none.
+    fn secret_sources(&self) -> Vec<(String, SecretOrFile<'_>)> {
+        Vec::new()
+    }
+
+    /// Builds the sink: reads the secrets and files it names, but opens no connection. The
+    /// error is a message; the caller adds the sink's key path.
+    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String>;
+
+    /// Checks that an output of a route's adapter (e.g. a fixture's expected output) is one this
+    /// sink can apply, as far as that can be told without the destination. Pure. Default: any
+    /// output.
+    fn check_output(&self, _output: &Value) -> Result<(), String> {
+        Ok(())
+    }
 }
 
-fn default_initial_ms() -> u64 {
-    1000
-}
-fn default_max_ms() -> u64 {
-    300_000
-}
-fn default_max_attempts() -> u32 {
-    25
-}
-fn default_max_age_secs() -> u64 {
-    86_400
+/// What a sink is built with besides its configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildContext<'a> {
+    /// The sink's key path, e.g. `sinks.court-files`.
+    pub key: &'a str,
+    /// The sink's name, e.g. `court-files`.
+    pub name: &'a str,
 }
 
-impl Default for RetryConfig {
-    fn default() -> Self {
-        Self {
-            initial_ms: default_initial_ms(),
-            max_ms: default_max_ms(),
-            max_attempts: default_max_attempts(),
-            max_age_secs: default_max_age_secs(),
+/// Pushes `source`, when set, as the secret `key`: for [`SinkSpec::secret_sources`].
+pub fn push_secret<'a>(
+    sources: &mut Vec<(String, SecretOrFile<'a>)>,
+    key: &str,
+    source: &'a Option<SecretSource>,
+) {
+    if let Some(source) = source {
+        sources.push((key.to_string(), SecretOrFile::Secret(source)));
+    }
+}
+
+/// The registry: one line per sink kind, `Variant(config type)`; the variant's snake_case name
+/// is the `type` in the TOML (`type = "file"`).
+macro_rules! sink_kinds {
+    ($($variant:ident($config:ty),)*) => {
+        /// The configuration of one sink, tagged by `type`.
+        #[derive(Debug, Clone, PartialEq, Deserialize)]
+        #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+        pub enum SinkConfig {
+            $($variant($config),)*
         }
-    }
+
+        impl SinkConfig {
+            /// The sink kind's own configuration.
+            pub fn spec(&self) -> &dyn SinkSpec {
+                match self {
+                    $(SinkConfig::$variant(c) => c,)*
+                }
+            }
+
+            fn spec_mut(&mut self) -> &mut dyn SinkSpec {
+                match self {
+                    $(SinkConfig::$variant(c) => c,)*
+                }
+            }
+        }
+    };
 }
 
-impl RetryConfig {
-    /// The delay before attempt `attempt + 1`, after `attempt` failed attempts (1-based):
-    /// uniformly random between 0 and `min(max, initial * 2^(attempt - 1))` ("full jitter").
-    pub fn delay(&self, attempt: u32, random: f64) -> Duration {
-        let exp = attempt.saturating_sub(1).min(40);
-        let cap = self
-            .initial_ms
-            .saturating_mul(1u64 << exp)
-            .min(self.max_ms)
-            .max(1);
-        Duration::from_millis((cap as f64 * random.clamp(0.0, 1.0)) as u64)
-    }
-}
-
-/// The configuration of one sink, tagged by `type`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SinkConfig {
+sink_kinds! {
     File(file::FileConfig),
     Http(http::HttpConfig),
     Mqtt(mqtt::MqttConfig),
@@ -174,88 +196,17 @@ pub enum SinkConfig {
 impl SinkConfig {
     /// The retry policy.
     pub fn retry(&self) -> &RetryConfig {
-        match self {
-            SinkConfig::File(c) => &c.retry,
-            SinkConfig::Http(c) => &c.retry,
-            SinkConfig::Mqtt(c) => &c.retry,
-            SinkConfig::Redis(c) => &c.retry,
-            SinkConfig::Sftp(c) => &c.retry,
-            SinkConfig::Sql(c) => &c.retry,
-        }
+        self.spec().retry()
     }
 
     /// Resolves relative paths against the configuration file's directory.
     pub fn resolve_paths(&mut self, base: &Path) {
-        match self {
-            SinkConfig::File(c) => c.resolve_paths(base),
-            SinkConfig::Http(c) => c.resolve_paths(base),
-            SinkConfig::Mqtt(c) => c.resolve_paths(base),
-            SinkConfig::Redis(c) => c.resolve_paths(base),
-            SinkConfig::Sftp(c) => c.resolve_paths(base),
-            SinkConfig::Sql(c) => c.resolve_paths(base),
-        }
+        self.spec_mut().resolve_paths(base)
     }
 
     /// Pure checks; `key` is this sink's key path, e.g. `sinks.court-files`.
     pub fn validate(&self, key: &str) -> Vec<Problem> {
-        match self {
-            SinkConfig::File(c) => c.validate(key),
-            SinkConfig::Http(c) => c.validate(key),
-            SinkConfig::Mqtt(c) => c.validate(key),
-            SinkConfig::Redis(c) => c.validate(key),
-            SinkConfig::Sftp(c) => c.validate(key),
-            SinkConfig::Sql(c) => c.validate(key),
-        }
-    }
-
-    /// The secrets the sink is built with, each with its key below the sink's (e.g.
-    /// `secret_headers.X-Api-Key`), and for SFTP the private key file, which is as secret.
-    fn secret_sources(&self) -> Vec<(String, SecretOrFile<'_>)> {
-        fn secret<'a>(
-            sources: &mut Vec<(String, SecretOrFile<'a>)>,
-            key: &str,
-            source: &'a Option<SecretSource>,
-        ) {
-            if let Some(source) = source {
-                sources.push((key.to_string(), SecretOrFile::Secret(source)));
-            }
-        }
-        let mut sources = Vec::new();
-        match self {
-            SinkConfig::File(_) => {}
-            SinkConfig::Http(c) => {
-                for (name, source) in &c.secret_headers {
-                    sources.push((
-                        format!("secret_headers.{name}"),
-                        SecretOrFile::Secret(source),
-                    ));
-                }
-            }
-            SinkConfig::Mqtt(c) => {
-                secret(&mut sources, "username", &c.username);
-                secret(&mut sources, "password", &c.password);
-            }
-            SinkConfig::Redis(c) => {
-                secret(&mut sources, "username", &c.username);
-                secret(&mut sources, "password", &c.password);
-            }
-            SinkConfig::Sftp(c) => {
-                secret(
-                    &mut sources,
-                    "private_key_passphrase",
-                    &c.private_key_passphrase,
-                );
-                secret(&mut sources, "password", &c.password);
-                if let Some(path) = &c.private_key {
-                    sources.push(("private_key".to_string(), SecretOrFile::File(path)));
-                }
-            }
-            SinkConfig::Sql(c) => {
-                secret(&mut sources, "url_secret", &c.url_secret);
-                secret(&mut sources, "password", &c.password);
-            }
-        }
-        sources
+        self.spec().validate(key)
     }
 
     /// Reads the sink's secrets again and returns a SHA-256 digest of them, so that a reload
@@ -265,7 +216,7 @@ impl SinkConfig {
     pub fn secret_digest(&self, key: &str) -> Result<[u8; 32], Vec<Problem>> {
         let mut context = ring::digest::Context::new(&ring::digest::SHA256);
         let mut problems = Vec::new();
-        for (field, source) in self.secret_sources() {
+        for (field, source) in self.spec().secret_sources() {
             let value = match source {
                 SecretOrFile::Secret(source) => read_secret(source).map(String::into_bytes),
                 SecretOrFile::File(path) => std::fs::read(path)
@@ -292,131 +243,22 @@ impl SinkConfig {
         Ok(digest)
     }
 
-    /// Builds the sink (reads secrets and files it names, but opens no connection).
+    /// Builds the sink (reads secrets and files it names, but opens no connection). `key` is
+    /// this sink's key path, `sinks.NAME`.
     pub fn build(&self, key: &str) -> Result<Arc<dyn Sink>, Problem> {
-        match self {
-            SinkConfig::File(c) => Ok(Arc::new(file::FileSink::new(c).map_err(|message| {
-                Problem {
-                    key: key.to_string(),
-                    message,
-                }
-            })?)),
-            SinkConfig::Http(c) => Ok(Arc::new(http::HttpSink::new(c).map_err(|message| {
-                Problem {
-                    key: key.to_string(),
-                    message,
-                }
-            })?)),
-            SinkConfig::Mqtt(c) => {
-                let name = key.strip_prefix("sinks.").unwrap_or(key);
-                Ok(Arc::new(mqtt::MqttSink::new(c, name).map_err(
-                    |message| Problem {
-                        key: key.to_string(),
-                        message,
-                    },
-                )?))
-            }
-            SinkConfig::Redis(c) => {
-                let name = key.strip_prefix("sinks.").unwrap_or(key);
-                Ok(Arc::new(redis::RedisSink::new(c, name).map_err(
-                    |message| Problem {
-                        key: key.to_string(),
-                        message,
-                    },
-                )?))
-            }
-            SinkConfig::Sftp(c) => Ok(Arc::new(sftp::SftpSink::new(c, key).map_err(
-                |message| Problem {
-                    key: key.to_string(),
-                    message,
-                },
-            )?)),
-            SinkConfig::Sql(c) => Ok(Arc::new(sql::SqlSink::new(c).map_err(|message| {
-                Problem {
-                    key: key.to_string(),
-                    message,
-                }
-            })?)),
-        }
+        let context = BuildContext {
+            key,
+            name: key.strip_prefix("sinks.").unwrap_or(key),
+        };
+        self.spec().build(&context).map_err(|message| Problem {
+            key: key.to_string(),
+            message,
+        })
     }
 
     /// Checks that an output of a route's adapter (e.g. a fixture's expected output) is one this
     /// sink can apply, as far as that can be told without the destination. Pure.
-    pub fn check_output(&self, output: &serde_json::Value) -> Result<(), String> {
-        match self {
-            SinkConfig::Sql(c) => c.check_output(output),
-            SinkConfig::File(_)
-            | SinkConfig::Http(_)
-            | SinkConfig::Mqtt(_)
-            | SinkConfig::Redis(_)
-            | SinkConfig::Sftp(_) => Ok(()),
-        }
-    }
-}
-
-/// For every route whose sink can check outputs (see [`SinkConfig::check_output`]), checks each
-/// expected output among the fixtures of the route's adapter, e.g. that a SQL statement's
-/// parameters are fields the adapter returns. For `ess-agent validate`; reads only the fixture
-/// files. A fixture that cannot be read is left to the adapter tests.
-pub fn check_fixture_outputs(config: &crate::config::Config) -> Vec<Problem> {
-    use crate::adapter::fixtures::{Expectation, FIXTURE_EXTENSION, Fixture, tests_dir};
-    let mut problems = Vec::new();
-    for (i, route) in config.routes.iter().enumerate() {
-        let Some(sink) = config.sinks.get(&route.sink) else {
-            continue;
-        };
-        if !matches!(sink, SinkConfig::Sql(_)) {
-            continue;
-        }
-        let Ok(entries) = std::fs::read_dir(tests_dir(&route.adapter)) else {
-            continue;
-        };
-        let mut cases: Vec<_> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == FIXTURE_EXTENSION))
-            .collect();
-        cases.sort();
-        for case in cases {
-            let Ok(fixture) = Fixture::load(&case) else {
-                continue;
-            };
-            if let Expectation::Value(output) = &fixture.expectation
-                && let Err(message) = sink.check_output(output)
-            {
-                problems.push(Problem {
-                    key: format!("routes[{i}]"),
-                    message: format!(
-                        "sink {} cannot apply the output fixture {} expects of adapter {}: \
-                         {message}",
-                        route.sink,
-                        case.display(),
-                        route.adapter.display()
-                    ),
-                });
-            }
-        }
-    }
-    problems
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_is_capped_exponential_with_full_jitter() {
-        let r = RetryConfig {
-            initial_ms: 100,
-            max_ms: 1000,
-            ..RetryConfig::default()
-        };
-        assert_eq!(r.delay(1, 1.0), Duration::from_millis(100));
-        assert_eq!(r.delay(2, 1.0), Duration::from_millis(200));
-        assert_eq!(r.delay(4, 1.0), Duration::from_millis(800));
-        assert_eq!(r.delay(5, 1.0), Duration::from_millis(1000));
-        assert_eq!(r.delay(60, 1.0), Duration::from_millis(1000));
-        assert_eq!(r.delay(3, 0.5), Duration::from_millis(200));
-        assert_eq!(r.delay(3, 0.0), Duration::ZERO);
+    pub fn check_output(&self, output: &Value) -> Result<(), String> {
+        self.spec().check_output(output)
     }
 }

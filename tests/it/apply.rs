@@ -911,7 +911,7 @@ async fn status_reports_reach_the_hub_signed_are_retried_and_survive_a_restart()
     assert_eq!(report["attempts"], 1);
     assert_timestamp(&report["at"], "the report's at");
     // The signature verifies with the agent's secret.
-    let verifier = ess_agent::ingress::auth::WebhookVerifier::new(
+    let verifier = ess_agent::protocol::auth::WebhookVerifier::new(
         &[agent_secret.to_string()],
         &[],
         Duration::from_secs(300),

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ess_agent::ingress::auth::WebhookSigner;
+use ess_agent::protocol::auth::WebhookSigner;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 

@@ -10,6 +10,7 @@ mod crashloop;
 mod docs;
 mod hostile;
 mod jsonata_conformance;
+mod layering;
 mod operations;
 mod packaging;
 mod receive;

@@ -249,7 +249,7 @@ async fn sighup_reloads_and_a_listener_change_is_reported_as_needing_a_restart()
 async fn post_signed(agent: &Agent, secret: &str, id: &str) -> support::Reply {
     let body =
         serde_json::to_vec(&json!({"id": id, "version": 1, "type": "t", "payload": {}})).unwrap();
-    let signer = ess_agent::ingress::auth::WebhookSigner::new(secret).unwrap();
+    let signer = ess_agent::protocol::auth::WebhookSigner::new(secret).unwrap();
     let mut headers: Vec<(&str, String)> = signer.headers(id, unix_now(), &body).into();
     headers.push(("content-type", "application/json".into()));
     request(

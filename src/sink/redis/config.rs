@@ -4,9 +4,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::super::RetryConfig;
+use std::sync::Arc;
+
 use super::super::template::Template;
-use crate::config::{Problem, SecretSource};
+use super::super::{BuildContext, SecretOrFile, Sink, SinkSpec, push_secret};
+use crate::settings::{Problem, RetryConfig, SecretSource};
 
 /// How a record's output goes into its stream entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -213,17 +215,24 @@ pub fn check_stream(key: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_secret(source: &SecretSource) -> Result<(), String> {
-    match (&source.file, &source.env) {
-        (Some(_), Some(_)) => Err("set either file or env, not both".into()),
-        (None, None) => Err("set file = \"/path/to/secret\" or env = \"VARIABLE\"".into()),
-        _ => Ok(()),
+impl SinkSpec for RedisConfig {
+    fn retry(&self) -> &RetryConfig {
+        &self.retry
     }
-}
 
-impl RedisConfig {
+    fn secret_sources(&self) -> Vec<(String, SecretOrFile<'_>)> {
+        let mut sources = Vec::new();
+        push_secret(&mut sources, "username", &self.username);
+        push_secret(&mut sources, "password", &self.password);
+        sources
+    }
+
+    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String> {
+        Ok(Arc::new(super::RedisSink::new(self, context.name)?))
+    }
+
     /// Resolves relative file paths (TLS files, secret files) against `base`.
-    pub fn resolve_paths(&mut self, base: &Path) {
+    fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -243,14 +252,12 @@ impl RedisConfig {
             .into_iter()
             .flatten()
         {
-            if let Some(file) = &mut source.file {
-                fix(file);
-            }
+            source.resolve_path(base);
         }
     }
 
     /// Pure checks; `key` is this sink's key path.
-    pub fn validate(&self, key: &str) -> Vec<Problem> {
+    fn validate(&self, key: &str) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut bad = |field: &str, message: String| {
             problems.push(Problem {
@@ -338,7 +345,7 @@ impl RedisConfig {
         }
         for (field, source) in [("username", &self.username), ("password", &self.password)] {
             if let Some(source) = source
-                && let Err(message) = check_secret(source)
+                && let Err(message) = source.check()
             {
                 bad(field, message);
             }

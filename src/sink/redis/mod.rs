@@ -51,8 +51,9 @@ pub use config::{OutputAs, RedisConfig};
 
 use super::template::Template;
 use super::{EventMeta, Sink, SinkError};
-use crate::config::read_secret;
 use crate::http_client::{ClientTls, client_config};
+use crate::settings::read_secret;
+use crate::sink::SinkSpec;
 use config::{Server, parse_url};
 use entry::{Entry, dedup_key, entries};
 

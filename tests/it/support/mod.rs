@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ess_agent::http_client::{ClientTls, HttpClient, client};
-use ess_agent::ingress::auth::WebhookSigner;
+use ess_agent::protocol::auth::WebhookSigner;
 use http::{HeaderMap, Request, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use serde_json::Value;

@@ -46,16 +46,17 @@
 //!   columns and missing permissions (42), authentication failures (28), and values the sink
 //!   cannot bind to the type the database needs.
 
+mod config;
+
 mod statement;
 pub mod value;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{Map, Value};
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPoolOptions, MySqlSslMode};
 use sqlx::pool::PoolConnection;
@@ -67,381 +68,18 @@ use sqlx::{
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout};
 
-use super::{EventMeta, RetryConfig, Sink, SinkError};
+use super::{EventMeta, Sink, SinkError};
 use crate::adapter::engine::{Expression, Limits};
-use crate::config::{Problem, SecretSource, read_secret};
+use crate::settings::read_secret;
+pub use config::SqlConfig;
+use config::*;
 pub use statement::Dialect;
 use statement::{LedgerSql, Statement, TableName, check_identifier, parse_statement};
 use value::{MyColumn, MyParam};
 
-/// How the sink talks to the database over TLS (PostgreSQL and MariaDB/MySQL).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TlsMode {
-    /// Never.
-    Disable,
-    /// TLS when the server offers it, without checking its certificate; plain otherwise.
-    Prefer,
-    /// Always TLS, without checking the certificate.
-    Require,
-    /// Always TLS; the certificate must chain to a trusted CA.
-    VerifyCa,
-    /// Always TLS; the certificate must chain to a trusted CA and name the host.
-    VerifyFull,
-}
-
-/// Configuration of an `sql` sink.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SqlConfig {
-    /// The database: `postgres://user@host:5432/db`, `mysql://user@host:3306/db` (or
-    /// `mariadb://…`), or `sqlite:///absolute/path.db` / `sqlite:relative/path.db` (relative to
-    /// the configuration file's directory). No password here: use `password`, or give the whole
-    /// URL as a secret with `url_secret`. Exactly one of `url` and `url_secret` is required.
-    #[serde(default)]
-    pub url: Option<String>,
-    /// The URL as a secret (`{ file = "…" }` or `{ env = "…" }`), for URLs that carry a
-    /// password. Default: none.
-    #[serde(default)]
-    pub url_secret: Option<SecretSource>,
-    /// The database password (`{ file = "…" }` or `{ env = "…" }`); overrides one in
-    /// `url_secret`. Not for SQLite. Default: none.
-    #[serde(default)]
-    pub password: Option<SecretSource>,
-    /// A statement with named parameters bound from the output object's fields, e.g.
-    /// `INSERT INTO rules (court_id, deadline) VALUES (:court_id, :deadline)`. An array output
-    /// runs it once per element. Exactly one of `statement` and `table` is required.
-    #[serde(default)]
-    pub statement: Option<String>,
-    /// A table (optionally `schema.table`) to upsert the output object's fields into: each
-    /// field is a column. Needs `key`. Default: none.
-    #[serde(default)]
-    pub table: Option<String>,
-    /// With `table`: the key columns. They must carry a primary key or unique constraint (the
-    /// conflict target of the upsert), and every output object must have them. Default: none.
-    #[serde(default)]
-    pub key: Vec<String>,
-    /// With `table`: a JSONata predicate over the output object; when it is `true` the row with
-    /// the object's key is deleted instead of upserted, e.g. `deleted = true`. Default: none.
-    #[serde(default)]
-    pub delete_when: Option<String>,
-    /// The ledger table that records applied (event id, route) pairs, optionally
-    /// `schema.table`. Default: `ess_applied`.
-    #[serde(default = "default_ledger_table")]
-    pub ledger_table: String,
-    /// Create the ledger table when it does not exist. Set to false when the database user may
-    /// not create tables and the table was created beforehand. Default: true.
-    #[serde(default = "default_true")]
-    pub create_ledger: bool,
-    /// Most events one transaction carries. Default: 64.
-    #[serde(default = "default_max_batch")]
-    pub max_batch: usize,
-    /// How long a worker waits for more events after the first one of a batch, in
-    /// milliseconds; 0 sends each batch as soon as nothing more is waiting. Default: 5.
-    #[serde(default = "default_max_linger_ms")]
-    pub max_linger_ms: u64,
-    /// Connections in the sink's pool, which is also how many transactions run at the same
-    /// time. SQLite always uses one. Default: 4.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: u32,
-    /// How long getting a connection (connecting included) may take, in milliseconds; a
-    /// timeout is retried. Default: 10000.
-    #[serde(default = "default_connect_timeout_ms")]
-    pub connect_timeout_ms: u64,
-    /// How long one statement may run, in milliseconds, enforced by the server where it can
-    /// (PostgreSQL `statement_timeout`, MariaDB `max_statement_time`, SQLite's busy timeout and
-    /// an interrupt) and by the sink; a timeout is retried. Default: 30000.
-    #[serde(default = "default_statement_timeout_ms")]
-    pub statement_timeout_ms: u64,
-    /// TLS to the database: `disable`, `prefer`, `require`, `verify_ca` or `verify_full`.
-    /// Default: what the URL says (`sslmode` / `ssl-mode`), else `verify_full` when `ca_file`
-    /// is set, else `prefer`.
-    #[serde(default)]
-    pub tls: Option<TlsMode>,
-    /// A PEM file with the CA certificate(s) that the server's certificate must chain to.
-    /// Relative paths are resolved against the configuration file's directory. Default: the
-    /// bundled web PKI roots.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// Check the database with `SELECT 1` whenever the agent checks its sinks
-    /// (`dispatch.healthcheck_interval_ms`), so that readiness (`/readyz`) reports a database
-    /// that cannot be reached. Off by default: events for an unreachable database are still
-    /// accepted and queue until it is back, which a load balancer that follows readiness would
-    /// prevent. Default: false.
-    #[serde(default)]
-    pub healthcheck: bool,
-    /// Retry policy for retryable failures. Default: see [`RetryConfig`].
-    #[serde(default)]
-    pub retry: RetryConfig,
-}
-
-fn default_ledger_table() -> String {
-    "ess_applied".into()
-}
-fn default_true() -> bool {
-    true
-}
-fn default_max_batch() -> usize {
-    64
-}
-fn default_max_linger_ms() -> u64 {
-    5
-}
-fn default_max_connections() -> u32 {
-    4
-}
-fn default_connect_timeout_ms() -> u64 {
-    10_000
-}
-fn default_statement_timeout_ms() -> u64 {
-    30_000
-}
-
-/// The database a URL names.
-pub fn dialect_of(url: &str) -> Result<Dialect, String> {
-    let scheme = url
-        .split_once(':')
-        .map(|(s, _)| s.to_ascii_lowercase())
-        .unwrap_or_default();
-    match scheme.as_str() {
-        "postgres" | "postgresql" => Ok(Dialect::Postgres),
-        "mysql" | "mariadb" => Ok(Dialect::MySql),
-        "sqlite" => Ok(Dialect::Sqlite),
-        _ => Err(
-            "must start with postgres://, mysql://, mariadb:// or sqlite: (e.g. \
-             postgres://ess@db.example/rules)"
-                .into(),
-        ),
-    }
-}
-
-/// The file path of a `sqlite:` URL: `sqlite:///abs/x.db` → `/abs/x.db`, `sqlite:x.db` → `x.db`.
-fn sqlite_path(url: &str) -> Result<PathBuf, String> {
-    let rest = &url["sqlite:".len().min(url.len())..];
-    let rest = rest.strip_prefix("//").unwrap_or(rest);
-    if rest.is_empty() {
-        return Err("names no file: write it like sqlite:///var/lib/partner/rules.db".into());
-    }
-    if rest.contains('?') {
-        return Err("takes no options: write it like sqlite:///var/lib/partner/rules.db".into());
-    }
-    Ok(PathBuf::from(rest))
-}
-
-/// Refuses a URL that carries a password, so that passwords never sit in the configuration.
-/// The message never repeats the URL.
-fn check_plain_url(url: &str) -> Result<(), String> {
-    let parsed = url::Url::parse(url).map_err(|e| {
-        format!("is not a valid URL ({e}): write it like postgres://ess@db.example:5432/rules")
-    })?;
-    let password_in_query = parsed
-        .query_pairs()
-        .any(|(k, _)| k.eq_ignore_ascii_case("password"));
-    if parsed.password().is_some() || password_in_query {
-        return Err(
-            "carries a password: move it to password = { file = \"…\" } (or give the whole URL \
-             with url_secret)"
-                .into(),
-        );
-    }
-    Ok(())
-}
-
-impl SqlConfig {
-    /// Resolves relative paths (a `sqlite:` file, `ca_file`, secret files) against `base`.
-    pub fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
-        if let Some(url) = &mut self.url
-            && dialect_of(url) == Ok(Dialect::Sqlite)
-            && let Ok(path) = sqlite_path(url)
-            && path.is_relative()
-        {
-            *url = format!("sqlite://{}", base.join(path).display());
-        }
-        if let Some(ca) = &mut self.ca_file {
-            fix(ca);
-        }
-        for source in [&mut self.url_secret, &mut self.password]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(file) = &mut source.file {
-                fix(file);
-            }
-        }
-    }
-
-    /// The dialect when the URL is in the configuration (not a secret).
-    fn known_dialect(&self) -> Option<Dialect> {
-        self.url.as_deref().and_then(|u| dialect_of(u).ok())
-    }
-
-    /// Pure checks; `key` is this sink's key path.
-    pub fn validate(&self, key: &str) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        let mut bad = |field: &str, message: String| {
-            problems.push(Problem {
-                key: format!("{key}.{field}"),
-                message,
-            })
-        };
-        match (&self.url, &self.url_secret) {
-            (Some(_), Some(_)) => bad("url", "set either url or url_secret, not both".into()),
-            (None, None) => bad(
-                "url",
-                "is required: set url = \"postgres://user@host/db\" (or url_secret for a URL \
-                 with a password)"
-                    .into(),
-            ),
-            (Some(url), None) => match dialect_of(url) {
-                Err(message) => bad("url", message),
-                Ok(Dialect::Sqlite) => {
-                    if let Err(message) = sqlite_path(url) {
-                        bad("url", message);
-                    }
-                }
-                Ok(_) => {
-                    if let Err(message) = check_plain_url(url) {
-                        bad("url", message);
-                    }
-                }
-            },
-            (None, Some(source)) => {
-                if let Err(message) = source.check() {
-                    bad("url_secret", message);
-                }
-            }
-        }
-        if let Some(Err(message)) = self.password.as_ref().map(SecretSource::check) {
-            bad("password", message);
-        }
-        let dialect = self.known_dialect();
-        if dialect == Some(Dialect::Sqlite) {
-            if self.password.is_some() {
-                bad("password", "SQLite has no passwords: remove it".into());
-            }
-            if self.tls.is_some() || self.ca_file.is_some() {
-                bad(
-                    "tls",
-                    "SQLite is a local file: remove tls and ca_file".into(),
-                );
-            }
-        }
-        match (&self.statement, &self.table) {
-            (Some(_), Some(_)) => bad(
-                "statement",
-                "set either statement or table, not both".into(),
-            ),
-            (None, None) => bad(
-                "statement",
-                "is required: set statement = \"INSERT …\" with :field parameters, or table and \
-                 key for generated upserts"
-                    .into(),
-            ),
-            (Some(text), None) => {
-                if let Err(message) = parse_statement(text, dialect.unwrap_or(Dialect::Postgres)) {
-                    bad("statement", message);
-                }
-                if !self.key.is_empty() {
-                    bad("key", "goes with table, not statement: remove it".into());
-                }
-                if self.delete_when.is_some() {
-                    bad(
-                        "delete_when",
-                        "goes with table, not statement: write the delete into the statement"
-                            .into(),
-                    );
-                }
-            }
-            (None, Some(table)) => {
-                if let Err(message) = TableName::parse(table) {
-                    bad("table", message);
-                }
-                if self.key.is_empty() {
-                    bad(
-                        "key",
-                        "is required with table: name the key column(s), e.g. key = [\"court_id\"]"
-                            .into(),
-                    );
-                }
-                let mut seen = HashSet::new();
-                for column in &self.key {
-                    if let Err(message) = check_identifier(column) {
-                        bad("key", message);
-                    } else if !seen.insert(column.as_str()) {
-                        bad("key", format!("{column:?} is listed twice"));
-                    }
-                }
-                if let Some(predicate) = &self.delete_when
-                    && let Err(e) = Expression::compile(predicate)
-                {
-                    bad(
-                        "delete_when",
-                        format!("does not compile: {}", e.render("delete_when", predicate)),
-                    );
-                }
-            }
-        }
-        if let Err(message) = TableName::parse(&self.ledger_table) {
-            bad("ledger_table", message);
-        }
-        if self.max_batch == 0 {
-            bad("max_batch", "must be at least 1 (the default is 64)".into());
-        }
-        if self.max_connections == 0 {
-            bad(
-                "max_connections",
-                "must be at least 1 (the default is 4)".into(),
-            );
-        }
-        if self.connect_timeout_ms == 0 {
-            bad(
-                "connect_timeout_ms",
-                "must be at least 1 (the default is 10000)".into(),
-            );
-        }
-        if self.statement_timeout_ms == 0 {
-            bad(
-                "statement_timeout_ms",
-                "must be at least 1 (the default is 30000)".into(),
-            );
-        }
-        problems
-    }
-
-    /// Checks that an output the route's adapter produces (e.g. a fixture's expected output)
-    /// can be bound: objects with every parameter of the statement, or with the key columns and
-    /// plain field names for a table. Pure.
-    pub fn check_output(&self, output: &Value) -> Result<(), String> {
-        let mode = Mode::new(self, self.known_dialect().unwrap_or(Dialect::Postgres))?;
-        for (index, record) in records(output) {
-            let Some(object) = record.as_object() else {
-                return Err(not_an_object(index, record));
-            };
-            match &mode {
-                Mode::Statement { statement, .. } => {
-                    for name in &statement.names {
-                        if !object.contains_key(name) {
-                            return Err(missing_field(index, name, &format!(":{name}")));
-                        }
-                    }
-                }
-                Mode::Table { key, .. } => {
-                    table_columns(index, object, key)?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
 /// What the sink writes.
 #[derive(Debug)]
-enum Mode {
+pub(super) enum Mode {
     Statement {
         statement: Statement,
         /// The statement's text and each bind's label (`:deadline`), made once and shared by
@@ -502,7 +140,7 @@ impl Mode {
 }
 
 /// The records of an output: each element of an array (with its index), else the output.
-fn records(output: &Value) -> Vec<(Option<usize>, &Value)> {
+pub(super) fn records(output: &Value) -> Vec<(Option<usize>, &Value)> {
     match output {
         Value::Array(items) => items
             .iter()
@@ -520,7 +158,7 @@ fn record_name(index: Option<usize>) -> String {
     }
 }
 
-fn not_an_object(index: Option<usize>, record: &Value) -> String {
+pub(super) fn not_an_object(index: Option<usize>, record: &Value) -> String {
     format!(
         "{} is {}: the sql sink binds fields of an object, so the adapter must return an object \
          or an array of objects",
@@ -529,7 +167,7 @@ fn not_an_object(index: Option<usize>, record: &Value) -> String {
     )
 }
 
-fn missing_field(index: Option<usize>, field: &str, used_as: &str) -> String {
+pub(super) fn missing_field(index: Option<usize>, field: &str, used_as: &str) -> String {
     format!(
         "field {field:?} (bound to {used_as}) is missing from {}: make the adapter return it, \
          or null for NULL",
@@ -538,7 +176,7 @@ fn missing_field(index: Option<usize>, field: &str, used_as: &str) -> String {
 }
 
 /// The columns of a table-mode record, checked: plain names, key columns present and not null.
-fn table_columns<'a>(
+pub(super) fn table_columns<'a>(
     index: Option<usize>,
     object: &'a Map<String, Value>,
     key: &[String],
@@ -1040,6 +678,18 @@ impl Sink for SqlSink {
 // Workers and batches
 
 /// Takes batches off the queue and applies them, until the sink is dropped.
+/// Closes the connection of an attempt that left it unusable (see `Failure::poisoned`) instead
+/// of giving it back to the pool; the same for every database.
+fn close_if_poisoned<DB: sqlx::Database>(conn: &mut PoolConnection<DB>, attempt: &Attempt) {
+    let poisoned = match attempt {
+        Attempt::Committed(_) => false,
+        Attempt::EventFailed(_, f) | Attempt::Failed(f) => f.poisoned,
+    };
+    if poisoned {
+        conn.close_on_drop();
+    }
+}
+
 async fn worker(shared: Arc<Shared>, rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Job>>>) {
     loop {
         let batch = {
@@ -1312,13 +962,7 @@ impl Shared {
             Err(f) => return Attempt::Failed(f),
         };
         let attempt = self.pg_transaction(&mut conn, jobs).await;
-        let poisoned = match &attempt {
-            Attempt::Committed(_) => false,
-            Attempt::EventFailed(_, f) | Attempt::Failed(f) => f.poisoned,
-        };
-        if poisoned {
-            conn.close_on_drop();
-        }
+        close_if_poisoned(&mut conn, &attempt);
         attempt
     }
 
@@ -1463,13 +1107,7 @@ impl Shared {
             Err(f) => return Attempt::Failed(f),
         };
         let attempt = self.my_transaction(&mut conn, jobs).await;
-        let poisoned = match &attempt {
-            Attempt::Committed(_) => false,
-            Attempt::EventFailed(_, f) | Attempt::Failed(f) => f.poisoned,
-        };
-        if poisoned {
-            conn.close_on_drop();
-        }
+        close_if_poisoned(&mut conn, &attempt);
         attempt
     }
 
@@ -1938,7 +1576,10 @@ fn classify_my(number: u16, sqlstate: Option<&str>) -> (bool, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::SecretSource;
+    use crate::sink::SinkSpec;
     use serde_json::json;
+    use std::path::Path;
 
     fn config(text: &str) -> SqlConfig {
         toml::from_str(text).unwrap()

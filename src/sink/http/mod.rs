@@ -25,96 +25,22 @@
 //! builds the sink again when one changed), are marked sensitive (HTTP/2 never indexes them)
 //! and never appear in logs, errors or `Debug` output.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+mod config;
+
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use http::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
-use serde::Deserialize;
 use serde_json::Value;
 use tokio::time::{Instant, timeout_at};
 
-use super::{EventMeta, RetryConfig, Sink, SinkError};
-use crate::config::{Problem, SecretSource, read_secret};
+use super::{EventMeta, Sink, SinkError};
 use crate::http_client::{ClientTls, HttpClient, client};
-
-/// The request method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-pub enum HttpMethod {
-    #[default]
-    #[serde(rename = "POST", alias = "post")]
-    Post,
-    #[serde(rename = "PUT", alias = "put")]
-    Put,
-}
-
-impl HttpMethod {
-    fn method(self) -> Method {
-        match self {
-            HttpMethod::Post => Method::POST,
-            HttpMethod::Put => Method::PUT,
-        }
-    }
-}
-
-/// Configuration of an `http` sink.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// The endpoint, `http://` or `https://`, e.g. `https://partner.example/ess/changes`.
-    /// Credentials do not belong here: send them with `secret_headers`. Required.
-    pub url: String,
-    /// `POST` or `PUT`. Default: `POST`.
-    #[serde(default)]
-    pub method: HttpMethod,
-    /// Static headers sent with every request, name → value. The headers the sink sets itself
-    /// (`Content-Type`, `ess-event-id`, `ess-event-type`, `ess-route`, `Idempotency-Key`) and
-    /// hop-by-hop headers cannot be set here. Default: none.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Headers whose values are secrets (API keys, `Authorization`), name → `{ file = "…" }` or
-    /// `{ env = "…" }`. Read at start and at every reload; never logged. Default: none.
-    #[serde(default)]
-    pub secret_headers: BTreeMap<String, SecretSource>,
-    /// How long one attempt may take, from connecting until the response has arrived, in
-    /// milliseconds; a timeout is retried. Default: 10000.
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    /// A PEM file with the CA certificate(s) to trust for an `https` URL instead of the
-    /// system's roots. Relative paths are resolved against the configuration file's directory.
-    /// Default: the system's roots.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// The `Content-Type` of every request, overriding the default of `application/json` for
-    /// JSON output and `text/plain; charset=utf-8` for string output. Default: none.
-    #[serde(default)]
-    pub content_type: Option<String>,
-    /// Retry policy for retryable failures. Default: see [`RetryConfig`].
-    #[serde(default)]
-    pub retry: RetryConfig,
-}
-
-fn default_timeout_ms() -> u64 {
-    10_000
-}
-
-/// Headers the sink sets itself, or that would break the message framing.
-const RESERVED: &[&str] = &[
-    "content-type",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "host",
-    "te",
-    "upgrade",
-    "ess-event-id",
-    "ess-event-type",
-    "ess-route",
-    "idempotency-key",
-];
+use crate::settings::read_secret;
+pub use config::HttpConfig;
+use config::*;
 
 const JSON: &str = "application/json";
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -124,39 +50,8 @@ const EXCERPT_BYTES: usize = 500;
 /// How much of a successful response's body is read so that the connection can be reused.
 const DRAIN_BYTES: usize = 64 * 1024;
 
-fn parse_url(url: &str) -> Result<Uri, String> {
-    let uri: Uri = url.parse().map_err(|e| {
-        format!("{url:?} is not a valid URL ({e}): write it like https://partner.example/ess")
-    })?;
-    match uri.scheme_str() {
-        Some("http" | "https") => {}
-        _ => {
-            return Err(format!(
-                "{url:?} must start with http:// or https://, e.g. https://partner.example/ess"
-            ));
-        }
-    }
-    let Some(authority) = uri.authority() else {
-        return Err(format!(
-            "{url:?} has no host: write it like https://partner.example/ess"
-        ));
-    };
-    if authority.as_str().contains('@') {
-        return Err(format!(
-            "{} carries credentials in the URL: remove them and send them with secret_headers",
-            redact(&uri)
-        ));
-    }
-    if authority.host().is_empty() {
-        return Err(format!(
-            "{url:?} has no host: write it like https://partner.example/ess"
-        ));
-    }
-    Ok(uri)
-}
-
 /// The URL without query (which might carry a token) and user info, for messages.
-fn redact(uri: &Uri) -> String {
+pub(super) fn redact(uri: &Uri) -> String {
     let host = uri.host().unwrap_or("");
     let port = uri.port().map(|p| format!(":{p}")).unwrap_or_default();
     format!(
@@ -164,100 +59,6 @@ fn redact(uri: &Uri) -> String {
         uri.scheme_str().unwrap_or(""),
         uri.path()
     )
-}
-
-fn header_name(name: &str) -> Result<HeaderName, String> {
-    let parsed = HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| format!("{name:?} is not a valid header name"))?;
-    if parsed == CONTENT_TYPE {
-        return Err("set the content type with content_type, not as a header".into());
-    }
-    if RESERVED.contains(&parsed.as_str()) {
-        return Err(format!(
-            "{name} is set by the sink itself and cannot be configured; remove it"
-        ));
-    }
-    Ok(parsed)
-}
-
-impl HttpConfig {
-    /// Resolves relative file paths (`ca_file`, secret files) against `base`.
-    pub fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
-        if let Some(ca) = &mut self.ca_file {
-            fix(ca);
-        }
-        for source in self.secret_headers.values_mut() {
-            if let Some(file) = &mut source.file {
-                fix(file);
-            }
-        }
-    }
-
-    /// Pure checks; `key` is this sink's key path.
-    pub fn validate(&self, key: &str) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        let mut bad = |field: String, message: String| {
-            problems.push(Problem {
-                key: format!("{key}.{field}"),
-                message,
-            })
-        };
-        if let Err(message) = parse_url(&self.url) {
-            bad("url".into(), message);
-        }
-        let mut seen: std::collections::HashMap<HeaderName, &str> = Default::default();
-        let names = self
-            .headers
-            .keys()
-            .map(|n| ("headers", n))
-            .chain(self.secret_headers.keys().map(|n| ("secret_headers", n)));
-        for (table, name) in names {
-            match header_name(name) {
-                Err(message) => bad(format!("{table}.{name}"), message),
-                Ok(parsed) => {
-                    if let Some(first) = seen.insert(parsed, table) {
-                        bad(
-                            format!("{table}.{name}"),
-                            format!("is also set in {first}: set each header once"),
-                        );
-                    }
-                }
-            }
-        }
-        for (name, value) in &self.headers {
-            if HeaderValue::from_str(value).is_err() {
-                bad(
-                    format!("headers.{name}"),
-                    "is not a valid header value: remove control characters".into(),
-                );
-            }
-        }
-        for (name, source) in &self.secret_headers {
-            if let Err(message) = source.check() {
-                bad(format!("secret_headers.{name}"), message);
-            }
-        }
-        if self.timeout_ms == 0 {
-            bad(
-                "timeout_ms".into(),
-                "must be at least 1 (the default is 10000)".into(),
-            );
-        }
-        if let Some(ct) = &self.content_type
-            && (ct.trim().is_empty() || HeaderValue::from_str(ct).is_err())
-        {
-            bad(
-                "content_type".into(),
-                format!("{ct:?} is not a valid content type: write it like \"application/xml\""),
-            );
-        }
-        problems
-    }
 }
 
 /// The `http` sink.
@@ -552,7 +353,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use crate::settings::{RetryConfig, SecretSource};
+    use crate::sink::SinkSpec;
+    use std::collections::BTreeMap;
     use std::net::SocketAddr;
+    use std::path::Path;
     use std::sync::{Arc, Mutex};
 
     use hyper::body::Incoming;
@@ -900,7 +705,7 @@ mod tests {
             std::fs::write(&path, text).unwrap();
             path
         };
-        let tls = crate::config::TlsConfig {
+        let tls = crate::settings::TlsConfig {
             cert: write("server.pem", &leaf.pem()),
             key: write("server.key", &key.serialize_pem()),
             client_ca: None,

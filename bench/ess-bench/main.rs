@@ -47,7 +47,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use ess_agent::ingress::auth::WebhookSigner;
+use ess_agent::protocol::auth::WebhookSigner;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -1770,7 +1770,7 @@ mod tests {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let envelope = ess_agent::ingress::envelope::parse(&headers, body.as_bytes()).unwrap();
+        let envelope = ess_agent::protocol::envelope::parse(&headers, body.as_bytes()).unwrap();
         assert_eq!(envelope.id, id);
     }
 

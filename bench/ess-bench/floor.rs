@@ -10,9 +10,10 @@ use anyhow::Context;
 use bytes::Bytes;
 use ess_agent::adapter::Adapter;
 use ess_agent::adapter::engine::Limits;
-use ess_agent::ingress::auth::{WebhookSigner, WebhookVerifier};
-use ess_agent::ingress::{envelope, handler};
-use ess_agent::journal::{self, Finish, Journal, JournalOptions, NewEvent, state};
+use ess_agent::ingress::handler;
+use ess_agent::journal::{self, EventState, Finish, Journal, JournalOptions, NewEvent};
+use ess_agent::protocol::auth::{WebhookSigner, WebhookVerifier};
+use ess_agent::protocol::envelope;
 use http::{HeaderMap, HeaderValue, header};
 use serde_json::{Value, json};
 
@@ -275,7 +276,7 @@ fn round(
         .enumerate()
         .map(|(i, (id, subject))| Finish {
             seq: seqs.get(&id).copied().unwrap_or_default(),
-            state: state::FILTERED,
+            state: EventState::Filtered,
             error: None,
             subject_revision: Some((subject, i as u64)),
             report: None,
