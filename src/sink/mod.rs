@@ -7,6 +7,7 @@
 //! again can help ([`SinkError::Retryable`]) or not ([`SinkError::Permanent`]); the dispatcher
 //! retries the first kind with backoff and dead-letters the second.
 
+pub mod exec;
 pub mod file;
 pub mod http;
 pub mod mqtt;
@@ -163,6 +164,7 @@ impl RetryConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum SinkConfig {
+    Exec(exec::ExecConfig),
     File(file::FileConfig),
     Http(http::HttpConfig),
     Mqtt(mqtt::MqttConfig),
@@ -175,6 +177,7 @@ impl SinkConfig {
     /// The retry policy.
     pub fn retry(&self) -> &RetryConfig {
         match self {
+            SinkConfig::Exec(c) => &c.retry,
             SinkConfig::File(c) => &c.retry,
             SinkConfig::Http(c) => &c.retry,
             SinkConfig::Mqtt(c) => &c.retry,
@@ -187,6 +190,7 @@ impl SinkConfig {
     /// Resolves relative paths against the configuration file's directory.
     pub fn resolve_paths(&mut self, base: &Path) {
         match self {
+            SinkConfig::Exec(c) => c.resolve_paths(base),
             SinkConfig::File(c) => c.resolve_paths(base),
             SinkConfig::Http(c) => c.resolve_paths(base),
             SinkConfig::Mqtt(c) => c.resolve_paths(base),
@@ -199,6 +203,7 @@ impl SinkConfig {
     /// Pure checks; `key` is this sink's key path, e.g. `sinks.court-files`.
     pub fn validate(&self, key: &str) -> Vec<Problem> {
         match self {
+            SinkConfig::Exec(c) => c.validate(key),
             SinkConfig::File(c) => c.validate(key),
             SinkConfig::Http(c) => c.validate(key),
             SinkConfig::Mqtt(c) => c.validate(key),
@@ -222,7 +227,7 @@ impl SinkConfig {
         }
         let mut sources = Vec::new();
         match self {
-            SinkConfig::File(_) => {}
+            SinkConfig::Exec(_) | SinkConfig::File(_) => {}
             SinkConfig::Http(c) => {
                 for (name, source) in &c.secret_headers {
                     sources.push((
@@ -295,6 +300,7 @@ impl SinkConfig {
     /// Builds the sink (reads secrets and files it names, but opens no connection).
     pub fn build(&self, key: &str) -> Result<Arc<dyn Sink>, Problem> {
         match self {
+            SinkConfig::Exec(c) => Ok(Arc::new(exec::ExecSink::new(c, key)?)),
             SinkConfig::File(c) => Ok(Arc::new(file::FileSink::new(c).map_err(|message| {
                 Problem {
                     key: key.to_string(),
@@ -345,7 +351,8 @@ impl SinkConfig {
     pub fn check_output(&self, output: &serde_json::Value) -> Result<(), String> {
         match self {
             SinkConfig::Sql(c) => c.check_output(output),
-            SinkConfig::File(_)
+            SinkConfig::Exec(_)
+            | SinkConfig::File(_)
             | SinkConfig::Http(_)
             | SinkConfig::Mqtt(_)
             | SinkConfig::Redis(_)
