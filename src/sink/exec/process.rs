@@ -161,3 +161,107 @@ pub async fn run(spec: Spec<'_>) -> io::Result<Outcome> {
     let stderr = err_summary.lock().unwrap_or_else(|p| p.into_inner()).tail();
     Ok(Outcome { ending, stderr })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    fn spec(script: &str, input: Vec<u8>, timeout: Duration) -> Spec<'static> {
+        Spec {
+            program: Path::new("/bin/sh"),
+            args: vec!["-c".into(), script.into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            working_dir: Path::new("/"),
+            input,
+            timeout,
+            log: LogContext {
+                sink: "test".into(),
+                event_id: "e1".into(),
+                route: "r".into(),
+            },
+        }
+    }
+
+    fn running(marker: &str) -> bool {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+            })
+    }
+
+    async fn gone(marker: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while running(marker) {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    #[tokio::test]
+    async fn a_run_that_is_dropped_kills_its_process_group() {
+        let marker = format!("1000.{:09}", rand::random::<u32>() % 1_000_000_000);
+        let script = format!("sleep {marker} & echo started; wait");
+        let run = run(spec(&script, Vec::new(), Duration::from_secs(60)));
+        // Dropped mid-run, as the agent drops what is still running when its grace period
+        // ends.
+        let dropped = tokio::time::timeout(Duration::from_millis(500), run).await;
+        assert!(dropped.is_err(), "the run ended by itself: {dropped:?}");
+        assert!(gone(&marker).await, "a process of the group survived");
+    }
+
+    #[tokio::test]
+    async fn large_input_unread_and_large_output_unasked_do_not_block() {
+        // The program exits without reading its input.
+        let outcome = run(spec("exit 0", vec![b'x'; 4 << 20], Duration::from_secs(20)))
+            .await
+            .unwrap();
+        assert!(matches!(outcome.ending, Ending::Exited(s) if s.success()));
+        // The program writes more than a pipe holds before it reads its input.
+        let outcome = run(spec(
+            "head -c 3000000 /dev/zero | tr '\\0' 'a'; head -c 3000000 /dev/zero >&2; echo >&2; \
+             wc -c; echo last >&2; exit 4",
+            vec![b'x'; 4 << 20],
+            Duration::from_secs(20),
+        ))
+        .await
+        .unwrap();
+        assert!(
+            matches!(outcome.ending, Ending::Exited(s) if s.code() == Some(4)),
+            "{outcome:?}"
+        );
+        assert!(
+            outcome.stderr.ends_with("last"),
+            "{:?}",
+            outcome.stderr.len()
+        );
+        assert!(outcome.stderr.len() <= super::super::output::TAIL_BYTES);
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_the_group_and_keeps_what_was_written() {
+        let marker = format!("1000.{:09}", rand::random::<u32>() % 1_000_000_000);
+        let script = format!("echo before >&2; sleep {marker} & wait");
+        let outcome = run(spec(&script, Vec::new(), Duration::from_millis(300)))
+            .await
+            .unwrap();
+        assert!(matches!(outcome.ending, Ending::TimedOut), "{outcome:?}");
+        assert_eq!(outcome.stderr, "before");
+        assert!(gone(&marker).await, "a process of the group survived");
+        // A signal sent by someone else is reported as the program's ending.
+        let outcome = run(spec("kill -KILL $$", Vec::new(), Duration::from_secs(20)))
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome.ending, Ending::Exited(s) if s.signal() == Some(9)),
+            "{outcome:?}"
+        );
+    }
+}
