@@ -518,6 +518,78 @@ async fn the_timeout_kills_the_whole_process_group_and_a_finished_run_leaves_not
     }
 }
 
+/// A stopping agent lets a running program finish within its grace period, kills the process
+/// group of one still running when the period ends, and runs that event again at its next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_agent_kills_the_programs_still_running_and_runs_their_events_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("1000.{:09}", rand::random::<u32>() % 1_000_000_000);
+    let hang = dir.path().join("hang");
+    std::fs::write(&hang, "").unwrap();
+    let started = dir.path().join("started");
+    let applied = dir.path().join("applied.log");
+    let program = script(
+        dir.path(),
+        "apply-rule",
+        &format!(
+            "cat > /dev/null\nif [ -e {hang} ]; then sleep {marker} & touch {started}; wait; fi\n\
+             echo \"$ESS_EVENT_ID\" >> {applied}\n",
+            hang = sh_quote(&hang),
+            started = sh_quote(&started),
+            applied = sh_quote(&applied),
+        ),
+    );
+    let text = config(
+        dir.path(),
+        "[shutdown]\ngrace_period_secs = 1\n",
+        &program,
+        "timeout_ms = 60000\n",
+    );
+    let mut agent = Agent::start_with(dir.path(), &text);
+    post(&agent, "held", "S1", json!({})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !started.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the program never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !processes_with(&marker).is_empty(),
+        "the program's child is not running"
+    );
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        agent
+            .wait_exit(Duration::from_secs(20))
+            .is_some_and(|s| s.success()),
+        "the agent did not stop cleanly:\n{}",
+        agent.log_text()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !processes_with(&marker).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the program's group outlived the agent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Not a failure: the event was not finished, and the next start runs it again.
+    assert!(
+        agent
+            .wait_for_log(Duration::ZERO, |v| v["message"] == "event final")
+            .is_none(),
+        "{}",
+        agent.log_text()
+    );
+    std::fs::remove_file(&hang).unwrap();
+    let agent = Agent::start_with(dir.path(), &text);
+    let line = wait_final(&agent, "held", 1, Duration::from_secs(20));
+    assert_eq!(line["state"], "applied", "{line}");
+    assert_eq!(counted(&applied), BTreeMap::from([("held".to_string(), 1)]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_more_programs_run_at_once_than_max_processes() {
     const TOTAL: usize = 12;
