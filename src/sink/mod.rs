@@ -3,7 +3,7 @@
 //! A sink is one small trait ([`Sink`]) and one variant of the closed, tagged configuration enum
 //! ([`SinkConfig`]). A sink reports success only once the destination has durably taken the
 //! output (files: fsync of file and directory; HTTP: a 2xx answer; MQTT: the broker's PUBACK or
-//! PUBCOMP). Errors say whether trying
+//! PUBCOMP; exec: the program's exit 0). Errors say whether trying
 //! again can help ([`SinkError::Retryable`]) or not ([`SinkError::Permanent`]); the dispatcher
 //! retries the first kind with backoff and dead-letters the second.
 

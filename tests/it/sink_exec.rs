@@ -603,7 +603,7 @@ async fn no_more_programs_run_at_once_than_max_processes() {
         "apply-rule",
         &format!(
             "cat > /dev/null\nrunning={running}\ntouch \"$running/$ESS_EVENT_ID\"\n\
-             ls \"$running\" | wc -l >> {seen}\nsleep 0.3\nrm \"$running/$ESS_EVENT_ID\"\n",
+             ls \"$running\" | wc -l >> {seen}\nsleep 0.5\nrm \"$running/$ESS_EVENT_ID\"\n",
             running = sh_quote(&running),
             seen = sh_quote(&seen),
         ),
