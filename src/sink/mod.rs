@@ -5,10 +5,11 @@
 //! variant of the closed, tagged configuration enum [`SinkConfig`]. This file is the one place
 //! that lists the sink kinds. A sink reports success only once the destination has durably taken the
 //! output (files: fsync of file and directory; HTTP: a 2xx answer; MQTT: the broker's PUBACK or
-//! PUBCOMP). Errors say whether trying
+//! PUBCOMP; exec: the program's exit 0). Errors say whether trying
 //! again can help ([`SinkError::Retryable`]) or not ([`SinkError::Permanent`]); the dispatcher
 //! retries the first kind with backoff and dead-letters the second.
 
+pub mod exec;
 pub mod file;
 pub mod http;
 pub mod mqtt;
@@ -125,8 +126,8 @@ pub trait SinkSpec {
     }
 
     /// Builds the sink: reads the secrets and files it names, but opens no connection. The
-    /// error is a message; the caller adds the sink's key path.
-    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String>;
+    /// problem has the sink's key path ([`BuildContext::problem`]), or a key below it.
+    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Problem>;
 
     /// Checks that an output of a route's adapter (e.g. a fixture's expected output) is one this
     /// sink can apply, as far as that can be told without the destination. Pure. Default: any
@@ -143,6 +144,16 @@ pub struct BuildContext<'a> {
     pub key: &'a str,
     /// The sink's name, e.g. `court-files`.
     pub name: &'a str,
+}
+
+impl BuildContext<'_> {
+    /// A problem with the sink as a whole.
+    pub fn problem(&self, message: String) -> Problem {
+        Problem {
+            key: self.key.to_string(),
+            message,
+        }
+    }
 }
 
 /// Pushes `source`, when set, as the secret `key`: for [`SinkSpec::secret_sources`].
@@ -185,6 +196,7 @@ macro_rules! sink_kinds {
 }
 
 sink_kinds! {
+    Exec(exec::ExecConfig),
     File(file::FileConfig),
     Http(http::HttpConfig),
     Mqtt(mqtt::MqttConfig),
@@ -250,10 +262,7 @@ impl SinkConfig {
             key,
             name: key.strip_prefix("sinks.").unwrap_or(key),
         };
-        self.spec().build(&context).map_err(|message| Problem {
-            key: key.to_string(),
-            message,
-        })
+        self.spec().build(&context)
     }
 
     /// Checks that an output of a route's adapter (e.g. a fixture's expected output) is one this

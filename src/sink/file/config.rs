@@ -117,7 +117,9 @@ impl SinkSpec for FileConfig {
         problems
     }
 
-    fn build(&self, _context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String> {
-        Ok(Arc::new(super::FileSink::new(self)?))
+    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Problem> {
+        Ok(Arc::new(
+            super::FileSink::new(self).map_err(|m| context.problem(m))?,
+        ))
     }
 }

@@ -225,7 +225,9 @@ impl SinkSpec for HttpConfig {
             .collect()
     }
 
-    fn build(&self, _context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String> {
-        Ok(Arc::new(super::HttpSink::new(self)?))
+    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Problem> {
+        Ok(Arc::new(
+            super::HttpSink::new(self).map_err(|m| context.problem(m))?,
+        ))
     }
 }

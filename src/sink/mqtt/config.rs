@@ -469,7 +469,9 @@ impl SinkSpec for MqttConfig {
         sources
     }
 
-    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String> {
-        Ok(Arc::new(super::MqttSink::new(self, context.name)?))
+    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Problem> {
+        Ok(Arc::new(
+            super::MqttSink::new(self, context.name).map_err(|m| context.problem(m))?,
+        ))
     }
 }

@@ -227,8 +227,10 @@ impl SinkSpec for RedisConfig {
         sources
     }
 
-    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String> {
-        Ok(Arc::new(super::RedisSink::new(self, context.name)?))
+    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Problem> {
+        Ok(Arc::new(
+            super::RedisSink::new(self, context.name).map_err(|m| context.problem(m))?,
+        ))
     }
 
     /// Resolves relative file paths (TLS files, secret files) against `base`.

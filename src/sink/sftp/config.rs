@@ -282,8 +282,10 @@ impl SinkSpec for SftpConfig {
         sources
     }
 
-    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String> {
-        Ok(Arc::new(super::SftpSink::new(self, context.key)?))
+    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Problem> {
+        Ok(Arc::new(
+            super::SftpSink::new(self, context.key).map_err(|m| context.problem(m))?,
+        ))
     }
 }
 

@@ -396,7 +396,9 @@ impl SinkSpec for SqlConfig {
         sources
     }
 
-    fn build(&self, _context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, String> {
-        Ok(Arc::new(super::SqlSink::new(self)?))
+    fn build(&self, context: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Problem> {
+        Ok(Arc::new(
+            super::SqlSink::new(self).map_err(|m| context.problem(m))?,
+        ))
     }
 }

@@ -1,0 +1,376 @@
+//! Runs per second of `/bin/true` through the agent's `exec` sink, beside a bare spawn loop, in
+//! one run.
+//!
+//! Each round:
+//!
+//! 1. The agent (this build's binary) takes `EVENTS` events while its sink runs a program that
+//!    never ends, one run at a time, so nothing is applied; then the agent is killed (SIGKILL)
+//!    and so is that program. The events wait in its journal.
+//! 2. The agent starts again with the sink running `/bin/true` and applies the backlog:
+//!    dispatch, adapter, spawn with the output on stdin, exit, journal. The rate is taken
+//!    between its first and last "event final" log lines (their timestamps).
+//! 3. A bare loop spawns `/bin/true` as many times with tokio, the same number at once
+//!    (`max_processes`), each with the same bytes on stdin and its stdout and stderr read to
+//!    their end, as the sink does.
+//! 4. For comparison, the sink alone (the library's `ExecSink`, in this process) applies the
+//!    same outputs from 64 concurrent applies, without ingress, journal or adapter.
+//!
+//! Run: `cargo bench --bench exec` (`ESS_BENCH_ROUNDS`, `ESS_BENCH_EVENTS` and
+//! `ESS_BENCH_PROCESSES` override the defaults of 3 rounds, 5000 events, 4 processes at once).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ess_agent::http_client::{ClientTls, client};
+use ess_agent::protocol::auth::WebhookSigner;
+use ess_agent::sink::exec::{ExecConfig, ExecSink};
+use ess_agent::sink::{EventMeta, Sink};
+use http_body_util::Full;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod common;
+use common::{env_or, machine_busy};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const SUBJECTS: usize = 256;
+const ADAPTER: &str = r#"{"id": id, "subject": subject, "payload": payload}"#;
+
+/// The agent under test, its JSON log lines on a channel.
+struct Agent {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+}
+
+impl Agent {
+    fn start(config: &Path) -> (Agent, Value) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ess-agent"))
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(config)
+            .env("ESS_AGENT_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ess-agent");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let mut agent = Agent { child, lines };
+        let ready = agent.wait(Duration::from_secs(30), |v| v["message"] == "ready");
+        (agent, ready)
+    }
+
+    fn wait(&mut self, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if pred(&v) => return v,
+                Ok(v) if v["level"] == "ERROR" => panic!("agent error: {v}"),
+                Ok(_) => {}
+                Err(e) => panic!("agent log ended or timed out ({e})"),
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(dir: &Path, program: &str, args: &[&str], processes: usize) -> String {
+    format!(
+        r#"agent_id = "bench"
+state_dir = {state:?}
+adapters_dir = {adapters:?}
+[ingress]
+listen = "127.0.0.1:0"
+[auth]
+hmac_secrets = [{{ file = {secret:?} }}]
+[admin]
+listen = "127.0.0.1:0"
+[limits]
+min_free_disk_bytes = 0
+backlog_high_water = 10000000
+[dispatch]
+max_parallel = 64
+[[routes]]
+name = "bench"
+adapter = "pass.jsonata"
+sink = "run"
+[sinks.run]
+type = "exec"
+program = {program:?}
+args = {args:?}
+max_processes = {processes}
+timeout_ms = 600000
+"#,
+        state = dir.join("state").display().to_string(),
+        adapters = dir.join("adapters").display().to_string(),
+        secret = dir.join("hub-secret").display().to_string(),
+    )
+}
+
+fn subject(n: usize) -> String {
+    format!("S{}", n % SUBJECTS)
+}
+
+fn payload(n: usize) -> Value {
+    json!({"rule": format!("R-{n}"), "deadline": "16:00", "court": "IL-COOK"})
+}
+
+/// Phase 1: the events wait in the journal behind a program that never ends.
+async fn fill_backlog(dir: &Path, events: usize) {
+    let marker = format!("600.{:09}", rand::random::<u32>() % 1_000_000_000);
+    let path = dir.join("ess-agent.toml");
+    std::fs::write(&path, config(dir, "/bin/sleep", &[&marker], 1)).unwrap();
+    let (agent, ready) = Agent::start(&path);
+    let url: String = format!("http://{}/v1/events", ready["ingress"].as_str().unwrap());
+    let http = client(&ClientTls::default()).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (http, url) = (http.clone(), url.clone());
+        let signer = WebhookSigner::new(SECRET).unwrap();
+        tasks.push(tokio::spawn(async move {
+            for n in (0..events).filter(|n| n % 8 == t) {
+                let id = format!("e-{n}");
+                let body = serde_json::to_vec(&json!({
+                    "id": id, "version": 1, "type": "rule.updated", "subject": subject(n),
+                    "payload": payload(n),
+                }))
+                .unwrap();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64;
+                let mut request = http::Request::post(&url)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body.clone())))
+                    .unwrap();
+                for (k, v) in signer.headers(&id, now, &body) {
+                    request.headers_mut().insert(k, v.parse().unwrap());
+                }
+                let response = http.request(request).await.expect("post event");
+                assert_eq!(response.status(), 202, "event {id} not accepted");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    drop(agent);
+    // The program the killed agent left running.
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if std::fs::read(entry.path().join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker))
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn timestamp(v: &Value) -> f64 {
+    let text = v["timestamp"]
+        .as_str()
+        .expect("log lines carry a timestamp");
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap();
+    t.unix_timestamp_nanos() as f64 / 1e9
+}
+
+/// Phase 2: runs per second through the agent, and the machine's CPU per run.
+fn agent_rate(dir: &Path, events: usize, processes: usize) -> (f64, f64) {
+    let path = dir.join("ess-agent.toml");
+    std::fs::write(&path, config(dir, "/bin/true", &[], processes)).unwrap();
+    let (mut agent, _) = Agent::start(&path);
+    let (mut first, mut last, mut applied, mut busy) = (None, 0.0, 0, 0.0);
+    agent.wait(Duration::from_secs(600), |v| {
+        if v["message"] == "event final" {
+            assert_eq!(v["state"], "applied", "{v}");
+            let t = timestamp(v);
+            if first.is_none() {
+                first = Some(t);
+                busy = machine_busy();
+            }
+            last = t;
+            applied += 1;
+        }
+        applied == events
+    });
+    let cpu = machine_busy() - busy;
+    (
+        (events - 1) as f64 / (last - first.unwrap()),
+        cpu / events as f64 * 1e6,
+    )
+}
+
+/// Phase 3: a bare tokio spawn loop, `processes` runs at once.
+async fn bare_rate(events: usize, processes: usize) -> (f64, f64) {
+    let input = Arc::new(serde_json::to_vec(&payload(0)).unwrap());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (started, busy) = (Instant::now(), machine_busy());
+    let workers: Vec<_> = (0..processes)
+        .map(|_| {
+            let (input, next) = (input.clone(), next.clone());
+            tokio::spawn(async move {
+                while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < events {
+                    let mut child = tokio::process::Command::new("/bin/true")
+                        .env_clear()
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .process_group(0)
+                        .kill_on_drop(true)
+                        .spawn()
+                        .unwrap();
+                    let mut stdin = child.stdin.take().unwrap();
+                    let (mut out, mut err) =
+                        (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    let (_, _, _, status) = tokio::join!(
+                        async {
+                            let _ = stdin.write_all(&input).await;
+                            drop(stdin);
+                        },
+                        out.read_to_end(&mut a),
+                        err.read_to_end(&mut b),
+                        child.wait()
+                    );
+                    assert!(status.unwrap().success());
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    (
+        events as f64 / elapsed,
+        (machine_busy() - busy) / events as f64 * 1e6,
+    )
+}
+
+/// Phase 4: the library's sink alone, 64 applies at once.
+async fn sink_rate(events: usize, processes: usize) -> (f64, f64) {
+    let config: ExecConfig = toml::from_str(&format!(
+        "program = \"/bin/true\"\nmax_processes = {processes}"
+    ))
+    .unwrap();
+    let sink = Arc::new(ExecSink::new(&config, "sinks.run").unwrap());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (started, busy) = (Instant::now(), machine_busy());
+    let workers: Vec<_> = (0..64)
+        .map(|_| {
+            let (sink, next) = (sink.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n >= events {
+                        return;
+                    }
+                    let meta = EventMeta {
+                        id: format!("e-{n}"),
+                        event_type: "rule.updated".into(),
+                        version: 1,
+                        subject: subject(n),
+                        revision: None,
+                        source: None,
+                        route: "bench".into(),
+                        partner: "bench".into(),
+                    };
+                    sink.apply(&meta, &payload(n)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    (
+        events as f64 / elapsed,
+        (machine_busy() - busy) / events as f64 * 1e6,
+    )
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run one small round.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let rounds = if quick {
+        1
+    } else {
+        env_or("ESS_BENCH_ROUNDS", 3)
+    };
+    let events = if quick {
+        100
+    } else {
+        env_or("ESS_BENCH_EVENTS", 5000)
+    };
+    let processes = env_or("ESS_BENCH_PROCESSES", 4);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut agent, mut bare, mut alone) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("hub-secret"), SECRET).unwrap();
+        std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+        std::fs::write(dir.path().join("adapters/pass.jsonata"), ADAPTER).unwrap();
+        runtime.block_on(fill_backlog(dir.path(), events));
+        let (a, a_cpu) = agent_rate(dir.path(), events, processes);
+        let (b, b_cpu) = runtime.block_on(bare_rate(events, processes));
+        let (s, s_cpu) = runtime.block_on(sink_rate(events, processes));
+        println!(
+            "round {}: agent {a:.0} runs/s ({a_cpu:.0} µs CPU per run), bare spawn loop {b:.0}/s \
+             ({b_cpu:.0} µs), sink alone {s:.0}/s ({s_cpu:.0} µs); agent ÷ bare {:.2}, sink \
+             alone ÷ bare {:.2}",
+            round + 1,
+            a / b,
+            s / b
+        );
+        agent.push(a);
+        bare.push(b);
+        alone.push(s);
+    }
+    let (a, b, s) = (median(&mut agent), median(&mut bare), median(&mut alone));
+    println!(
+        "median of {rounds} rounds of {events} runs, {processes} at once: agent {a:.0}/s, bare \
+         {b:.0}/s, sink alone {s:.0}/s; agent ÷ bare {:.2}",
+        a / b
+    );
+}
