@@ -9,6 +9,7 @@
 //! again can help ([`SinkError::Retryable`]) or not ([`SinkError::Permanent`]); the dispatcher
 //! retries the first kind with backoff and dead-letters the second.
 
+pub mod amqp;
 pub mod file;
 pub mod http;
 pub mod mqtt;
@@ -189,6 +190,7 @@ sink_kinds! {
     Mqtt(mqtt::MqttConfig),
     Sftp(sftp::SftpConfig),
     Sql(sql::SqlConfig),
+    Amqp(amqp::AmqpConfig),
 }
 
 impl SinkConfig {
