@@ -14,6 +14,7 @@ mod operations;
 mod packaging;
 mod receive;
 mod reload;
+mod sink_amqp;
 mod sink_mqtt;
 mod sink_sftp;
 mod sink_sql;
