@@ -61,8 +61,10 @@ routing_key = "rules.{{subject}}"
 }
 
 fn event(id: &str, subject: &str, payload: Value) -> Vec<u8> {
-    serde_json::to_vec(&json!({"id": id, "version": 1, "type": "rule.updated", "revision": 4,
-        "subject": subject, "payload": payload}))
+    serde_json::to_vec(
+        &json!({"id": id, "version": 1, "type": "rule.updated", "revision": 4,
+        "subject": subject, "payload": payload}),
+    )
     .unwrap()
 }
 
@@ -72,7 +74,12 @@ async fn post(agent: &Agent, id: &str, subject: &str, payload: Value) {
     let reply = request(&plain(), Method::POST, &agent.url(EVENTS), &headers, body)
         .await
         .unwrap();
-    assert!(reply.status.is_success(), "{id}: {} {}", reply.status, reply.body);
+    assert!(
+        reply.status.is_success(),
+        "{id}: {} {}",
+        reply.status,
+        reply.body
+    );
 }
 
 /// A test's own exchange and queue on the shared broker, bound with `rules.#`; deleted on
@@ -100,7 +107,12 @@ impl Got {
     }
 
     fn header(&self, name: &str) -> Option<AMQPValue> {
-        self.properties.headers().as_ref()?.inner().get(name).cloned()
+        self.properties
+            .headers()
+            .as_ref()?
+            .inner()
+            .get(name)
+            .cloned()
     }
 }
 
@@ -164,7 +176,11 @@ impl Rabbit {
     }
 
     /// Takes messages until `done` holds for what was taken, or the deadline passes.
-    async fn take_until(&self, timeout: Duration, mut done: impl FnMut(&[Got]) -> bool) -> Vec<Got> {
+    async fn take_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Got]) -> bool,
+    ) -> Vec<Got> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut got = Vec::new();
         while !done(&got) && tokio::time::Instant::now() < deadline {
@@ -192,7 +208,10 @@ impl Rabbit {
             .await;
         let _ = self
             .channel
-            .exchange_delete(self.exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .exchange_delete(
+                self.exchange.as_str().into(),
+                ExchangeDeleteOptions::default(),
+            )
             .await;
     }
 }
@@ -228,7 +247,9 @@ async fn events_arrive_persistent_with_the_event_id_as_message_id_and_the_event_
         assert_eq!(wait_final(&agent, id, 1)["state"], "applied");
     }
     // Applied means confirmed: both are in the queue by now.
-    let got = rabbit.take_until(Duration::from_secs(5), |g| g.len() == 2).await;
+    let got = rabbit
+        .take_until(Duration::from_secs(5), |g| g.len() == 2)
+        .await;
     assert_eq!(got.len(), 2);
     let first = got.iter().find(|g| g.id() == "a1").unwrap();
     assert_eq!(
@@ -248,7 +269,10 @@ async fn events_arrive_persistent_with_the_event_id_as_message_id_and_the_event_
     assert_eq!(text("ess-event-type"), "rule.updated");
     assert_eq!(text("ess-subject"), "RULE-1");
     assert_eq!(text("ess-route"), "cases");
-    assert_eq!(first.header("ess-revision"), Some(AMQPValue::LongLongInt(4)));
+    assert_eq!(
+        first.header("ess-revision"),
+        Some(AMQPValue::LongLongInt(4))
+    );
     assert_eq!(
         first.header("ess-event-version"),
         Some(AMQPValue::LongLongInt(1))
@@ -282,9 +306,15 @@ async fn an_unbound_routing_key_is_a_dead_letter_that_a_replay_applies_once_a_qu
         .arg(agent.admin_url(""))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(wait_final(&agent, "d1", 2)["state"], "applied");
-    let got = rabbit.take_until(Duration::from_secs(5), |g| !g.is_empty()).await;
+    let got = rabbit
+        .take_until(Duration::from_secs(5), |g| !g.is_empty())
+        .await;
     assert_eq!(distinct_ids(&got), BTreeSet::from(["d1".to_string()]));
     rabbit.delete().await;
 }
@@ -308,7 +338,10 @@ fn validate_names_a_bad_exchange_and_a_url_with_credentials() {
     );
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("sinks.cases.exchange"), "{text}");
-    assert!(text.contains("sinks.cases.url") && text.contains("credentials"), "{text}");
+    assert!(
+        text.contains("sinks.cases.url") && text.contains("credentials"),
+        "{text}"
+    );
 }
 
 /// Posts events `{tag}-{n}` for `n` in `range` from four tasks until `stop`; returns the ids
@@ -400,7 +433,10 @@ async fn amqp_broker_cut_for_10_s_mid_stream_every_event_arrives() {
     let (accepted, ()) = tokio::join!(poster, outage);
     assert_eq!(accepted.unwrap().len(), TOTAL);
     let during = applied_count(&agent);
-    assert!(applied_before < TOTAL, "the cut came after everything was applied");
+    assert!(
+        applied_before < TOTAL,
+        "the cut came after everything was applied"
+    );
     proxy.restore();
 
     let mut finals = BTreeSet::new();
@@ -411,10 +447,15 @@ async fn amqp_broker_cut_for_10_s_mid_stream_every_event_arrives() {
         }
         finals.len() == TOTAL
     });
-    assert!(all.is_some(), "not every event was applied:\n{}", agent.log_text());
+    assert!(
+        all.is_some(),
+        "not every event was applied:\n{}",
+        agent.log_text()
+    );
     let log = agent.log_text();
     assert!(
-        log.contains("cannot reach the AMQP broker") || log.contains("connection to the AMQP broker"),
+        log.contains("cannot reach the AMQP broker")
+            || log.contains("connection to the AMQP broker"),
         "the agent did not notice the outage"
     );
     // Applied means confirmed, so every message is in the queue now.
@@ -433,7 +474,11 @@ async fn amqp_broker_cut_for_10_s_mid_stream_every_event_arrives() {
         during - applied_before,
         got.len() - ids.len()
     );
-    assert!(missing.is_empty(), "lost: {:?}", &missing[..missing.len().min(20)]);
+    assert!(
+        missing.is_empty(),
+        "lost: {:?}",
+        &missing[..missing.len().min(20)]
+    );
     rabbit.delete().await;
 }
 
