@@ -5,7 +5,8 @@
 //! Each round:
 //!
 //! 1. The agent (the bench build of the binary) takes `EVENTS` events while its sink points at a
-//!    port where nothing listens, so nothing can be applied; then it is killed. The events wait
+//!    listener that accepts connections and never answers, so nothing can be applied; then it is
+//!    killed. The events wait
 //!    in its journal.
 //! 2. The agent starts again, pointed at RabbitMQ, and applies the backlog: dispatch, adapter,
 //!    publish, confirm, journal. The rate is taken between its first and last `event final`
@@ -125,9 +126,8 @@ type = "amqp"
 url = "amqp://{broker}"
 exchange = "{exchange}"
 routing_key = "rules.{{subject}}"
-reconnect_initial_ms = 3600000
-reconnect_max_ms = 3600000
-retry = {{ initial_ms = 3600000, max_ms = 3600000, max_attempts = 0 }}
+timeout_ms = 3600000
+connect_timeout_secs = 3600
 "#,
         state = dir.join("state").display().to_string(),
         adapters = dir.join("adapters").display().to_string(),
@@ -155,13 +155,20 @@ fn output(n: usize) -> Vec<u8> {
 
 /// Journals `events` events in an agent whose broker is not there, then kills it.
 async fn fill_backlog(dir: &Path, events: usize, window: usize, exchange: &str) {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let closed_port = closed.local_addr().unwrap().port();
-    drop(closed);
+    // Accepts connections and never answers: the sink waits for the broker's greeting, so no
+    // apply fails and none is put off by the retry policy.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    let hole = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hole.accept().await {
+            held.push(stream);
+        }
+    });
     let path = dir.join("ess-agent.toml");
     std::fs::write(
         &path,
-        config(dir, &format!("127.0.0.1:{closed_port}"), window, exchange),
+        config(dir, &format!("127.0.0.1:{hole_port}"), window, exchange),
     )
     .unwrap();
     let (agent, ready) = Agent::start(&path);
@@ -199,6 +206,7 @@ async fn fill_backlog(dir: &Path, events: usize, window: usize, exchange: &str) 
         t.await.unwrap();
     }
     drop(agent);
+    hole.abort();
 }
 
 fn timestamp(v: &Value) -> f64 {

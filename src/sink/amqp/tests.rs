@@ -343,7 +343,7 @@ async fn the_broker_confirms_refuses_and_returns_as_classified() {
 
     // A missing exchange: permanent, named; and the sink's other publishes go on.
     let missing = unique("missing");
-    let sink = sink_for(&format!("{{output.ex}}"), "bound");
+    let sink = sink_for("{output.ex}", "bound");
     let e = sink
         .apply(&event(), &json!({"ex": missing}))
         .await
