@@ -9,6 +9,7 @@
 //! again can help ([`SinkError::Retryable`]) or not ([`SinkError::Permanent`]); the dispatcher
 //! retries the first kind with backoff and dead-letters the second.
 
+pub mod amqp;
 pub mod exec;
 pub mod file;
 pub mod http;
@@ -203,6 +204,7 @@ sink_kinds! {
     Redis(redis::RedisConfig),
     Sftp(sftp::SftpConfig),
     Sql(sql::SqlConfig),
+    Amqp(amqp::AmqpConfig),
 }
 
 impl SinkConfig {

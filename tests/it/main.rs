@@ -15,6 +15,7 @@ mod operations;
 mod packaging;
 mod receive;
 mod reload;
+mod sink_amqp;
 mod sink_exec;
 mod sink_mqtt;
 mod sink_redis;
