@@ -12,6 +12,7 @@
 pub mod file;
 pub mod http;
 pub mod mqtt;
+pub mod nats;
 pub mod sftp;
 pub mod sql;
 pub mod template;
@@ -187,6 +188,7 @@ sink_kinds! {
     File(file::FileConfig),
     Http(http::HttpConfig),
     Mqtt(mqtt::MqttConfig),
+    Nats(nats::NatsConfig),
     Sftp(sftp::SftpConfig),
     Sql(sql::SqlConfig),
 }
