@@ -15,5 +15,6 @@ mod packaging;
 mod receive;
 mod reload;
 mod sink_mqtt;
+mod sink_nats;
 mod sink_sftp;
 mod sink_sql;
