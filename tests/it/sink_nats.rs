@@ -69,9 +69,15 @@ async fn replay(agent: &Agent, id: &str, force: bool) {
         "/v1/events/{id}/replay{}",
         if force { "?force=true" } else { "" }
     );
-    let reply = request(&plain(), Method::POST, &agent.admin_url(&path), &[], Vec::new())
-        .await
-        .unwrap();
+    let reply = request(
+        &plain(),
+        Method::POST,
+        &agent.admin_url(&path),
+        &[],
+        Vec::new(),
+    )
+    .await
+    .unwrap();
     assert!(reply.status.is_success(), "{}", reply.body);
 }
 
@@ -123,8 +129,7 @@ stream = "{stream}"
     assert_eq!(wait_final(&agent, "b1", 1)["state"], "applied");
 
     let got = messages(&js, &stream).await;
-    let by_subject: BTreeMap<String, _> =
-        got.iter().map(|m| (m.subject.to_string(), m)).collect();
+    let by_subject: BTreeMap<String, _> = got.iter().map(|m| (m.subject.to_string(), m)).collect();
     assert_eq!(got.len(), 3, "{by_subject:?}");
     let m = by_subject[&format!("{token}.test-partner.rules.RULE-1.0")];
     assert_eq!(
@@ -195,21 +200,36 @@ retry = {{ initial_ms = 20, max_ms = 100 }}
         adapters = adapters_dir(dir.path()),
     );
     let agent = Agent::start(dir.path(), &config);
-    post(&agent, "lost", event("lost", "rule.updated", "R1", json!({}))).await;
+    post(
+        &agent,
+        "lost",
+        event("lost", "rule.updated", "R1", json!({})),
+    )
+    .await;
     let line = wait_final(&agent, "lost", 1);
     assert_eq!(line["state"], "failed", "{line}");
     let error = line["error"].as_str().unwrap();
     assert!(
-        error.contains(&format!("no JetStream stream captures the subject \"{token}.rules.R1\""))
-            && error.contains("create a stream"),
+        error.contains(&format!(
+            "no JetStream stream captures the subject \"{token}.rules.R1\""
+        )) && error.contains("create a stream"),
         "{error}"
     );
     let status = admin_get(&agent, "/v1/events/lost").await;
-    assert_eq!(status.body["deliveries"][0]["attempts"], 1, "{}", status.body);
+    assert_eq!(
+        status.body["deliveries"][0]["attempts"], 1,
+        "{}",
+        status.body
+    );
 
     // The configured stream does not exist: readiness names it, and so does the dead letter.
     let ready = admin_get(&agent, "/readyz").await;
-    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{}", ready.body);
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.body
+    );
     let reason = ready.body["reasons"]["sink named"].to_string();
     assert!(
         reason.contains(&format!("the stream {missing} does not exist")),
@@ -337,7 +357,14 @@ async fn a_nats_server_cut_for_10_s_mid_stream_stores_every_event_exactly_once()
         dir.path(),
         &sink_config(dir.path(), &server.url(), "RULES", "county"),
     );
-    let poster = post_many(&agent, "o", 0..TOTAL, 4, 50, Arc::new(AtomicBool::new(false)));
+    let poster = post_many(
+        &agent,
+        "o",
+        0..TOTAL,
+        4,
+        50,
+        Arc::new(AtomicBool::new(false)),
+    );
     let mut applied = 0;
     let seen = agent.wait_for_log(Duration::from_secs(30), |v| {
         applied += usize::from(support::applied_line(v));
@@ -383,7 +410,11 @@ async fn a_nats_server_cut_for_10_s_mid_stream_stores_every_event_exactly_once()
         counts.len(),
         twice.len()
     );
-    assert!(missing.is_empty(), "lost: {:?}", &missing[..missing.len().min(20)]);
+    assert!(
+        missing.is_empty(),
+        "lost: {:?}",
+        &missing[..missing.len().min(20)]
+    );
     assert!(twice.is_empty(), "stored twice: {twice:?}");
     assert_eq!(counts.len(), TOTAL);
 }

@@ -124,15 +124,21 @@ pub(super) fn parse_url(url: &str) -> Result<Server, String> {
     let tls = match uri.scheme_str() {
         Some("nats") => false,
         Some("tls") => true,
-        _ => return Err(format!("{url:?} must start with nats:// or tls://: {example}")),
+        _ => {
+            return Err(format!(
+                "{url:?} must start with nats:// or tls://: {example}"
+            ));
+        }
     };
     let Some(authority) = uri.authority() else {
         return Err(format!("{url:?} has no host: {example}"));
     };
     if authority.as_str().contains('@') {
-        return Err("the URL carries credentials: remove them and set user and password, token, \
+        return Err(
+            "the URL carries credentials: remove them and set user and password, token, \
                     nkey or credentials instead"
-            .into());
+                .into(),
+        );
     }
     if authority.host().is_empty() {
         return Err(format!("{url:?} has no host: {example}"));
@@ -203,9 +209,9 @@ pub fn check_subject(subject: &str) -> Result<(), String> {
 /// Checks a stream name as JetStream accepts it.
 fn check_stream_name(name: &str) -> Result<(), String> {
     if name.is_empty()
-        || name
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+        || name.chars().any(|c| {
+            c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\')
+        })
     {
         return Err(format!(
             "{name:?} is not a stream name: use letters, digits, - and _ (no ., *, >, / or \

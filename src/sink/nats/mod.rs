@@ -44,10 +44,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::connection::State as ConnectionState;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::{
     GetStreamByNameErrorKind, GetStreamErrorKind, PublishError, PublishErrorKind,
 };
-use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::{ConnectErrorKind, ConnectOptions, HeaderMap};
 use bytes::Bytes;
@@ -280,7 +280,9 @@ fn client_event(shared: &Shared, server: &Server, event: async_nats::Event) {
         Event::Disconnected => {
             tracing::warn!(server = %server, "nats connection lost; reconnecting");
             shared.update(|l| {
-                l.last_error = Some(format!("the connection to the NATS server at {server} was lost; reconnecting"))
+                l.last_error = Some(format!(
+                    "the connection to the NATS server at {server} was lost; reconnecting"
+                ))
             });
         }
         Event::ClientError(e) => {
@@ -386,7 +388,10 @@ fn describe_connect_error(error: &async_nats::ConnectError, server: &Server) -> 
             false,
         ),
         ConnectErrorKind::Dns => (
-            format!("cannot resolve the NATS server's host {}{detail}: check url", server.host),
+            format!(
+                "cannot resolve the NATS server's host {}{detail}: check url",
+                server.host
+            ),
             false,
         ),
         ConnectErrorKind::TimedOut => (
@@ -481,7 +486,9 @@ impl NatsSink {
         // Checks the credentials file's form now, so that a bad one is a build error.
         if let Auth::Credentials(text) = &connector.auth {
             ConnectOptions::with_credentials(text).map_err(|e| {
-                format!("credentials: not a NATS credentials file ({e}): use the .creds file nsc wrote")
+                format!(
+                    "credentials: not a NATS credentials file ({e}): use the .creds file nsc wrote"
+                )
             })?;
         }
         let stop = CancellationToken::new();
@@ -504,15 +511,12 @@ impl NatsSink {
     fn start_connecting(&self) {
         let connector = self.idle.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(connector) = connector {
-            tokio::spawn(connect(
-                self.shared.clone(),
-                connector,
-                self.stop.clone(),
-            ));
+            tokio::spawn(connect(self.shared.clone(), connector, self.stop.clone()));
         }
     }
 
-    /// The JetStream context once connected; waits until `deadline` for the first connection.
+    /// The JetStream context once connected; waits until `deadline` for the outcome of the
+    /// first connection attempt.
     async fn context(
         &self,
         deadline: Instant,
@@ -530,12 +534,19 @@ impl NatsSink {
                 if let Some(refused) = &link.refused {
                     return Err(SinkError::Permanent(refused.clone()));
                 }
+                // Until the first connection, a failed attempt fails the caller at once with
+                // its reason; the connection task keeps trying.
+                if let Some(error) = &link.last_error {
+                    return Err(SinkError::Retryable(error.clone()));
+                }
             }
             if timeout_at(deadline, changed).await.is_err() {
                 let link = self.shared.link();
-                return Err(SinkError::Retryable(link.last_error.clone().unwrap_or_else(
-                    || format!("still connecting to the NATS server at {}", self.server),
-                )));
+                return Err(SinkError::Retryable(
+                    link.last_error.clone().unwrap_or_else(|| {
+                        format!("still connecting to the NATS server at {}", self.server)
+                    }),
+                ));
             }
         }
     }
@@ -565,8 +576,17 @@ impl NatsSink {
         subject: &str,
         context: &async_nats::jetstream::Context,
     ) -> SinkError {
-        match error.kind() {
-            PublishErrorKind::StreamNotFound => self.no_stream(subject, context).await,
+        match self.classify(&error, subject) {
+            Some(error) => error,
+            None => self.no_stream(subject, context).await,
+        }
+    }
+
+    /// Classifies a failed publish by its kind and JetStream error code; None for "no
+    /// responders", which needs asking JetStream.
+    fn classify(&self, error: &PublishError, subject: &str) -> Option<SinkError> {
+        Some(match error.kind() {
+            PublishErrorKind::StreamNotFound => return None,
             PublishErrorKind::MaxPayloadExceeded => SinkError::Permanent(format!(
                 "the message for subject {subject:?} is larger than the NATS server's \
                  max_payload ({error}): make the adapter produce less, or raise max_payload on \
@@ -574,14 +594,17 @@ impl NatsSink {
             )),
             PublishErrorKind::TimedOut => self.timed_out(subject),
             PublishErrorKind::Other => {
-                let jetstream = std::error::Error::source(&error)
+                let jetstream = std::error::Error::source(error)
                     .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>());
                 match jetstream.map(|e| (e, e.error_code())) {
                     Some((e, ErrorCode::STREAM_NOT_MATCH)) => SinkError::Permanent(format!(
                         "the subject {subject:?} is captured by a stream other than {} ({e}): \
                          change the subject template or the stream's subjects so that {} \
                          captures it",
-                        self.publishing.stream.as_deref().unwrap_or("the configured one"),
+                        self.publishing
+                            .stream
+                            .as_deref()
+                            .unwrap_or("the configured one"),
                         self.publishing.stream.as_deref().unwrap_or("it"),
                     )),
                     Some((e, ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)) => {
@@ -596,7 +619,7 @@ impl NatsSink {
                     )),
                     None => SinkError::Retryable(format!(
                         "publishing to subject {subject:?} failed: {error}{}",
-                        std::error::Error::source(&error)
+                        std::error::Error::source(error)
                             .map(|s| format!(" ({s})"))
                             .unwrap_or_default()
                     )),
@@ -609,7 +632,7 @@ impl NatsSink {
                 "publishing to subject {subject:?} on the NATS server at {} failed: {error}",
                 self.server
             )),
-        }
+        })
     }
 
     /// After a "no responders": asks JetStream whether a stream captures `subject`.
@@ -742,9 +765,11 @@ impl Sink for NatsSink {
         let (context, client) = self.context(Instant::now() + HEALTH_WAIT).await?;
         if client.connection_state() != ConnectionState::Connected {
             let link = self.shared.link();
-            return Err(SinkError::Retryable(link.last_error.clone().unwrap_or_else(
-                || format!("not connected to the NATS server at {}", self.server),
-            )));
+            return Err(SinkError::Retryable(
+                link.last_error.clone().unwrap_or_else(|| {
+                    format!("not connected to the NATS server at {}", self.server)
+                }),
+            ));
         }
         match &self.publishing.stream {
             Some(stream) => {
@@ -781,5 +806,324 @@ impl Sink for NatsSink {
                 ))),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::SinkSpec;
+    use serde_json::json;
+
+    fn event() -> EventMeta {
+        EventMeta {
+            id: "e1".into(),
+            event_type: "rule.updated".into(),
+            version: 3,
+            subject: "RULE-1".into(),
+            revision: Some(7),
+            source: None,
+            route: "kiosk".into(),
+            partner: "county".into(),
+        }
+    }
+
+    fn config(text: &str) -> NatsConfig {
+        toml::from_str(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const MINIMAL: &str = "url = \"nats://127.0.0.1:4222\"\nsubject = \"rules.{subject}\"\n";
+
+    fn keys(c: &NatsConfig) -> Vec<String> {
+        c.validate("sinks.n").into_iter().map(|p| p.key).collect()
+    }
+
+    #[test]
+    fn config_parses_with_defaults_and_refuses_unknown_keys() {
+        let c = config(MINIMAL);
+        assert_eq!(c.timeout_ms, 10_000);
+        assert_eq!(c.connect_timeout_secs, 10);
+        assert_eq!((c.reconnect_initial_ms, c.reconnect_max_ms), (100, 10_000));
+        assert!(c.stream.is_none() && c.tls.is_none());
+        assert!(c.validate("sinks.n").is_empty());
+        let e = toml::from_str::<NatsConfig>(&format!("{MINIMAL}subjcet = \"x\"\n")).unwrap_err();
+        assert!(e.to_string().contains("subjcet"), "{e}");
+        let e = toml::from_str::<NatsConfig>(&format!("{MINIMAL}tls = {{ ca = \"x\" }}\n"))
+            .unwrap_err();
+        assert!(e.to_string().contains("ca"), "{e}");
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        for (url, port, tls) in [
+            ("nats://n", 4222, false),
+            ("nats://n:4333", 4333, false),
+            ("tls://n", 4222, true),
+        ] {
+            let s = config::parse_url(url).unwrap();
+            assert_eq!((s.host.as_str(), s.port, s.tls), ("n", port, tls), "{url}");
+        }
+        for (url, says) in [
+            ("http://n", "must start with nats:// or tls://"),
+            ("nats://u:p@n", "carries credentials"),
+            ("nats://n/x", "path or query"),
+            ("n:4222", "must start with"),
+        ] {
+            let e = config::parse_url(url).unwrap_err();
+            assert!(e.contains(says), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn validate_names_every_problem() {
+        let c = config(
+            "url = \"mqtt://n\"\nsubject = \"a.>\"\nstream = \"a.b\"\n\
+             token = { env = \"T\" }\nnkey = { file = \"s\", env = \"S\" }\n\
+             password = { file = \"p\" }\ntls = { cert = \"c.pem\" }\ntimeout_ms = 0\n\
+             connect_timeout_secs = 0\nreconnect_initial_ms = 0\n",
+        );
+        let mut got = keys(&c);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "sinks.n.connect_timeout_secs",
+                "sinks.n.nkey",
+                "sinks.n.reconnect_initial_ms",
+                "sinks.n.stream",
+                "sinks.n.subject",
+                "sinks.n.timeout_ms",
+                "sinks.n.tls.key",
+                "sinks.n.token",
+                "sinks.n.url",
+                "sinks.n.user",
+            ]
+        );
+        let c = config(&format!(
+            "{MINIMAL}reconnect_initial_ms = 500\nreconnect_max_ms = 100\n"
+        ));
+        assert_eq!(keys(&c), ["sinks.n.reconnect_max_ms"]);
+    }
+
+    #[test]
+    fn subject_templates_that_can_never_be_valid_are_configuration_problems() {
+        for bad in [
+            "a.*",
+            "a.>",
+            "a..{id}",
+            ".{id}",
+            "{id}.",
+            "$JS.API.{id}",
+            "a b.{id}",
+            "{nope}",
+        ] {
+            let c = config(&format!("url = \"nats://n\"\nsubject = \"{bad}\"\n"));
+            assert_eq!(keys(&c), ["sinks.n.subject"], "{bad}");
+        }
+        for good in [
+            "{subject}",
+            "partners.{partner}.rules.{subject}",
+            "a-b_c.{output.x}",
+        ] {
+            let c = config(&format!("url = \"nats://n\"\nsubject = \"{good}\"\n"));
+            assert!(keys(&c).is_empty(), "{good}");
+        }
+    }
+
+    fn publishing(subject: &str, stream: Option<&str>) -> Publishing {
+        Publishing {
+            subject: Template::parse(subject).unwrap(),
+            stream: stream.map(str::to_string),
+        }
+    }
+
+    fn header<'a>(m: &'a Message, name: &str) -> Option<&'a str> {
+        m.headers.get(name).map(|v| v.as_str())
+    }
+
+    #[test]
+    fn messages_carry_subject_payload_message_id_and_event_headers() {
+        let p = publishing("partners.{partner}.{subject}", Some("RULES"));
+        let m = p.messages(&event(), &json!({"a": 1})).unwrap();
+        assert_eq!(m.len(), 1);
+        let m = &m[0];
+        assert_eq!(m.subject, "partners.county.RULE-1");
+        assert_eq!(&m.payload[..], br#"{"a":1}"#);
+        for (name, value) in [
+            ("Nats-Msg-Id", "e1:kiosk:0"),
+            ("Nats-Expected-Stream", "RULES"),
+            ("Content-Type", "application/json"),
+            ("Ess-Event-Id", "e1"),
+            ("Ess-Event-Type", "rule.updated"),
+            ("Ess-Event-Version", "3"),
+            ("Ess-Subject", "RULE-1"),
+            ("Ess-Revision", "7"),
+            ("Ess-Route", "kiosk"),
+            ("Ess-Partner", "county"),
+        ] {
+            assert_eq!(header(m, name), Some(value), "{name}");
+        }
+        assert_eq!(header(m, "Ess-Record"), None);
+        let m = publishing("r.{subject}", None)
+            .messages(&event(), &json!("plain text"))
+            .unwrap();
+        assert_eq!(&m[0].payload[..], b"plain text");
+        assert_eq!(
+            header(&m[0], "Content-Type"),
+            Some("text/plain; charset=utf-8")
+        );
+        assert_eq!(header(&m[0], "Nats-Expected-Stream"), None);
+    }
+
+    #[test]
+    fn arrays_give_one_message_per_record_and_are_checked_before_anything_is_sent() {
+        let p = publishing("r.{output.k}.{index}", None);
+        let m = p
+            .messages(&event(), &json!([{"k": "a"}, {"k": "b"}]))
+            .unwrap();
+        assert_eq!(
+            m.iter().map(|m| m.subject.as_str()).collect::<Vec<_>>(),
+            ["r.a.0", "r.b.1"]
+        );
+        assert_eq!(header(&m[1], "Nats-Msg-Id"), Some("e1:kiosk:1"));
+        assert_eq!(header(&m[1], "Ess-Record"), Some("1"));
+        assert!(p.messages(&event(), &json!([])).unwrap().is_empty());
+        // One bad record refuses the whole event, naming it.
+        for (output, says) in [
+            (
+                json!([{"k": "a"}, {"k": "b.>"}]),
+                "record 1: the rendered subject",
+            ),
+            (json!([{"k": "a"}, {"k": "x y"}]), "white space"),
+            (
+                json!([{"k": "a"}, {}]),
+                "record 1: cannot render the subject",
+            ),
+            (json!([{"k": ""}]), "empty token"),
+        ] {
+            let e = p.messages(&event(), &output).unwrap_err();
+            assert!(!e.is_retryable(), "{e}");
+            assert!(e.to_string().contains(says), "{output}: {e}");
+        }
+        let mut odd = event();
+        odd.id = "e\n1".into();
+        let e = publishing("r.x", None)
+            .messages(&odd, &json!({}))
+            .unwrap_err();
+        assert!(e.to_string().contains("control character"), "{e}");
+    }
+
+    fn sink(extra: &str) -> NatsSink {
+        NatsSink::new(&config(&format!("{MINIMAL}{extra}")), "n").unwrap()
+    }
+
+    fn jetstream_error(code: u64) -> PublishError {
+        let error: async_nats::jetstream::Error = serde_json::from_value(
+            json!({"code": 400, "err_code": code, "description": "refused"}),
+        )
+        .unwrap();
+        PublishError::with_source(PublishErrorKind::Other, error)
+    }
+
+    #[test]
+    fn publish_errors_are_classified_by_kind_and_jetstream_code() {
+        let s = sink("stream = \"RULES\"\n");
+        let class = |e: PublishError| s.classify(&e, "rules.x");
+        assert!(class(PublishError::new(PublishErrorKind::StreamNotFound)).is_none());
+        let e = class(jetstream_error(10060)).unwrap();
+        assert!(
+            !e.is_retryable() && e.to_string().contains("other than RULES"),
+            "{e}"
+        );
+        let e = class(jetstream_error(10054)).unwrap();
+        assert!(
+            !e.is_retryable() && e.to_string().contains("max_msg_size"),
+            "{e}"
+        );
+        let e = class(PublishError::new(PublishErrorKind::MaxPayloadExceeded)).unwrap();
+        assert!(
+            !e.is_retryable() && e.to_string().contains("max_payload"),
+            "{e}"
+        );
+        for retryable in [
+            jetstream_error(10077),
+            PublishError::new(PublishErrorKind::TimedOut),
+            PublishError::new(PublishErrorKind::BrokenPipe),
+            PublishError::new(PublishErrorKind::MaxAckPending),
+            PublishError::new(PublishErrorKind::Other),
+        ] {
+            let e = class(retryable).unwrap();
+            assert!(e.is_retryable(), "{e}");
+        }
+        let e = class(PublishError::new(PublishErrorKind::TimedOut)).unwrap();
+        assert!(
+            e.to_string().contains("no PubAck for subject \"rules.x\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_limit() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(1000),
+        };
+        let got: Vec<u128> = (0..7).map(|n| b.delay(n).as_millis()).collect();
+        assert_eq!(got, [100, 100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(b.delay(u32::MAX), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn building_reads_secrets_and_tls_files_but_connects_nowhere() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("user"), "kiosk\n").unwrap();
+        std::fs::write(dir.path().join("pass"), "s3cret\n").unwrap();
+        let mut c = config(&format!(
+            "{MINIMAL}user = {{ file = \"user\" }}\npassword = {{ file = \"pass\" }}\n"
+        ));
+        c.resolve_paths(dir.path());
+        assert!(c.validate("sinks.n").is_empty());
+        let s = NatsSink::new(&c, "n").unwrap();
+        assert!(!format!("{s:?}").contains("s3cret"));
+        assert_eq!(c.secret_sources().len(), 2);
+        c.password.as_mut().unwrap().file = Some(dir.path().join("missing"));
+        let e = NatsSink::new(&c, "n").unwrap_err();
+        assert!(e.starts_with("password: cannot read secret file"), "{e}");
+
+        std::fs::write(dir.path().join("creds"), "not a creds file").unwrap();
+        let mut c = config(&format!("{MINIMAL}credentials = {{ file = \"creds\" }}\n"));
+        c.resolve_paths(dir.path());
+        let e = NatsSink::new(&c, "n").unwrap_err();
+        assert!(
+            e.starts_with("credentials: not a NATS credentials file"),
+            "{e}"
+        );
+
+        let mut c =
+            config("url = \"tls://n\"\nsubject = \"s\"\ntls = { ca_file = \"nope.pem\" }\n");
+        c.resolve_paths(dir.path());
+        let e = NatsSink::new(&c, "n").unwrap_err();
+        assert!(e.starts_with("tls: cannot read"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_retryable_with_the_reason() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let c = config(&format!(
+            "url = \"nats://127.0.0.1:{port}\"\nsubject = \"r.{{subject}}\"\ntimeout_ms = 1500\n"
+        ));
+        let s = NatsSink::new(&c, "n").unwrap();
+        let started = std::time::Instant::now();
+        let e = s.apply(&event(), &json!({})).await.unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert!(
+            e.to_string().contains("cannot reach the NATS server"),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3), "failed in time");
+        assert!(s.healthcheck().await.unwrap_err().is_retryable());
     }
 }
