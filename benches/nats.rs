@@ -231,16 +231,7 @@ async fn fill_backlog(dir: &Path, events: usize, window: usize) {
         }
     });
     let path = dir.join("ess-agent.toml");
-    std::fs::write(
-        &path,
-        config(
-            dir,
-            hole_port,
-            window,
-            &Variant::default(),
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, config(dir, hole_port, window, &Variant::default())).unwrap();
     let (mut agent, ready) = Agent::start(&path, &Variant::default());
     let url: String = format!("http://{}/v1/events", ready["ingress"].as_str().unwrap());
     let http = client(&ClientTls::default()).unwrap();
@@ -414,8 +405,12 @@ fn main() {
             fill_backlog(dir.path(), events, window).await;
         });
         let (agent, agent_cpu, agent_own) = agent_rate(dir.path(), server.port, events, window);
-        let (bare, bare_cpu) =
-            runtime.block_on(bare_rate(server.port, events, window, &format!("bare{round}")));
+        let (bare, bare_cpu) = runtime.block_on(bare_rate(
+            server.port,
+            events,
+            window,
+            &format!("bare{round}"),
+        ));
         let (serial, _) = runtime.block_on(bare_rate(
             server.port,
             events.min(5000),
@@ -428,7 +423,7 @@ fn main() {
         );
         rows.push([agent, bare, agent / bare, serial, agent_cpu, bare_cpu]);
     }
-    let mut col = |i: usize| median(&mut rows.iter().map(|r| r[i]).collect::<Vec<_>>());
+    let col = |i: usize| median(&mut rows.iter().map(|r| r[i]).collect::<Vec<_>>());
     println!(
         "median | {:.0} | {:.0} | {:.2} | {:.0} | {:.1}, {:.1} µs |",
         col(0),
