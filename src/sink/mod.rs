@@ -14,6 +14,7 @@ pub mod exec;
 pub mod file;
 pub mod http;
 pub mod mqtt;
+pub mod nats;
 pub mod redis;
 pub mod sftp;
 pub mod sql;
@@ -197,14 +198,15 @@ macro_rules! sink_kinds {
 }
 
 sink_kinds! {
+    Amqp(amqp::AmqpConfig),
     Exec(exec::ExecConfig),
     File(file::FileConfig),
     Http(http::HttpConfig),
     Mqtt(mqtt::MqttConfig),
+    Nats(nats::NatsConfig),
     Redis(redis::RedisConfig),
     Sftp(sftp::SftpConfig),
     Sql(sql::SqlConfig),
-    Amqp(amqp::AmqpConfig),
 }
 
 impl SinkConfig {

@@ -18,6 +18,7 @@ mod reload;
 mod sink_amqp;
 mod sink_exec;
 mod sink_mqtt;
+mod sink_nats;
 mod sink_redis;
 mod sink_sftp;
 mod sink_sql;

@@ -5,6 +5,7 @@
 
 pub mod hub;
 pub mod mosquitto;
+pub mod nats;
 pub mod proxy;
 pub mod redis;
 pub mod sshd;

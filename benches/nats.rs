@@ -1,0 +1,438 @@
+//! JetStream publishes confirmed by their PubAck per second through the agent's `nats` sink,
+//! beside async-nats' own bare publish loop, in one run.
+//!
+//! Each round:
+//!
+//! 1. The agent (the release binary) takes `EVENTS` events while its sink points at a listener
+//!    that accepts connections and never answers; then it is killed (SIGKILL). The events wait
+//!    in its journal.
+//! 2. The agent starts again, now pointed at a bench-owned `nats-server -js` (file store), and
+//!    applies the backlog: dispatch, adapter, publish, PubAck, journal. The rate is taken between
+//!    its first and last "event final" log lines. Its `dispatch.max_parallel` is `WINDOW`.
+//! 3. async-nats alone publishes the same payloads to the same subjects with a `Nats-Msg-Id`
+//!    each, awaiting each PubAck: once one at a time, once from `WINDOW` concurrent publishers
+//!    (as many in flight as the agent has). Rate between the first publish and the last PubAck.
+//!
+//! Run: `cargo bench --bench nats` (`ESS_BENCH_ROUNDS`, `ESS_BENCH_EVENTS` and
+//! `ESS_BENCH_WINDOW` override the defaults of 3 rounds, 20000 events, window 64).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ess_agent::http_client::{ClientTls, client};
+use ess_agent::protocol::auth::WebhookSigner;
+use http_body_util::Full;
+use serde_json::{Value, json};
+
+mod common;
+use common::{Variant, env_or, machine_busy};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const SUBJECTS: usize = 256;
+const STREAM: &str = "BENCH";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A bench-owned `nats-server -js` on a free port with its own store.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Server {
+        let port = free_port();
+        let mut child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.join("nats"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start nats-server");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if line.contains("Server is ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(15))
+            .expect("nats-server starts");
+        Server { child, port }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running agent and its JSON log lines.
+struct Agent {
+    child: Child,
+    lines: mpsc::Receiver<Value>,
+    /// Lines read while waiting for something else, not yet shown to a `wait`.
+    seen: std::collections::VecDeque<Value>,
+}
+
+impl Agent {
+    fn start(config: &Path, variant: &Variant) -> (Agent, Value) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ess-agent"))
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(config)
+            .env("ESS_AGENT_LOG", "info")
+            .envs(variant.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ess-agent");
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let mut agent = Agent {
+            child,
+            lines,
+            seen: Default::default(),
+        };
+        // The dispatcher starts before the agent says "ready": keep what comes first.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ready = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match agent.lines.recv_timeout(left) {
+                Ok(v) if v["message"] == "ready" => break v,
+                Ok(v) => agent.seen.push_back(v),
+                Err(e) => panic!("agent did not become ready ({e})"),
+            }
+        };
+        (agent, ready)
+    }
+
+    fn wait(&mut self, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        while let Some(v) = self.seen.pop_front() {
+            if pred(&v) {
+                return v;
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if pred(&v) => return v,
+                Ok(v) if v["level"] == "ERROR" => panic!("agent error: {v}"),
+                Ok(_) => {}
+                Err(e) => panic!("agent log ended or timed out ({e})"),
+            }
+        }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The agent's configuration.
+fn config(dir: &Path, port: u16, window: usize, _variant: &Variant) -> String {
+    format!(
+        r#"agent_id = "bench"
+state_dir = {state:?}
+adapters_dir = {adapters:?}
+
+[ingress]
+listen = "127.0.0.1:0"
+
+[auth]
+hmac_secrets = [{{ file = {secret:?} }}]
+
+[admin]
+listen = "127.0.0.1:0"
+
+[limits]
+min_free_disk_bytes = 0
+
+[dispatch]
+max_parallel = {window}
+
+[[routes]]
+name = "clinics"
+adapter = "pass.jsonata"
+sink = "clinics"
+
+[sinks.clinics]
+type = "nats"
+url = "nats://127.0.0.1:{port}"
+subject = "bench.{{subject}}"
+stream = "{STREAM}"
+timeout_ms = 600000
+connect_timeout_secs = 3600
+"#,
+        state = dir.join("state").display().to_string(),
+        adapters = dir.join("adapters").display().to_string(),
+        secret = dir.join("hub-secret").display().to_string(),
+    )
+}
+
+fn event_id(n: usize) -> String {
+    format!("bench-{n:06}")
+}
+
+fn subject(n: usize) -> String {
+    format!("S{:03}", n % SUBJECTS)
+}
+
+fn payload(n: usize) -> Value {
+    json!({"rule": format!("RULE-{n}"), "deadline": "16:00", "court": "county", "note": "the clinic display shows this change"})
+}
+
+/// What the pass-through adapter makes of an event: the bare publisher sends the same bytes.
+fn output(n: usize) -> Vec<u8> {
+    serde_json::to_vec(&json!({"id": event_id(n), "subject": subject(n), "payload": payload(n)}))
+        .unwrap()
+}
+
+/// Phase 1: journals `events` events in an agent that cannot apply them, then kills it.
+async fn fill_backlog(dir: &Path, events: usize, window: usize) {
+    // Accepts connections and never answers: the sink waits for the server's INFO that does not come.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    let hole = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hole.accept().await {
+            held.push(stream);
+        }
+    });
+    let path = dir.join("ess-agent.toml");
+    std::fs::write(&path, config(dir, hole_port, window, &Variant::default())).unwrap();
+    let (mut agent, ready) = Agent::start(&path, &Variant::default());
+    let url: String = format!("http://{}/v1/events", ready["ingress"].as_str().unwrap());
+    let http = client(&ClientTls::default()).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let http = http.clone();
+        let url = url.clone();
+        let signer = WebhookSigner::new(SECRET).unwrap();
+        tasks.push(tokio::spawn(async move {
+            for n in (0..events).filter(|n| n % 8 == t) {
+                let id = event_id(n);
+                let body = serde_json::to_vec(&json!({
+                    "id": id, "version": 1, "type": "rule.updated", "subject": subject(n),
+                    "payload": payload(n),
+                }))
+                .unwrap();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64;
+                let mut request = http::Request::post(&url)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body.clone())))
+                    .unwrap();
+                for (k, v) in signer.headers(&id, now, &body) {
+                    request.headers_mut().insert(k, v.parse().unwrap());
+                }
+                let response = http.request(request).await.expect("post event");
+                assert_eq!(response.status(), 202, "event {id} not accepted");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    agent.kill9();
+    hole.abort();
+}
+
+fn timestamp(v: &Value) -> f64 {
+    let text = v["timestamp"]
+        .as_str()
+        .expect("log lines carry a timestamp");
+    let t =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap();
+    t.unix_timestamp_nanos() as f64 / 1e9
+}
+
+/// CPU seconds a process has used so far (user and system), from `/proc/<pid>/stat`.
+fn process_cpu(pid: u32) -> f64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: state is field 3, utime 14 and stime 15.
+    let fields: Vec<f64> = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    if fields.len() < 13 {
+        return 0.0;
+    }
+    (fields[11] + fields[12]) / 100.0
+}
+
+/// Phase 2: the agent applies the backlog; stored messages per second and the machine's CPU
+/// per message.
+fn agent_rate(dir: &Path, port: u16, events: usize, window: usize) -> (f64, f64, f64) {
+    let path = dir.join("ess-agent.toml");
+    std::fs::write(&path, config(dir, port, window, &Variant::default())).unwrap();
+    let (mut agent, _ready) = Agent::start(&path, &Variant::default());
+    let pid = agent.child.id();
+    let mut first = None;
+    let mut last = 0.0;
+    let mut applied = 0;
+    let mut busy = (0.0, 0.0);
+    agent.wait(Duration::from_secs(600), |v| {
+        if v["message"] == "event final" && v["state"] == "applied" {
+            let t = timestamp(v);
+            if first.is_none() {
+                first = Some(t);
+                busy = (machine_busy(), process_cpu(pid));
+            }
+            last = t;
+            applied += 1;
+        }
+        applied == events
+    });
+    let (machine, own) = (machine_busy() - busy.0, process_cpu(pid) - busy.1);
+    (
+        (events - 1) as f64 / (last - first.unwrap()),
+        machine / events as f64 * 1e6,
+        own / events as f64 * 1e6,
+    )
+}
+
+/// async-nats alone: `publishers` concurrent loops, each publishing its share with a
+/// `Nats-Msg-Id` and awaiting each PubAck. Stored messages per second and the machine's CPU per
+/// message.
+async fn bare_rate(port: u16, events: usize, publishers: usize, tag: &str) -> (f64, f64) {
+    let client = async_nats::connect(format!("nats://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(client);
+    let busy = machine_busy();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..publishers {
+        let js = js.clone();
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            for n in (0..events).filter(|n| n % publishers == p) {
+                let publish = async_nats::jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(output(n)))
+                    .message_id(format!("{tag}-{n}:clinics:0"))
+                    .expected_stream(STREAM);
+                let ack = js
+                    .send_publish(format!("bench.{}", subject(n)), publish)
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                assert!(!ack.duplicate);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    (
+        events as f64 / elapsed,
+        (machine_busy() - busy) / events as f64 * 1e6,
+    )
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let rounds = env_or("ESS_BENCH_ROUNDS", 3);
+    let events = env_or("ESS_BENCH_EVENTS", 20_000);
+    let window = env_or("ESS_BENCH_WINDOW", 64);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut rows: Vec<[f64; 6]> = Vec::new();
+    println!(
+        "round | agent /s | bare, {window} in flight /s | agent ÷ bare | bare, 1 at a time /s | \
+         machine CPU per message: agent, bare | agent process CPU per message"
+    );
+    for round in 1..=rounds {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
+        std::fs::write(dir.path().join("adapters/pass.jsonata"), ADAPTER).unwrap();
+        std::fs::write(dir.path().join("hub-secret"), SECRET).unwrap();
+        let server = Server::start(dir.path());
+        runtime.block_on(async {
+            let client = async_nats::connect(format!("nats://127.0.0.1:{}", server.port))
+                .await
+                .unwrap();
+            async_nats::jetstream::new(client)
+                .create_stream(async_nats::jetstream::stream::Config {
+                    name: STREAM.into(),
+                    subjects: vec!["bench.>".into()],
+                    storage: async_nats::jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            fill_backlog(dir.path(), events, window).await;
+        });
+        let (agent, agent_cpu, agent_own) = agent_rate(dir.path(), server.port, events, window);
+        let (bare, bare_cpu) = runtime.block_on(bare_rate(
+            server.port,
+            events,
+            window,
+            &format!("bare{round}"),
+        ));
+        let (serial, _) = runtime.block_on(bare_rate(
+            server.port,
+            events.min(5000),
+            1,
+            &format!("serial{round}"),
+        ));
+        println!(
+            "{round} | {agent:.0} | {bare:.0} | {:.2} | {serial:.0} | {agent_cpu:.1}, {bare_cpu:.1} µs | {agent_own:.1} µs",
+            agent / bare
+        );
+        rows.push([agent, bare, agent / bare, serial, agent_cpu, bare_cpu]);
+    }
+    let col = |i: usize| median(&mut rows.iter().map(|r| r[i]).collect::<Vec<_>>());
+    println!(
+        "median | {:.0} | {:.0} | {:.2} | {:.0} | {:.1}, {:.1} µs |",
+        col(0),
+        col(1),
+        col(2),
+        col(3),
+        col(4),
+        col(5)
+    );
+}
+
+const ADAPTER: &str = r#"{"id": id, "subject": subject, "payload": payload}"#;

@@ -1,0 +1,188 @@
+//! NATS for the tests: the shared JetStream server on 127.0.0.1:4222, test-owned servers on free
+//! loopback ports with their own store directory that a test can stop and start again, and a
+//! JetStream client to create streams and read what they hold.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, message::StreamMessage, stream};
+
+/// The server every machine running the tests has (scripts/test starts it).
+pub const SHARED_URL: &str = "nats://127.0.0.1:4222";
+
+/// How long a server may take to start.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Lines the server logged, with a condition variable to wait on.
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A running (or stopped) `nats-server -js` owned by one test.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    log: Arc<Log>,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream on a free port and its own store directory; returns once
+    /// it is ready for clients.
+    pub fn start() -> NatsServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = NatsServer {
+            child: None,
+            port,
+            log: Arc::new(Log::default()),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        server.start_again();
+        server
+    }
+
+    /// Starts the (stopped) server on the same port with the same store; returns once it is
+    /// ready for clients.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
+        let seen = self.log.lines.lock().unwrap().len();
+        let mut child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nats-server must be installed");
+        let stderr = child.stderr.take().unwrap();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                log.lines.lock().unwrap().push(line);
+                log.changed.notify_all();
+            }
+            log.lines.lock().unwrap().push("<exited>".into());
+            log.changed.notify_all();
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if lines[seen..].iter().any(|l| l.contains("Server is ready")) {
+                return;
+            }
+            assert!(
+                !lines[seen..].iter().any(|l| l == "<exited>"),
+                "nats-server exited at start:\n{}",
+                lines[seen..].join("\n")
+            );
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "nats-server did not start:\n{}",
+                lines[seen..].join("\n")
+            );
+            lines = self
+                .log
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Stops the server the way an init system does (SIGTERM) and waits until it has exited.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = child.wait();
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// What the server logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lines.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A name no other test run uses: `<prefix>` and 16 hex digits, for streams and subjects on the
+/// shared server.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{:016x}", rand::random::<u64>())
+}
+
+/// A JetStream client of the server at `url`.
+pub async fn jetstream(url: &str) -> jetstream::Context {
+    let client = async_nats::connect(url).await.expect("connect to nats");
+    jetstream::new(client)
+}
+
+/// Creates a file-backed stream `name` capturing `subjects`, with JetStream's default duplicate
+/// window (two minutes).
+pub async fn create_stream(js: &jetstream::Context, name: &str, subjects: &[String]) {
+    js.create_stream(stream::Config {
+        name: name.to_string(),
+        subjects: subjects.to_vec(),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+}
+
+/// Every message the stream holds, in order.
+pub async fn messages(js: &jetstream::Context, name: &str) -> Vec<StreamMessage> {
+    let stream = js.get_stream(name).await.expect("get stream");
+    let state = stream.get_info().await.expect("stream info").state;
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(sequence).await {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// A header of a stored message, as text.
+pub fn header<'a>(m: &'a StreamMessage, name: &str) -> Option<&'a str> {
+    m.headers.get(name).map(|v| v.as_str())
+}
+
+/// Deletes a stream (at the end of a test on the shared server).
+pub async fn delete_stream(js: &jetstream::Context, name: &str) {
+    let _ = js.delete_stream(name).await;
+}
