@@ -193,6 +193,19 @@ macro_rules! sink_kinds {
                     $(SinkConfig::$variant(c) => c,)*
                 }
             }
+
+            /// This sink's kind, as its `type` is written in the TOML.
+            pub fn kind(&self) -> String {
+                match self {
+                    $(SinkConfig::$variant(_) => stringify!($variant).to_ascii_lowercase(),)*
+                }
+            }
+
+            /// Every sink kind, as its `type` is written in the TOML.
+            pub fn kinds() -> Vec<String> {
+                // Each variant is one word, so snake_case is its lower case.
+                vec![$(stringify!($variant).to_ascii_lowercase(),)*]
+            }
         }
     };
 }
@@ -273,5 +286,73 @@ impl SinkConfig {
     /// sink can apply, as far as that can be told without the destination. Pure.
     pub fn check_output(&self, output: &Value) -> Result<(), String> {
         self.spec().check_output(output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The production example, with every secret file in `dir` (each holding `content` and
+    /// its own name) instead of /etc/ess-agent/secrets.
+    fn example_with_secrets_in(dir: &Path, content: &str) -> crate::config::Config {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(root.join("config/production.example.toml")).unwrap();
+        let prefix = "/etc/ess-agent/secrets/";
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(prefix) {
+            let name: String = rest[at + prefix.len()..]
+                .chars()
+                .take_while(|c| *c != '"')
+                .collect();
+            std::fs::write(dir.join(&name), format!("{content}-{name}")).unwrap();
+            rest = &rest[at + prefix.len()..];
+        }
+        let text = text.replace(prefix, &format!("{}/", dir.display()));
+        let path = dir.join("ess-agent.toml");
+        std::fs::write(&path, text).unwrap();
+        crate::config::Config::load(&path).unwrap()
+    }
+
+    /// The production example shows every sink kind, and a reload sees a rewritten secret of
+    /// every sink that has one: each kind's `secret_sources` lists the secrets it is built with.
+    #[test]
+    fn every_sink_kind_is_shown_and_its_secrets_are_seen_by_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = example_with_secrets_in(dir.path(), "before");
+        let mut shown: Vec<String> = config.sinks.values().map(SinkConfig::kind).collect();
+        shown.sort();
+        shown.dedup();
+        let mut kinds = SinkConfig::kinds();
+        kinds.sort();
+        assert_eq!(
+            shown, kinds,
+            "config/production.example.toml shows every sink kind"
+        );
+
+        let before: Vec<(String, [u8; 32])> = config
+            .sinks
+            .iter()
+            .filter(|(_, s)| !s.spec().secret_sources().is_empty())
+            .map(|(name, s)| (name.clone(), s.secret_digest(name).unwrap()))
+            .collect();
+        let with_secrets: Vec<&str> = before.iter().map(|(n, _)| n.as_str()).collect();
+        for kind in ["amqp", "http", "mqtt", "nats", "redis", "sftp", "sql"] {
+            assert!(
+                config
+                    .sinks
+                    .iter()
+                    .any(|(name, s)| s.kind() == kind && with_secrets.contains(&name.as_str())),
+                "the {kind} sink of the example has no secret a reload would re-read"
+            );
+        }
+        let config = example_with_secrets_in(dir.path(), "after");
+        for (name, digest) in before {
+            assert_ne!(
+                config.sinks[&name].secret_digest(&name).unwrap(),
+                digest,
+                "sink {name}: a rewritten secret file went unnoticed"
+            );
+        }
     }
 }
