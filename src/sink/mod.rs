@@ -10,6 +10,7 @@
 //! retries the first kind with backoff and dead-letters the second.
 
 pub mod amqp;
+pub mod client;
 pub mod exec;
 pub mod file;
 pub mod http;

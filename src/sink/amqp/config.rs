@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::settings::{Problem, RetryConfig, SecretSource};
 use crate::sink::template::Template;
-use crate::sink::{BuildContext, SecretOrFile, Sink, SinkSpec, push_secret};
+use crate::sink::{BuildContext, SecretOrFile, Sink, SinkSpec, client, push_secret};
 
 /// Configuration of an `amqp` sink (AMQP 0-9-1, e.g. RabbitMQ).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -223,24 +223,15 @@ impl SinkSpec for AmqpConfig {
 
     /// Resolves relative file paths (TLS files, secret files) against `base`.
     fn resolve_paths(&mut self, base: &Path) {
-        for path in [
-            &mut self.ca_file,
-            &mut self.client_cert,
-            &mut self.client_key,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if path.is_relative() {
-                *path = base.join(&*path);
-            }
-        }
-        for source in [&mut self.username, &mut self.password]
-            .into_iter()
-            .flatten()
-        {
-            source.resolve_path(base);
-        }
+        client::resolve_files(
+            base,
+            [
+                &mut self.ca_file,
+                &mut self.client_cert,
+                &mut self.client_key,
+            ],
+        );
+        client::resolve_secrets(base, [&mut self.username, &mut self.password]);
     }
 
     /// Pure checks; `key` is this sink's key path.
@@ -303,66 +294,43 @@ impl SinkSpec for AmqpConfig {
                 format!("{ct:?} is not a content type: write it like \"application/xml\""),
             );
         }
-        for (field, source) in [("username", &self.username), ("password", &self.password)] {
-            if let Some(source) = source
-                && let Err(message) = source.check()
-            {
-                bad(field, message);
-            }
-        }
+        client::check_secrets(
+            &mut bad,
+            [("username", &self.username), ("password", &self.password)],
+        );
         if self.password.is_some() && self.username.is_none() {
             bad("password", "needs a username: set username too".into());
         }
-        if let Ok(broker) = &broker
-            && !broker.tls
-        {
-            for (field, set) in [
-                ("ca_file", self.ca_file.is_some()),
-                ("client_cert", self.client_cert.is_some()),
-                ("client_key", self.client_key.is_some()),
-            ] {
-                if set {
-                    bad(
-                        field,
-                        "applies to TLS only: use an amqps:// URL, or remove it".into(),
-                    );
-                }
-            }
-        }
-        if self.client_cert.is_some() != self.client_key.is_some() {
-            bad(
-                if self.client_cert.is_some() {
-                    "client_key"
-                } else {
-                    "client_cert"
-                },
-                "client_cert and client_key go together: set both or neither".into(),
-            );
-        }
-        for (field, value, default) in [
-            ("timeout_ms", self.timeout_ms, 10_000),
-            ("connect_timeout_secs", self.connect_timeout_secs, 10),
-            ("reconnect_initial_ms", self.reconnect_initial_ms, 100),
-        ] {
-            if value == 0 {
-                bad(
-                    field,
-                    format!("must be at least 1 (the default is {default})"),
-                );
-            }
-        }
+        client::check_tls_files(
+            &mut bad,
+            matches!(&broker, Ok(broker) if !broker.tls).then_some("an amqps://"),
+            &self.ca_file,
+            &self.client_cert,
+            &self.client_key,
+        );
+        client::check_at_least_one(
+            &mut bad,
+            [
+                ("timeout_ms", self.timeout_ms, default_timeout_ms()),
+                (
+                    "connect_timeout_secs",
+                    self.connect_timeout_secs,
+                    default_connect_timeout(),
+                ),
+            ],
+        );
         if self.heartbeat_secs < 5 {
             bad(
                 "heartbeat_secs",
                 "must be at least 5 (the default is 30)".into(),
             );
         }
-        if self.reconnect_max_ms < self.reconnect_initial_ms {
-            bad(
-                "reconnect_max_ms",
-                "must not be below reconnect_initial_ms".into(),
-            );
-        }
+        client::check_reconnect(
+            &mut bad,
+            self.reconnect_initial_ms,
+            self.reconnect_max_ms,
+            default_reconnect_initial(),
+        );
         problems
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::settings::RetryConfig;
 use crate::settings::{Problem, SecretSource};
 use crate::sink::template::Template;
-use crate::sink::{BuildContext, SecretOrFile, Sink, SinkSpec, push_secret};
+use crate::sink::{BuildContext, SecretOrFile, Sink, SinkSpec, client, push_secret};
 use http::Uri;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -275,27 +275,15 @@ impl SinkSpec for MqttConfig {
 
     /// Resolves relative file paths (TLS files, secret files) against `base`.
     fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
-        for path in [
-            &mut self.ca_file,
-            &mut self.client_cert,
-            &mut self.client_key,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            fix(path);
-        }
-        for source in [&mut self.username, &mut self.password]
-            .into_iter()
-            .flatten()
-        {
-            source.resolve_path(base);
-        }
+        client::resolve_files(
+            base,
+            [
+                &mut self.ca_file,
+                &mut self.client_cert,
+                &mut self.client_key,
+            ],
+        );
+        client::resolve_secrets(base, [&mut self.username, &mut self.password]);
     }
 
     /// Pure checks; `key` is this sink's key path.
@@ -383,13 +371,10 @@ impl SinkSpec for MqttConfig {
                     .into(),
             );
         }
-        for (field, source) in [("username", &self.username), ("password", &self.password)] {
-            if let Some(source) = source
-                && let Err(message) = source.check()
-            {
-                bad(field, message);
-            }
-        }
+        client::check_secrets(
+            &mut bad,
+            [("username", &self.username), ("password", &self.password)],
+        );
         if self.password.is_some() && self.username.is_none() {
             bad(
                 "password",
@@ -397,32 +382,13 @@ impl SinkSpec for MqttConfig {
                     .into(),
             );
         }
-        if let Ok(broker) = &broker
-            && !broker.tls
-        {
-            for (field, set) in [
-                ("ca_file", self.ca_file.is_some()),
-                ("client_cert", self.client_cert.is_some()),
-                ("client_key", self.client_key.is_some()),
-            ] {
-                if set {
-                    bad(
-                        field,
-                        "applies to TLS only: use an mqtts:// URL, or remove it".into(),
-                    );
-                }
-            }
-        }
-        if self.client_cert.is_some() != self.client_key.is_some() {
-            bad(
-                if self.client_cert.is_some() {
-                    "client_key"
-                } else {
-                    "client_cert"
-                },
-                "client_cert and client_key go together: set both or neither".into(),
-            );
-        }
+        client::check_tls_files(
+            &mut bad,
+            matches!(&broker, Ok(broker) if !broker.tls).then_some("an mqtts://"),
+            &self.ca_file,
+            &self.client_cert,
+            &self.client_key,
+        );
         if self.timeout_ms == 0 {
             bad(
                 "timeout_ms",
@@ -447,18 +413,12 @@ impl SinkSpec for MqttConfig {
                 "must be at least 5 (the default is 30)".into(),
             );
         }
-        if self.reconnect_initial_ms == 0 {
-            bad(
-                "reconnect_initial_ms",
-                "must be at least 1 (the default is 100)".into(),
-            );
-        }
-        if self.reconnect_max_ms < self.reconnect_initial_ms {
-            bad(
-                "reconnect_max_ms",
-                "must not be below reconnect_initial_ms".into(),
-            );
-        }
+        client::check_reconnect(
+            &mut bad,
+            self.reconnect_initial_ms,
+            self.reconnect_max_ms,
+            default_reconnect_initial(),
+        );
         problems
     }
 

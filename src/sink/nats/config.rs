@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::settings::{Problem, RetryConfig, SecretSource};
 use crate::sink::template::Template;
-use crate::sink::{BuildContext, SecretOrFile, Sink, SinkSpec, push_secret};
+use crate::sink::{BuildContext, SecretOrFile, Sink, SinkSpec, client, push_secret};
 
 /// Configuration of a `nats` sink.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -244,27 +244,18 @@ impl SinkSpec for NatsConfig {
     /// Resolves relative file paths (TLS files, secret files) against `base`.
     fn resolve_paths(&mut self, base: &Path) {
         if let Some(tls) = &mut self.tls {
-            for path in [&mut tls.ca_file, &mut tls.cert, &mut tls.key]
-                .into_iter()
-                .flatten()
-            {
-                if path.is_relative() {
-                    *path = base.join(&*path);
-                }
-            }
+            client::resolve_files(base, [&mut tls.ca_file, &mut tls.cert, &mut tls.key]);
         }
-        for source in [
-            &mut self.credentials,
-            &mut self.nkey,
-            &mut self.token,
-            &mut self.user,
-            &mut self.password,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            source.resolve_path(base);
-        }
+        client::resolve_secrets(
+            base,
+            [
+                &mut self.credentials,
+                &mut self.nkey,
+                &mut self.token,
+                &mut self.user,
+                &mut self.password,
+            ],
+        );
     }
 
     /// Pure checks; `key` is this sink's key path.
@@ -302,19 +293,16 @@ impl SinkSpec for NatsConfig {
         {
             bad("stream", message);
         }
-        for (field, source) in [
-            ("credentials", &self.credentials),
-            ("nkey", &self.nkey),
-            ("token", &self.token),
-            ("user", &self.user),
-            ("password", &self.password),
-        ] {
-            if let Some(source) = source
-                && let Err(message) = source.check()
-            {
-                bad(field, message);
-            }
-        }
+        client::check_secrets(
+            &mut bad,
+            [
+                ("credentials", &self.credentials),
+                ("nkey", &self.nkey),
+                ("token", &self.token),
+                ("user", &self.user),
+                ("password", &self.password),
+            ],
+        );
         let methods = self.auth_methods();
         if methods.len() > 1 {
             bad(
@@ -326,46 +314,35 @@ impl SinkSpec for NatsConfig {
                 ),
             );
         }
-        if self.user.is_some() != self.password.is_some() {
-            bad(
-                if self.user.is_some() {
-                    "password"
-                } else {
-                    "user"
-                },
-                "user and password go together: set both or neither".into(),
+        client::check_together(
+            &mut bad,
+            ("user", self.user.is_some()),
+            ("password", self.password.is_some()),
+        );
+        if let Some(tls) = &self.tls {
+            client::check_together(
+                &mut bad,
+                ("tls.cert", tls.cert.is_some()),
+                ("tls.key", tls.key.is_some()),
             );
         }
-        if let Some(tls) = &self.tls
-            && tls.cert.is_some() != tls.key.is_some()
-        {
-            bad(
-                if tls.cert.is_some() {
-                    "tls.key"
-                } else {
-                    "tls.cert"
-                },
-                "cert and key go together: set both or neither".into(),
-            );
-        }
-        for (field, value, default) in [
-            ("timeout_ms", self.timeout_ms, 10_000),
-            ("connect_timeout_secs", self.connect_timeout_secs, 10),
-            ("reconnect_initial_ms", self.reconnect_initial_ms, 100),
-        ] {
-            if value == 0 {
-                bad(
-                    field,
-                    format!("must be at least 1 (the default is {default})"),
-                );
-            }
-        }
-        if self.reconnect_max_ms < self.reconnect_initial_ms {
-            bad(
-                "reconnect_max_ms",
-                "must not be below reconnect_initial_ms".into(),
-            );
-        }
+        client::check_at_least_one(
+            &mut bad,
+            [
+                ("timeout_ms", self.timeout_ms, default_timeout_ms()),
+                (
+                    "connect_timeout_secs",
+                    self.connect_timeout_secs,
+                    default_connect_timeout(),
+                ),
+            ],
+        );
+        client::check_reconnect(
+            &mut bad,
+            self.reconnect_initial_ms,
+            self.reconnect_max_ms,
+            default_reconnect_initial(),
+        );
         problems
     }
 

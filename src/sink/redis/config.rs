@@ -7,7 +7,7 @@ use serde::Deserialize;
 use std::sync::Arc;
 
 use super::super::template::Template;
-use super::super::{BuildContext, SecretOrFile, Sink, SinkSpec, push_secret};
+use super::super::{BuildContext, SecretOrFile, Sink, SinkSpec, client, push_secret};
 use crate::settings::{Problem, RetryConfig, SecretSource};
 
 /// How a record's output goes into its stream entry.
@@ -235,27 +235,15 @@ impl SinkSpec for RedisConfig {
 
     /// Resolves relative file paths (TLS files, secret files) against `base`.
     fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
-        for path in [
-            &mut self.ca_file,
-            &mut self.client_cert,
-            &mut self.client_key,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            fix(path);
-        }
-        for source in [&mut self.username, &mut self.password]
-            .into_iter()
-            .flatten()
-        {
-            source.resolve_path(base);
-        }
+        client::resolve_files(
+            base,
+            [
+                &mut self.ca_file,
+                &mut self.client_cert,
+                &mut self.client_key,
+            ],
+        );
+        client::resolve_secrets(base, [&mut self.username, &mut self.password]);
     }
 
     /// Pure checks; `key` is this sink's key path.
@@ -345,13 +333,10 @@ impl SinkSpec for RedisConfig {
                 );
             }
         }
-        for (field, source) in [("username", &self.username), ("password", &self.password)] {
-            if let Some(source) = source
-                && let Err(message) = source.check()
-            {
-                bad(field, message);
-            }
-        }
+        client::check_secrets(
+            &mut bad,
+            [("username", &self.username), ("password", &self.password)],
+        );
         if self.username.is_some() && self.password.is_none() {
             bad(
                 "username",
@@ -359,58 +344,30 @@ impl SinkSpec for RedisConfig {
                     .into(),
             );
         }
-        if let Ok(server) = &server
-            && !server.tls
-        {
-            for (field, set) in [
-                ("ca_file", self.ca_file.is_some()),
-                ("client_cert", self.client_cert.is_some()),
-                ("client_key", self.client_key.is_some()),
-            ] {
-                if set {
-                    bad(
-                        field,
-                        "applies to TLS only: use a rediss:// URL, or remove it".into(),
-                    );
-                }
-            }
-        }
-        if self.client_cert.is_some() != self.client_key.is_some() {
-            bad(
-                if self.client_cert.is_some() {
-                    "client_key"
-                } else {
-                    "client_cert"
-                },
-                "client_cert and client_key go together: set both or neither".into(),
-            );
-        }
-        for (field, value, default) in [
-            ("timeout_ms", self.timeout_ms, default_timeout_ms()),
-            (
-                "connect_timeout_ms",
-                self.connect_timeout_ms,
-                default_connect_timeout(),
-            ),
-            (
-                "reconnect_initial_ms",
-                self.reconnect_initial_ms,
-                default_reconnect_initial(),
-            ),
-        ] {
-            if value == 0 {
-                bad(
-                    field,
-                    format!("must be at least 1 (the default is {default})"),
-                );
-            }
-        }
-        if self.reconnect_max_ms < self.reconnect_initial_ms {
-            bad(
-                "reconnect_max_ms",
-                "must not be below reconnect_initial_ms".into(),
-            );
-        }
+        client::check_tls_files(
+            &mut bad,
+            matches!(&server, Ok(server) if !server.tls).then_some("a rediss://"),
+            &self.ca_file,
+            &self.client_cert,
+            &self.client_key,
+        );
+        client::check_at_least_one(
+            &mut bad,
+            [
+                ("timeout_ms", self.timeout_ms, default_timeout_ms()),
+                (
+                    "connect_timeout_ms",
+                    self.connect_timeout_ms,
+                    default_connect_timeout(),
+                ),
+            ],
+        );
+        client::check_reconnect(
+            &mut bad,
+            self.reconnect_initial_ms,
+            self.reconnect_max_ms,
+            default_reconnect_initial(),
+        );
         problems
     }
 }
