@@ -389,24 +389,22 @@ impl SinkSpec for MqttConfig {
             &self.client_cert,
             &self.client_key,
         );
-        if self.timeout_ms == 0 {
-            bad(
-                "timeout_ms",
-                "must be at least 1 (the default is 10000)".into(),
-            );
-        }
-        if self.max_inflight == 0 {
-            bad(
-                "max_inflight",
-                "must be at least 1 (the default is 64)".into(),
-            );
-        }
-        if self.connect_timeout_secs == 0 {
-            bad(
-                "connect_timeout_secs",
-                "must be at least 1 (the default is 10)".into(),
-            );
-        }
+        client::check_at_least_one(
+            &mut bad,
+            [
+                ("timeout_ms", self.timeout_ms, default_timeout_ms()),
+                (
+                    "max_inflight",
+                    self.max_inflight.into(),
+                    default_max_inflight().into(),
+                ),
+                (
+                    "connect_timeout_secs",
+                    self.connect_timeout_secs,
+                    default_connect_timeout(),
+                ),
+            ],
+        );
         if self.keep_alive_secs < 5 {
             bad(
                 "keep_alive_secs",
