@@ -18,99 +18,28 @@
 //! Run: `cargo bench --bench exec` (`ESS_BENCH_ROUNDS`, `ESS_BENCH_EVENTS` and
 //! `ESS_BENCH_PROCESSES` override the defaults of 3 rounds, 5000 events, 4 processes at once).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use ess_agent::http_client::{ClientTls, client};
-use ess_agent::protocol::auth::WebhookSigner;
 use ess_agent::sink::exec::{ExecConfig, ExecSink};
 use ess_agent::sink::{EventMeta, Sink};
-use http_body_util::Full;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
-use common::{env_or, machine_busy};
+use common::{
+    Agent, SUBJECTS, agent_config_head, bench_dir, env_or, machine_busy, median, post_events,
+    timestamp,
+};
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const SUBJECTS: usize = 256;
 const ADAPTER: &str = r#"{"id": id, "subject": subject, "payload": payload}"#;
 
-/// The agent under test, its JSON log lines on a channel.
-struct Agent {
-    child: Child,
-    lines: mpsc::Receiver<Value>,
-}
-
-impl Agent {
-    fn start(config: &Path) -> (Agent, Value) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ess-agent"))
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(config)
-            .env("ESS_AGENT_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ess-agent");
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && tx.send(v).is_err()
-                {
-                    return;
-                }
-            }
-        });
-        let mut agent = Agent { child, lines };
-        let ready = agent.wait(Duration::from_secs(30), |v| v["message"] == "ready");
-        (agent, ready)
-    }
-
-    fn wait(&mut self, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) if pred(&v) => return v,
-                Ok(v) if v["level"] == "ERROR" => panic!("agent error: {v}"),
-                Ok(_) => {}
-                Err(e) => panic!("agent log ended or timed out ({e})"),
-            }
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn config(dir: &Path, program: &str, args: &[&str], processes: usize) -> String {
+    let head = agent_config_head(dir, 64);
     format!(
-        r#"agent_id = "bench"
-state_dir = {state:?}
-adapters_dir = {adapters:?}
-[ingress]
-listen = "127.0.0.1:0"
-[auth]
-hmac_secrets = [{{ file = {secret:?} }}]
-[admin]
-listen = "127.0.0.1:0"
-[limits]
-min_free_disk_bytes = 0
-backlog_high_water = 10000000
-[dispatch]
-max_parallel = 64
+        r#"{head}backlog_high_water = 10000000
 [[routes]]
 name = "bench"
 adapter = "pass.jsonata"
@@ -121,10 +50,7 @@ program = {program:?}
 args = {args:?}
 max_processes = {processes}
 timeout_ms = 600000
-"#,
-        state = dir.join("state").display().to_string(),
-        adapters = dir.join("adapters").display().to_string(),
-        secret = dir.join("hub-secret").display().to_string(),
+"#
     )
 }
 
@@ -136,45 +62,20 @@ fn payload(n: usize) -> Value {
     json!({"rule": format!("R-{n}"), "deadline": "16:00", "court": "IL-COOK"})
 }
 
+fn event(n: usize) -> Value {
+    json!({
+        "id": format!("e-{n}"), "version": 1, "type": "rule.updated", "subject": subject(n),
+        "payload": payload(n),
+    })
+}
+
 /// Phase 1: the events wait in the journal behind a program that never ends.
 async fn fill_backlog(dir: &Path, events: usize) {
     let marker = format!("600.{:09}", rand::random::<u32>() % 1_000_000_000);
     let path = dir.join("ess-agent.toml");
     std::fs::write(&path, config(dir, "/bin/sleep", &[&marker], 1)).unwrap();
-    let (agent, ready) = Agent::start(&path);
-    let url: String = format!("http://{}/v1/events", ready["ingress"].as_str().unwrap());
-    let http = client(&ClientTls::default()).unwrap();
-    let mut tasks = Vec::new();
-    for t in 0..8 {
-        let (http, url) = (http.clone(), url.clone());
-        let signer = WebhookSigner::new(SECRET).unwrap();
-        tasks.push(tokio::spawn(async move {
-            for n in (0..events).filter(|n| n % 8 == t) {
-                let id = format!("e-{n}");
-                let body = serde_json::to_vec(&json!({
-                    "id": id, "version": 1, "type": "rule.updated", "subject": subject(n),
-                    "payload": payload(n),
-                }))
-                .unwrap();
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_secs() as i64;
-                let mut request = http::Request::post(&url)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body.clone())))
-                    .unwrap();
-                for (k, v) in signer.headers(&id, now, &body) {
-                    request.headers_mut().insert(k, v.parse().unwrap());
-                }
-                let response = http.request(request).await.expect("post event");
-                assert_eq!(response.status(), 202, "event {id} not accepted");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let (agent, ready) = Agent::start(&path, &[]);
+    post_events(&ready, events, event).await;
     drop(agent);
     // The program the killed agent left running.
     for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
@@ -196,20 +97,11 @@ async fn fill_backlog(dir: &Path, events: usize) {
     }
 }
 
-fn timestamp(v: &Value) -> f64 {
-    let text = v["timestamp"]
-        .as_str()
-        .expect("log lines carry a timestamp");
-    let t =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap();
-    t.unix_timestamp_nanos() as f64 / 1e9
-}
-
 /// Phase 2: runs per second through the agent, and the machine's CPU per run.
 fn agent_rate(dir: &Path, events: usize, processes: usize) -> (f64, f64) {
     let path = dir.join("ess-agent.toml");
     std::fs::write(&path, config(dir, "/bin/true", &[], processes)).unwrap();
-    let (mut agent, _) = Agent::start(&path);
+    let (mut agent, _) = Agent::start(&path, &[]);
     let (mut first, mut last, mut applied, mut busy) = (None, 0.0, 0, 0.0);
     agent.wait(Duration::from_secs(600), |v| {
         if v["message"] == "event final" {
@@ -321,11 +213,6 @@ async fn sink_rate(events: usize, processes: usize) -> (f64, f64) {
     )
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
-
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run one small round.
     let quick = !std::env::args().any(|a| a == "--bench");
@@ -347,10 +234,7 @@ fn main() {
         .unwrap();
     let (mut agent, mut bare, mut alone) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("hub-secret"), SECRET).unwrap();
-        std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
-        std::fs::write(dir.path().join("adapters/pass.jsonata"), ADAPTER).unwrap();
+        let dir = bench_dir(ADAPTER);
         runtime.block_on(fill_backlog(dir.path(), events));
         let (a, a_cpu) = agent_rate(dir.path(), events, processes);
         let (b, b_cpu) = runtime.block_on(bare_rate(events, processes));
