@@ -17,32 +17,18 @@
 //! Run: `cargo bench --bench redis` (`ESS_BENCH_ROUNDS`, `ESS_BENCH_EVENTS` and
 //! `ESS_BENCH_WINDOW` override the defaults of 3 rounds, 20000 events, window 32).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use ess_agent::http_client::{ClientTls, client};
-use ess_agent::protocol::auth::WebhookSigner;
-use http_body_util::Full;
 use serde_json::{Value, json};
 
 mod common;
-use common::{env_or, machine_busy};
-
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const SUBJECTS: usize = 256;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{
+    Agent, agent_config_head, bench_dir, env_or, event_id, free_port, hole, machine_busy, median,
+    post_events, subject, timestamp,
+};
 
 /// A bench-owned redis-server on a free port, without persistence.
 struct Server {
@@ -84,105 +70,10 @@ impl Drop for Server {
     }
 }
 
-/// A running agent and its JSON log lines.
-struct Agent {
-    child: Child,
-    lines: mpsc::Receiver<Value>,
-    /// Lines read while waiting for something else, not yet shown to a `wait`.
-    seen: std::collections::VecDeque<Value>,
-}
-
-impl Agent {
-    fn start(config: &Path) -> (Agent, Value) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ess-agent"))
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(config)
-            .env("ESS_AGENT_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ess-agent");
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && tx.send(v).is_err()
-                {
-                    return;
-                }
-            }
-        });
-        let mut agent = Agent {
-            child,
-            lines,
-            seen: Default::default(),
-        };
-        // The dispatcher starts before the agent says "ready": keep what comes first.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let ready = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match agent.lines.recv_timeout(left) {
-                Ok(v) if v["message"] == "ready" => break v,
-                Ok(v) => agent.seen.push_back(v),
-                Err(e) => panic!("agent did not become ready ({e})"),
-            }
-        };
-        (agent, ready)
-    }
-
-    fn wait(&mut self, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Value {
-        while let Some(v) = self.seen.pop_front() {
-            if pred(&v) {
-                return v;
-            }
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) if pred(&v) => return v,
-                Ok(v) if v["level"] == "ERROR" => panic!("agent error: {v}"),
-                Ok(_) => {}
-                Err(e) => panic!("agent log ended or timed out ({e})"),
-            }
-        }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 fn config(dir: &Path, port: u16, window: usize) -> String {
+    let head = agent_config_head(dir, window);
     format!(
-        r#"agent_id = "bench"
-state_dir = {state:?}
-adapters_dir = {adapters:?}
-
-[ingress]
-listen = "127.0.0.1:0"
-
-[auth]
-hmac_secrets = [{{ file = {secret:?} }}]
-
-[admin]
-listen = "127.0.0.1:0"
-
-[limits]
-min_free_disk_bytes = 0
-
-[dispatch]
-max_parallel = {window}
-
+        r#"{head}
 [[routes]]
 name = "kiosks"
 adapter = "pass.jsonata"
@@ -195,83 +86,30 @@ stream = "bench:{{subject}}"
 timeout_ms = 3600000
 retry = {{ max_age_secs = 86400 }}
 "#,
-        state = dir.join("state").display().to_string(),
-        adapters = dir.join("adapters").display().to_string(),
-        secret = dir.join("hub-secret").display().to_string(),
     )
-}
-
-fn event_id(n: usize) -> String {
-    format!("bench-{n:06}")
-}
-
-fn subject(n: usize) -> String {
-    format!("S{:03}", n % SUBJECTS)
 }
 
 fn payload(n: usize) -> Value {
     json!({"rule": format!("RULE-{n}"), "deadline": "16:00", "court": "county", "note": "the kiosk shows this change"})
 }
 
-/// Phase 1: journals `events` events in an agent that cannot apply them, then kills it.
-async fn fill_backlog(dir: &Path, events: usize, window: usize) {
-    // Accepts connections and never answers: the script waits for an answer that does not come.
-    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hole_port = hole.local_addr().unwrap().port();
-    let hole = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = hole.accept().await {
-            held.push(stream);
-        }
-    });
-    let path = dir.join("ess-agent.toml");
-    std::fs::write(&path, config(dir, hole_port, window)).unwrap();
-    let (mut agent, ready) = Agent::start(&path);
-    let url: String = format!("http://{}/v1/events", ready["ingress"].as_str().unwrap());
-    let http = client(&ClientTls::default()).unwrap();
-    let mut tasks = Vec::new();
-    for t in 0..8 {
-        let http = http.clone();
-        let url = url.clone();
-        let signer = WebhookSigner::new(SECRET).unwrap();
-        tasks.push(tokio::spawn(async move {
-            for n in (0..events).filter(|n| n % 8 == t) {
-                let id = event_id(n);
-                let body = serde_json::to_vec(&json!({
-                    "id": id, "version": 1, "type": "rule.updated", "subject": subject(n),
-                    "payload": payload(n),
-                }))
-                .unwrap();
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_secs() as i64;
-                let mut request = http::Request::post(&url)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body.clone())))
-                    .unwrap();
-                for (k, v) in signer.headers(&id, now, &body) {
-                    request.headers_mut().insert(k, v.parse().unwrap());
-                }
-                let response = http.request(request).await.expect("post event");
-                assert_eq!(response.status(), 202, "event {id} not accepted");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    agent.kill9();
-    hole.abort();
+fn event(n: usize) -> Value {
+    json!({
+        "id": event_id(n), "version": 1, "type": "rule.updated", "subject": subject(n),
+        "payload": payload(n),
+    })
 }
 
-fn timestamp(v: &Value) -> f64 {
-    let text = v["timestamp"]
-        .as_str()
-        .expect("log lines carry a timestamp");
-    let t =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap();
-    t.unix_timestamp_nanos() as f64 / 1e9
+/// Phase 1: journals `events` events in an agent that cannot apply them, then kills it.
+async fn fill_backlog(dir: &Path, events: usize, window: usize) {
+    // the script waits for an answer that does not come.
+    let (hole_port, hole) = hole().await;
+    let path = dir.join("ess-agent.toml");
+    std::fs::write(&path, config(dir, hole_port, window)).unwrap();
+    let (mut agent, ready) = Agent::start(&path, &[]);
+    post_events(&ready, events, event).await;
+    agent.kill9();
+    hole.abort();
 }
 
 /// A phase's figures: events applied per second, and the machine's CPU per event in
@@ -285,7 +123,7 @@ struct Phase {
 fn agent_rate(dir: &Path, port: u16, events: usize, window: usize) -> Phase {
     let path = dir.join("ess-agent.toml");
     std::fs::write(&path, config(dir, port, window)).unwrap();
-    let (mut agent, _) = Agent::start(&path);
+    let (mut agent, _) = Agent::start(&path, &[]);
     let mut first = None;
     let mut last = 0.0;
     let mut applied = 0;
@@ -408,14 +246,7 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
     for round in 1..=rounds {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
-        std::fs::write(
-            dir.path().join("adapters/pass.jsonata"),
-            r#"{"subject": subject, "payload": payload}"#,
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("hub-secret"), SECRET).unwrap();
+        let dir = bench_dir(r#"{"subject": subject, "payload": payload}"#);
         runtime.block_on(fill_backlog(dir.path(), events, window));
         let agent = {
             let server = Server::start(dir.path());
@@ -432,6 +263,5 @@ fn main() {
             agent.rate, bare.rate, ratio, agent.cpu_us, bare.cpu_us
         );
     }
-    ratios.sort_by(f64::total_cmp);
-    println!("median agent ÷ bare: {:.2}", ratios[ratios.len() / 2]);
+    println!("median agent ÷ bare: {:.2}", median(&mut ratios));
 }
