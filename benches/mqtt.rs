@@ -27,25 +27,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use ess_agent::http_client::{ClientTls, client};
-use ess_agent::protocol::auth::WebhookSigner;
-use http_body_util::Full;
 use serde_json::{Value, json};
 
 mod common;
-use common::{Variant, env_or, machine_busy};
-
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const SUBJECTS: usize = 256;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{
+    Agent, Variant, agent_config_head, bench_dir, env_or, event_id, free_port, hole, machine_busy,
+    median, post_events, process_cpu, subject, timestamp,
+};
 
 /// A bench-owned Mosquitto on a free port.
 struct Broker {
@@ -94,107 +82,13 @@ impl Drop for Broker {
     }
 }
 
-/// A running agent and its JSON log lines.
-struct Agent {
-    child: Child,
-    lines: mpsc::Receiver<Value>,
-    /// Lines read while waiting for something else, not yet shown to a `wait`.
-    seen: std::collections::VecDeque<Value>,
-}
-
-impl Agent {
-    fn start(config: &Path, variant: &Variant) -> (Agent, Value) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ess-agent"))
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(config)
-            .env("ESS_AGENT_LOG", "info")
-            .envs(variant.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ess-agent");
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && tx.send(v).is_err()
-                {
-                    return;
-                }
-            }
-        });
-        let mut agent = Agent {
-            child,
-            lines,
-            seen: Default::default(),
-        };
-        // The dispatcher starts before the agent says "ready": keep what comes first.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let ready = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match agent.lines.recv_timeout(left) {
-                Ok(v) if v["message"] == "ready" => break v,
-                Ok(v) => agent.seen.push_back(v),
-                Err(e) => panic!("agent did not become ready ({e})"),
-            }
-        };
-        (agent, ready)
-    }
-
-    fn wait(&mut self, timeout: Duration, mut pred: impl FnMut(&Value) -> bool) -> Value {
-        while let Some(v) = self.seen.pop_front() {
-            if pred(&v) {
-                return v;
-            }
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) if pred(&v) => return v,
-                Ok(v) if v["level"] == "ERROR" => panic!("agent error: {v}"),
-                Ok(_) => {}
-                Err(e) => panic!("agent log ended or timed out ({e})"),
-            }
-        }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 /// The agent's configuration, changed by `variant`.
 fn config(dir: &Path, port: u16, window: usize, client_id: &str, variant: &Variant) -> String {
+    // Events being read back and evaluated hold a slot too: twice the window keeps the window
+    // full, as the SQL bench gives its dispatcher twice what its batches hold.
+    let head = agent_config_head(dir, 2 * window);
     format!(
-        r#"agent_id = "bench"
-state_dir = {state:?}
-adapters_dir = {adapters:?}
-
-[ingress]
-listen = "127.0.0.1:0"
-
-[auth]
-hmac_secrets = [{{ file = {secret:?} }}]
-
-[admin]
-listen = "127.0.0.1:0"
-
-[limits]
-min_free_disk_bytes = 0
-
-[dispatch]
-max_parallel = {parallel}
-
+        r#"{head}
 [[routes]]
 name = "kiosks"
 adapter = "pass.jsonata"
@@ -213,25 +107,18 @@ connect_timeout_secs = 3600
 {extra}
 "#,
         extra = variant.toml,
-        state = dir.join("state").display().to_string(),
-        adapters = dir.join("adapters").display().to_string(),
-        secret = dir.join("hub-secret").display().to_string(),
-        // Events being read back and evaluated hold a slot too: twice the window keeps the
-        // window full, as the SQL bench gives its dispatcher twice what its batches hold.
-        parallel = 2 * window,
     )
-}
-
-fn event_id(n: usize) -> String {
-    format!("bench-{n:06}")
-}
-
-fn subject(n: usize) -> String {
-    format!("S{:03}", n % SUBJECTS)
 }
 
 fn payload(n: usize) -> Value {
     json!({"rule": format!("RULE-{n}"), "deadline": "16:00", "court": "county", "note": "the clinic display shows this change"})
+}
+
+fn event(n: usize) -> Value {
+    json!({
+        "id": event_id(n), "version": 1, "type": "rule.updated", "subject": subject(n),
+        "payload": payload(n),
+    })
 }
 
 /// What the pass-through adapter makes of an event: the bare publisher sends the same bytes.
@@ -242,15 +129,8 @@ fn output(n: usize) -> Vec<u8> {
 
 /// Phase 1: journals `events` events in an agent that cannot apply them, then kills it.
 async fn fill_backlog(dir: &Path, events: usize, window: usize) {
-    // Accepts connections and never answers: the sink waits for a CONNACK that does not come.
-    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hole_port = hole.local_addr().unwrap().port();
-    let hole = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((stream, _)) = hole.accept().await {
-            held.push(stream);
-        }
-    });
+    // The sink waits for a CONNACK that does not come.
+    let (hole_port, hole) = hole().await;
     let path = dir.join("ess-agent.toml");
     std::fs::write(
         &path,
@@ -263,69 +143,10 @@ async fn fill_backlog(dir: &Path, events: usize, window: usize) {
         ),
     )
     .unwrap();
-    let (mut agent, ready) = Agent::start(&path, &Variant::default());
-    let url: String = format!("http://{}/v1/events", ready["ingress"].as_str().unwrap());
-    let http = client(&ClientTls::default()).unwrap();
-    let mut tasks = Vec::new();
-    for t in 0..8 {
-        let http = http.clone();
-        let url = url.clone();
-        let signer = WebhookSigner::new(SECRET).unwrap();
-        tasks.push(tokio::spawn(async move {
-            for n in (0..events).filter(|n| n % 8 == t) {
-                let id = event_id(n);
-                let body = serde_json::to_vec(&json!({
-                    "id": id, "version": 1, "type": "rule.updated", "subject": subject(n),
-                    "payload": payload(n),
-                }))
-                .unwrap();
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_secs() as i64;
-                let mut request = http::Request::post(&url)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(body.clone())))
-                    .unwrap();
-                for (k, v) in signer.headers(&id, now, &body) {
-                    request.headers_mut().insert(k, v.parse().unwrap());
-                }
-                let response = http.request(request).await.expect("post event");
-                assert_eq!(response.status(), 202, "event {id} not accepted");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let (mut agent, ready) = Agent::start(&path, &[]);
+    post_events(&ready, events, event).await;
     agent.kill9();
     hole.abort();
-}
-
-fn timestamp(v: &Value) -> f64 {
-    let text = v["timestamp"]
-        .as_str()
-        .expect("log lines carry a timestamp");
-    let t =
-        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap();
-    t.unix_timestamp_nanos() as f64 / 1e9
-}
-
-/// CPU seconds a process has used so far (user and system), from `/proc/<pid>/stat`.
-fn process_cpu(pid: u32) -> f64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // After the command name in parentheses: state is field 3, utime 14 and stime 15.
-    let fields: Vec<f64> = text
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    if fields.len() < 13 {
-        return 0.0;
-    }
-    (fields[11] + fields[12]) / 100.0
 }
 
 /// Phase 2: the agent applies the backlog; confirmed publishes per second, the machine's CPU
@@ -340,7 +161,7 @@ fn agent_rate(
 ) -> AgentPhase {
     let path = dir.join("ess-agent.toml");
     std::fs::write(&path, config(dir, port, window, client_id, variant)).unwrap();
-    let (mut agent, ready) = Agent::start(&path, variant);
+    let (mut agent, ready) = Agent::start(&path, &variant.env);
     let admin = ready["admin"].as_str().unwrap_or_default().to_owned();
     let pid = agent.child.id();
     let mut first = None;
@@ -496,16 +317,6 @@ async fn sink_rate(port: u16, events: usize, window: usize, round: usize) -> Pha
     }
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len().is_multiple_of(2) {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
-    }
-}
-
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run one small round.
     let quick = !std::env::args().any(|a| a == "--bench");
@@ -536,10 +347,7 @@ fn main() {
     let mut variant_ratios = Vec::new();
     for round in 0..rounds {
         let backlog = || {
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::write(dir.path().join("hub-secret"), SECRET).unwrap();
-            std::fs::create_dir_all(dir.path().join("adapters")).unwrap();
-            std::fs::write(dir.path().join("adapters/pass.jsonata"), ADAPTER).unwrap();
+            let dir = bench_dir(ADAPTER);
             runtime.block_on(fill_backlog(dir.path(), events, window));
             dir
         };

@@ -111,7 +111,7 @@ fn output(n: usize) -> Vec<u8> {
 
 /// Phase 1: journals `events` events in an agent that cannot apply them, then kills it.
 async fn fill_backlog(dir: &Path, events: usize, window: usize) {
-    // the sink waits for the server's INFO that does not come.
+    // The sink waits for the server's INFO that does not come.
     let (hole_port, hole) = hole().await;
     let path = dir.join("ess-agent.toml");
     std::fs::write(&path, config(dir, hole_port, window)).unwrap();

@@ -102,7 +102,7 @@ fn event(n: usize) -> Value {
 
 /// Phase 1: journals `events` events in an agent that cannot apply them, then kills it.
 async fn fill_backlog(dir: &Path, events: usize, window: usize) {
-    // the script waits for an answer that does not come.
+    // The script waits for an answer that does not come.
     let (hole_port, hole) = hole().await;
     let path = dir.join("ess-agent.toml");
     std::fs::write(&path, config(dir, hole_port, window)).unwrap();
