@@ -21,65 +21,36 @@
 //! `ESS_BENCH_AGENT_VARIANT_ENV` (`NAME=value` pairs for its environment) add a second agent
 //! phase to each round, on a backlog of its own, with that change: an A/B in one run.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 mod common;
 use common::{
-    Agent, Variant, agent_config_head, bench_dir, env_or, event_id, free_port, hole, machine_busy,
-    median, post_events, process_cpu, subject, timestamp,
+    Agent, Server, Variant, agent_config_head, bench_dir, env_or, event_id, free_port, hole,
+    machine_busy, median, post_events, process_cpu, subject, timestamp,
 };
 
-/// A bench-owned Mosquitto on a free port.
-struct Broker {
-    child: Child,
-    port: u16,
-}
-
-impl Broker {
-    fn start(dir: &Path) -> Broker {
-        let port = free_port();
-        let config = dir.join("mosquitto.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "user root\nlog_dest stderr\nlog_type error\nlog_type information\n\
-                 listener {port} 127.0.0.1\nallow_anonymous true\n"
-            ),
-        )
-        .unwrap();
-        let mut child = Command::new("/usr/sbin/mosquitto")
-            .arg("-c")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start mosquitto");
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if line.ends_with(" running") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(15))
-            .expect("mosquitto starts");
-        Broker { child, port }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A bench-owned mosquitto on a free port.
+fn start_broker(dir: &Path) -> Server {
+    let port = free_port();
+    let config = dir.join("mosquitto.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "user root\nlog_dest stderr\nlog_type error\nlog_type information\n\
+             listener {port} 127.0.0.1\nallow_anonymous true\n"
+        ),
+    )
+    .unwrap();
+    Server::start_until(
+        Command::new("/usr/sbin/mosquitto").arg("-c").arg(&config),
+        port,
+        "mosquitto",
+        |line| line.ends_with(" running"),
+    )
 }
 
 /// The agent's configuration, changed by `variant`.
@@ -337,7 +308,7 @@ fn main() {
         .build()
         .unwrap();
     let broker_dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(broker_dir.path());
+    let broker = start_broker(broker_dir.path());
     let mut agent_rates = Vec::new();
     let mut bare_rates = Vec::new();
     let mut sink_rates = Vec::new();

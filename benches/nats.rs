@@ -16,10 +16,8 @@
 //! Run: `cargo bench --bench nats` (`ESS_BENCH_ROUNDS`, `ESS_BENCH_EVENTS` and
 //! `ESS_BENCH_WINDOW` override the defaults of 3 rounds, 20000 events, window 64).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -27,48 +25,23 @@ use serde_json::{Value, json};
 
 mod common;
 use common::{
-    Agent, agent_config_head, bench_dir, env_or, event_id, free_port, hole, machine_busy, median,
-    post_events, process_cpu, subject, timestamp,
+    Agent, Server, agent_config_head, bench_dir, env_or, event_id, free_port, hole, machine_busy,
+    median, post_events, process_cpu, subject, timestamp,
 };
 
 const STREAM: &str = "BENCH";
 
 /// A bench-owned `nats-server -js` on a free port with its own store.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Server {
-        let port = free_port();
-        let mut child = Command::new("nats-server")
+fn start_server(dir: &Path) -> Server {
+    let port = free_port();
+    Server::start_until(
+        Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.join("nats"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start nats-server");
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                if line.contains("Server is ready") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(15))
-            .expect("nats-server starts");
-        Server { child, port }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .arg(dir.join("nats")),
+        port,
+        "nats-server",
+        |line| line.contains("Server is ready"),
+    )
 }
 
 /// The agent's configuration.
@@ -204,7 +177,7 @@ fn main() {
     );
     for round in 1..=rounds {
         let dir = bench_dir(ADAPTER);
-        let server = Server::start(dir.path());
+        let server = start_server(dir.path());
         runtime.block_on(async {
             let client = async_nats::connect(format!("nats://127.0.0.1:{}", server.port))
                 .await

@@ -18,7 +18,7 @@
 //! `ESS_BENCH_WINDOW` override the defaults of 3 rounds, 20000 events, window 32).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,48 +26,34 @@ use serde_json::{Value, json};
 
 mod common;
 use common::{
-    Agent, agent_config_head, bench_dir, env_or, event_id, free_port, hole, machine_busy, median,
-    post_events, subject, timestamp,
+    Agent, Server, agent_config_head, bench_dir, env_or, event_id, free_port, hole, machine_busy,
+    median, post_events, subject, timestamp,
 };
 
 /// A bench-owned redis-server on a free port, without persistence.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Server {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "no", "--dir"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Server { child, port }
+fn start_server(dir: &Path) -> Server {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    Server { child, port }
 }
 
 fn config(dir: &Path, port: u16, window: usize) -> String {
@@ -249,11 +235,11 @@ fn main() {
         let dir = bench_dir(r#"{"subject": subject, "payload": payload}"#);
         runtime.block_on(fill_backlog(dir.path(), events, window));
         let agent = {
-            let server = Server::start(dir.path());
+            let server = start_server(dir.path());
             agent_rate(dir.path(), server.port, events, window)
         };
         let bare = {
-            let server = Server::start(dir.path());
+            let server = start_server(dir.path());
             runtime.block_on(bare_rate(server.port, events, window))
         };
         let ratio = agent.rate / bare.rate;

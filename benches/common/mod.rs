@@ -309,3 +309,46 @@ pub async fn post_events(ready: &Value, events: usize, event: fn(usize) -> Value
         t.await.unwrap();
     }
 }
+
+/// A bench-owned server process on `port`, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Server {
+    /// Spawns `command` (a server on `port`) with its stderr piped and waits until a line of
+    /// it satisfies `ready`; panics naming `what` after 15 s.
+    pub fn start_until(
+        command: &mut Command,
+        port: u16,
+        what: &str,
+        ready: fn(&str) -> bool,
+    ) -> Server {
+        let mut child = command
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                if ready(&line) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let server = Server { child, port };
+        rx.recv_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|_| panic!("{what} did not start"));
+        server
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
