@@ -8,6 +8,19 @@ use std::path::{Path, PathBuf};
 
 use crate::settings::SecretSource;
 
+/// Shortens a value for a message: quoted, and cut after 120 bytes with its length.
+pub fn shown(text: &str) -> String {
+    const MAX: usize = 120;
+    if text.len() <= MAX {
+        return format!("{text:?}");
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &text[..end], text.len())
+}
+
 /// Resolves each set path that is relative against `base`.
 pub fn resolve_files<'a>(base: &Path, paths: impl IntoIterator<Item = &'a mut Option<PathBuf>>) {
     for path in paths.into_iter().flatten() {

@@ -168,18 +168,7 @@ pub(super) fn parse_url(url: &str) -> Result<Broker, String> {
     })
 }
 
-/// Shortens a value for a message.
-pub(super) fn shown(text: &str) -> String {
-    const MAX: usize = 120;
-    if text.len() <= MAX {
-        return format!("{text:?}");
-    }
-    let mut end = MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{:?}… ({} bytes)", &text[..end], text.len())
-}
+pub(super) use crate::sink::client::shown;
 
 /// Checks a rendered exchange name: at most 255 bytes of the characters RabbitMQ accepts in a
 /// name (letters, digits, `-`, `_`, `.`, `:`); empty is the default exchange.

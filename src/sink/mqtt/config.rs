@@ -210,18 +210,7 @@ pub(super) fn parse_url(url: &str) -> Result<Broker, String> {
     })
 }
 
-/// Shortens a value for a message.
-pub(super) fn shown(text: &str) -> String {
-    const MAX: usize = 120;
-    if text.len() <= MAX {
-        return format!("{text:?}");
-    }
-    let mut end = MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{:?}… ({} bytes)", &text[..end], text.len())
-}
+pub(super) use crate::sink::client::shown;
 
 /// Checks a rendered topic name (MQTT 3.1.1 and 5, §4.7): not empty, at most 65,535 bytes, no
 /// wildcard, no NUL or other control character, not reserved (`$…`), and no empty level unless

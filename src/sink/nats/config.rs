@@ -155,18 +155,7 @@ pub(super) fn parse_url(url: &str) -> Result<Server, String> {
     })
 }
 
-/// Shortens a value for a message.
-pub(super) fn shown(text: &str) -> String {
-    const MAX: usize = 120;
-    if text.len() <= MAX {
-        return format!("{text:?}");
-    }
-    let mut end = MAX;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{:?}… ({} bytes)", &text[..end], text.len())
-}
+pub(super) use crate::sink::client::shown;
 
 /// Checks a rendered subject: tokens separated by `.`, none empty, no white space or control
 /// character, no wildcard (`*`, `>`, which only subscriptions and stream filters use), and not
