@@ -356,4 +356,45 @@ mod tests {
             );
         }
     }
+
+    /// A client sink whose TLS client key file is rewritten (a certificate renewal) is rebuilt
+    /// by a reload, like one whose password changed.
+    #[test]
+    fn a_rewritten_client_key_is_seen_by_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("client.key");
+        let files = format!(
+            "ca_file = \"{d}/ca.pem\"\nclient_cert = \"{d}/client.pem\"\nclient_key = \"{d}/client.key\"\n",
+            d = dir.path().display()
+        );
+        let configs = [
+            format!(
+                "type = \"mqtt\"\nurl = \"mqtts://b.example:8883\"\nclient_id = \"c\"\n\
+                 topic = \"t/{{id}}\"\n{files}"
+            ),
+            format!("type = \"redis\"\nurl = \"rediss://r.example:6380\"\nstream = \"s\"\n{files}"),
+            format!(
+                "type = \"amqp\"\nurl = \"amqps://q.example:5671\"\nexchange = \"x\"\n\
+                 routing_key = \"k\"\n{files}"
+            ),
+            format!(
+                "type = \"nats\"\nurl = \"tls://n.example:4222\"\nsubject = \"s\"\n\
+                 tls = {{ ca_file = \"{d}/ca.pem\", cert = \"{d}/client.pem\", key = \"{d}/client.key\" }}\n",
+                d = dir.path().display()
+            ),
+        ];
+        for text in configs {
+            let sink: SinkConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            std::fs::write(&key, "old key").unwrap();
+            let before = sink.secret_digest("sinks.s").unwrap();
+            std::fs::write(&key, "renewed key").unwrap();
+            let after = sink.secret_digest("sinks.s").unwrap();
+            assert_ne!(
+                before,
+                after,
+                "{}: a renewed client key went unnoticed",
+                sink.kind()
+            );
+        }
+    }
 }

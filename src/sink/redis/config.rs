@@ -224,6 +224,10 @@ impl SinkSpec for RedisConfig {
         let mut sources = Vec::new();
         push_secret(&mut sources, "username", &self.username);
         push_secret(&mut sources, "password", &self.password);
+        // A renewed client key (and with it the certificate) is taken by a reload.
+        if let Some(key) = &self.client_key {
+            sources.push(("client_key".into(), SecretOrFile::File(key)));
+        }
         sources
     }
 
