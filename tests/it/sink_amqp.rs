@@ -352,36 +352,8 @@ fn post_many(
     range: std::ops::Range<usize>,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<Vec<String>> {
-    const TASKS: usize = 4;
-    let url = agent.url(EVENTS);
-    let mut handles = Vec::new();
-    for t in 0..TASKS {
-        let (url, stop, tag, range) = (url.clone(), stop.clone(), tag.to_string(), range.clone());
-        handles.push(tokio::spawn(async move {
-            let client = plain();
-            let mut accepted = Vec::new();
-            for n in range.filter(|n| n % TASKS == t) {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let id = format!("{tag}-{n}");
-                let body = event(&id, &format!("S{}", n % 40), json!({"n": n}));
-                let headers = signed_headers(&id, unix_now(), &body);
-                match request(&client, Method::POST, &url, &headers, body).await {
-                    Ok(r) if r.status.is_success() => accepted.push(id),
-                    Ok(r) => panic!("{id}: {} {}", r.status, r.body),
-                    Err(_) => break,
-                }
-            }
-            accepted
-        }));
-    }
-    tokio::spawn(async move {
-        let mut accepted = Vec::new();
-        for h in handles {
-            accepted.extend(h.await.unwrap());
-        }
-        accepted
+    support::post_many(agent, tag, range, 4, stop, |id, n| {
+        event(id, &format!("S{}", n % 40), json!({"n": n}))
     })
 }
 

@@ -507,3 +507,48 @@ pub async fn raw_exchange(addr: SocketAddr, parts: &[&[u8]]) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+/// Starts posting signed events `{tag}-{n}` for n in `range` from `tasks` concurrent clients,
+/// each body made by `body(id, n)`, until done, `stop` is set or the agent stops answering; the
+/// handle yields the ids the agent accepted. A refusal other than a dropped connection panics.
+pub fn post_many(
+    agent: &Agent,
+    tag: &str,
+    range: std::ops::Range<usize>,
+    tasks: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    body: impl Fn(&str, usize) -> Vec<u8> + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let url = agent.url("/v1/events");
+    let body = Arc::new(body);
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let (url, stop, tag, range) = (url.clone(), stop.clone(), tag.to_string(), range.clone());
+        let body = body.clone();
+        handles.push(tokio::spawn(async move {
+            let client = plain();
+            let mut accepted = Vec::new();
+            for n in range.filter(|n| n % tasks == t) {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let id = format!("{tag}-{n}");
+                let body = body(&id, n);
+                let headers = signed_headers(&id, unix_now(), &body);
+                match request(&client, http::Method::POST, &url, &headers, body).await {
+                    Ok(r) if r.status.is_success() => accepted.push(id),
+                    Ok(r) => panic!("{id}: {} {}", r.status, r.body),
+                    Err(_) => break,
+                }
+            }
+            accepted
+        }));
+    }
+    tokio::spawn(async move {
+        let mut accepted = Vec::new();
+        for h in handles {
+            accepted.extend(h.await.unwrap());
+        }
+        accepted
+    })
+}
