@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use http::Method;
@@ -16,6 +16,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, ExchangeKind};
 use serde_json::{Value, json};
 
+use crate::support::kill9::{self, AfterKills};
 use crate::support::proxy::Proxy;
 use crate::support::{self, Agent, plain, request, signed_headers, unix_now};
 
@@ -465,35 +466,18 @@ async fn kill_9_mid_stream_every_accepted_event_arrives() {
         &rabbit.exchange,
         "retry = { initial_ms = 50, max_ms = 500, max_attempts = 0 }",
     );
-    let mut accepted = BTreeSet::new();
-    let mut resumed = 0;
-    let resumed_by = |agent: &Agent| {
-        agent
-            .wait_for_log(Duration::ZERO, |v| {
-                v["message"] == "resuming events left unfinished"
-            })
-            .map_or(0, |v| v["events"].as_u64().unwrap_or(0))
-    };
-    for round in 0..2usize {
-        let mut agent = Agent::start_with(dir.path(), &config);
-        resumed += resumed_by(&agent);
-        let stop = Arc::new(AtomicBool::new(false));
-        let poster = post_many(&agent, &format!("r{round}"), 0..2000, stop.clone());
-        let mut applied = 0;
-        let seen = agent.wait_for_log(Duration::from_secs(30), |v| {
-            if support::applied_line(v) {
-                applied += 1;
-            }
-            applied >= 50 + round * 30
-        });
-        assert!(seen.is_some(), "round {round}: nothing applied");
-        agent.kill9();
-        stop.store(true, Ordering::Relaxed);
-        accepted.extend(poster.await.unwrap());
-    }
-    // A last run applies what was left.
-    let agent = Agent::start_with(dir.path(), &config);
-    resumed += resumed_by(&agent);
+    let AfterKills {
+        accepted,
+        resumed,
+        agent,
+    } = kill9::kill_9_rounds(
+        dir.path(),
+        &config,
+        2,
+        |round| 50 + round * 30,
+        |agent, tag, stop| post_many(agent, tag, 0..2000, stop),
+    )
+    .await;
     let got = rabbit
         .take_until(Duration::from_secs(40), |g| {
             let ids = distinct_ids(g);

@@ -5,12 +5,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::support::kill9::{self, AfterKills};
 use crate::support::{self, Agent, admin_get, plain, request, signed_headers, unix_now};
 
 const EVENTS: &str = "/v1/events";
@@ -639,33 +640,18 @@ async fn kill_9_mid_stream_every_accepted_event_is_applied() {
         &program,
         "max_processes = 8\nretry = { initial_ms = 50, max_ms = 500, max_attempts = 0 }\n",
     );
-    let mut accepted = BTreeSet::new();
-    let mut resumed = 0;
-    let resumed_by = |agent: &Agent| {
-        agent
-            .wait_for_log(Duration::ZERO, |v| {
-                v["message"] == "resuming events left unfinished"
-            })
-            .map_or(0, |v| v["events"].as_u64().unwrap_or(0))
-    };
-    for round in 0..2usize {
-        let mut agent = Agent::start_with(dir.path(), &text);
-        resumed += resumed_by(&agent);
-        let stop = Arc::new(AtomicBool::new(false));
-        let poster = post_many(&agent, &format!("r{round}"), 0..1000, 4, 16, stop.clone());
-        let mut n = 0;
-        let seen = agent.wait_for_log(Duration::from_secs(30), |v| {
-            n += usize::from(support::applied_line(v));
-            n >= 40 + round * 20
-        });
-        assert!(seen.is_some(), "round {round}: nothing applied");
-        agent.kill9();
-        stop.store(true, Ordering::Relaxed);
-        accepted.extend(poster.await.unwrap());
-    }
-    // A last run applies what was left.
-    let agent = Agent::start_with(dir.path(), &text);
-    resumed += resumed_by(&agent);
+    let AfterKills {
+        accepted,
+        resumed,
+        agent,
+    } = kill9::kill_9_rounds(
+        dir.path(),
+        &text,
+        2,
+        |round| 40 + round * 20,
+        |agent, tag, stop| post_many(agent, tag, 0..1000, 4, 16, stop),
+    )
+    .await;
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
     let missing = loop {
         let counts = counted(&applied);

@@ -4,12 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::support::kill9::{self, AfterKills};
 use crate::support::mosquitto::{
     self, Mosquitto, Options, Received, SHARED_PORT, Subscriber, Subscription, TlsListener,
 };
@@ -626,37 +627,18 @@ retry = {{ initial_ms = 50, max_ms = 500, max_attempts = 0 }}
             id = client_id("kill9"),
         ),
     );
-    let mut accepted = BTreeSet::new();
-    // Events a restarted agent found unfinished in its journal: the part kill -9 puts at risk.
-    let mut resumed = 0;
-    let resumed_by = |agent: &Agent| {
-        agent
-            .wait_for_log(Duration::ZERO, |v| {
-                v["message"] == "resuming events left unfinished"
-            })
-            .map_or(0, |v| v["events"].as_u64().unwrap_or(0))
-    };
-    for round in 0..3usize {
-        let mut agent = Agent::start_with(dir.path(), &config);
-        resumed += resumed_by(&agent);
-        let stop = Arc::new(AtomicBool::new(false));
-        let poster = post_many(&agent, &format!("r{round}"), 0..2000, 4, 16, stop.clone());
-        // Kill while events are being published.
-        let mut applied = 0;
-        let seen = agent.wait_for_log(Duration::from_secs(30), |v| {
-            if support::applied_line(v) {
-                applied += 1;
-            }
-            applied >= 50 + round * 30
-        });
-        assert!(seen.is_some(), "round {round}: nothing applied");
-        agent.kill9();
-        stop.store(true, Ordering::Relaxed);
-        accepted.extend(poster.await.unwrap());
-    }
-    // A last run applies what was left.
-    let agent = Agent::start_with(dir.path(), &config);
-    resumed += resumed_by(&agent);
+    let AfterKills {
+        accepted,
+        resumed,
+        agent,
+    } = kill9::kill_9_rounds(
+        dir.path(),
+        &config,
+        3,
+        |round| 50 + round * 30,
+        |agent, tag, stop| post_many(agent, tag, 0..2000, 4, 16, stop),
+    )
+    .await;
     let mut counts = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     while !accepted.iter().all(|id| counts.contains_key(id))

@@ -4,12 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::support::kill9::{self, AfterKills};
 use crate::support::nats::{
     self, NatsServer, SHARED_URL, create_stream, delete_stream, header, jetstream, messages,
 };
@@ -401,32 +402,18 @@ async fn kill_9_mid_stream_every_accepted_event_is_in_the_stream_exactly_once() 
         dir.path(),
         &sink_config(dir.path(), SHARED_URL, &stream, &token),
     );
-    let mut accepted = BTreeSet::new();
-    let mut resumed = 0;
-    let resumed_by = |agent: &Agent| {
-        agent
-            .wait_for_log(Duration::ZERO, |v| {
-                v["message"] == "resuming events left unfinished"
-            })
-            .map_or(0, |v| v["events"].as_u64().unwrap_or(0))
-    };
-    for round in 0..2usize {
-        let mut agent = Agent::start_with(dir.path(), &config);
-        resumed += resumed_by(&agent);
-        let stop = Arc::new(AtomicBool::new(false));
-        let poster = post_many(&agent, &format!("r{round}"), 0..2000, 4, 16, stop.clone());
-        let mut applied = 0;
-        let seen = agent.wait_for_log(Duration::from_secs(30), |v| {
-            applied += usize::from(support::applied_line(v));
-            applied >= 50 + round * 30
-        });
-        assert!(seen.is_some(), "round {round}: nothing applied");
-        agent.kill9();
-        stop.store(true, Ordering::Relaxed);
-        accepted.extend(poster.await.unwrap());
-    }
-    let agent = Agent::start_with(dir.path(), &config);
-    resumed += resumed_by(&agent);
+    let AfterKills {
+        accepted,
+        resumed,
+        agent,
+    } = kill9::kill_9_rounds(
+        dir.path(),
+        &config,
+        2,
+        |round| 50 + round * 30,
+        |agent, tag, stop| post_many(agent, tag, 0..2000, 4, 16, stop),
+    )
+    .await;
     // Every accepted event ends up in the stream, each once.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     let counts = loop {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod hub;
+pub mod kill9;
 pub mod mosquitto;
 pub mod nats;
 pub mod proxy;
