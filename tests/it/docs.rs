@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::support::process::free_port;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Every file under `dir` (relative to the repository) whose name ends with one of `exts`
@@ -131,14 +133,6 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// A loopback port nothing listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Runs a README code block with `sh -e` in `dir`, as an operator in a fresh shell at the
 /// repository root would; returns its stdout, or fails with what it printed.
 fn run_block(dir: &Path, block: &str) -> String {

@@ -7,6 +7,7 @@ pub mod hub;
 pub mod kill9;
 pub mod mosquitto;
 pub mod nats;
+pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod sshd;

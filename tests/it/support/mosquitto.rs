@@ -2,17 +2,18 @@
 //! directory, that a test can stop and start again; and an MQTT subscriber that records what it
 //! receives.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, RetainForwardRule};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::{Notify, mpsc};
+
+use super::process::{self, ServerLog, free_port};
 
 /// The broker every machine running the tests has (scripts/test starts it).
 pub const SHARED_PORT: u16 = 1883;
@@ -42,13 +43,6 @@ pub struct Options {
     pub tls: Option<TlsListener>,
 }
 
-/// Lines the broker logged, with a condition variable to wait on.
-#[derive(Default)]
-struct Log {
-    lines: Mutex<Vec<String>>,
-    changed: Condvar,
-}
-
 /// A running (or stopped) Mosquitto owned by one test.
 pub struct Mosquitto {
     child: Option<Child>,
@@ -57,16 +51,8 @@ pub struct Mosquitto {
     /// The TLS listener, when configured.
     pub tls_port: Option<u16>,
     config: PathBuf,
-    log: Arc<Log>,
+    log: Arc<ServerLog>,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Mosquitto {
@@ -136,7 +122,7 @@ impl Mosquitto {
             port,
             tls_port,
             config: config_path,
-            log: Arc::new(Log::default()),
+            log: Arc::new(ServerLog::default()),
             _dir: dir,
         };
         broker.start_again();
@@ -147,63 +133,21 @@ impl Mosquitto {
     /// listening.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "the broker is running");
-        let seen = self.log.lines.lock().unwrap().len();
-        let mut child = Command::new("/usr/sbin/mosquitto")
-            .arg("-c")
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start mosquitto");
-        let stderr = child.stderr.take().unwrap();
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                log.lines.lock().unwrap().push(line);
-                log.changed.notify_all();
-            }
-            log.lines.lock().unwrap().push("<exited>".into());
-            log.changed.notify_all();
-        });
-        self.child = Some(child);
+        let mut command = Command::new("/usr/sbin/mosquitto");
+        command.arg("-c").arg(&self.config);
         // Mosquitto logs "… running" once every listener is open.
-        let deadline = Instant::now() + BROKER_TIMEOUT;
-        let mut lines = self.log.lines.lock().unwrap();
-        loop {
-            if lines[seen..].iter().any(|l| l.ends_with(" running")) {
-                return;
-            }
-            assert!(
-                !lines[seen..].iter().any(|l| l == "<exited>"),
-                "mosquitto exited at start:\n{}",
-                lines[seen..].join("\n")
-            );
-            let now = Instant::now();
-            assert!(
-                now < deadline,
-                "mosquitto did not start:\n{}",
-                lines[seen..].join("\n")
-            );
-            lines = self
-                .log
-                .changed
-                .wait_timeout(lines, deadline - now)
-                .unwrap()
-                .0;
-        }
+        self.child = Some(
+            self.log
+                .spawn_until(command, "mosquitto", BROKER_TIMEOUT, |l| {
+                    l.ends_with(" running")
+                }),
+        );
     }
 
     /// Stops the broker the way an init system does (SIGTERM; it saves its persistence file)
     /// and waits until it has exited.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = child.wait();
+        process::terminate(&mut self.child);
     }
 
     /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
@@ -224,7 +168,7 @@ impl Mosquitto {
 
     /// What the broker logged so far.
     pub fn log_text(&self) -> String {
-        self.log.lines.lock().unwrap().join("\n")
+        self.log.text()
     }
 }
 

@@ -2,12 +2,13 @@
 //! loopback ports with their own store directory that a test can stop and start again, and a
 //! JetStream client to create streams and read what they hold.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, message::StreamMessage, stream};
+
+use super::process::{self, ServerLog, free_port};
 
 /// The server every machine running the tests has (scripts/test starts it).
 pub const SHARED_URL: &str = "nats://127.0.0.1:4222";
@@ -15,18 +16,11 @@ pub const SHARED_URL: &str = "nats://127.0.0.1:4222";
 /// How long a server may take to start.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Lines the server logged, with a condition variable to wait on.
-#[derive(Default)]
-struct Log {
-    lines: Mutex<Vec<String>>,
-    changed: Condvar,
-}
-
 /// A running (or stopped) `nats-server -js` owned by one test.
 pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
-    log: Arc<Log>,
+    log: Arc<ServerLog>,
     dir: tempfile::TempDir,
 }
 
@@ -34,15 +28,11 @@ impl NatsServer {
     /// Starts a server with JetStream on a free port and its own store directory; returns once
     /// it is ready for clients.
     pub fn start() -> NatsServer {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut server = NatsServer {
             child: None,
             port,
-            log: Arc::new(Log::default()),
+            log: Arc::new(ServerLog::default()),
             dir: tempfile::tempdir().unwrap(),
         };
         server.start_again();
@@ -53,8 +43,8 @@ impl NatsServer {
     /// ready for clients.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "the server is running");
-        let seen = self.log.lines.lock().unwrap().len();
-        let mut child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        command
             .args([
                 "-js",
                 "-a",
@@ -63,58 +53,18 @@ impl NatsServer {
                 &self.port.to_string(),
                 "-sd",
             ])
-            .arg(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nats-server must be installed");
-        let stderr = child.stderr.take().unwrap();
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                log.lines.lock().unwrap().push(line);
-                log.changed.notify_all();
-            }
-            log.lines.lock().unwrap().push("<exited>".into());
-            log.changed.notify_all();
-        });
-        self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut lines = self.log.lines.lock().unwrap();
-        loop {
-            if lines[seen..].iter().any(|l| l.contains("Server is ready")) {
-                return;
-            }
-            assert!(
-                !lines[seen..].iter().any(|l| l == "<exited>"),
-                "nats-server exited at start:\n{}",
-                lines[seen..].join("\n")
-            );
-            let now = Instant::now();
-            assert!(
-                now < deadline,
-                "nats-server did not start:\n{}",
-                lines[seen..].join("\n")
-            );
-            lines = self
-                .log
-                .changed
-                .wait_timeout(lines, deadline - now)
-                .unwrap()
-                .0;
-        }
+            .arg(self.dir.path());
+        self.child = Some(
+            self.log
+                .spawn_until(command, "nats-server", START_TIMEOUT, |l| {
+                    l.contains("Server is ready")
+                }),
+        );
     }
 
     /// Stops the server the way an init system does (SIGTERM) and waits until it has exited.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = child.wait();
+        process::terminate(&mut self.child);
     }
 
     pub fn url(&self) -> String {
@@ -123,7 +73,7 @@ impl NatsServer {
 
     /// What the server logged so far.
     pub fn log_text(&self) -> String {
-        self.log.lines.lock().unwrap().join("\n")
+        self.log.text()
     }
 }
 

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use redis::Value;
 
+use super::process::free_port;
+
 /// The server every machine running the tests has.
 pub const SHARED_PORT: u16 = 6379;
 
@@ -31,14 +33,6 @@ pub struct RedisServer {
     pub port: u16,
     args: Vec<String>,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A key prefix no other test uses.

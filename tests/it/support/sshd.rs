@@ -3,14 +3,15 @@
 //! `internal-sftp`. It can be stopped (every process of it killed, as in a crash) and started
 //! again on the same port with the same host key.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+use super::process::{ServerLog, free_port};
 
 /// Where Debian and most distributions install the daemon.
 const SSHD: &str = "/usr/sbin/sshd";
@@ -33,7 +34,7 @@ pub struct Sshd {
     pub encrypted_client_key: PathBuf,
     config: PathBuf,
     child: Option<Child>,
-    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    log: Arc<ServerLog>,
 }
 
 /// Runs a command and returns its stdout; panics with its stderr when it fails.
@@ -74,12 +75,6 @@ pub fn fingerprint(public_key: &Path) -> String {
         .nth(1)
         .expect("ssh-keygen -l prints a fingerprint")
         .to_string()
-}
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().unwrap().port()
 }
 
 /// Every process descending from `root` (children, grandchildren, …), from /proc.
@@ -206,55 +201,13 @@ impl Sshd {
     /// Starts sshd (again), and waits until it listens.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "sshd is already running");
-        let mut child = Command::new(SSHD)
-            .arg("-D")
-            .arg("-e")
-            .arg("-f")
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sshd");
-        let stderr = child.stderr.take().unwrap();
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if std::env::var_os("ESS_TEST_ECHO").is_some() {
-                    eprintln!("sshd: {line}");
-                }
-                log.0.lock().unwrap().push(line);
-                log.1.notify_all();
-            }
-            log.0.lock().unwrap().push(String::from("(sshd exited)"));
-            log.1.notify_all();
-        });
-        self.child = Some(child);
+        let mut command = Command::new(SSHD);
+        command.arg("-D").arg("-e").arg("-f").arg(&self.config);
         let listening = format!("Server listening on 127.0.0.1 port {}", self.port);
-        let deadline = Instant::now() + START_TIMEOUT;
-        let mut lines = self.log.0.lock().unwrap();
-        // Only lines of this run: each run ends with "(sshd exited)".
-        let from = lines
-            .iter()
-            .rposition(|l| l == "(sshd exited)")
-            .map_or(0, |i| i + 1);
-        loop {
-            if lines[from..].iter().any(|l| l.contains(&listening)) {
-                return;
-            }
-            assert!(
-                !lines[from..].iter().any(|l| l == "(sshd exited)") && Instant::now() < deadline,
-                "sshd did not start; its log:\n{}",
-                lines.join("\n")
-            );
-            lines = self
-                .log
-                .1
-                .wait_timeout(lines, deadline.saturating_duration_since(Instant::now()))
-                .unwrap()
-                .0;
-        }
+        self.child = Some(
+            self.log
+                .spawn_until(command, "sshd", START_TIMEOUT, |l| l.contains(&listening)),
+        );
     }
 
     /// Kills sshd and every session process it started, as a crash of the server would.
@@ -271,22 +224,11 @@ impl Sshd {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         let _ = child.wait();
-        // Wait for the log reader to see the end, so that start_again reads only its own run.
-        let mut lines = self.log.0.lock().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while lines.last().is_none_or(|l| l != "(sshd exited)") && Instant::now() < deadline {
-            lines = self
-                .log
-                .1
-                .wait_timeout(lines, deadline.saturating_duration_since(Instant::now()))
-                .unwrap()
-                .0;
-        }
     }
 
     /// Every log line so far.
     pub fn log_text(&self) -> String {
-        self.log.0.lock().unwrap().join("\n")
+        self.log.text()
     }
 }
 
