@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 
 use crate::support::kill9::{self, AfterKills};
 use crate::support::redis::{
-    self as rs, Options, RedisServer, SHARED_PORT, StreamEntry, command, delete_prefix, entries,
-    unique_prefix,
+    self as rs, Options, RedisServer, SHARED_PORT, StreamEntry, TlsFiles, command, delete_prefix,
+    entries, unique_prefix,
 };
 use crate::support::{self, Agent, admin_get, plain, request, signed_headers, unix_now};
 
@@ -479,6 +479,71 @@ async fn the_password_comes_from_a_file_and_a_wrong_one_is_a_dead_letter() {
         entries(&mut redis, &format!("{prefix}:good")).await.len(),
         1
     );
+    assert!(
+        entries(&mut redis, &format!("{prefix}:bad"))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_client_certificate_applies_and_an_untrusted_server_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_adapter(dir.path(), "pass.jsonata", PASS_THROUGH);
+    let pki = support::tls::generate(dir.path());
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let wrong = support::tls::generate(&other);
+    let server = RedisServer::start(Options {
+        tls: Some(TlsFiles {
+            ca: pki.ca.clone(),
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+        }),
+        ..Options::default()
+    });
+    let url = format!("rediss://127.0.0.1:{}", server.tls_port.unwrap());
+    let prefix = unique_prefix("tls");
+    let files = |ca: &Path| {
+        format!(
+            "ca_file = {:?}\nclient_cert = {:?}\nclient_key = {:?}\nretry = {{ max_attempts = 1 }}",
+            ca.display().to_string(),
+            pki.client_cert.display().to_string(),
+            pki.client_key.display().to_string(),
+        )
+    };
+    let config = format!(
+        "{}{}{}{}{}",
+        adapters_dir(dir.path()),
+        route("good", "pass.jsonata", "good"),
+        route("bad", "pass.jsonata", "bad"),
+        sink("good", &url, &prefix, "good", &files(&pki.ca)),
+        sink("bad", &url, &prefix, "bad", &files(&wrong.ca)),
+    );
+    let agent = Agent::start(dir.path(), &config);
+    post(&agent, "t-1", event("t-1", "S1", None, json!({"n": 1}))).await;
+    let done = wait_final(&agent, "t-1", 1);
+    assert_eq!(done["state"], "failed", "{done}");
+    let status = admin_get(&agent, "/v1/events/t-1").await;
+    let deliveries = &status.body["deliveries"];
+    let route = |name: &str| {
+        deliveries
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["route"] == name))
+            .unwrap_or_else(|| panic!("no route {name}: {}", status.body))
+    };
+    assert_eq!(route("good")["state"], "applied", "{}", status.body);
+    let error = route("bad")["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("invalid peer certificate") && error.contains("check ca_file"),
+        "{}",
+        status.body
+    );
+    // Read back over the plain port: the entry went through the TLS connection.
+    let mut redis = rs::connect(server.port, None).await;
+    let good = entries(&mut redis, &format!("{prefix}:good")).await;
+    assert_eq!(good.len(), 1);
+    assert_eq!(good[0].fields["ess_event_id"], "t-1");
     assert!(
         entries(&mut redis, &format!("{prefix}:bad"))
             .await

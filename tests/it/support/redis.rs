@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,12 +26,24 @@ pub struct Options {
     pub durable: bool,
     /// `requirepass`: the `default` user's password.
     pub password: Option<String>,
+    /// A TLS port besides the plain one, with this server certificate, that asks clients for
+    /// a certificate signed by `ca` (`tls-auth-clients yes`).
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files for a server's TLS port.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A running (or stopped) redis-server owned by one test.
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
+    /// The TLS port, when one was asked for.
+    pub tls_port: Option<u16>,
     args: Vec<String>,
     _dir: tempfile::TempDir,
 }
@@ -63,12 +76,28 @@ impl RedisServer {
         } else {
             args.extend(["--appendonly", "no"].map(String::from));
         }
+        let tls_port = options.tls.as_ref().map(|tls| {
+            let port = free_port();
+            args.push("--tls-port".into());
+            args.push(port.to_string());
+            for (key, path) in [
+                ("--tls-ca-cert-file", &tls.ca),
+                ("--tls-cert-file", &tls.cert),
+                ("--tls-key-file", &tls.key),
+            ] {
+                args.push(key.into());
+                args.push(path.display().to_string());
+            }
+            args.extend(["--tls-auth-clients", "yes"].map(String::from));
+            port
+        });
         if let Some(password) = &options.password {
             args.extend(["--requirepass".to_string(), password.clone()]);
         }
         let mut server = RedisServer {
             child: None,
             port,
+            tls_port,
             args,
             _dir: dir,
         };
