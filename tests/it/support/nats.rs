@@ -2,6 +2,7 @@
 //! loopback ports with their own store directory that a test can stop and start again, and a
 //! JetStream client to create streams and read what they hold.
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,18 +21,38 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
+    /// `--tlsverify` with these files: TLS only, and clients must present a certificate.
+    tls: Option<TlsFiles>,
     log: Arc<ServerLog>,
     dir: tempfile::TempDir,
+}
+
+/// PEM files for a server that speaks TLS only.
+pub struct TlsFiles {
+    /// The CA that signed the server's certificate and the clients' certificates.
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl NatsServer {
     /// Starts a server with JetStream on a free port and its own store directory; returns once
     /// it is ready for clients.
     pub fn start() -> NatsServer {
+        Self::start_with(None)
+    }
+
+    /// Starts a server that speaks TLS only and verifies client certificates (`--tlsverify`).
+    pub fn start_tls(tls: TlsFiles) -> NatsServer {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<TlsFiles>) -> NatsServer {
         let port = free_port();
         let mut server = NatsServer {
             child: None,
             port,
+            tls,
             log: Arc::new(ServerLog::default()),
             dir: tempfile::tempdir().unwrap(),
         };
@@ -54,6 +75,16 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(self.dir.path());
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--tlsverify")
+                .arg("--tlscacert")
+                .arg(&tls.ca)
+                .arg("--tlscert")
+                .arg(&tls.cert)
+                .arg("--tlskey")
+                .arg(&tls.key);
+        }
         self.child = Some(
             self.log
                 .spawn_until(command, "nats-server", START_TIMEOUT, |l| {
@@ -93,6 +124,18 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// A JetStream client of the server at `url`.
+/// A JetStream client of a TLS-only server, trusting `ca` and presenting `cert` and `key`.
+pub async fn jetstream_tls(url: &str, ca: &Path, cert: &Path, key: &Path) -> jetstream::Context {
+    let client = async_nats::ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(ca.to_path_buf())
+        .add_client_certificate(cert.to_path_buf(), key.to_path_buf())
+        .connect(url)
+        .await
+        .expect("connect to nats over TLS");
+    jetstream::new(client)
+}
+
 pub async fn jetstream(url: &str) -> jetstream::Context {
     let client = async_nats::connect(url).await.expect("connect to nats");
     jetstream::new(client)
