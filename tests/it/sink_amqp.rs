@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use crate::support::kill9::{self, AfterKills};
 use crate::support::proxy::Proxy;
+use crate::support::tls_front::TlsFront;
 use crate::support::{self, Agent, plain, request, signed_headers, unix_now};
 
 const EVENTS: &str = "/v1/events";
@@ -317,6 +318,88 @@ async fn an_unbound_routing_key_is_a_dead_letter_that_a_replay_applies_once_a_qu
         .take_until(Duration::from_secs(5), |g| !g.is_empty())
         .await;
     assert_eq!(distinct_ids(&got), BTreeSet::from(["d1".to_string()]));
+    rabbit.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_a_client_certificate_applies_and_an_untrusted_broker_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_adapter(dir.path());
+    let pki = support::tls::generate(dir.path());
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let wrong = support::tls::generate(&other);
+    let front = TlsFront::start(
+        SHARED.parse().unwrap(),
+        &pki.ca,
+        &pki.server_cert,
+        &pki.server_key,
+    )
+    .await;
+    let rabbit = Rabbit::start(true).await;
+    let sink = |name: &str, ca: &Path| {
+        format!(
+            r#"
+[[routes]]
+name = "{name}"
+adapter = "pass.jsonata"
+sink = "{name}"
+
+[sinks.{name}]
+type = "amqp"
+url = "amqps://127.0.0.1:{port}"
+exchange = "{exchange}"
+routing_key = "rules.{{subject}}"
+ca_file = {ca:?}
+client_cert = {cert:?}
+client_key = {key:?}
+connect_timeout_secs = 2
+retry = {{ max_attempts = 1 }}
+"#,
+            port = front.addr.port(),
+            exchange = rabbit.exchange,
+            ca = ca.display().to_string(),
+            cert = pki.client_cert.display().to_string(),
+            key = pki.client_key.display().to_string(),
+        )
+    };
+    let config = support::config_text(
+        dir.path(),
+        &format!(
+            "adapters_dir = {:?}\n{}{}",
+            dir.path().join("adapters").display().to_string(),
+            sink("good", &pki.ca),
+            sink("bad", &wrong.ca)
+        ),
+    );
+    let agent = Agent::start_with(dir.path(), &config);
+    post(&agent, "t1", "RULE-1", json!({"deadline": "16:00"})).await;
+    let done = wait_final(&agent, "t1", 1);
+    assert_eq!(done["state"], "failed", "{done}");
+    let status = support::admin_get(&agent, "/v1/events/t1").await;
+    let delivery = |name: &str| {
+        status.body["deliveries"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["route"] == name))
+            .unwrap_or_else(|| panic!("no delivery {name}: {}", status.body))
+            .clone()
+    };
+    assert_eq!(delivery("good")["state"], "applied", "{}", status.body);
+    let error = delivery("bad")["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("not signed by a CA the agent trusts") && error.contains("ca_file"),
+        "{}",
+        status.body
+    );
+    // Applied means confirmed by the broker, through TLS: the one message is in the queue.
+    let got = rabbit
+        .take_until(Duration::from_secs(5), |g| !g.is_empty())
+        .await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id(), "t1");
     rabbit.delete().await;
 }
 

@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod redis;
 pub mod sshd;
 pub mod tls;
+pub mod tls_front;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
