@@ -54,21 +54,24 @@
 //!   Unknown errors are retried because the retry policy still dead-letters them after
 //!   `max_attempts` or `max_age_secs`.
 
+mod append;
 mod config;
+mod group;
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use serde_json::Value;
 
 use super::template::{Template, file_records, is_temp_name, temp_name};
 use super::{EventMeta, Sink, SinkError};
-pub use config::FileConfig;
 pub(crate) use config::parse_mode;
+pub use config::{FileConfig, WriteMode};
 
 /// The `file` sink.
 #[derive(Debug)]
@@ -77,8 +80,41 @@ pub struct FileSink {
     create_dir: bool,
     name: Template,
     file_mode: Option<u32>,
+    mode: WriteMode,
+    /// The shared directory fsyncs, and in `append` mode the open files.
+    syncs: Arc<Syncs>,
+    appender: Arc<append::Appender>,
     /// Set once the leftovers of earlier runs were swept; every write waits for it.
     swept: tokio::sync::OnceCell<()>,
+}
+
+/// How directories are fsynced: one group commit per directory (see [`group`]).
+#[derive(Debug)]
+struct Syncs {
+    dirs: group::Groups<PathBuf>,
+    /// Whether concurrent writers share a directory's fsync; false only to measure the cost of
+    /// not sharing.
+    shared: bool,
+    /// The fsync of a directory; tests count calls through it.
+    fsync_dir: fn(&Path) -> io::Result<()>,
+}
+
+impl Syncs {
+    /// Returns once `dir` was fsynced by a call that started after this one began.
+    fn sync_dir(&self, dir: &Path) -> Result<(), SinkError> {
+        let result = if self.shared {
+            self.dirs
+                .get(&dir.to_path_buf())
+                .sync(|| (self.fsync_dir)(dir))
+        } else {
+            (self.fsync_dir)(dir)
+        };
+        result.map_err(|e| classify("cannot fsync the directory", dir, &e))
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 impl FileSink {
@@ -97,8 +133,28 @@ impl FileSink {
             create_dir: config.create_dir,
             name,
             file_mode,
+            mode: config.mode,
+            syncs: Arc::new(Syncs {
+                dirs: group::Groups::new(),
+                shared: true,
+                fsync_dir,
+            }),
+            appender: Arc::new(append::Appender::default()),
             swept: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// The sink with each write fsyncing its directories on its own, as releases before
+    /// shared directory fsyncs did: for the benchmark that compares the two.
+    #[cfg(feature = "bench")]
+    #[doc(hidden)]
+    pub fn unshared_dir_syncs(mut self) -> FileSink {
+        self.syncs = Arc::new(Syncs {
+            dirs: group::Groups::new(),
+            shared: false,
+            fsync_dir,
+        });
+        self
     }
 
     /// Removes the temporary files an interrupted run left under the root, once per sink.
@@ -107,9 +163,15 @@ impl FileSink {
         self.swept
             .get_or_init(|| async {
                 let root = self.dir.clone();
+                let append = (self.mode == WriteMode::Append).then(|| self.name.clone());
                 let swept = tokio::task::spawn_blocking(move || {
                     let mut removed = Vec::new();
                     sweep_temps(&root, &mut removed);
+                    // What a crash left at the end of append-mode files is cut off now, so
+                    // that readers do not wait for the next write to a file to see it gone.
+                    if let Some(name) = append {
+                        append::repair_all(&root, &name);
+                    }
                     removed
                 })
                 .await
@@ -124,6 +186,15 @@ impl FileSink {
                 }
             })
             .await;
+    }
+
+    fn writer(&self) -> Writer {
+        Writer {
+            root: self.dir.clone(),
+            create_dir: self.create_dir,
+            file_mode: self.file_mode,
+            syncs: self.syncs.clone(),
+        }
     }
 
     /// Renders and checks every record's name and content. Pure: nothing is written.
@@ -159,16 +230,23 @@ struct Planned {
 #[async_trait::async_trait]
 impl Sink for FileSink {
     async fn apply(&self, event: &EventMeta, output: &Value) -> Result<(), SinkError> {
+        if self.mode == WriteMode::Append {
+            let lines = append::plan(&self.name, &self.dir, event, output)?;
+            if lines.is_empty() {
+                return Ok(());
+            }
+            self.sweep_once().await;
+            let (writer, appender) = (self.writer(), self.appender.clone());
+            return tokio::task::spawn_blocking(move || appender.append(&writer, lines))
+                .await
+                .map_err(|e| join_error(&e))?;
+        }
         let planned = self.plan(event, output)?;
         if planned.is_empty() {
             return Ok(());
         }
         self.sweep_once().await;
-        let writer = Writer {
-            root: self.dir.clone(),
-            create_dir: self.create_dir,
-            file_mode: self.file_mode,
-        };
+        let writer = self.writer();
         tokio::task::spawn_blocking(move || writer.write_all(&planned))
             .await
             .map_err(|e| join_error(&e))?
@@ -216,29 +294,33 @@ struct Writer {
     root: PathBuf,
     create_dir: bool,
     file_mode: Option<u32>,
+    syncs: Arc<Syncs>,
 }
 
 impl Writer {
-    fn write_all(&self, planned: &[Planned]) -> Result<(), SinkError> {
-        // Directories whose entries changed and must be fsynced before we report success.
-        let mut to_sync = BTreeSet::new();
+    /// Makes sure the root directory exists (creating it when allowed), adding to `to_sync`
+    /// the directories that got a new entry.
+    fn check_root(&self, to_sync: &mut BTreeSet<PathBuf>) -> Result<(), SinkError> {
         match std::fs::metadata(&self.root) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => {
-                return Err(SinkError::Permanent(format!(
-                    "{} is not a directory: point dir at a directory",
-                    self.root.display()
-                )));
-            }
+            Ok(meta) if meta.is_dir() => Ok(()),
+            Ok(_) => Err(SinkError::Permanent(format!(
+                "{} is not a directory: point dir at a directory",
+                self.root.display()
+            ))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if !self.create_dir {
                     return Err(missing_root(&self.root));
                 }
-                ensure_dir(&self.root, &mut to_sync)?;
+                ensure_dir(&self.root, to_sync)
             }
-            Err(e) => return Err(classify("cannot inspect", &self.root, &e)),
+            Err(e) => Err(classify("cannot inspect", &self.root, &e)),
         }
+    }
 
+    fn write_all(&self, planned: &[Planned]) -> Result<(), SinkError> {
+        // Directories whose entries changed and must be fsynced before we report success.
+        let mut to_sync = BTreeSet::new();
+        self.check_root(&mut to_sync)?;
         let mut temps: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(planned.len());
         let result = self.write_temps(planned, &mut to_sync, &mut temps);
         if let Err(e) = result {
@@ -251,8 +333,10 @@ impl Writer {
                 return Err(classify("cannot rename into", target, &e));
             }
         }
+        // Concurrent writers into one directory share its fsync: each waits for one that
+        // started after its rename.
         for dir in &to_sync {
-            sync_dir(dir)?;
+            self.syncs.sync_dir(dir)?;
         }
         Ok(())
     }
@@ -372,12 +456,6 @@ fn ensure_dir(dir: &Path, to_sync: &mut BTreeSet<PathBuf>) -> Result<(), SinkErr
     Ok(())
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SinkError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| classify("cannot fsync the directory", dir, &e))
-}
-
 /// Classifies an I/O error by errno (see the module documentation).
 fn classify(action: &str, path: &Path, e: &io::Error) -> SinkError {
     let errno = e.raw_os_error().map(Errno::from_raw);
@@ -429,6 +507,7 @@ mod tests {
             source: None,
             route: "courts".into(),
             partner: "p1".into(),
+            received_at_ms: 1_796_601_600_000,
         }
     }
 
@@ -437,6 +516,7 @@ mod tests {
             dir: dir.to_owned(),
             create_dir: true,
             name: name.into(),
+            mode: WriteMode::File,
             file_mode: None,
             retry: RetryConfig::default(),
         }
@@ -884,7 +964,8 @@ mod tests {
         assert!(c.create_dir);
         assert_eq!(c.file_mode, None);
         assert_eq!(c.retry, RetryConfig::default());
-        let e = toml::from_str::<FileConfig>("dir = \"out\"\nname = \"x\"\nmode = \"0640\"\n")
+        assert_eq!(c.mode, WriteMode::File);
+        let e = toml::from_str::<FileConfig>("dir = \"out\"\nname = \"x\"\nperms = \"0640\"\n")
             .unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
         let mut c = c;
