@@ -235,8 +235,21 @@ mod tests {
                     assert_eq!(e.raw_os_error(), Some(nix::libc::EIO));
                     failed += 1;
                 }
-                // A caller may succeed only if a later, successful sync covered it.
-                Ok(()) => assert!(covering_round(&log, i) > 1, "{log:?}"),
+                // A caller may succeed only if a later, successful sync started after its
+                // change and ended before it returned.
+                Ok(()) => {
+                    covering_round(&log, i);
+                    let pos = |step: Step| log.iter().position(|s| *s == step);
+                    let (changed, returned) = (
+                        pos(Step::Changed(i)).unwrap(),
+                        pos(Step::Returned(i)).unwrap(),
+                    );
+                    let covered = (2..=threads).any(|r| {
+                        pos(Step::SyncStarted(r)).is_some_and(|p| p > changed)
+                            && pos(Step::SyncEnded(r)).is_some_and(|p| p < returned)
+                    });
+                    assert!(covered, "caller {i}: {log:?}");
+                }
             }
         }
         assert!(failed >= 1, "{log:?}");

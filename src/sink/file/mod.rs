@@ -889,6 +889,211 @@ mod tests {
         assert_eq!(files(&root), Vec::<String>::new());
     }
 
+    /// Directory fsyncs counted by [`counting_fsync_dir`]; only the test below uses it.
+    static DIR_FSYNCS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn counting_fsync_dir(dir: &Path) -> io::Result<()> {
+        DIR_FSYNCS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // A disk's fsync takes time; this is its stand-in, not synchronisation.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        fsync_dir(dir)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_into_one_directory_share_its_fsyncs() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("out")).unwrap();
+        let mut s = sink(&tmp.path().join("out"), "{id}.json");
+        s.syncs = Arc::new(Syncs {
+            dirs: group::Groups::new(),
+            shared: true,
+            fsync_dir: counting_fsync_dir,
+        });
+        let s = Arc::new(s);
+        s.start().await;
+        let events = 64;
+        let tasks: Vec<_> = (0..events)
+            .map(|n| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut e = event();
+                    e.id = format!("evt-{n}");
+                    s.apply(&e, &json!({"n": n})).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let fsyncs = DIR_FSYNCS.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(files(&tmp.path().join("out")).len(), events);
+        assert!(fsyncs >= 1, "the directory was never fsynced");
+        assert!(
+            fsyncs < events,
+            "{fsyncs} directory fsyncs for {events} events"
+        );
+    }
+
+    fn append_sink(dir: &Path, name: &str) -> FileSink {
+        let mut c = config(dir, name);
+        c.mode = WriteMode::Append;
+        FileSink::new(&c).unwrap()
+    }
+
+    fn lines(path: &Path) -> Vec<Value> {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(text.is_empty() || text.ends_with('\n'), "{text:?}");
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn append_writes_one_line_per_record_with_its_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = append_sink(tmp.path(), "{route}/events-{date}.ndjson");
+        s.apply(&event(), &json!([{"n": 1}, "text\nwith a newline"]))
+            .await
+            .unwrap();
+        s.apply(&event(), &json!([])).await.unwrap();
+        let path = tmp.path().join("courts/events-2026-12-07.ndjson");
+        assert_eq!(files(tmp.path()), ["courts/events-2026-12-07.ndjson"]);
+        assert_eq!(
+            lines(&path),
+            [
+                json!({"id": "evt-1", "route": "courts", "index": 0, "record": {"n": 1}}),
+                json!({"id": "evt-1", "route": "courts", "index": 1, "record": "text\nwith a newline"}),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn append_rotates_by_the_time_of_receipt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = append_sink(tmp.path(), "events-{date}-{hour}.ndjson");
+        let mut e = event();
+        for (id, at) in [
+            ("a", 1_796_687_999_999),
+            ("b", 1_796_688_000_000),
+            ("c", 1_796_688_000_001),
+        ] {
+            e.id = id.into();
+            e.received_at_ms = at;
+            s.apply(&e, &json!({})).await.unwrap();
+        }
+        assert_eq!(
+            files(tmp.path()),
+            ["events-2026-12-07-23.ndjson", "events-2026-12-08-00.ndjson"]
+        );
+        assert_eq!(
+            lines(&tmp.path().join("events-2026-12-08-00.ndjson")).len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn append_never_writes_a_record_twice_in_this_run_or_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("events.ndjson");
+        let s = append_sink(tmp.path(), "events.ndjson");
+        s.apply(&event(), &json!([1, 2])).await.unwrap();
+        s.apply(&event(), &json!([1, 2])).await.unwrap();
+        assert_eq!(lines(&path).len(), 2);
+        // A new sink (a restarted agent) reads the file before its first write: the records
+        // already there are skipped, one that is not is added.
+        let s = append_sink(tmp.path(), "events.ndjson");
+        s.apply(&event(), &json!([1, 2, 3])).await.unwrap();
+        let got: Vec<Value> = lines(&path)
+            .into_iter()
+            .map(|l| l["index"].clone())
+            .collect();
+        assert_eq!(got, [json!(0), json!(1), json!(2)]);
+        // The same index from another route or event is another record.
+        let mut e = event();
+        e.route = "other".into();
+        s.apply(&e, &json!(1)).await.unwrap();
+        e.id = "evt-2".into();
+        s.apply(&e, &json!(1)).await.unwrap();
+        assert_eq!(lines(&path).len(), 5);
+    }
+
+    #[tokio::test]
+    async fn append_cuts_a_torn_line_at_start_and_skips_what_is_already_there() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("events.ndjson");
+        let s = append_sink(tmp.path(), "events.ndjson");
+        s.apply(&event(), &json!({"n": 1})).await.unwrap();
+        let whole = std::fs::read(&path).unwrap();
+        // What a crash in the middle of the next write leaves.
+        let mut torn = whole.clone();
+        torn.extend_from_slice(b"{\"id\":\"evt-2\",\"route\":\"cou");
+        std::fs::write(&path, &torn).unwrap();
+        // Another file the template cannot render is not touched.
+        std::fs::write(tmp.path().join("notes.txt"), "no newline").unwrap();
+        let s = append_sink(tmp.path(), "events.ndjson");
+        s.start().await;
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        assert_eq!(
+            std::fs::read(tmp.path().join("notes.txt")).unwrap(),
+            b"no newline"
+        );
+        let mut e = event();
+        s.apply(&e, &json!({"n": 1})).await.unwrap();
+        e.id = "evt-2".into();
+        s.apply(&e, &json!({"n": 2})).await.unwrap();
+        let ids: Vec<Value> = lines(&path).into_iter().map(|l| l["id"].clone()).collect();
+        assert_eq!(ids, [json!("evt-1"), json!("evt-2")]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_to_one_file_each_land_once_as_a_whole_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Arc::new(append_sink(tmp.path(), "events.ndjson"));
+        let tasks: Vec<_> = (0..200)
+            .map(|n| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut e = event();
+                    e.id = format!("evt-{n}");
+                    // Every third event is applied twice, as a retry would.
+                    for _ in 0..(1 + usize::from(n % 3 == 0)) {
+                        s.apply(&e, &json!([{"n": n, "pad": "x".repeat(n * 7)}, n]))
+                            .await?;
+                    }
+                    Ok::<_, SinkError>(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let mut keys: Vec<(String, u64)> = lines(&tmp.path().join("events.ndjson"))
+            .into_iter()
+            .map(|l| {
+                (
+                    l["id"].as_str().unwrap().to_string(),
+                    l["index"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let count = keys.len();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), count, "a record was written twice");
+        assert_eq!(count, 400);
+    }
+
+    #[test]
+    fn the_mode_is_file_or_append() {
+        let c: FileConfig =
+            toml::from_str("dir = \"out\"\nname = \"e-{date}.ndjson\"\nmode = \"append\"\n")
+                .unwrap();
+        assert_eq!(c.mode, WriteMode::Append);
+        let e = toml::from_str::<FileConfig>("dir = \"out\"\nname = \"x\"\nmode = \"0640\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("expected `file` or `append`"), "{e}");
+    }
+
     #[test]
     fn classification_is_by_errno() {
         let p = Path::new("/x");
