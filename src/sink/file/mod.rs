@@ -19,7 +19,8 @@
 //!
 //! 3. each is renamed over its final name;
 //! 4. every directory that received a new entry (a renamed file or a created subdirectory) is
-//!    fsynced.
+//!    fsynced. Concurrent writes into one directory share its fsync (see [`group`]): each waits
+//!    for one that started after its rename, and the error of a failed one is every waiter's.
 //!
 //! Only then does `apply` return Ok. Names are derived from the event, so a retry writes the same
 //! names and replaces the files: each name exists once, with the last content. A failure before
@@ -29,6 +30,8 @@
 //! A process killed between steps 2 and 3 leaves its temporary files behind. When the sink
 //! starts (and before its first write), it removes every regular file under its root whose
 //! name has the temporary form (see [`is_temp_name`]); nothing else is touched.
+//!
+//! With `mode = "append"` records are lines of NDJSON files instead; [`append`] says how.
 //!
 //! # Content
 //!
