@@ -13,8 +13,9 @@
 //! file, it reads the whole file: it learns the keys already in it and cuts off what a crash
 //! left at its end (see [`scan`]). A record whose key is in the file is not written again, so a
 //! retry after a crash, or after a failure between writing and syncing, adds nothing. The keys
-//! of open files are kept in memory (16 bytes of hash per line); a file nobody wrote to for a
-//! while is closed and read again when written to.
+//! of open files are kept in memory (16 bytes of hash per line); beyond the [`OPEN_FILES`]
+//! written most recently, files are closed and read again when written to. The open files are
+//! the process's, not a sink's (see [`shared`]).
 //!
 //! # Durable before applied
 //!
@@ -217,7 +218,24 @@ struct Slot {
     group: Group,
 }
 
-/// The files of an append-mode sink.
+/// Epochs are unique in the process, so that an event that wrote into a file whose state was
+/// since dropped and read again can never mistake the new state for the one it wrote into.
+static EPOCHS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn new_epoch() -> u64 {
+    EPOCHS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The open files of every append-mode sink in the process, by path: two sinks that name the
+/// same file (a reload's new sink while the old one finishes, or two routes' sinks) share its
+/// state, so neither misses the other's lines or cuts them off.
+pub(super) fn shared() -> Arc<Appender> {
+    static SHARED: std::sync::LazyLock<Arc<Appender>> =
+        std::sync::LazyLock::new(|| Arc::new(Appender::default()));
+    SHARED.clone()
+}
+
+/// Open append-mode files.
 #[derive(Default)]
 pub(super) struct Appender {
     files: Mutex<HashMap<PathBuf, (Arc<Slot>, u64)>>,
@@ -361,7 +379,7 @@ fn open(writer: &Writer, path: &Path, dir: &Path) -> Result<Open, SinkError> {
         file: Arc::new(file),
         len: scan.len,
         synced: scan.len,
-        epoch: 0,
+        epoch: new_epoch(),
         keys: scan.keys,
         unsynced: Vec::new(),
     })
@@ -402,7 +420,7 @@ fn sync_file(slot: &Slot) -> io::Result<()> {
             for (_, key) in open.unsynced.drain(..) {
                 open.keys.remove(&key);
             }
-            open.epoch += 1;
+            open.epoch = new_epoch();
             open.len = keep;
             if open.file.set_len(keep).is_err() {
                 *guard = None;

@@ -84,8 +84,9 @@ pub struct FileSink {
     name: Template,
     file_mode: Option<u32>,
     mode: WriteMode,
-    /// The shared directory fsyncs, and in `append` mode the open files.
+    /// The shared directory fsyncs.
     syncs: Arc<Syncs>,
+    /// The open files of `append` mode (shared by every sink in the process).
     appender: Arc<append::Appender>,
     /// Set once the leftovers of earlier runs were swept; every write waits for it.
     swept: tokio::sync::OnceCell<()>,
@@ -142,7 +143,7 @@ impl FileSink {
                 shared: true,
                 fsync_dir,
             }),
-            appender: Arc::new(append::Appender::default()),
+            appender: append::shared(),
             swept: tokio::sync::OnceCell::new(),
         })
     }
@@ -1002,9 +1003,10 @@ mod tests {
         s.apply(&event(), &json!([1, 2])).await.unwrap();
         s.apply(&event(), &json!([1, 2])).await.unwrap();
         assert_eq!(lines(&path).len(), 2);
-        // A new sink (a restarted agent) reads the file before its first write: the records
-        // already there are skipped, one that is not is added.
-        let s = append_sink(tmp.path(), "events.ndjson");
+        // A new sink in a new process (a restarted agent) reads the file before its first
+        // write: the records already there are skipped, one that is not is added.
+        let mut s = append_sink(tmp.path(), "events.ndjson");
+        s.appender = Arc::new(append::Appender::default());
         s.apply(&event(), &json!([1, 2, 3])).await.unwrap();
         let got: Vec<Value> = lines(&path)
             .into_iter()
@@ -1033,7 +1035,8 @@ mod tests {
         std::fs::write(&path, &torn).unwrap();
         // Another file the template cannot render is not touched.
         std::fs::write(tmp.path().join("notes.txt"), "no newline").unwrap();
-        let s = append_sink(tmp.path(), "events.ndjson");
+        let mut s = append_sink(tmp.path(), "events.ndjson");
+        s.appender = Arc::new(append::Appender::default());
         s.start().await;
         assert_eq!(std::fs::read(&path).unwrap(), whole);
         assert_eq!(
