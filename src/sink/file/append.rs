@@ -594,7 +594,7 @@ mod tests {
         let (scan, after) = scanned(text.as_bytes());
         assert_eq!(after, text.as_bytes());
         assert_eq!(scan.foreign, 1);
-        let text = format!("{{\"note\":1}}\n");
+        let text = "{\"note\":1}\n".to_string();
         let (scan, after) = scanned(text.as_bytes());
         assert_eq!(after, text.as_bytes());
         assert_eq!(scan.foreign, 1);
