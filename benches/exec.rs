@@ -197,6 +197,7 @@ async fn sink_rate(events: usize, processes: usize) -> (f64, f64) {
                         source: None,
                         route: "bench".into(),
                         partner: "bench".into(),
+                        received_at_ms: 1_796_601_600_000,
                     };
                     sink.apply(&meta, &payload(n)).await.unwrap();
                 }

@@ -259,6 +259,7 @@ async fn sink_rate(port: u16, events: usize, window: usize, round: usize) -> Pha
         source: None,
         route: "kiosks".into(),
         partner: "bench".into(),
+        received_at_ms: 1_796_601_600_000,
     };
     // Connected before the clock starts, as the agent is by its first "applied".
     sink.apply(&meta(events), &json!({})).await.unwrap();

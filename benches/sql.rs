@@ -370,6 +370,7 @@ async fn sink_alone(pool: &sqlx::PgPool, table: &str, ledger: &str) -> f64 {
                         source: None,
                         route: "bench".into(),
                         partner: "bench".into(),
+                        received_at_ms: 1_796_601_600_000,
                     };
                     let _permit = permits.acquire().await.unwrap();
                     sink.apply(&event, &output).await.unwrap();

@@ -318,6 +318,7 @@ pub fn name_template(data: &[u8]) {
         source: (!source.is_empty()).then_some(source),
         route,
         partner,
+        received_at_ms: 1_796_601_600_000,
     };
     let output = serde_json::from_str::<Value>(&output_text).unwrap_or(Value::String(output_text));
     let Ok(records) = file_records(&template, &event, &output) else {

@@ -826,6 +826,7 @@ impl Dispatcher {
             source: event.source.clone(),
             route: route.name.clone(),
             partner: self.partner.clone(),
+            received_at_ms: event.received_at_ms,
         };
         update.attempts = attempts.saturating_add(1);
         let started = std::time::Instant::now();

@@ -50,6 +50,9 @@ pub struct EventMeta {
     pub route: String,
     /// The agent id (`agent_id` in the configuration).
     pub partner: String,
+    /// When the agent received the event (journaled it), in milliseconds since the epoch: the
+    /// same on every attempt, so names built from it (`{date}`, `{hour}`) never change.
+    pub received_at_ms: i64,
 }
 
 /// A failure to apply.

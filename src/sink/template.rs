@@ -9,6 +9,7 @@
 //! | `{id}` `{type}` `{version}` `{subject}` `{partner}` `{route}` | the event's fields ([`EventMeta`]) |
 //! | `{revision}` `{source}` | optional event fields: rendering fails when the event has none |
 //! | `{index}` | the record's position when the output is an array, 0 otherwise |
+//! | `{date}` `{hour}` | the UTC date (`2026-12-07`) and hour (`00`–`23`) at which the agent received the event: the same on every attempt, so a retry after midnight renders the name the first attempt rendered |
 //! | `{output.a.b}` | a field of the record, by dotted path; a segment that is a number indexes an array |
 //!
 //! Output fields that are strings are inserted as they are; numbers and booleans as their JSON
@@ -37,6 +38,8 @@ pub enum Placeholder {
     Partner,
     Route,
     Index,
+    Date,
+    Hour,
     /// `{output.a.b}`: the path segments after `output`, never empty.
     Output(Vec<String>),
 }
@@ -53,6 +56,8 @@ impl Placeholder {
             "partner" => Placeholder::Partner,
             "route" => Placeholder::Route,
             "index" => Placeholder::Index,
+            "date" => Placeholder::Date,
+            "hour" => Placeholder::Hour,
             _ => {
                 let path = name.strip_prefix("output.")?;
                 let segments: Vec<String> = path.split('.').map(str::to_string).collect();
@@ -77,6 +82,8 @@ impl fmt::Display for Placeholder {
             Placeholder::Partner => "partner",
             Placeholder::Route => "route",
             Placeholder::Index => "index",
+            Placeholder::Date => "date",
+            Placeholder::Hour => "hour",
             Placeholder::Output(path) => return write!(f, "{{output.{}}}", path.join(".")),
         };
         write!(f, "{{{name}}}")
@@ -97,7 +104,7 @@ pub struct Template {
 }
 
 const KNOWN: &str = "{id}, {type}, {version}, {subject}, {revision}, {source}, {partner}, \
-                     {route}, {index} or {output.<field>}";
+                     {route}, {index}, {date}, {hour} or {output.<field>}";
 
 impl Template {
     /// Parses a template. Errors name the offending placeholder or the byte offset of a stray
@@ -242,8 +249,21 @@ fn value_of(
         Placeholder::Partner => event.partner.clone(),
         Placeholder::Route => event.route.clone(),
         Placeholder::Index => index.to_string(),
+        Placeholder::Date => {
+            let (y, m, d, _) = utc_parts(event.received_at_ms);
+            format!("{y:04}-{m:02}-{d:02}")
+        }
+        Placeholder::Hour => format!("{:02}", utc_parts(event.received_at_ms).3),
         Placeholder::Output(path) => output_field(placeholder, path, record)?,
     })
+}
+
+/// The UTC year, month, day and hour of a time in milliseconds since the epoch. A time outside
+/// what a date can show (never the case for a journaled event) counts as the epoch.
+fn utc_parts(ms: i64) -> (i32, u8, u8, u8) {
+    let at = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    (at.year(), u8::from(at.month()), at.day(), at.hour())
 }
 
 fn output_field(
@@ -461,6 +481,7 @@ mod tests {
             source: Some("court".into()),
             route: "courts".into(),
             partner: "p1".into(),
+            received_at_ms: 1_796_601_600_000,
         }
     }
 
@@ -471,11 +492,30 @@ mod tests {
     #[test]
     fn renders_every_event_field() {
         let out = render(
-            "{id}|{type}|{version}|{subject}|{revision}|{source}|{partner}|{route}|{index}",
+            "{id}|{type}|{version}|{subject}|{revision}|{source}|{partner}|{route}|{index}|{date}|\
+             {hour}",
             &json!({}),
         )
         .unwrap();
-        assert_eq!(out, "evt-1|case.updated|3|case-42|7|court|p1|courts|2");
+        assert_eq!(
+            out,
+            "evt-1|case.updated|3|case-42|7|court|p1|courts|2|2026-12-07|00"
+        );
+    }
+
+    #[test]
+    fn date_and_hour_are_the_utc_time_of_receipt() {
+        let t = Template::parse("{date}T{hour}").unwrap();
+        let at = |ms: i64| {
+            let mut e = event();
+            e.received_at_ms = ms;
+            t.render(&e, &json!({}), 0).unwrap()
+        };
+        // 2026-12-07 23:59:59.999 UTC, and one millisecond later.
+        assert_eq!(at(1_796_687_999_999), "2026-12-07T23");
+        assert_eq!(at(1_796_688_000_000), "2026-12-08T00");
+        assert_eq!(at(951_782_400_000), "2000-02-29T00");
+        assert_eq!(at(0), "1970-01-01T00");
     }
 
     #[test]

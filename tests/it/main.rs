@@ -17,6 +17,7 @@ mod receive;
 mod reload;
 mod sink_amqp;
 mod sink_exec;
+mod sink_file;
 mod sink_mqtt;
 mod sink_nats;
 mod sink_redis;

@@ -21,6 +21,7 @@ fn event() -> EventMeta {
         source: None,
         route: "cases".into(),
         partner: "county".into(),
+        received_at_ms: 1_796_601_600_000,
     }
 }
 

@@ -358,6 +358,7 @@ mod tests {
             source: None,
             route: "erp".into(),
             partner: "p1".into(),
+            received_at_ms: 1_796_601_600_000,
         }
     }
 

@@ -23,9 +23,14 @@ pub struct FileConfig {
     pub create_dir: bool,
     /// Template of each file's name relative to `dir`, e.g. `{subject}/{id}.json`; `/` makes
     /// subdirectories, which are created as needed. Placeholders: `{id}` `{type}` `{version}`
-    /// `{subject}` `{revision}` `{source}` `{partner}` `{route}` `{index}` `{output.<field>}`;
-    /// `{{` and `}}` are literal braces. Required.
+    /// `{subject}` `{revision}` `{source}` `{partner}` `{route}` `{index}` `{date}` `{hour}`
+    /// `{output.<field>}`; `{{` and `}}` are literal braces. Required.
     pub name: String,
+    /// How records are written: `"file"`, each record its own file (replaced whole on a
+    /// retry); or `"append"`, each record one line of an NDJSON file that `name` names, e.g.
+    /// `"events-{date}.ndjson"` (see docs/sinks/file.md). Default: `"file"`.
+    #[serde(default)]
+    pub mode: WriteMode,
     /// Permission bits of written files as an octal string, e.g. `"0640"`. Default: none, so
     /// files get `0666` minus the process umask.
     #[serde(default)]
@@ -33,6 +38,17 @@ pub struct FileConfig {
     /// Retry policy for retryable failures. Default: see [`RetryConfig`].
     #[serde(default)]
     pub retry: RetryConfig,
+}
+
+/// How a `file` sink writes records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMode {
+    /// One file per record, written to a temporary name and renamed into place.
+    #[default]
+    File,
+    /// One line per record, appended to the file the name renders.
+    Append,
 }
 
 pub(super) fn default_true() -> bool {

@@ -19,7 +19,8 @@
 //!
 //! 3. each is renamed over its final name;
 //! 4. every directory that received a new entry (a renamed file or a created subdirectory) is
-//!    fsynced.
+//!    fsynced. Concurrent writes into one directory share its fsync (see [`group`]): each waits
+//!    for one that started after its rename, and the error of a failed one is every waiter's.
 //!
 //! Only then does `apply` return Ok. Names are derived from the event, so a retry writes the same
 //! names and replaces the files: each name exists once, with the last content. A failure before
@@ -29,6 +30,8 @@
 //! A process killed between steps 2 and 3 leaves its temporary files behind. When the sink
 //! starts (and before its first write), it removes every regular file under its root whose
 //! name has the temporary form (see [`is_temp_name`]); nothing else is touched.
+//!
+//! With `mode = "append"` records are lines of NDJSON files instead; [`append`] says how.
 //!
 //! # Content
 //!
@@ -54,21 +57,24 @@
 //!   Unknown errors are retried because the retry policy still dead-letters them after
 //!   `max_attempts` or `max_age_secs`.
 
+mod append;
 mod config;
+mod group;
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use serde_json::Value;
 
 use super::template::{Template, file_records, is_temp_name, temp_name};
 use super::{EventMeta, Sink, SinkError};
-pub use config::FileConfig;
 pub(crate) use config::parse_mode;
+pub use config::{FileConfig, WriteMode};
 
 /// The `file` sink.
 #[derive(Debug)]
@@ -77,8 +83,42 @@ pub struct FileSink {
     create_dir: bool,
     name: Template,
     file_mode: Option<u32>,
+    mode: WriteMode,
+    /// The shared directory fsyncs.
+    syncs: Arc<Syncs>,
+    /// The open files of `append` mode (shared by every sink in the process).
+    appender: Arc<append::Appender>,
     /// Set once the leftovers of earlier runs were swept; every write waits for it.
     swept: tokio::sync::OnceCell<()>,
+}
+
+/// How directories are fsynced: one group commit per directory (see [`group`]).
+#[derive(Debug)]
+struct Syncs {
+    dirs: group::Groups<PathBuf>,
+    /// Whether concurrent writers share a directory's fsync; false only to measure the cost of
+    /// not sharing.
+    shared: bool,
+    /// The fsync of a directory; tests count calls through it.
+    fsync_dir: fn(&Path) -> io::Result<()>,
+}
+
+impl Syncs {
+    /// Returns once `dir` was fsynced by a call that started after this one began.
+    fn sync_dir(&self, dir: &Path) -> Result<(), SinkError> {
+        let result = if self.shared {
+            self.dirs
+                .get(&dir.to_path_buf())
+                .sync(|| (self.fsync_dir)(dir))
+        } else {
+            (self.fsync_dir)(dir)
+        };
+        result.map_err(|e| classify("cannot fsync the directory", dir, &e))
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 impl FileSink {
@@ -97,8 +137,28 @@ impl FileSink {
             create_dir: config.create_dir,
             name,
             file_mode,
+            mode: config.mode,
+            syncs: Arc::new(Syncs {
+                dirs: group::Groups::new(),
+                shared: true,
+                fsync_dir,
+            }),
+            appender: append::shared(),
             swept: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// The sink with each write fsyncing its directories on its own, as releases before
+    /// shared directory fsyncs did: for the benchmark that compares the two.
+    #[cfg(feature = "bench")]
+    #[doc(hidden)]
+    pub fn unshared_dir_syncs(mut self) -> FileSink {
+        self.syncs = Arc::new(Syncs {
+            dirs: group::Groups::new(),
+            shared: false,
+            fsync_dir,
+        });
+        self
     }
 
     /// Removes the temporary files an interrupted run left under the root, once per sink.
@@ -107,9 +167,15 @@ impl FileSink {
         self.swept
             .get_or_init(|| async {
                 let root = self.dir.clone();
+                let append = (self.mode == WriteMode::Append).then(|| self.name.clone());
                 let swept = tokio::task::spawn_blocking(move || {
                     let mut removed = Vec::new();
                     sweep_temps(&root, &mut removed);
+                    // What a crash left at the end of append-mode files is cut off now, so
+                    // that readers do not wait for the next write to a file to see it gone.
+                    if let Some(name) = append {
+                        append::repair_all(&root, &name);
+                    }
                     removed
                 })
                 .await
@@ -124,6 +190,15 @@ impl FileSink {
                 }
             })
             .await;
+    }
+
+    fn writer(&self) -> Writer {
+        Writer {
+            root: self.dir.clone(),
+            create_dir: self.create_dir,
+            file_mode: self.file_mode,
+            syncs: self.syncs.clone(),
+        }
     }
 
     /// Renders and checks every record's name and content. Pure: nothing is written.
@@ -159,16 +234,23 @@ struct Planned {
 #[async_trait::async_trait]
 impl Sink for FileSink {
     async fn apply(&self, event: &EventMeta, output: &Value) -> Result<(), SinkError> {
+        if self.mode == WriteMode::Append {
+            let lines = append::plan(&self.name, &self.dir, event, output)?;
+            if lines.is_empty() {
+                return Ok(());
+            }
+            self.sweep_once().await;
+            let (writer, appender) = (self.writer(), self.appender.clone());
+            return tokio::task::spawn_blocking(move || appender.append(&writer, lines))
+                .await
+                .map_err(|e| join_error(&e))?;
+        }
         let planned = self.plan(event, output)?;
         if planned.is_empty() {
             return Ok(());
         }
         self.sweep_once().await;
-        let writer = Writer {
-            root: self.dir.clone(),
-            create_dir: self.create_dir,
-            file_mode: self.file_mode,
-        };
+        let writer = self.writer();
         tokio::task::spawn_blocking(move || writer.write_all(&planned))
             .await
             .map_err(|e| join_error(&e))?
@@ -216,29 +298,33 @@ struct Writer {
     root: PathBuf,
     create_dir: bool,
     file_mode: Option<u32>,
+    syncs: Arc<Syncs>,
 }
 
 impl Writer {
-    fn write_all(&self, planned: &[Planned]) -> Result<(), SinkError> {
-        // Directories whose entries changed and must be fsynced before we report success.
-        let mut to_sync = BTreeSet::new();
+    /// Makes sure the root directory exists (creating it when allowed), adding to `to_sync`
+    /// the directories that got a new entry.
+    fn check_root(&self, to_sync: &mut BTreeSet<PathBuf>) -> Result<(), SinkError> {
         match std::fs::metadata(&self.root) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => {
-                return Err(SinkError::Permanent(format!(
-                    "{} is not a directory: point dir at a directory",
-                    self.root.display()
-                )));
-            }
+            Ok(meta) if meta.is_dir() => Ok(()),
+            Ok(_) => Err(SinkError::Permanent(format!(
+                "{} is not a directory: point dir at a directory",
+                self.root.display()
+            ))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if !self.create_dir {
                     return Err(missing_root(&self.root));
                 }
-                ensure_dir(&self.root, &mut to_sync)?;
+                ensure_dir(&self.root, to_sync)
             }
-            Err(e) => return Err(classify("cannot inspect", &self.root, &e)),
+            Err(e) => Err(classify("cannot inspect", &self.root, &e)),
         }
+    }
 
+    fn write_all(&self, planned: &[Planned]) -> Result<(), SinkError> {
+        // Directories whose entries changed and must be fsynced before we report success.
+        let mut to_sync = BTreeSet::new();
+        self.check_root(&mut to_sync)?;
         let mut temps: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(planned.len());
         let result = self.write_temps(planned, &mut to_sync, &mut temps);
         if let Err(e) = result {
@@ -251,8 +337,10 @@ impl Writer {
                 return Err(classify("cannot rename into", target, &e));
             }
         }
+        // Concurrent writers into one directory share its fsync: each waits for one that
+        // started after its rename.
         for dir in &to_sync {
-            sync_dir(dir)?;
+            self.syncs.sync_dir(dir)?;
         }
         Ok(())
     }
@@ -372,12 +460,6 @@ fn ensure_dir(dir: &Path, to_sync: &mut BTreeSet<PathBuf>) -> Result<(), SinkErr
     Ok(())
 }
 
-fn sync_dir(dir: &Path) -> Result<(), SinkError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| classify("cannot fsync the directory", dir, &e))
-}
-
 /// Classifies an I/O error by errno (see the module documentation).
 fn classify(action: &str, path: &Path, e: &io::Error) -> SinkError {
     let errno = e.raw_os_error().map(Errno::from_raw);
@@ -429,6 +511,7 @@ mod tests {
             source: None,
             route: "courts".into(),
             partner: "p1".into(),
+            received_at_ms: 1_796_601_600_000,
         }
     }
 
@@ -437,6 +520,7 @@ mod tests {
             dir: dir.to_owned(),
             create_dir: true,
             name: name.into(),
+            mode: WriteMode::File,
             file_mode: None,
             retry: RetryConfig::default(),
         }
@@ -809,6 +893,213 @@ mod tests {
         assert_eq!(files(&root), Vec::<String>::new());
     }
 
+    /// Directory fsyncs counted by [`counting_fsync_dir`]; only the test below uses it.
+    static DIR_FSYNCS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn counting_fsync_dir(dir: &Path) -> io::Result<()> {
+        DIR_FSYNCS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // A disk's fsync takes time; this is its stand-in, not synchronisation.
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        fsync_dir(dir)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_into_one_directory_share_its_fsyncs() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("out")).unwrap();
+        let mut s = sink(&tmp.path().join("out"), "{id}.json");
+        s.syncs = Arc::new(Syncs {
+            dirs: group::Groups::new(),
+            shared: true,
+            fsync_dir: counting_fsync_dir,
+        });
+        let s = Arc::new(s);
+        s.start().await;
+        let events = 64;
+        let tasks: Vec<_> = (0..events)
+            .map(|n| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut e = event();
+                    e.id = format!("evt-{n}");
+                    s.apply(&e, &json!({"n": n})).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let fsyncs = DIR_FSYNCS.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(files(&tmp.path().join("out")).len(), events);
+        assert!(fsyncs >= 1, "the directory was never fsynced");
+        assert!(
+            fsyncs < events,
+            "{fsyncs} directory fsyncs for {events} events"
+        );
+    }
+
+    fn append_sink(dir: &Path, name: &str) -> FileSink {
+        let mut c = config(dir, name);
+        c.mode = WriteMode::Append;
+        FileSink::new(&c).unwrap()
+    }
+
+    fn lines(path: &Path) -> Vec<Value> {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(text.is_empty() || text.ends_with('\n'), "{text:?}");
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn append_writes_one_line_per_record_with_its_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = append_sink(tmp.path(), "{route}/events-{date}.ndjson");
+        s.apply(&event(), &json!([{"n": 1}, "text\nwith a newline"]))
+            .await
+            .unwrap();
+        s.apply(&event(), &json!([])).await.unwrap();
+        let path = tmp.path().join("courts/events-2026-12-07.ndjson");
+        assert_eq!(files(tmp.path()), ["courts/events-2026-12-07.ndjson"]);
+        assert_eq!(
+            lines(&path),
+            [
+                json!({"id": "evt-1", "route": "courts", "index": 0, "record": {"n": 1}}),
+                json!({"id": "evt-1", "route": "courts", "index": 1, "record": "text\nwith a newline"}),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn append_rotates_by_the_time_of_receipt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = append_sink(tmp.path(), "events-{date}-{hour}.ndjson");
+        let mut e = event();
+        for (id, at) in [
+            ("a", 1_796_687_999_999),
+            ("b", 1_796_688_000_000),
+            ("c", 1_796_688_000_001),
+        ] {
+            e.id = id.into();
+            e.received_at_ms = at;
+            s.apply(&e, &json!({})).await.unwrap();
+        }
+        assert_eq!(
+            files(tmp.path()),
+            ["events-2026-12-07-23.ndjson", "events-2026-12-08-00.ndjson"]
+        );
+        assert_eq!(
+            lines(&tmp.path().join("events-2026-12-08-00.ndjson")).len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn append_never_writes_a_record_twice_in_this_run_or_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("events.ndjson");
+        let s = append_sink(tmp.path(), "events.ndjson");
+        s.apply(&event(), &json!([1, 2])).await.unwrap();
+        s.apply(&event(), &json!([1, 2])).await.unwrap();
+        assert_eq!(lines(&path).len(), 2);
+        // A new sink in a new process (a restarted agent) reads the file before its first
+        // write: the records already there are skipped, one that is not is added.
+        let mut s = append_sink(tmp.path(), "events.ndjson");
+        s.appender = Arc::new(append::Appender::default());
+        s.apply(&event(), &json!([1, 2, 3])).await.unwrap();
+        let got: Vec<Value> = lines(&path)
+            .into_iter()
+            .map(|l| l["index"].clone())
+            .collect();
+        assert_eq!(got, [json!(0), json!(1), json!(2)]);
+        // The same index from another route or event is another record.
+        let mut e = event();
+        e.route = "other".into();
+        s.apply(&e, &json!(1)).await.unwrap();
+        e.id = "evt-2".into();
+        s.apply(&e, &json!(1)).await.unwrap();
+        assert_eq!(lines(&path).len(), 5);
+    }
+
+    #[tokio::test]
+    async fn append_cuts_a_torn_line_at_start_and_skips_what_is_already_there() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("events.ndjson");
+        let s = append_sink(tmp.path(), "events.ndjson");
+        s.apply(&event(), &json!({"n": 1})).await.unwrap();
+        let whole = std::fs::read(&path).unwrap();
+        // What a crash in the middle of the next write leaves.
+        let mut torn = whole.clone();
+        torn.extend_from_slice(b"{\"id\":\"evt-2\",\"route\":\"cou");
+        std::fs::write(&path, &torn).unwrap();
+        // Another file the template cannot render is not touched.
+        std::fs::write(tmp.path().join("notes.txt"), "no newline").unwrap();
+        let mut s = append_sink(tmp.path(), "events.ndjson");
+        s.appender = Arc::new(append::Appender::default());
+        s.start().await;
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        assert_eq!(
+            std::fs::read(tmp.path().join("notes.txt")).unwrap(),
+            b"no newline"
+        );
+        let mut e = event();
+        s.apply(&e, &json!({"n": 1})).await.unwrap();
+        e.id = "evt-2".into();
+        s.apply(&e, &json!({"n": 2})).await.unwrap();
+        let ids: Vec<Value> = lines(&path).into_iter().map(|l| l["id"].clone()).collect();
+        assert_eq!(ids, [json!("evt-1"), json!("evt-2")]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_to_one_file_each_land_once_as_a_whole_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Arc::new(append_sink(tmp.path(), "events.ndjson"));
+        let tasks: Vec<_> = (0..200)
+            .map(|n| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut e = event();
+                    e.id = format!("evt-{n}");
+                    // Every third event is applied twice, as a retry would.
+                    for _ in 0..(1 + usize::from(n % 3 == 0)) {
+                        s.apply(&e, &json!([{"n": n, "pad": "x".repeat(n * 7)}, n]))
+                            .await?;
+                    }
+                    Ok::<_, SinkError>(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let mut keys: Vec<(String, u64)> = lines(&tmp.path().join("events.ndjson"))
+            .into_iter()
+            .map(|l| {
+                (
+                    l["id"].as_str().unwrap().to_string(),
+                    l["index"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let count = keys.len();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), count, "a record was written twice");
+        assert_eq!(count, 400);
+    }
+
+    #[test]
+    fn the_mode_is_file_or_append() {
+        let c: FileConfig =
+            toml::from_str("dir = \"out\"\nname = \"e-{date}.ndjson\"\nmode = \"append\"\n")
+                .unwrap();
+        assert_eq!(c.mode, WriteMode::Append);
+        let e = toml::from_str::<FileConfig>("dir = \"out\"\nname = \"x\"\nmode = \"0640\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("expected `file` or `append`"), "{e}");
+    }
+
     #[test]
     fn classification_is_by_errno() {
         let p = Path::new("/x");
@@ -884,7 +1175,8 @@ mod tests {
         assert!(c.create_dir);
         assert_eq!(c.file_mode, None);
         assert_eq!(c.retry, RetryConfig::default());
-        let e = toml::from_str::<FileConfig>("dir = \"out\"\nname = \"x\"\nmode = \"0640\"\n")
+        assert_eq!(c.mode, WriteMode::File);
+        let e = toml::from_str::<FileConfig>("dir = \"out\"\nname = \"x\"\nperms = \"0640\"\n")
             .unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
         let mut c = c;

@@ -456,6 +456,7 @@ mod tests {
             source: None,
             route: "courts".into(),
             partner: "p1".into(),
+            received_at_ms: 1_796_601_600_000,
         }
     }
 

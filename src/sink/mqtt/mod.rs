@@ -1634,6 +1634,7 @@ mod tests {
             source: None,
             route: "kiosks".into(),
             partner: "county".into(),
+            received_at_ms: 1_796_601_600_000,
         }
     }
 

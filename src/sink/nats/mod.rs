@@ -825,6 +825,7 @@ mod tests {
             source: None,
             route: "kiosk".into(),
             partner: "county".into(),
+            received_at_ms: 1_796_601_600_000,
         }
     }
 

@@ -542,6 +542,7 @@ mod tests {
             source: None,
             route: "route".into(),
             partner: "p".into(),
+            received_at_ms: 1_796_601_600_000,
         };
         let out = entries(
             &sink.stream,

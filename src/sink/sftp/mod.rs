@@ -1488,6 +1488,7 @@ mod tests {
             source: None,
             route: "courts".into(),
             partner: "p1".into(),
+            received_at_ms: 1_796_601_600_000,
         }
     }
 
