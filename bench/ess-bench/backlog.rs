@@ -251,7 +251,8 @@ async fn fill(
     let chunk = move |from: u64| -> anyhow::Result<Vec<NewEvent>> {
         (from..(from + FILL_CHUNK as u64).min(events))
             .map(|n| {
-                let id = uuid_v4(u128::from(n) << 64 | 0x5eed);
+                // Bits the UUID version and variant overwrite are left alone, so every id is unique.
+                let id = uuid_v4(u128::from(n) | 0x5eed << 100);
                 let subject = format!("backlog-subject-{:06}", n % subjects);
                 let body = event_body(&id, &subject, n, body_bytes);
                 let envelope = ess_agent::protocol::envelope::parse(&headers, body.as_bytes())
