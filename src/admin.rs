@@ -109,6 +109,7 @@ impl Admin {
             .ok_or_else(|| wrong_method_or_not_found(req.method(), path))?
         {
             Endpoint::Metrics => {
+                crate::telemetry::refresh_dispatcher_gauges(&self.dispatcher);
                 let journal = self.journal.clone();
                 let _ =
                     tokio::task::spawn_blocking(move || crate::telemetry::refresh_gauges(&journal))

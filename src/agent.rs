@@ -182,6 +182,7 @@ pub async fn run(
         config.dispatch.max_parallel,
         reporter.as_ref().map(|r| r.wake()),
     );
+    dispatcher.set_event_log(config.log.events);
     // Sinks clean up after an interrupted run in the background; their first apply waits for it.
     for built in routing_sinks {
         tokio::spawn(async move { built.start().await });

@@ -70,6 +70,9 @@ pub struct Config {
     /// The dispatcher that applies journaled events.
     #[serde(default)]
     pub dispatch: DispatchConfig,
+    /// What the log says about each event.
+    #[serde(default)]
+    pub log: LogConfig,
 }
 
 fn default_adapters_dir() -> PathBuf {
@@ -174,6 +177,32 @@ impl Default for DispatchConfig {
             healthcheck_interval_ms: default_healthcheck_interval(),
         }
     }
+}
+
+/// The log's per-event lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Which events get their one info line (`event final`, with the event id and its final
+    /// state): `"all"`, `"failures"` (only events that end as dead letters: `failed` or
+    /// `parked`) or `"none"`. Warnings (an adapter error, a sink refusing an output, a retry)
+    /// and refused requests are logged whatever this says; accepted requests are logged at
+    /// debug level. Default: `"all"`.
+    #[serde(default)]
+    pub events: EventLog,
+}
+
+/// Which events [`LogConfig::events`] logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventLog {
+    /// Every event's final state.
+    #[default]
+    All,
+    /// Only events that end as dead letters (`failed`, `parked`).
+    Failures,
+    /// No per-event line.
+    None,
 }
 
 /// When the hub gets its answer.
@@ -558,6 +587,7 @@ impl Default for Parsed {
                 sinks: BTreeMap::new(),
                 report: None,
                 dispatch: DispatchConfig::default(),
+                log: LogConfig::default(),
             },
             problems: Vec::new(),
             stand_ins: Vec::new(),
@@ -807,6 +837,7 @@ impl Config {
             .unwrap_or_else(default_adapters_dir);
         let report = parts.take("report");
         let dispatch = parts.take("dispatch").unwrap_or_default();
+        let log = parts.take("log").unwrap_or_default();
         let sinks = parts.sinks();
         let routes = parts.routes(&sinks);
         let Parts { table, mut parsed } = parts;
@@ -837,6 +868,7 @@ impl Config {
             sinks,
             report,
             dispatch,
+            log,
         };
         Ok(parsed)
     }

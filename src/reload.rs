@@ -318,6 +318,7 @@ impl Reloader {
                     );
                 }
                 self.dispatcher.replace_routing(routing);
+                self.dispatcher.set_event_log(config.log.events);
                 *self.current.lock().unwrap_or_else(|p| p.into_inner()) = config;
                 outcome.applied = true;
                 tracing::info!(trigger, restart_needed = ?outcome.restart_needed, "reloaded routes, adapters and sinks");

@@ -11,6 +11,7 @@
 //! | `events_final_total` | counter | `state` (`applied`, `filtered`, `superseded`, `failed`, `parked`) | events reaching a final state |
 //! | `deliveries_total` | counter | `route`, `sink`, `result` (`applied`, `filtered`, `failed`, `retry`) | route attempts |
 //! | `backlog` | gauge | | events not yet final |
+//! | `dispatch_queued`, `dispatch_queued_peak` | gauge | | events the dispatcher holds in its subjects' queues now, and the most since the start (bounded however long the backlog) |
 //! | `dead_letters` | gauge | | failed and parked events |
 //! | `outbox_size` | gauge | | status reports waiting for the hub |
 //! | `journal_commit_seconds` | histogram | | one group commit (fsync included) |
@@ -56,6 +57,13 @@ pub fn install() -> Option<PrometheusHandle> {
                 .ok()
         })
         .clone()
+}
+
+/// Refreshes the gauges that are read from the dispatcher (at scrape time).
+pub fn refresh_dispatcher_gauges(dispatcher: &Dispatcher) {
+    let (queued, peak) = dispatcher.queued();
+    metrics::gauge!("ess_agent_dispatch_queued").set(queued as f64);
+    metrics::gauge!("ess_agent_dispatch_queued_peak").set(peak as f64);
 }
 
 /// Refreshes the gauges that are read from the journal (at scrape time). Blocking.

@@ -1,28 +1,36 @@
 //! `ess-bench`: the benchmark of the receive path.
 //!
 //! `ess-bench accept --agent target/release/ess-agent` measures, in one invocation and with the
-//! same load generator, two targets that run as separate processes:
+//! same load generator, targets that run as separate processes:
 //!
 //! 1. a bare hyper server (this binary re-executed as the hidden `bare-server` subcommand) built
 //!    with the agent's own connection builder ([`ess_agent::ingress::http_builder`]) and runtime
 //!    settings, which reads each body and answers 202 with a small JSON body without doing
 //!    anything else: the ceiling HTTP alone allows on this machine;
-//! 2. the real agent (`ess-agent run`) on plain HTTP on loopback, with its journal in a temporary
+//! 2. the durable limit (`durable-server`): the same server, but each body is appended to one
+//!    file and answered only once the fdatasync covering it has returned, the bodies that arrive
+//!    meanwhile sharing the next one (group commit): what any receiver that acknowledges only
+//!    what is on disk must at least pay on this disk;
+//! 3. the real agent (`ess-agent run`) on plain HTTP on loopback, with its journal in a temporary
 //!    directory on the normal disk, which authenticates, validates and journals (fsync'd) every
 //!    event before it answers 202. Its dispatcher runs as always: by default one route sends
 //!    every event to an adapter that returns `undefined`, so each event is also loaded, run
 //!    through the adapter and finished as `filtered`, without sink I/O (`--apply`).
 //!
-//! Both are driven by C keep-alive HTTP/1.1 connections for T seconds, each connection sending
+//! Each is driven by C keep-alive HTTP/1.1 connections for T seconds, each connection sending
 //! one signed Change Event with a unique id at a time (closed loop). Then, once the agent's
-//! dispatcher has caught up, the agent is driven a second time at half the rate it reached,
-//! paced open-loop at a fixed rate spread over the C connections, to measure its latency at half
-//! load. Last, a second agent whose route reshapes every event and writes it into the file sink
-//! takes a full-load pass, timed from its first request until its last event is applied: the
-//! end-to-end rate, beside the accept-only rate of the same run. Everything runs a fixed number
-//! of times (`--runs`), and the summary reports the median
+//! dispatcher has caught up, the agent and the durable limit are driven at half the rate the
+//! agent reached, paced open-loop at a fixed rate spread over the C connections, to compare
+//! their latency at half load. Last, per entry of [`E2E_SINKS`], a fresh agent whose route
+//! reshapes every event and writes it into that sink takes a full-load pass, timed from its
+//! first request until its last event is applied: the end-to-end rate, its CPU per applied
+//! event and its peak RSS, beside the durable limit's and the bare server's rates of the same
+//! run. Everything runs a fixed number of times (`--runs`), and the summary reports the median
 //! of each figure, with the CPU the targets, the load generator and everything else on the
 //! machine used, and what the agent's own metrics say about its journal and dispatcher.
+//!
+//! `ess-bench backlog` ([`backlog`]) measures the agent's RSS while it drains a backlog put
+//! straight into its journal.
 //!
 //! After the runs, `accept` measures the floor (`ess-bench floor`, [`floor`]): the CPU per event
 //! of the parts every accepted event needs, each alone on one thread, and sets it beside the CPU
@@ -45,6 +53,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use backlog::BacklogArgs;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use ess_agent::protocol::auth::WebhookSigner;
@@ -56,6 +65,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 
+mod backlog;
 mod floor;
 
 /// The HMAC secret both targets are given (a throwaway development secret).
@@ -80,6 +90,12 @@ const TARGET_RATIO: f64 = 0.70;
 const TARGET_HALF_P99_MS: f64 = 3.0;
 const TARGET_IDLE_RSS_MIB: f64 = 20.0;
 const TARGET_PEAK_RSS_MIB: f64 = 80.0;
+/// End to end into the file sink, as a fraction of the durable limit's rate.
+const TARGET_E2E_OF_DURABLE: f64 = 0.3;
+/// The agent's CPU per event applied into the file sink, in microseconds.
+const TARGET_E2E_CPU_US: f64 = 150.0;
+/// The agent's p99 at half load over the durable limit's at the same rate.
+const TARGET_HALF_P99_TO_DURABLE: f64 = 2.0;
 
 /// Set by SIGINT/SIGTERM: load phases stop early and the benchmark cleans up and exits.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -98,9 +114,14 @@ enum Cmd {
     Accept(AcceptArgs),
     /// The floor under the agent's CPU per event alone (`accept` measures it after its runs).
     Floor(FloorArgs),
+    /// RSS of `ess-agent run` while it drains a backlog put straight into its journal.
+    Backlog(BacklogArgs),
     /// The bare hyper server `accept` compares against (started by `accept` itself).
     #[command(hide = true)]
     BareServer(BareArgs),
+    /// The durable-limit server `accept` compares against (started by `accept` itself).
+    #[command(hide = true)]
+    DurableServer(DurableArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -199,6 +220,16 @@ struct BareArgs {
     max_seconds: u64,
 }
 
+#[derive(Debug, clap::Args)]
+struct DurableArgs {
+    /// Exit after this many seconds whatever happens.
+    #[arg(long, default_value_t = 3600)]
+    max_seconds: u64,
+    /// The file every request body is appended to.
+    #[arg(long)]
+    file: PathBuf,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -217,7 +248,9 @@ fn main() -> ExitCode {
                 f.print(args.events as usize, args.rounds as usize);
             }
         }),
-        Cmd::BareServer(args) => bare_server(&args),
+        Cmd::Backlog(args) => backlog::measure(&args),
+        Cmd::BareServer(args) => serve(args.max_seconds, None),
+        Cmd::DurableServer(args) => durable_server(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -231,11 +264,57 @@ fn main() -> ExitCode {
 // ---------------------------------------------------------------------------------------------
 // The bare server.
 
-/// Serves 202 to every request on 127.0.0.1:0 with the agent's connection builder and runtime
-/// settings. Prints a ready line like the agent's, and exits when its stdin closes (the
-/// benchmark ended) or after `max_seconds`.
-fn bare_server(args: &BareArgs) -> anyhow::Result<()> {
-    let max = Duration::from_secs(args.max_seconds);
+/// A request body for the durable server's sync thread, and where to say whether it is on disk.
+type Durable = std::sync::mpsc::Sender<(Bytes, tokio::sync::oneshot::Sender<bool>)>;
+
+/// The durable limit: appends each request body (and a newline) to one file and answers 202
+/// only once an fdatasync that covers it has returned; the bodies that arrive while one
+/// fdatasync runs share the next (group commit). What any receiver that keeps its promise of
+/// "no 2xx before the event is on disk" must at least pay, on this disk.
+fn durable_server(args: &DurableArgs) -> anyhow::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args.file)
+        .with_context(|| format!("cannot open {}", args.file.display()))?;
+    let (tx, rx) = std::sync::mpsc::channel::<(Bytes, tokio::sync::oneshot::Sender<bool>)>();
+    std::thread::Builder::new()
+        .name("group-sync".into())
+        .spawn(move || group_sync(file, rx))?;
+    serve(args.max_seconds, Some(tx))
+}
+
+/// Writes every body waiting, then one fdatasync for all of them, then answers them all.
+fn group_sync(
+    mut file: std::fs::File,
+    rx: std::sync::mpsc::Receiver<(Bytes, tokio::sync::oneshot::Sender<bool>)>,
+) {
+    let mut waiting = Vec::new();
+    let mut batch = Vec::with_capacity(1 << 20);
+    while let Ok(first) = rx.recv() {
+        waiting.push(first);
+        waiting.extend(rx.try_iter());
+        batch.clear();
+        for (body, _) in &waiting {
+            batch.extend_from_slice(body);
+            batch.push(b'\n');
+        }
+        let ok = file
+            .write_all(&batch)
+            .and_then(|()| file.sync_data())
+            .is_ok();
+        for (_, reply) in waiting.drain(..) {
+            let _ = reply.send(ok);
+        }
+    }
+}
+
+/// Serves every request on 127.0.0.1:0 with the agent's connection builder and runtime
+/// settings: reads the body and answers 202 with a small JSON body, at once (the bare server)
+/// or once `durable`'s sync thread has the body on disk. Prints a ready line like the agent's,
+/// and exits when its stdin closes (the benchmark ended) or after `max_seconds`.
+fn serve(max_seconds: u64, durable: Option<Durable>) -> anyhow::Result<()> {
+    let max = Duration::from_secs(max_seconds);
     std::thread::spawn(move || {
         let mut sink = [0u8; 64];
         // Blocks until the parent closes our stdin or dies.
@@ -270,19 +349,38 @@ fn bare_server(args: &BareArgs) -> anyhow::Result<()> {
             };
             let _ = stream.set_nodelay(true);
             let builder = builder.clone();
+            let durable = durable.clone();
             tokio::spawn(async move {
-                let service = service_fn(|req: Request<Incoming>| async move {
-                    // Read the body as the agent must (bounded like the agent's default limit).
-                    let _ = Limited::new(req.into_body(), 1024 * 1024).collect().await;
-                    let mut response = Response::new(Full::new(Bytes::from_static(
-                        br#"{"ack":"bare","status":"accepted"}"#,
-                    )));
-                    *response.status_mut() = StatusCode::ACCEPTED;
-                    response.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    );
-                    Ok::<_, std::convert::Infallible>(response)
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let durable = durable.clone();
+                    async move {
+                        // Read the body as the agent must (bounded like the agent's default limit).
+                        let body = Limited::new(req.into_body(), 1024 * 1024)
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let synced = match durable {
+                            None => true,
+                            Some(durable) => {
+                                let (reply, done) = tokio::sync::oneshot::channel();
+                                durable.send((body, reply)).is_ok() && done.await.unwrap_or(false)
+                            }
+                        };
+                        let mut response = Response::new(Full::new(Bytes::from_static(
+                            br#"{"ack":"bare","status":"accepted"}"#,
+                        )));
+                        *response.status_mut() = if synced {
+                            StatusCode::ACCEPTED
+                        } else {
+                            StatusCode::SERVICE_UNAVAILABLE
+                        };
+                        response.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("application/json"),
+                        );
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
                 });
                 let _ = builder
                     .serve_connection(TokioIo::new(stream), service)
@@ -691,6 +789,9 @@ struct Internals {
     wal_restarts: f64,
     /// Mean time of one such checkpoint.
     wal_restart_ms: f64,
+    /// The 99th percentile of the agent's request times by its own histogram: the upper bound
+    /// of the bucket it falls in, in milliseconds.
+    p99_ms: f64,
 }
 
 impl Internals {
@@ -719,6 +820,7 @@ impl Internals {
             wal_restarts,
             wal_restart_ms: delta("ess_agent_journal_wal_restart_seconds_sum") * 1000.0
                 / wal_restarts.max(1.0),
+            p99_ms: histogram_quantile(before, after, "ess_agent_request_seconds", 0.99) * 1000.0,
         }
     }
 
@@ -727,8 +829,8 @@ impl Internals {
         format!(
             "\n        agent: {:.0} commits/s, {:.1} ops/commit, {:.3} ms/commit, {:.0} events \
              finished/s, {:.0} left to apply\n        journal: {:.0} commits over 2.5 ms, {:.0} log \
-             restarts of {:.1} ms on average; requests over 2.5 ms {:.2} %, over 5 ms {:.2} % \
-             (agent's clock)",
+             restarts of {:.1} ms on average; requests over 2.5 ms {:.2} %, over 5 ms {:.2} %, \
+             p99 <= {:.1} ms (agent's clock)",
             self.commits_per_sec,
             self.ops_per_commit,
             self.commit_ms,
@@ -738,7 +840,8 @@ impl Internals {
             self.wal_restarts,
             self.wal_restart_ms,
             self.slow_requests.0 * 100.0,
-            self.slow_requests.1 * 100.0
+            self.slow_requests.1 * 100.0,
+            self.p99_ms
         )
     }
 
@@ -754,8 +857,41 @@ impl Internals {
             "wal_restart_ms": round(self.wal_restart_ms, 2),
             "requests_over_2_5_ms": round(self.slow_requests.0, 4),
             "requests_over_5_ms": round(self.slow_requests.1, 4),
+            "p99_ms_own_histogram": self.p99_ms,
         })
     }
+}
+
+/// The upper bound of the bucket that holds quantile `q` of histogram `name`'s observations
+/// between two scrapes (infinite when it is past the last bucket, 0 without observations).
+fn histogram_quantile(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    name: &str,
+    q: f64,
+) -> f64 {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut buckets: Vec<(f64, f64)> = after
+        .iter()
+        .filter_map(|(key, value)| {
+            let le = key.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, value - before.get(key).copied().unwrap_or(0.0)))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    if total <= 0.0 {
+        return 0.0;
+    }
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= q * total)
+        .map_or(f64::INFINITY, |b| b.0)
 }
 
 /// Sends one request and reads the whole answer.
@@ -944,6 +1080,11 @@ struct Run {
     bare: Figures,
     bare_idle_rss: u64,
     bare_peak_rss: u64,
+    /// The durable-limit server at full load, and at `half_rate`.
+    durable: Figures,
+    durable_idle_rss: u64,
+    durable_peak_rss: u64,
+    durable_half: Figures,
     agent: Figures,
     agent_idle_rss: u64,
     agent_peak_rss: u64,
@@ -951,17 +1092,30 @@ struct Run {
     half: Figures,
     /// Seconds the agent's dispatcher took after the full-load pass to finish every event.
     drain_secs: f64,
-    /// End to end: a second agent applying every event into the file sink, at full load.
-    e2e: Figures,
-    /// Events applied into the file sink per second, from the start of the pass until the
-    /// last of its events was applied.
-    e2e_applied_rate: f64,
-    /// Events the end-to-end pass applied.
-    e2e_applied: u64,
+    /// End to end: a fresh agent per entry of [`E2E_SINKS`], applying every event into that
+    /// sink at full load.
+    e2e: Vec<E2e>,
+}
+
+/// One end-to-end pass.
+#[derive(Debug, Clone, Default)]
+struct E2e {
+    figures: Figures,
+    /// Events applied per second, from the start of the pass until the last of its events was
+    /// applied.
+    applied_rate: f64,
+    /// Events the pass applied.
+    applied: u64,
     /// Events that agent applied in all (warm-up included), and the files found in the sink's
-    /// directory after: the two agree unless an event was lost or written twice.
-    e2e_applied_all: u64,
-    e2e_files: u64,
+    /// directory after (for a sink that writes one file per event, the two agree unless an
+    /// event was lost or written twice).
+    applied_all: u64,
+    files: u64,
+    /// The agent's CPU per event applied, from the first request of the pass until its last
+    /// event was applied, in microseconds.
+    cpu_us: f64,
+    /// The agent's peak RSS.
+    peak_rss: u64,
 }
 
 impl Run {
@@ -969,11 +1123,43 @@ impl Run {
         self.agent.rate / self.bare.rate.max(1e-9)
     }
 
-    /// Applied into the file sink per second, as a fraction of the accept-only rate.
-    fn e2e_ratio(&self) -> f64 {
-        self.e2e_applied_rate / self.agent.rate.max(1e-9)
+    /// The accept-only rate as a fraction of the durable limit's.
+    fn durable_ratio(&self) -> f64 {
+        self.agent.rate / self.durable.rate.max(1e-9)
     }
 }
+
+impl E2e {
+    /// Applied per second as a fraction of `rate` (the bare server's, the durable limit's, the
+    /// accept-only rate).
+    fn of(&self, rate: f64) -> f64 {
+        self.applied_rate / rate.max(1e-9)
+    }
+
+    fn to_json(&self, run_or_median: (f64, f64, f64)) -> Value {
+        let (bare, durable, accept) = run_or_median;
+        json!({
+            "load": self.figures.to_json(),
+            "applied_per_sec": round(self.applied_rate, 1),
+            "applied": self.applied,
+            "applied_with_warmup": self.applied_all,
+            "files": self.files,
+            "cpu_us_per_applied": round(self.cpu_us, 1),
+            "peak_rss_mib": round(mib(self.peak_rss), 1),
+            "of_bare": round(self.of(bare), 3),
+            "of_durable": round(self.of(durable), 3),
+            "of_accept_only": round(self.of(accept), 3),
+        })
+    }
+}
+
+/// The end-to-end phases: a name and the sink's TOML (`{out}` stands for the sink's directory,
+/// quoted). Each gets a fresh agent whose route reshapes every event into that sink. Another
+/// sink mode is one more line.
+const E2E_SINKS: &[(&str, &str)] = &[(
+    "file {id}.json",
+    "type = \"file\"\ndir = {out}\nname = \"{id}.json\"",
+)];
 
 /// Events that ended `applied`, from the agent's metrics.
 fn applied_total(metrics: &BTreeMap<String, f64>) -> f64 {
@@ -1113,7 +1299,12 @@ const FILE_ADAPTER: &str = "/* ess-bench: what a partner's rule file might hold 
     \"priority\": payload.rule.priority,\n  \"limits\": payload.rule.limits,\n  \
     \"partner\": $partner\n}\n";
 
-fn agent_config(dir: &Path, apply: Apply) -> anyhow::Result<PathBuf> {
+/// The sink of the `filter` apply mode, which never receives anything.
+const FILTER_SINK: &str = "type = \"file\"\ndir = {out}\nname = \"{id}.json\"";
+
+/// Writes the agent's configuration into `dir`: a route for every event through the adapter
+/// `apply` names into the sink `sink` (TOML, with `{out}` for its directory), none for `park`.
+fn agent_config(dir: &Path, apply: Apply, sink: &str) -> anyhow::Result<PathBuf> {
     let secret = dir.join("hub-secret");
     std::fs::write(&secret, SECRET)?;
     // The high-water mark is raised so that a dispatcher that falls behind during a pass does not
@@ -1138,16 +1329,66 @@ fn agent_config(dir: &Path, apply: Apply) -> anyhow::Result<PathBuf> {
     };
     if let Some((name, source)) = adapter {
         std::fs::write(dir.join("adapters").join(name), source)?;
+        let out = format!("{:?}", dir.join("out").display().to_string());
         text.push_str(&format!(
             "[[routes]]\nname = \"bench\"\ntypes = [\"{EVENT_TYPE}\"]\nversions = \"1\"\n\
-             adapter = \"{name}\"\nsink = \"bench-files\"\n\
-             [sinks.bench-files]\ntype = \"file\"\ndir = {out:?}\nname = \"{{id}}.json\"\n",
-            out = dir.join("out").display().to_string(),
+             adapter = \"{name}\"\nsink = \"bench-out\"\n\
+             [sinks.bench-out]\n{}\n",
+            sink.replace("{out}", &out),
         ));
     }
     let path = dir.join("ess-agent.toml");
     std::fs::write(&path, text)?;
     Ok(path)
+}
+
+/// One end-to-end pass: a fresh agent whose route reshapes every event into `sink`, warmed up,
+/// then driven at full load and timed until its last event is applied.
+fn end_to_end(
+    runtime: &tokio::runtime::Runtime,
+    agent_bin: &Path,
+    work_dir: &Path,
+    sink: &str,
+    load: impl Fn(SocketAddr, &str, Duration) -> Load,
+    (warmup, duration): (Duration, Duration),
+) -> anyhow::Result<E2e> {
+    let dir = TempDir::new(work_dir)?;
+    let config = agent_config(&dir.0, Apply::File, sink)?;
+    let agent = start_agent(agent_bin, &config)?;
+    let admin = agent.admin.context("the agent printed no admin address")?;
+    if !warmup.is_zero() {
+        measure(runtime, &agent, load(agent.addr, "e2e-warm", warmup))?;
+        wait_for_empty_backlog(runtime, &agent)?;
+    }
+    let pid = agent.pid().to_string();
+    let before = applied_total(&runtime.block_on(scrape(admin))?);
+    let cpu_before = cpu_seconds(&pid).unwrap_or(0.0);
+    let started = Instant::now();
+    let figures = measure(runtime, &agent, load(agent.addr, "e2e", duration))?;
+    wait_for_empty_backlog(runtime, &agent)?;
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(&pid).unwrap_or(0.0) - cpu_before;
+    let applied_all = applied_total(&runtime.block_on(scrape(admin))?);
+    let applied = applied_all - before;
+    let peak_rss = proc_status_kb(agent.pid(), "VmHWM").unwrap_or(0);
+    agent.stop()?;
+    let files = std::fs::read_dir(dir.0.join("out"))
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count() as u64
+        })
+        .unwrap_or(0);
+    Ok(E2e {
+        figures,
+        applied_rate: applied / secs,
+        applied: applied as u64,
+        applied_all: applied_all as u64,
+        files,
+        cpu_us: cpu / applied.max(1.0) * 1e6,
+        peak_rss,
+    })
 }
 
 fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
@@ -1217,7 +1458,7 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         let run_no = attempt;
         let mut run = Run::default();
 
-        // 1. The bare server.
+        // 1. The bare server, and the durable limit (kept running for its half-load pass).
         let mut command = Command::new(&self_bin);
         command.arg("bare-server").stdin(Stdio::piped());
         let bare = Target::start(command, "bare server")?;
@@ -1237,11 +1478,41 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         )?;
         run.bare_peak_rss = proc_status_kb(bare.pid(), "VmHWM").unwrap_or(0);
         drop(bare);
-        eprintln!("run {run_no}: bare:  {}", run.bare.brief());
+        eprintln!("run {run_no}: bare:    {}", run.bare.brief());
 
-        // 2. The agent at full load, then 3. at half the rate it reached.
+        let durable_dir = TempDir::new(&work_dir)?;
+        let mut command = Command::new(&self_bin);
+        command
+            .arg("durable-server")
+            .arg("--file")
+            .arg(durable_dir.0.join("bodies"))
+            .stdin(Stdio::piped());
+        let durable = Target::start(command, "durable-limit server")?;
+        std::thread::sleep(SETTLE);
+        run.durable_idle_rss = proc_status_kb(durable.pid(), "VmRSS").unwrap_or(0);
+        if !warmup.is_zero() {
+            measure(
+                &runtime,
+                &durable,
+                load(durable.addr, format!("r{run_no}-dur-warm"), warmup, None),
+            )?;
+        }
+        run.durable = measure(
+            &runtime,
+            &durable,
+            load(durable.addr, format!("r{run_no}-durable"), duration, None),
+        )?;
+        run.durable_peak_rss = proc_status_kb(durable.pid(), "VmHWM").unwrap_or(0);
+        eprintln!("run {run_no}: durable: {}", run.durable.brief());
+
+        // 2. The agent at full load, then 3. at half the rate it reached, and the durable limit
+        // at that same rate.
         let dir = TempDir::new(&work_dir)?;
-        let config = agent_config(&dir.0, args.apply)?;
+        let sink = match args.apply {
+            Apply::File => E2E_SINKS[0].1,
+            Apply::Filter | Apply::Park => FILTER_SINK,
+        };
+        let config = agent_config(&dir.0, args.apply, sink)?;
         let agent = start_agent(&agent_bin, &config)?;
         std::thread::sleep(SETTLE);
         run.agent_idle_rss = proc_status_kb(agent.pid(), "VmRSS").unwrap_or(0);
@@ -1259,9 +1530,10 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         )?;
         run.agent_peak_rss = proc_status_kb(agent.pid(), "VmHWM").unwrap_or(0);
         eprintln!(
-            "run {run_no}: agent: {}  ratio {:.3}",
+            "run {run_no}: agent:   {}  ratio to bare {:.3}, to the durable limit {:.3}",
             run.agent.brief(),
-            run.ratio()
+            run.ratio(),
+            run.durable_ratio()
         );
         // The dispatcher may still be working through what the full load left: the half-load
         // pass starts once it has caught up, so it measures a steady state.
@@ -1278,69 +1550,69 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
             ),
         )?;
         eprintln!(
-            "run {run_no}: half:  {}  (paced at {:.0}/s, {:.1}% late)",
+            "run {run_no}: half:    {}  (paced at {:.0}/s, {:.1}% late)",
             run.half.brief(),
             run.half_rate,
             run.half.late_fraction * 100.0
         );
         agent.stop()?;
         drop(dir);
-
-        // 4. End to end: a fresh agent whose route reshapes every event and writes it into
-        // the file sink, at full load, timed until its last event is applied.
-        let dir = TempDir::new(&work_dir)?;
-        let config = agent_config(&dir.0, Apply::File)?;
-        let agent = start_agent(&agent_bin, &config)?;
-        let admin = agent.admin.context("the agent printed no admin address")?;
-        if !warmup.is_zero() {
-            measure(
-                &runtime,
-                &agent,
-                load(agent.addr, format!("r{run_no}-e2e-warm"), warmup, None),
-            )?;
-            wait_for_empty_backlog(&runtime, &agent)?;
-        }
-        let before = applied_total(&runtime.block_on(scrape(admin))?);
-        let started = Instant::now();
-        run.e2e = measure(
+        run.durable_half = measure(
             &runtime,
-            &agent,
-            load(agent.addr, format!("r{run_no}-e2e"), duration, None),
+            &durable,
+            load(
+                durable.addr,
+                format!("r{run_no}-durable-half"),
+                duration,
+                Some(run.half_rate),
+            ),
         )?;
-        wait_for_empty_backlog(&runtime, &agent)?;
-        let secs = started.elapsed().as_secs_f64();
-        let applied_all = applied_total(&runtime.block_on(scrape(admin))?);
-        let applied = applied_all - before;
-        run.e2e_applied = applied as u64;
-        run.e2e_applied_all = applied_all as u64;
-        run.e2e_applied_rate = applied / secs;
-        agent.stop()?;
-        run.e2e_files = std::fs::read_dir(dir.0.join("out"))
-            .map(|entries| {
-                entries
-                    .filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-                    .count() as u64
-            })
-            .unwrap_or(0);
-        drop(dir);
         eprintln!(
-            "run {run_no}: e2e:   {}\n        applied into the file sink: {:.0}/s over {secs:.1} s \
-             ({} events; {} files for {} events applied with the warm-up), {:.3} of the \
-             accept-only rate",
-            run.e2e.brief(),
-            run.e2e_applied_rate,
-            run.e2e_applied,
-            run.e2e_files,
-            run.e2e_applied_all,
-            run.e2e_ratio()
+            "run {run_no}: durable paced at {:.0}/s: {}",
+            run.half_rate,
+            run.durable_half.brief()
         );
-        let other = run
-            .bare
-            .other_cpu
-            .max(run.agent.other_cpu)
-            .max(run.half.other_cpu)
-            .max(run.e2e.other_cpu);
+        drop(durable);
+        drop(durable_dir);
+
+        // 4. End to end: per sink mode, a fresh agent whose route reshapes every event into
+        // that sink, at full load, timed until its last event is applied.
+        for (name, sink) in E2E_SINKS {
+            let e2e = end_to_end(
+                &runtime,
+                &agent_bin,
+                &work_dir,
+                sink,
+                |addr, what, secs| load(addr, format!("r{run_no}-{what}"), secs, None),
+                (warmup, duration),
+            )?;
+            eprintln!(
+                "run {run_no}: e2e {name}: {}\n        applied: {:.0}/s ({} events; {} files for {} \
+                 events applied with the warm-up), {:.1} µs of agent CPU per event applied, peak \
+                 RSS {:.1} MiB; {:.3} of the durable limit, {:.3} of bare",
+                e2e.figures.brief(),
+                e2e.applied_rate,
+                e2e.applied,
+                e2e.files,
+                e2e.applied_all,
+                e2e.cpu_us,
+                mib(e2e.peak_rss),
+                e2e.of(run.durable.rate),
+                e2e.of(run.bare.rate),
+            );
+            run.e2e.push(e2e);
+        }
+        let other = [
+            &run.bare,
+            &run.durable,
+            &run.agent,
+            &run.half,
+            &run.durable_half,
+        ]
+        .into_iter()
+        .chain(run.e2e.iter().map(|e| &e.figures))
+        .map(|f| f.other_cpu)
+        .fold(0.0, f64::max);
         match args.max_other_cpu {
             Some(max) if other > max && discarded < args.runs => {
                 discarded += 1;
@@ -1396,13 +1668,15 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
                 "ratio": round(r.ratio(), 3),
                 "half_rate": round(r.half_rate, 1),
                 "half": r.half.to_json(),
+                "durable": r.durable.to_json(),
+                "durable_idle_rss_bytes": r.durable_idle_rss,
+                "durable_peak_rss_bytes": r.durable_peak_rss,
+                "durable_half": r.durable_half.to_json(),
+                "ratio_to_durable": round(r.durable_ratio(), 3),
                 "drain_secs": round(r.drain_secs, 2),
-                "e2e": r.e2e.to_json(),
-                "e2e_applied_per_sec": round(r.e2e_applied_rate, 1),
-                "e2e_applied": r.e2e_applied,
-                "e2e_applied_with_warmup": r.e2e_applied_all,
-                "e2e_files": r.e2e_files,
-                "e2e_ratio": round(r.e2e_ratio(), 3),
+                "e2e": E2E_SINKS.iter().zip(&r.e2e).map(|((name, _), e)| {
+                    (name.to_string(), e.to_json((r.bare.rate, r.durable.rate, r.agent.rate)))
+                }).collect::<serde_json::Map<_, _>>(),
             })).collect::<Vec<_>>(),
             "median": summary.to_json(),
             "budget": budget.to_json(),
@@ -1479,18 +1753,23 @@ impl Budget {
 /// The median of each figure over the runs.
 struct Summary {
     bare: Figures,
+    durable: Figures,
+    durable_half: Figures,
     agent: Figures,
     half: Figures,
     half_rate: f64,
     ratio: f64,
+    durable_ratio: f64,
     bare_idle_rss: f64,
     bare_peak_rss: f64,
+    durable_idle_rss: f64,
+    durable_peak_rss: f64,
     agent_idle_rss: f64,
     agent_peak_rss: f64,
     drain_secs: f64,
-    e2e: Figures,
-    e2e_applied_rate: f64,
-    e2e_ratio: f64,
+    /// Per entry of [`E2E_SINKS`]: the medians, and the medians of the per-run fractions of the
+    /// durable limit's and the bare server's rates.
+    e2e: Vec<(E2e, f64, f64)>,
     runs: usize,
     /// Runs repeated because other processes disturbed them.
     discarded: u32,
@@ -1540,6 +1819,7 @@ fn median_internals(all: &[&Figures]) -> Option<Internals> {
         wal_restarts: m(|i| i.wal_restarts),
         wal_restart_ms: m(|i| i.wal_restart_ms),
         slow_requests: (m(|i| i.slow_requests.0), m(|i| i.slow_requests.1)),
+        p99_ms: m(|i| i.p99_ms),
     })
 }
 
@@ -1547,24 +1827,55 @@ impl Summary {
     fn new(runs: &[Run]) -> Summary {
         let figures =
             |f: fn(&Run) -> &Figures| median_figures(&runs.iter().map(f).collect::<Vec<_>>());
-        let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        let m = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
+        let e2e = (0..E2E_SINKS.len())
+            .map(|i| {
+                let all: Vec<&E2e> = runs.iter().filter_map(|r| r.e2e.get(i)).collect();
+                let me = |f: fn(&E2e) -> f64| median(all.iter().map(|e| f(e)).collect());
+                let median_e2e = E2e {
+                    figures: median_figures(&all.iter().map(|e| &e.figures).collect::<Vec<_>>()),
+                    applied_rate: me(|e| e.applied_rate),
+                    applied: me(|e| e.applied as f64) as u64,
+                    applied_all: me(|e| e.applied_all as f64) as u64,
+                    files: me(|e| e.files as f64) as u64,
+                    cpu_us: me(|e| e.cpu_us),
+                    peak_rss: me(|e| e.peak_rss as f64) as u64,
+                };
+                let of = |rate: fn(&Run) -> f64| {
+                    median(
+                        runs.iter()
+                            .filter_map(|r| r.e2e.get(i).map(|e| e.of(rate(r))))
+                            .collect(),
+                    )
+                };
+                (median_e2e, of(|r| r.durable.rate), of(|r| r.bare.rate))
+            })
+            .collect();
         Summary {
             bare: figures(|r| &r.bare),
+            durable: figures(|r| &r.durable),
+            durable_half: figures(|r| &r.durable_half),
             agent: figures(|r| &r.agent),
             half: figures(|r| &r.half),
-            half_rate: m(|r| r.half_rate),
-            ratio: m(Run::ratio),
-            bare_idle_rss: m(|r| mib(r.bare_idle_rss)),
-            bare_peak_rss: m(|r| mib(r.bare_peak_rss)),
-            agent_idle_rss: m(|r| mib(r.agent_idle_rss)),
-            agent_peak_rss: m(|r| mib(r.agent_peak_rss)),
-            drain_secs: m(|r| r.drain_secs),
-            e2e: figures(|r| &r.e2e),
-            e2e_applied_rate: m(|r| r.e2e_applied_rate),
-            e2e_ratio: m(Run::e2e_ratio),
+            half_rate: m(&|r| r.half_rate),
+            ratio: m(&Run::ratio),
+            durable_ratio: m(&Run::durable_ratio),
+            bare_idle_rss: m(&|r| mib(r.bare_idle_rss)),
+            bare_peak_rss: m(&|r| mib(r.bare_peak_rss)),
+            durable_idle_rss: m(&|r| mib(r.durable_idle_rss)),
+            durable_peak_rss: m(&|r| mib(r.durable_peak_rss)),
+            agent_idle_rss: m(&|r| mib(r.agent_idle_rss)),
+            agent_peak_rss: m(&|r| mib(r.agent_peak_rss)),
+            drain_secs: m(&|r| r.drain_secs),
+            e2e,
             runs: runs.len(),
             discarded: 0,
         }
+    }
+
+    /// The agent's p99 at half load over the durable limit's at the same rate.
+    fn half_p99_ratio(&self) -> f64 {
+        self.half.p99_ms / self.durable_half.p99_ms.max(1e-9)
     }
 
     fn to_json(&self) -> Value {
@@ -1572,21 +1883,31 @@ impl Summary {
             "bare": self.bare.to_json(),
             "bare_idle_rss_mib": round(self.bare_idle_rss, 1),
             "bare_peak_rss_mib": round(self.bare_peak_rss, 1),
+            "durable": self.durable.to_json(),
+            "durable_idle_rss_mib": round(self.durable_idle_rss, 1),
+            "durable_peak_rss_mib": round(self.durable_peak_rss, 1),
+            "durable_half": self.durable_half.to_json(),
             "agent": self.agent.to_json(),
             "agent_idle_rss_mib": round(self.agent_idle_rss, 1),
             "agent_peak_rss_mib": round(self.agent_peak_rss, 1),
             "ratio": round(self.ratio, 3),
+            "ratio_to_durable": round(self.durable_ratio, 3),
             "half_rate": round(self.half_rate, 1),
             "half": self.half.to_json(),
+            "half_p99_to_durable": round(self.half_p99_ratio(), 2),
             "drain_secs": round(self.drain_secs, 2),
-            "e2e": self.e2e.to_json(),
-            "e2e_applied_per_sec": round(self.e2e_applied_rate, 1),
-            "e2e_ratio": round(self.e2e_ratio, 3),
+            "e2e": E2E_SINKS.iter().zip(&self.e2e).map(|((name, _), (e, _, _))| {
+                (name.to_string(), e.to_json((self.bare.rate, self.durable.rate, self.agent.rate)))
+            }).collect::<serde_json::Map<_, _>>(),
             "discarded_runs": self.discarded,
             "targets": {
                 "ratio_min": TARGET_RATIO, "ratio_holds": self.ratio >= TARGET_RATIO,
                 "half_p99_ms_max": TARGET_HALF_P99_MS,
                 "half_p99_holds": self.half.p99_ms <= TARGET_HALF_P99_MS,
+                "half_p99_to_durable_max": TARGET_HALF_P99_TO_DURABLE,
+                "half_p99_to_durable_holds": self.half_p99_ratio() <= TARGET_HALF_P99_TO_DURABLE,
+                "e2e_of_durable_min": TARGET_E2E_OF_DURABLE,
+                "e2e_cpu_us_max": TARGET_E2E_CPU_US,
                 "idle_rss_mib_max": TARGET_IDLE_RSS_MIB,
                 "idle_rss_holds": self.agent_idle_rss <= TARGET_IDLE_RSS_MIB,
                 "peak_rss_mib_max": TARGET_PEAK_RSS_MIB,
@@ -1610,7 +1931,7 @@ impl Summary {
             );
         }
         println!(
-            "{:<26} {:>10} {:>8} {:>8} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9}",
+            "{:<30} {:>10} {:>8} {:>8} {:>9} {:>8} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9}",
             "target",
             "2xx/s",
             "p50 ms",
@@ -1627,7 +1948,7 @@ impl Summary {
         let row = |name: &str, f: &Figures, idle: Option<f64>, peak: Option<f64>| {
             let rss = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} MiB"));
             println!(
-                "{:<26} {:>10.0} {:>8.3} {:>8.3} {:>9.3} {:>8} {:>7} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9}",
+                "{:<30} {:>10.0} {:>8.3} {:>8.3} {:>9.3} {:>8} {:>7} {:>7.2} {:>7.2} {:>7.2} {:>9} {:>9}",
                 name,
                 f.rate,
                 f.p50_ms,
@@ -1649,6 +1970,12 @@ impl Summary {
             Some(self.bare_peak_rss),
         );
         row(
+            "durable limit (full load)",
+            &self.durable,
+            Some(self.durable_idle_rss),
+            Some(self.durable_peak_rss),
+        );
+        row(
             "agent (full load)",
             &self.agent,
             Some(self.agent_idle_rss),
@@ -1660,21 +1987,40 @@ impl Summary {
             None,
             None,
         );
-        row("agent, file sink (full)", &self.e2e, None, None);
-        for (name, f) in [
-            ("full load", &self.agent),
-            ("half load", &self.half),
-            ("full load, file sink", &self.e2e),
-        ] {
+        row(
+            &format!("durable limit (paced {:.0}/s)", self.half_rate),
+            &self.durable_half,
+            None,
+            None,
+        );
+        for ((name, _), (e, _, _)) in E2E_SINKS.iter().zip(&self.e2e) {
+            row(
+                &format!("agent, {name} (full)"),
+                &e.figures,
+                None,
+                Some(mib(e.peak_rss)),
+            );
+        }
+        for (name, f) in [("full load", &self.agent), ("half load", &self.half)]
+            .into_iter()
+            .chain(
+                E2E_SINKS
+                    .iter()
+                    .zip(&self.e2e)
+                    .map(|((name, _), (e, _, _))| (*name, &e.figures)),
+            )
+        {
             if let Some(i) = &f.internals {
                 println!(
                     "agent at {name}: {:.0} commits/s, {:.1} writer ops per commit, {:.3} ms per \
-                     commit, {:.0} events finished/s by the dispatcher, {:.0} left at the end",
+                     commit, {:.0} events finished/s by the dispatcher, {:.0} left at the end; \
+                     p99 by its own histogram <= {:.1} ms",
                     i.commits_per_sec,
                     i.ops_per_commit,
                     i.commit_ms,
                     i.finished_per_sec,
-                    i.backlog_end
+                    i.backlog_end,
+                    i.p99_ms
                 );
             }
         }
@@ -1682,20 +2028,39 @@ impl Summary {
             "the dispatcher finished the full-load backlog {:.1} s after the pass",
             self.drain_secs
         );
-        println!(
-            "end to end: {:.0} events/s applied into the file sink (accepted at {:.0}/s in that \
-             pass), {:.3} of the accept-only rate ({:.0}/s)",
-            self.e2e_applied_rate, self.e2e.rate, self.e2e_ratio, self.agent.rate
-        );
         println!();
         println!(
-            "ratio agent/bare: {:.3}  (target >= {TARGET_RATIO}: {})",
+            "accept only: {:.3} of bare (target >= {TARGET_RATIO}: {}), {:.3} of the durable limit",
             self.ratio,
-            verdict(self.ratio >= TARGET_RATIO)
+            verdict(self.ratio >= TARGET_RATIO),
+            self.durable_ratio
         );
+        for ((name, _), (e, of_durable, of_bare)) in E2E_SINKS.iter().zip(&self.e2e) {
+            println!(
+                "end to end, {name}: {:.0} applied/s = {of_durable:.3} of the durable limit \
+                 (target >= {TARGET_E2E_OF_DURABLE}: {}), {of_bare:.3} of bare, {:.3} of the \
+                 accept-only rate; {:.1} µs of agent CPU per applied event (target <= \
+                 {TARGET_E2E_CPU_US}: {}); p50 {:.3} ms, p99 {:.3} ms; peak RSS {:.1} MiB",
+                e.applied_rate,
+                verdict(*of_durable >= TARGET_E2E_OF_DURABLE),
+                e.of(self.agent.rate),
+                e.cpu_us,
+                verdict(e.cpu_us <= TARGET_E2E_CPU_US),
+                e.figures.p50_ms,
+                e.figures.p99_ms,
+                mib(e.peak_rss)
+            );
+        }
         println!(
-            "p99 at half load: {:.3} ms  (target <= {TARGET_HALF_P99_MS} ms: {})",
+            "p99 at half load ({:.0}/s): agent {:.3} ms (its own histogram <= {:.1} ms), durable \
+             limit {:.3} ms at the same rate: {:.2} × (target <= {TARGET_HALF_P99_TO_DURABLE} ×: \
+             {}; <= {TARGET_HALF_P99_MS} ms: {})",
+            self.half_rate,
             self.half.p99_ms,
+            self.half.internals.as_ref().map_or(0.0, |i| i.p99_ms),
+            self.durable_half.p99_ms,
+            self.half_p99_ratio(),
+            verdict(self.half_p99_ratio() <= TARGET_HALF_P99_TO_DURABLE),
             verdict(self.half.p99_ms <= TARGET_HALF_P99_MS)
         );
         println!(
@@ -1745,6 +2110,32 @@ mod tests {
         assert_eq!(percentile(&v, 1.0), 1000);
         assert_eq!(percentile(&[7], 0.99), 7);
         assert_eq!(percentile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn histogram_quantile_is_the_bucket_bound_of_the_delta() {
+        let key = |le: &str| format!("ess_agent_request_seconds_bucket{{le=\"{le}\"}}");
+        let before: BTreeMap<String, f64> = [
+            (key("0.001"), 10.0),
+            (key("0.005"), 10.0),
+            (key("+Inf"), 10.0),
+        ]
+        .into();
+        let after: BTreeMap<String, f64> = [
+            (key("0.001"), 108.0),
+            (key("0.005"), 109.0),
+            (key("+Inf"), 110.0),
+        ]
+        .into();
+        // 100 new observations: 98 within 1 ms, 99 within 5 ms, the last beyond.
+        let q = |q| histogram_quantile(&before, &after, "ess_agent_request_seconds", q);
+        assert_eq!(q(0.98), 0.001);
+        assert_eq!(q(0.99), 0.005);
+        assert_eq!(q(1.0), f64::INFINITY);
+        assert_eq!(
+            histogram_quantile(&after, &after, "ess_agent_request_seconds", 0.5),
+            0.0
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@
 pub mod routes;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +25,7 @@ use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::EventLog;
 use crate::journal::{
     self, Committed, DeliveryRecord, DeliveryState, DeliveryUpdate, EventState, Finish, Journal,
     JournalError, Outcome, StoredEvent,
@@ -85,6 +86,15 @@ const READ_AHEAD_CHUNK: usize = 256;
 /// events kept fresh in it does not read those again.
 const READ_AHEAD_SPAN: i64 = 4 * READ_AHEAD_CHUNK as i64;
 
+/// At most this many events wait in the subjects' queues. When the dispatcher falls further
+/// behind, newly committed events are left in the journal and read from it in pages, in receive
+/// order, as the queues drain: however long the backlog, the dispatcher holds a bounded number
+/// of entries (and of tasks, one per subject queued), so its memory stays flat.
+pub const QUEUED_MAX: usize = 4096;
+
+/// The queues are topped up from the journal once they fall to this many events.
+const QUEUED_LOW: usize = QUEUED_MAX / 2;
+
 /// What one processing pass of an event came to.
 enum Step {
     /// Final (or gone): take the next event of the subject.
@@ -107,10 +117,11 @@ pub struct Dispatcher {
     fresh_max: usize,
     /// Woken when the fresh copies held fall below half of `fresh_max`.
     fresh_room: Notify,
-    /// Events up to this sequence number were queued from the backlog found at start; the
-    /// commit listener, which listened before the backlog was read, may announce some of them
-    /// again, and those announcements are dropped.
-    fresh_floor: AtomicI64,
+    /// Events in the subjects' queues (at most about [`QUEUED_MAX`]), and the most there were.
+    queued: AtomicUsize,
+    queued_peak: AtomicUsize,
+    /// Woken when `queued` falls to [`QUEUED_LOW`].
+    queue_room: Notify,
     /// Sequence numbers of spilled entries ([`Queued::spilled`]) not yet read ahead, in order.
     spills: Mutex<VecDeque<i64>>,
     /// Woken when `spills` gets entries.
@@ -127,6 +138,8 @@ pub struct Dispatcher {
     /// monotonic clock, so that a step of the wall clock neither delays nor hurries a retry.
     /// The journal's wall-clock due time is only read for a wait an earlier run began.
     retry_due: Mutex<HashMap<(i64, String), tokio::time::Instant>>,
+    /// Which events get their `event final` info line (`log.events`), as [`EventLog`] `as u8`.
+    event_log: AtomicU8,
 }
 
 /// Where the spilled entry of event `seq` waits in `subject`'s queue, if it is there, behind the
@@ -206,7 +219,9 @@ impl Dispatcher {
             fresh_bytes: AtomicUsize::new(0),
             fresh_max,
             fresh_room: Notify::new(),
-            fresh_floor: AtomicI64::new(0),
+            queued: AtomicUsize::new(0),
+            queued_peak: AtomicUsize::new(0),
+            queue_room: Notify::new(),
             spills: Mutex::new(VecDeque::new()),
             spill_wake: Notify::new(),
             parallel: Arc::new(Semaphore::new(max_parallel.max(1))),
@@ -216,34 +231,20 @@ impl Dispatcher {
             tracker: TaskTracker::new(),
             intake_running: std::sync::atomic::AtomicBool::new(false),
             retry_due: Mutex::new(HashMap::new()),
+            event_log: AtomicU8::new(EventLog::All as u8),
         })
     }
 
     /// Starts applying: first every event left unfinished by an earlier run, then each event the
     /// journal commits from now on.
     pub async fn start(self: &Arc<Self>) -> Result<(), JournalError> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Committed>();
-        // Listen before reading the backlog, so no event falls between the two. An event seen
-        // twice is harmless: the second pass finds it final.
+        let (tx, rx) = mpsc::unbounded_channel::<Committed>();
+        // Listen before reading the backlog, so no event falls between the two: the intake
+        // reads the journal first (it starts behind) and drops the announcements of what it read.
         self.journal.set_listener(tx);
-        let journal = self.journal.clone();
-        let pending = blocking(move || journal.pending()).await?;
-        if !pending.is_empty() {
-            tracing::info!(events = pending.len(), "resuming events left unfinished");
-        }
-        let floor = pending.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
-        self.fresh_floor.store(floor, Ordering::Relaxed);
-        self.spills
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend(pending.iter().map(|(seq, _)| *seq));
-        for (seq, subject) in pending {
-            let queued = Queued {
-                seq,
-                fresh: None,
-                spilled: true,
-            };
-            self.enqueue(queued, subject);
+        let backlog = self.journal.backlog();
+        if backlog > 0 {
+            tracing::info!(events = backlog, "resuming events left unfinished");
         }
         self.tracker.spawn(self.clone().read_ahead());
         let this = self.clone();
@@ -251,23 +252,104 @@ impl Dispatcher {
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.tracker.spawn(async move {
             let _running = IntakeGuard(&this.intake_running);
-            loop {
-                tokio::select! {
-                    _ = this.stop.cancelled() => return,
-                    event = rx.recv() => match event {
-                        Some(event) => this.submit_committed(event),
-                        None => return,
-                    },
-                }
-            }
+            this.intake(rx).await;
         });
         Ok(())
+    }
+
+    /// Takes newly committed events into the queues while they have room ([`QUEUED_MAX`]).
+    /// Once they are full the dispatcher is *behind*: announcements are dropped, the events stay
+    /// in the journal only, and they are read from it in receive order, a page at a time, each
+    /// time the queues fall to [`QUEUED_LOW`], until a page finds no more. `cursor` is the
+    /// highest sequence number queued or read: an announcement at or below it was read from the
+    /// journal already. The journal announces an event only after its commit, in commit order,
+    /// so an event committed after the last page was read is announced afterwards and queued.
+    async fn intake(self: &Arc<Self>, mut rx: mpsc::UnboundedReceiver<Committed>) {
+        let mut cursor = 0i64;
+        let mut behind = true;
+        loop {
+            while behind && self.queued.load(Ordering::Relaxed) <= QUEUED_LOW {
+                let room = QUEUED_MAX - self.queued.load(Ordering::Relaxed);
+                let journal = self.journal.clone();
+                let page = match blocking(move || journal.pending_after(cursor, room)).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read waiting events from the journal; trying again shortly");
+                        tokio::select! {
+                            _ = self.stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        continue;
+                    }
+                };
+                let complete = page.len() < room;
+                if let Some((last, _)) = page.last() {
+                    cursor = *last;
+                }
+                if !page.is_empty() {
+                    self.spills
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(page.iter().map(|(seq, _)| *seq));
+                    self.spill_wake.notify_one();
+                }
+                for (seq, subject) in page {
+                    let queued = Queued {
+                        seq,
+                        fresh: None,
+                        spilled: true,
+                    };
+                    self.enqueue(queued, subject);
+                }
+                if complete {
+                    behind = false;
+                }
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = self.queue_room.notified(), if behind => {}
+                event = rx.recv() => match event {
+                    None => return,
+                    Some(event) if event.seq <= cursor || behind => {}
+                    Some(_) if self.queued.load(Ordering::Relaxed) >= QUEUED_MAX => behind = true,
+                    Some(event) => {
+                        cursor = event.seq;
+                        self.submit_committed(event);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Events in the subjects' queues now, and the most there have been since the start.
+    pub fn queued(&self) -> (usize, usize) {
+        (
+            self.queued.load(Ordering::Relaxed),
+            self.queued_peak.load(Ordering::Relaxed),
+        )
     }
 
     /// True while the dispatcher takes newly committed events.
     pub fn is_running(&self) -> bool {
         self.intake_running
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets which events get their `event final` info line (`log.events`); a reload may change it.
+    pub fn set_event_log(&self, events: EventLog) {
+        self.event_log.store(events as u8, Ordering::Relaxed);
+    }
+
+    /// Whether an event that ended in `state` gets its info line.
+    fn logs_final(&self, state: EventState) -> bool {
+        let events = self.event_log.load(Ordering::Relaxed);
+        if events == EventLog::All as u8 {
+            true
+        } else if events == EventLog::Failures as u8 {
+            matches!(state, EventState::Failed | EventState::Parked)
+        } else {
+            false
+        }
     }
 
     /// The routing in force.
@@ -297,10 +379,6 @@ impl Dispatcher {
     /// allows and no event waits to be read ahead (so that the copies held are those of the
     /// events whose turn comes first); else the read-ahead reads it later.
     fn submit_committed(self: &Arc<Self>, event: Committed) {
-        if event.seq <= self.fresh_floor.load(Ordering::Relaxed) {
-            // Queued from the backlog found at start already.
-            return;
-        }
         let kept = self
             .spills
             .lock()
@@ -332,6 +410,8 @@ impl Dispatcher {
             return;
         }
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let queued_now = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        self.queued_peak.fetch_max(queued_now, Ordering::Relaxed);
         match queues.get_mut(&subject) {
             Some(queue) => queue.push_back(queued),
             None => {
@@ -558,7 +638,11 @@ impl Dispatcher {
                 Step::Done => {
                     let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(queue) = queues.get_mut(&subject) {
-                        queue.pop_front();
+                        if queue.pop_front().is_some()
+                            && self.queued.fetch_sub(1, Ordering::Relaxed) == QUEUED_LOW + 1
+                        {
+                            self.queue_room.notify_one();
+                        }
                         if queue.is_empty() {
                             queues.remove(&subject);
                             return;
@@ -940,7 +1024,13 @@ impl Dispatcher {
             .await?;
         metrics::counter!("ess_agent_events_final_total", "state" => final_state.as_str())
             .increment(1);
-        tracing::info!(event_id = %event.id, state = final_state.as_str(), error = error.as_deref(), "event final");
+        // The one info line an event gets (unless `log.events` leaves it out): the rest of what
+        // happened to it is at debug level, so that the log grows by one line per event.
+        if self.logs_final(final_state) {
+            tracing::info!(event_id = %event.id, state = final_state.as_str(), error = error.as_deref(), "event final");
+        } else {
+            tracing::debug!(event_id = %event.id, state = final_state.as_str(), error = error.as_deref(), "event final");
+        }
         if has_report && let Some(wake) = &self.report_wake {
             wake.notify_one();
         }

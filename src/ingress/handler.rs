@@ -124,18 +124,31 @@ impl Handler {
         metrics::counter!("ess_agent_requests_total", "status" => response.status().as_u16().to_string())
             .increment(1);
         metrics::histogram!("ess_agent_request_seconds").record(latency.as_secs_f64());
-        tracing::info!(
-            target: "ess_agent::access",
-            peer = %peer,
-            method = %method,
-            path = %path,
-            http = ?version,
-            status = response.status().as_u16(),
-            latency_us = latency.as_micros() as u64,
-            event_id = seen.id.as_deref(),
-            event_type = seen.event_type.as_deref(),
-            "request"
-        );
+        // An accepted delivery's line is at debug level: the event's one info line is the
+        // dispatcher's `event final`. A refused request is logged at info, since nothing else
+        // records it.
+        macro_rules! access_line {
+            ($level:expr) => {
+                tracing::event!(
+                    target: "ess_agent::access",
+                    $level,
+                    peer = %peer,
+                    method = %method,
+                    path = %path,
+                    http = ?version,
+                    status = response.status().as_u16(),
+                    latency_us = latency.as_micros() as u64,
+                    event_id = seen.id.as_deref(),
+                    event_type = seen.event_type.as_deref(),
+                    "request"
+                )
+            };
+        }
+        if response.status().is_success() {
+            access_line!(tracing::Level::DEBUG);
+        } else {
+            access_line!(tracing::Level::INFO);
+        }
         response
     }
 

@@ -389,13 +389,23 @@ pub(super) fn prune(conn: &Connection, cutoff: &str, limit: u32) -> Result<u32, 
 }
 
 impl Journal {
-    /// Every event not yet final, in receive order: (seq, subject). Blocking.
-    pub fn pending(&self) -> Result<Vec<(i64, String)>, JournalError> {
+    /// Up to `limit` events not yet final received after event `after`, in receive order:
+    /// (seq, subject). Blocking.
+    pub fn pending_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, String)>, JournalError> {
         self.read(|conn| {
-            let mut stmt =
-                conn.prepare("SELECT seq, subject FROM events WHERE state = ?1 ORDER BY seq")?;
-            stmt.query_map([EventState::Accepted], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect()
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, subject FROM events WHERE state = ?1 AND seq > ?2 ORDER BY seq \
+                 LIMIT ?3",
+            )?;
+            stmt.query_map(
+                rusqlite::params![EventState::Accepted, after, limit as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?
+            .collect()
         })
     }
 

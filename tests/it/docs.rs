@@ -270,7 +270,7 @@ fn every_configuration_key_is_in_the_configuration_reference() {
         .collect();
     let tables = [
         "", "ingress", "auth", "limits", "admin", "routes", "report", "dispatch", "journal",
-        "shutdown",
+        "shutdown", "log",
     ];
     let mut missing = Vec::new();
     for table in tables {

@@ -13,6 +13,7 @@ mod jsonata_conformance;
 mod layering;
 mod operations;
 mod packaging;
+mod per_event;
 mod receive;
 mod reload;
 mod sink_amqp;

@@ -31,6 +31,9 @@ use serde_json::Value;
 /// The development secret every test agent is configured with.
 pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+/// The log filter test agents run with: info, and every request's access line.
+pub const ACCESS_LOG_FILTER: &str = "info,ess_agent::access=debug";
+
 /// How long an agent may take to start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -139,7 +142,9 @@ impl Agent {
         command
             .args(["--log-format", "json", "run", "--config"])
             .arg(config_path)
-            .env("ESS_AGENT_LOG", "info")
+            // Info, and the access line of every request (an accepted delivery's is at debug
+            // level), which tests wait for.
+            .env("ESS_AGENT_LOG", ACCESS_LOG_FILTER)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
