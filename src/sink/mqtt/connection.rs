@@ -9,10 +9,11 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::book::{Book, Outcome, Pending};
-use super::config::Broker;
+use super::config::{Broker, MAX_PACKET, MqttConfig, MqttVersion};
 use super::publish::Message;
 use super::{v5, v311};
 use crate::sink::SinkError;
+use crate::sink::client::Backoff;
 
 /// Which broker-side quirks an apply must respect, learned from the CONNACK (MQTT 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +142,78 @@ pub(super) enum Failure {
     Error(SinkError),
 }
 
+/// The client, its event loop and the options of the clean-session reset for `config`'s
+/// protocol version, with at most `window` publishes unconfirmed. Opens no connection.
+pub(super) fn client(
+    config: &MqttConfig,
+    broker: &Broker,
+    window: u16,
+    credentials: Option<(String, String)>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> (Client, Driver, ResetOptions) {
+    // The client's own packet-id space is twice the window, so that an id is rarely still
+    // in use when the client comes round to it again.
+    let client_inflight = window.saturating_mul(2);
+    let keep_alive = Duration::from_secs(u64::from(config.keep_alive_secs.max(5)));
+    let channel = usize::from(window) + 1;
+    let transport =
+        tls.map(|tls| rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+    match config.protocol {
+        MqttVersion::V311 => {
+            let mut options =
+                rumqttc::MqttOptions::new(&config.client_id, &broker.host, broker.port);
+            options
+                .set_keep_alive(keep_alive)
+                .set_clean_session(false)
+                .set_inflight(client_inflight)
+                .set_max_packet_size(64 * 1024, MAX_PACKET);
+            if let Some((user, password)) = &credentials {
+                options.set_credentials(user, password);
+            }
+            if let Some(transport) = &transport {
+                options.set_transport(transport.clone());
+            }
+            let mut reset = options.clone();
+            reset.set_clean_session(true);
+            let (client, mut el) = rumqttc::AsyncClient::new(options, channel);
+            let mut network = el.network_options();
+            network.set_connection_timeout(config.connect_timeout_secs);
+            el.set_network_options(network);
+            (
+                Client::V311(client),
+                Driver::V311(Box::new(el)),
+                ResetOptions::V311(Box::new(reset), config.connect_timeout_secs),
+            )
+        }
+        MqttVersion::V5 => {
+            let mut options =
+                rumqttc::v5::MqttOptions::new(&config.client_id, &broker.host, broker.port);
+            options
+                .set_keep_alive(keep_alive)
+                .set_clean_start(false)
+                .set_session_expiry_interval(Some(config.session_expiry_secs))
+                .set_outgoing_inflight_upper_limit(client_inflight)
+                .set_connection_timeout(config.connect_timeout_secs);
+            if let Some((user, password)) = &credentials {
+                options.set_credentials(user, password);
+            }
+            if let Some(transport) = &transport {
+                options.set_transport(transport.clone());
+            }
+            let mut reset = options.clone();
+            reset
+                .set_clean_start(true)
+                .set_session_expiry_interval(None);
+            let (client, el) = rumqttc::v5::AsyncClient::new(options, channel);
+            (
+                Client::V5(client),
+                Driver::V5(Box::new(el)),
+                ResetOptions::V5(Box::new(reset)),
+            )
+        }
+    }
+}
+
 /// The event loop of either protocol version.
 pub(super) enum Driver {
     V311(Box<rumqttc::EventLoop>),
@@ -183,33 +256,6 @@ impl Driver {
                 })
                 .collect(),
         }
-    }
-}
-
-/// Exponential backoff between reconnection attempts.
-pub(super) struct Backoff {
-    pub(super) initial: Duration,
-    pub(super) max: Duration,
-    pub(super) next: Duration,
-}
-
-impl Backoff {
-    pub(super) fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff {
-            initial,
-            max,
-            next: initial,
-        }
-    }
-
-    pub(super) fn next(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    pub(super) fn reset(&mut self) {
-        self.next = self.initial;
     }
 }
 
@@ -298,7 +344,7 @@ pub(super) async fn drive(
             Err(Failure::Closed) => return,
             Err(Failure::Error(error)) => {
                 connect_failed(&shared, &conn, &error);
-                if !pause(backoff.next(), &stop).await {
+                if !pause(backoff.next_delay(), &stop).await {
                     return;
                 }
             }
@@ -360,7 +406,7 @@ pub(super) async fn drive(
                 } else {
                     connect_failed(&shared, &conn, &error);
                 }
-                if !pause(backoff.next(), &stop).await {
+                if !pause(backoff.next_delay(), &stop).await {
                     return;
                 }
             }

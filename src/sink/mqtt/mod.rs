@@ -87,7 +87,7 @@ pub use config::MqttConfig;
 use config::*;
 
 use book::{Attach, Book};
-use connection::{Client, Connection, Driver, Link, ResetOptions, Shared, drive};
+use connection::{Client, Connection, Driver, Link, Shared, drive};
 use publish::{Message, Publishing};
 
 /// How long a healthcheck waits for the outcome of a connection attempt under way.
@@ -160,69 +160,7 @@ impl MqttSink {
             None
         };
         let window = config.max_inflight.max(1);
-        // The client's own packet-id space is twice the window, so that an id is rarely still
-        // in use when the client comes round to it again.
-        let client_inflight = window.saturating_mul(2);
-        let keep_alive = Duration::from_secs(u64::from(config.keep_alive_secs.max(5)));
-        let channel = usize::from(window) + 1;
-        let (client, driver, reset) = match config.protocol {
-            MqttVersion::V311 => {
-                let mut options =
-                    rumqttc::MqttOptions::new(&config.client_id, &broker.host, broker.port);
-                options
-                    .set_keep_alive(keep_alive)
-                    .set_clean_session(false)
-                    .set_inflight(client_inflight)
-                    .set_max_packet_size(64 * 1024, MAX_PACKET);
-                if let Some((user, password)) = &credentials {
-                    options.set_credentials(user, password);
-                }
-                if let Some(tls) = &tls {
-                    options.set_transport(rumqttc::Transport::tls_with_config(
-                        rumqttc::TlsConfiguration::Rustls(tls.clone()),
-                    ));
-                }
-                let mut reset = options.clone();
-                reset.set_clean_session(true);
-                let (client, mut el) = rumqttc::AsyncClient::new(options, channel);
-                let mut network = el.network_options();
-                network.set_connection_timeout(config.connect_timeout_secs);
-                el.set_network_options(network);
-                (
-                    Client::V311(client),
-                    Driver::V311(Box::new(el)),
-                    ResetOptions::V311(Box::new(reset), config.connect_timeout_secs),
-                )
-            }
-            MqttVersion::V5 => {
-                let mut options =
-                    rumqttc::v5::MqttOptions::new(&config.client_id, &broker.host, broker.port);
-                options
-                    .set_keep_alive(keep_alive)
-                    .set_clean_start(false)
-                    .set_session_expiry_interval(Some(config.session_expiry_secs))
-                    .set_outgoing_inflight_upper_limit(client_inflight)
-                    .set_connection_timeout(config.connect_timeout_secs);
-                if let Some((user, password)) = &credentials {
-                    options.set_credentials(user, password);
-                }
-                if let Some(tls) = &tls {
-                    options.set_transport(rumqttc::Transport::tls_with_config(
-                        rumqttc::TlsConfiguration::Rustls(tls.clone()),
-                    ));
-                }
-                let mut reset = options.clone();
-                reset
-                    .set_clean_start(true)
-                    .set_session_expiry_interval(None);
-                let (client, el) = rumqttc::v5::AsyncClient::new(options, channel);
-                (
-                    Client::V5(client),
-                    Driver::V5(Box::new(el)),
-                    ResetOptions::V5(Box::new(reset)),
-                )
-            }
-        };
+        let (client, driver, reset) = connection::client(config, &broker, window, credentials, tls);
         let stop = CancellationToken::new();
         Ok(MqttSink {
             name: name.to_string(),

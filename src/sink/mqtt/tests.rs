@@ -1,5 +1,4 @@
 use super::book::*;
-use super::connection::*;
 use super::publish::*;
 use super::*;
 use serde_json::json;
@@ -520,15 +519,6 @@ fn reason_codes_are_classified() {
     assert!(v311::refusal(C4::BadUserNamePassword).2);
     assert!(v311::refusal(C4::NotAuthorized).2);
     assert!(!v311::refusal(C4::ServiceUnavailable).2);
-}
-
-#[test]
-fn backoff_doubles_up_to_the_limit_and_resets() {
-    let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-    let got: Vec<u128> = (0..4).map(|_| b.next().as_millis()).collect();
-    assert_eq!(got, [100, 200, 350, 350]);
-    b.reset();
-    assert_eq!(b.next(), Duration::from_millis(100));
 }
 
 #[test]

@@ -4,7 +4,7 @@ use rumqttc::{ConnectReturnCode, ConnectionError, Event, Outgoing, Packet, State
 
 use super::config::Broker;
 use super::connection::{BrokerLimits, Failure, Happening};
-use super::error::{closed, describe_connection_error, no_connack, no_pong};
+use super::error::{closed, describe_connection_error, no_connack, no_pong, refused};
 use crate::sink::SinkError;
 
 pub(super) fn happening(event: Event) -> Happening {
@@ -60,16 +60,13 @@ pub(super) fn failure(error: ConnectionError, broker: &Broker) -> Failure {
         ConnectionError::RequestsDone => Failure::Closed,
         ConnectionError::ConnectionRefused(code) => {
             let (number, meaning, permanent, advice) = refusal(code);
-            let message = format!(
-                "the MQTT broker at {broker} refused the connection: CONNACK return code \
-                 {number} ({meaning}){}{advice}",
-                if advice.is_empty() { "" } else { ": " }
-            );
-            Failure::Error(if permanent {
-                SinkError::Permanent(message)
-            } else {
-                SinkError::Retryable(message)
-            })
+            refused(
+                broker,
+                &format!("return code {number}"),
+                meaning,
+                permanent,
+                advice,
+            )
         }
         ConnectionError::NetworkTimeout => no_connack(broker),
         ConnectionError::FlushTimeout => Failure::Error(SinkError::Retryable(format!(

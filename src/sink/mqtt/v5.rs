@@ -8,7 +8,7 @@ use rumqttc::v5::{ConnectionError, Event, StateError};
 
 use super::config::Broker;
 use super::connection::{BrokerLimits, Failure, Happening};
-use super::error::{closed, describe_connection_error, no_connack, no_pong};
+use super::error::{classified, closed, describe_connection_error, no_connack, no_pong, refused};
 use crate::sink::SinkError;
 
 pub(super) fn happening(event: Event) -> Happening {
@@ -81,11 +81,7 @@ fn refused_message(
             ""
         }
     );
-    if permanent {
-        SinkError::Permanent(message)
-    } else {
-        SinkError::Retryable(message)
-    }
+    classified(permanent, message)
 }
 
 pub(super) fn puback(
@@ -191,16 +187,8 @@ pub(super) fn failure(error: ConnectionError, broker: &Broker) -> Failure {
         ConnectionError::ConnectionRefused(code)
         | ConnectionError::MqttState(StateError::ConnFail { reason: code }) => {
             let (number, meaning, permanent, advice) = refusal(code);
-            let message = format!(
-                "the MQTT broker at {broker} refused the connection: CONNACK reason code \
-                 {number:#04x} ({meaning}){}{advice}",
-                if advice.is_empty() { "" } else { ": " }
-            );
-            Failure::Error(if permanent {
-                SinkError::Permanent(message)
-            } else {
-                SinkError::Retryable(message)
-            })
+            let code = format!("reason code {number:#04x}");
+            refused(broker, &code, meaning, permanent, advice)
         }
         ConnectionError::MqttState(StateError::ServerDisconnect {
             reason_code,
