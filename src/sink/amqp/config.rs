@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use http::Uri;
 use serde::Deserialize;
 
 use crate::settings::{Problem, RetryConfig, SecretSource};
@@ -128,44 +127,24 @@ impl std::fmt::Display for Broker {
     }
 }
 
+/// How `url` is written.
+const URL: client::UrlForm = client::UrlForm {
+    plain: "amqp",
+    tls: "amqps",
+    ports: (5672, 5671),
+    example: "write it like amqp://broker.example:5672 or amqps://broker.example:5671",
+    credentials: "username and password",
+    path: Some(
+        "set the virtual host with vhost, and write the URL like amqp://broker.example:5672",
+    ),
+    protocol: "AMQP",
+};
+
 pub(super) fn parse_url(url: &str) -> Result<Broker, String> {
-    let example = "write it like amqp://broker.example:5672 or amqps://broker.example:5671";
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| format!("{url:?} is not a valid URL ({e}): {example}"))?;
-    let tls = match uri.scheme_str() {
-        Some("amqp") => false,
-        Some("amqps") => true,
-        _ => {
-            return Err(format!(
-                "{url:?} must start with amqp:// or amqps://: {example}"
-            ));
-        }
-    };
-    let Some(authority) = uri.authority() else {
-        return Err(format!("{url:?} has no host: {example}"));
-    };
-    if authority.as_str().contains('@') {
-        return Err(
-            "the URL carries credentials: remove them and set username and password instead".into(),
-        );
-    }
-    if authority.host().is_empty() {
-        return Err(format!("{url:?} has no host: {example}"));
-    }
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!(
-            "{url:?} has a path or query: set the virtual host with vhost, and write the URL \
-             like amqp://broker.example:5672"
-        ));
-    }
-    Ok(Broker {
-        host: authority.host().trim_matches(['[', ']']).to_string(),
-        port: authority
-            .port_u16()
-            .unwrap_or(if tls { 5671 } else { 5672 }),
-        tls,
-    })
+    let client::Address { host, port, tls } = client::parse_url(url, &URL)?;
+    // The client takes an IPv6 address without its brackets.
+    let host = host.trim_matches(['[', ']']).to_string();
+    Ok(Broker { host, port, tls })
 }
 
 pub(super) use crate::sink::client::shown;

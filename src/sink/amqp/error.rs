@@ -6,6 +6,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 
 use super::config::Broker;
 use crate::sink::SinkError;
+use crate::sink::client::{rustls_error, tls_advice};
 
 /// What the agent was doing when the error came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,55 +17,6 @@ pub(super) enum Stage {
     CheckExchange,
     /// Publishing on the shared channel or waiting for the confirmation.
     Publish,
-}
-
-/// Finds a rustls error in an error's chain (the TLS stream wraps it in an `io::Error`).
-fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(found) = e.downcast_ref::<rustls::Error>() {
-            return Some(found);
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && let Some(inner) = io.get_ref()
-            && let Some(found) = inner.downcast_ref::<rustls::Error>()
-        {
-            return Some(found);
-        }
-        current = e.source();
-    }
-    None
-}
-
-fn tls_advice(tls: &rustls::Error) -> &'static str {
-    use rustls::{AlertDescription, CertificateError};
-    match tls {
-        rustls::Error::InvalidCertificate(
-            CertificateError::UnknownIssuer | CertificateError::BadSignature,
-        ) => {
-            "the broker's certificate is not signed by a CA the agent trusts: set ca_file to the \
-             CA that signed it"
-        }
-        rustls::Error::InvalidCertificate(
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-        ) => "the broker's certificate is not valid for the host in url: use a host name it names",
-        rustls::Error::InvalidCertificate(
-            CertificateError::Expired | CertificateError::ExpiredContext { .. },
-        ) => "the broker's certificate has expired: renew it on the broker",
-        rustls::Error::InvalidCertificate(_) => {
-            "the broker's certificate was refused: check ca_file and the broker's certificate"
-        }
-        rustls::Error::AlertReceived(
-            AlertDescription::CertificateRequired
-            | AlertDescription::HandshakeFailure
-            | AlertDescription::BadCertificate
-            | AlertDescription::UnknownCA,
-        ) => {
-            "the broker refused the handshake, probably the agent's client certificate: check \
-             client_cert and client_key"
-        }
-        _ => "check that the broker speaks TLS on this port",
-    }
 }
 
 /// Classifies an error of the client library. `exchange` names the exchange the operation was

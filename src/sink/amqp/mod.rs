@@ -37,38 +37,11 @@ use error::{Stage, classify};
 use message::{Message, Publishing};
 
 use super::SinkSpec as _;
+use super::client::Backoff;
 use super::template::Template;
 use super::{EventMeta, Sink, SinkError};
 use crate::http_client::{ClientTls, client_config};
 use crate::settings::read_secret;
-
-/// Exponential backoff between connection attempts.
-#[derive(Debug)]
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff {
-            initial,
-            max,
-            next: initial,
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    fn reset(&mut self) {
-        self.next = self.initial;
-    }
-}
 
 /// The connection, its publishing channel, and what is known about the broker through it.
 #[derive(Default)]
@@ -209,7 +182,7 @@ impl AmqpSink {
                     link.connection = Some(Arc::new(connection));
                 }
                 Err(error) => {
-                    let delay = self.backoff().next();
+                    let delay = self.backoff().next_delay();
                     tracing::warn!(sink = %self.name, retry_in_ms = delay.as_millis() as u64, "{error}");
                     link.retry_at = Some(Instant::now() + delay);
                     link.last_error = Some(error.clone());

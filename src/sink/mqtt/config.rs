@@ -6,7 +6,6 @@ use crate::settings::RetryConfig;
 use crate::settings::{Problem, SecretSource};
 use crate::sink::template::Template;
 use crate::sink::{BuildContext, SecretOrFile, Sink, SinkSpec, client, push_secret};
-use http::Uri;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -171,43 +170,20 @@ impl std::fmt::Display for Broker {
     }
 }
 
+/// How `url` is written.
+const URL: client::UrlForm = client::UrlForm {
+    plain: "mqtt",
+    tls: "mqtts",
+    ports: (1883, 8883),
+    example: "write it like mqtt://broker.example:1883 or mqtts://broker.example:8883",
+    credentials: "username and password",
+    path: None,
+    protocol: "MQTT",
+};
+
 pub(super) fn parse_url(url: &str) -> Result<Broker, String> {
-    let example = "write it like mqtt://broker.example:1883 or mqtts://broker.example:8883";
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| format!("{url:?} is not a valid URL ({e}): {example}"))?;
-    let tls = match uri.scheme_str() {
-        Some("mqtt") => false,
-        Some("mqtts") => true,
-        _ => {
-            return Err(format!(
-                "{url:?} must start with mqtt:// or mqtts://: {example}"
-            ));
-        }
-    };
-    let Some(authority) = uri.authority() else {
-        return Err(format!("{url:?} has no host: {example}"));
-    };
-    if authority.as_str().contains('@') {
-        return Err(
-            "the URL carries credentials: remove them and set username and password instead".into(),
-        );
-    }
-    if authority.host().is_empty() {
-        return Err(format!("{url:?} has no host: {example}"));
-    }
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!(
-            "{url:?} has a path or query, which MQTT has no use for: {example}"
-        ));
-    }
-    Ok(Broker {
-        host: authority.host().to_string(),
-        port: authority
-            .port_u16()
-            .unwrap_or(if tls { 8883 } else { 1883 }),
-        tls,
-    })
+    let client::Address { host, port, tls } = client::parse_url(url, &URL)?;
+    Ok(Broker { host, port, tls })
 }
 
 pub(super) use crate::sink::client::shown;

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use http::Uri;
 use serde::Deserialize;
 
 use crate::settings::{Problem, RetryConfig, SecretSource};
@@ -116,43 +115,20 @@ impl std::fmt::Display for Server {
     }
 }
 
+/// How `url` is written.
+const URL: client::UrlForm = client::UrlForm {
+    plain: "nats",
+    tls: "tls",
+    ports: (4222, 4222),
+    example: "write it like nats://nats.example:4222 or tls://nats.example:4222",
+    credentials: "user and password, token, nkey or credentials",
+    path: None,
+    protocol: "NATS",
+};
+
 pub(super) fn parse_url(url: &str) -> Result<Server, String> {
-    let example = "write it like nats://nats.example:4222 or tls://nats.example:4222";
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| format!("{url:?} is not a valid URL ({e}): {example}"))?;
-    let tls = match uri.scheme_str() {
-        Some("nats") => false,
-        Some("tls") => true,
-        _ => {
-            return Err(format!(
-                "{url:?} must start with nats:// or tls://: {example}"
-            ));
-        }
-    };
-    let Some(authority) = uri.authority() else {
-        return Err(format!("{url:?} has no host: {example}"));
-    };
-    if authority.as_str().contains('@') {
-        return Err(
-            "the URL carries credentials: remove them and set user and password, token, \
-                    nkey or credentials instead"
-                .into(),
-        );
-    }
-    if authority.host().is_empty() {
-        return Err(format!("{url:?} has no host: {example}"));
-    }
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!(
-            "{url:?} has a path or query, which NATS has no use for: {example}"
-        ));
-    }
-    Ok(Server {
-        host: authority.host().to_string(),
-        port: authority.port_u16().unwrap_or(4222),
-        tls,
-    })
+    let client::Address { host, port, tls } = client::parse_url(url, &URL)?;
+    Ok(Server { host, port, tls })
 }
 
 pub(super) use crate::sink::client::shown;

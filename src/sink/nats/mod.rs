@@ -56,6 +56,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::client::Backoff;
 use super::template::Template;
 use super::{EventMeta, Sink, SinkError};
 use crate::http_client::{ClientTls, client_config};
@@ -198,21 +199,6 @@ impl Shared {
     fn update(&self, change: impl FnOnce(&mut Link)) {
         change(&mut self.link());
         self.changed.notify_waiters();
-    }
-}
-
-/// Exponential backoff between two limits.
-#[derive(Debug, Clone, Copy)]
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    /// The delay before attempt `attempt` (1 for the first retry).
-    fn delay(&self, attempt: u32) -> Duration {
-        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(31));
-        self.initial.saturating_mul(factor).min(self.max)
     }
 }
 
@@ -478,10 +464,10 @@ impl NatsSink {
             auth,
             connect_timeout: Duration::from_secs(config.connect_timeout_secs),
             timeout,
-            backoff: Backoff {
-                initial: Duration::from_millis(config.reconnect_initial_ms),
-                max: Duration::from_millis(config.reconnect_max_ms),
-            },
+            backoff: Backoff::new(
+                Duration::from_millis(config.reconnect_initial_ms),
+                Duration::from_millis(config.reconnect_max_ms),
+            ),
         };
         // Checks the credentials file's form now, so that a bad one is a build error.
         if let Auth::Credentials(text) = &connector.auth {
@@ -1061,17 +1047,6 @@ mod tests {
             e.to_string().contains("no PubAck for subject \"rules.x\""),
             "{e}"
         );
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_limit() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_millis(1000),
-        };
-        let got: Vec<u128> = (0..7).map(|n| b.delay(n).as_millis()).collect();
-        assert_eq!(got, [100, 100, 200, 400, 800, 1000, 1000]);
-        assert_eq!(b.delay(u32::MAX), Duration::from_millis(1000));
     }
 
     #[test]

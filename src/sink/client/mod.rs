@@ -3,8 +3,20 @@
 //! directory, a client certificate and its key go together, TLS files need a TLS URL, and the
 //! reconnect backoff starts at 1 ms or more and never shrinks. Each `check_*` reports through
 //! `bad(field, message)`, the sink's own way of naming a problem's key.
+//!
+//! And what their connections share: the broker URL's form ([`parse_url`]), the backoff
+//! between connection attempts ([`Backoff`]) and the advice for a failed TLS handshake
+//! ([`tls_advice`]).
+
+mod backoff;
+mod tls;
+mod url;
 
 use std::path::{Path, PathBuf};
+
+pub use backoff::Backoff;
+pub use tls::{rustls_error, tls_advice};
+pub use url::{Address, UrlForm, parse_url};
 
 use crate::settings::SecretSource;
 
