@@ -147,7 +147,7 @@ pub fn list_events(
             for t in &types {
                 merged.extend(select(conn, filter, &TypeTest::Exactly(t), bounds, limit)?);
             }
-            merged.sort_by(|a, b| b.seq.cmp(&a.seq));
+            merged.sort_by_key(|e| std::cmp::Reverse(e.seq));
             merged.truncate(limit as usize);
             Ok(merged)
         }

@@ -467,7 +467,7 @@ async fn a_cross_site_post_is_refused_and_a_same_origin_or_cli_post_is_accepted(
     );
     let agent = &agent;
     post_event(agent, "p1", "Policy", "P").await;
-    wait_state(&agent, "p1", "parked").await;
+    wait_state(agent, "p1", "parked").await;
     let own = agent.admin_url("");
     let port = own.rsplit(':').next().unwrap().to_owned();
     let retry = |headers: Vec<(&'static str, String)>| async move {
@@ -497,7 +497,7 @@ async fn a_cross_site_post_is_refused_and_a_same_origin_or_cli_post_is_accepted(
     }
     // Nothing was requeued by those.
     assert_eq!(
-        admin(&agent, Method::GET, "/v1/events/p1", None).await.body["state"],
+        admin(agent, Method::GET, "/v1/events/p1", None).await.body["state"],
         "parked"
     );
     let reply = retry(vec![
@@ -506,15 +506,15 @@ async fn a_cross_site_post_is_refused_and_a_same_origin_or_cli_post_is_accepted(
     ])
     .await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
-    wait_state(&agent, "p1", "parked").await;
+    wait_state(agent, "p1", "parked").await;
     let reply = retry(vec![("origin", format!("http://localhost:{port}"))]).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
-    wait_state(&agent, "p1", "parked").await;
-    let (ok, out, err) = cli(&agent, &["dead-letters", "retry", "p1"]);
+    wait_state(agent, "p1", "parked").await;
+    let (ok, out, err) = cli(agent, &["dead-letters", "retry", "p1"]);
     assert!(ok, "{out}{err}");
     // Reading is not a state change: a cross-site GET is answered (the token guards it).
     let read = admin_with(
-        &agent,
+        agent,
         Method::GET,
         "/v1/events",
         &[("origin", "http://evil.example".to_owned())],
