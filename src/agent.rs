@@ -223,6 +223,7 @@ pub async fn run(
             metrics: crate::telemetry::install(),
             readiness: readiness.clone(),
             token: admin_token,
+            partner: config.agent_id.clone(),
         });
         // Up until the drain ends, so that probes see `/readyz` say "shutting down" and
         // `/metrics` stays readable while in-flight work finishes.

@@ -63,7 +63,13 @@ fn main() -> ExitCode {
         Command::Adapter(AdapterCommand::Eval(args)) => cli::adapter::eval(args),
         Command::Adapter(AdapterCommand::Test(args)) => cli::adapter::test(args),
         Command::Status { id, admin } => cli::ops::status(admin, id),
-        Command::Replay { id, force, admin } => cli::ops::replay(admin, id, *force),
+        Command::Replay {
+            id,
+            route,
+            force,
+            admin,
+        } => cli::ops::replay(admin, id, route.as_deref(), *force),
+        Command::Events { command, admin } => cli::ops::events(admin, command),
         Command::DeadLetters { command, admin } => cli::ops::dead_letters(admin, command),
     };
     // Every queued log line is out before the exit status (or an error) is.

@@ -1,5 +1,5 @@
 //! The command line: `run`, `validate`, `send`, `adapter eval`, `adapter test`, and the operator
-//! commands `status`, `replay` and `dead-letters` that talk to a running agent.
+//! commands `status`, `replay`, `events` and `dead-letters` that talk to a running agent.
 
 pub mod adapter;
 pub mod ops;
@@ -63,9 +63,19 @@ pub enum Command {
     Replay {
         /// The event id.
         id: String,
-        /// Apply it again even though it was applied (every route).
+        /// Through this route only; the other routes keep their state.
+        #[arg(long, value_name = "NAME")]
+        route: Option<String>,
+        /// Apply it again even though it was applied (every route, or the one --route names).
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        admin: ops::AdminArgs,
+    },
+    /// List events, newest first, with filters.
+    Events {
+        #[command(subcommand)]
+        command: ops::EventsCommand,
         #[command(flatten)]
         admin: ops::AdminArgs,
     },

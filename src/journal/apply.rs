@@ -82,6 +82,84 @@ pub enum Requeue {
     NeedsForce {
         state: EventState,
     },
+    /// The one route asked for was applied (or filtered) already: replaying it needs `force`.
+    RouteNeedsForce {
+        state: DeliveryState,
+    },
+    /// Other routes that take the event were never tried for it: a replay through one route
+    /// would apply them too.
+    OthersUntried {
+        routes: Vec<String>,
+    },
+}
+
+/// Requeues the event at `seq` (in state `current`) in the writer's transaction: the rules of
+/// [`Journal::requeue`].
+pub(super) fn requeue_row(
+    conn: &Connection,
+    seq: i64,
+    subject: String,
+    current: EventState,
+    route: Option<&RouteReplay>,
+    force: bool,
+) -> Result<Requeue, rusqlite::Error> {
+    if current == EventState::Accepted {
+        return Ok(Requeue::Pending);
+    }
+    match route {
+        Some(replay) => {
+            let known = deliveries(conn, seq)?;
+            let untried: Vec<String> = replay
+                .others
+                .iter()
+                .filter(|r| !known.iter().any(|d| &d.route == *r))
+                .cloned()
+                .collect();
+            if !untried.is_empty() {
+                return Ok(Requeue::OthersUntried { routes: untried });
+            }
+            if let Some(d) = known.iter().find(|d| d.route == replay.route)
+                && matches!(d.state, DeliveryState::Applied | DeliveryState::Filtered)
+                && !force
+            {
+                return Ok(Requeue::RouteNeedsForce { state: d.state });
+            }
+            conn.execute(
+                "DELETE FROM deliveries WHERE event_seq = ?1 AND route = ?2",
+                params![seq, replay.route],
+            )?;
+        }
+        None => {
+            if !current.is_dead_letter() && !force {
+                return Ok(Requeue::NeedsForce { state: current });
+            }
+            if force {
+                conn.execute("DELETE FROM deliveries WHERE event_seq = ?1", [seq])?;
+            } else {
+                conn.execute(
+                    "DELETE FROM deliveries WHERE event_seq = ?1 AND state NOT IN (?2, ?3)",
+                    params![seq, DeliveryState::Applied, DeliveryState::Filtered],
+                )?;
+            }
+        }
+    }
+    conn.execute(
+        "UPDATE events SET state = ?2, error = NULL, finished_at = NULL, \
+         updated_at = ?3 WHERE seq = ?1",
+        params![seq, EventState::Accepted, crate::timestamp::now()],
+    )?;
+    Ok(Requeue::Queued { seq, subject })
+}
+
+/// A replay through one route only: that route's delivery is forgotten and tried again, every
+/// other route keeps its state (an applied route is not applied again, a failed one stays
+/// failed). `others` are the other routes that take the event now: when one of them has never
+/// been tried for it (a route added since), the replay is refused, since the dispatcher would
+/// apply that route too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteReplay {
+    pub route: String,
+    pub others: Vec<String>,
 }
 
 /// The result of dropping a dead letter.
@@ -132,6 +210,34 @@ fn unreadable_dead_letter(r: &rusqlite::Row<'_>, seq: i64, e: &rusqlite::Error) 
         received_at: text(7),
         finished_at: None,
     }
+}
+
+/// What the journal holds of one event, for the admin API.
+#[derive(Debug, Clone)]
+pub struct EventDetail {
+    pub seq: i64,
+    pub record: EventRecord,
+    pub deliveries: Vec<DeliveryRecord>,
+    /// The exact bytes the hub sent.
+    pub raw_body: Vec<u8>,
+    /// The normalised envelope (JSON text).
+    pub envelope: String,
+    /// The event's status report while it waits in the outbox (it is deleted once the hub took
+    /// it).
+    pub report: Option<PendingReport>,
+}
+
+/// A status report waiting in the outbox.
+#[derive(Debug, Clone, Serialize)]
+pub struct PendingReport {
+    pub message_id: String,
+    /// The report's JSON text.
+    pub body: String,
+    pub attempts: u32,
+    pub next_attempt_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub created_at: String,
 }
 
 /// A pending status report.
@@ -429,18 +535,47 @@ impl Journal {
         self.read(|conn| subject_revision(conn, subject))
     }
 
-    /// The stored record of an event with its deliveries. Blocking.
-    pub fn get_detail(
-        &self,
-        id: &str,
-    ) -> Result<Option<(EventRecord, Vec<DeliveryRecord>)>, JournalError> {
+    /// What the journal holds of an event: its record, deliveries, bodies and any status
+    /// report still waiting to be sent. Blocking.
+    pub fn get_detail(&self, id: &str) -> Result<Option<EventDetail>, JournalError> {
         self.read(|conn| {
             let Some(record) = read_record(conn, id)? else {
                 return Ok(None);
             };
             let seq: i64 =
                 conn.query_row("SELECT seq FROM events WHERE id = ?1", [id], |r| r.get(0))?;
-            Ok(Some((record, deliveries(conn, seq)?)))
+            let (raw_body, envelope) = conn
+                .query_row(
+                    "SELECT raw_body, envelope FROM event_bodies WHERE seq = ?1",
+                    [seq],
+                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)),
+                )
+                .optional()?
+                .unwrap_or_default();
+            let report = conn
+                .prepare_cached(
+                    "SELECT message_id, body, attempts, next_attempt_ms, last_error, created_at \
+                     FROM outbox WHERE event_id = ?1 ORDER BY seq DESC LIMIT 1",
+                )?
+                .query_row([id], |r| {
+                    Ok(PendingReport {
+                        message_id: r.get(0)?,
+                        body: r.get(1)?,
+                        attempts: r.get(2)?,
+                        next_attempt_ms: r.get(3)?,
+                        last_error: r.get(4)?,
+                        created_at: r.get(5)?,
+                    })
+                })
+                .optional()?;
+            Ok(Some(EventDetail {
+                seq,
+                record,
+                deliveries: deliveries(conn, seq)?,
+                raw_body,
+                envelope,
+                report,
+            }))
         })
     }
 
@@ -489,8 +624,14 @@ impl Journal {
 
     /// Puts a final event back into the backlog. Without `force` only dead letters (failed,
     /// parked, dropped) are requeued, and routes already applied stay applied; with `force`
-    /// every route is applied again.
-    pub async fn requeue(&self, id: &str, force: bool) -> Result<Requeue, JournalError> {
+    /// every route is applied again. With a [`RouteReplay`] only that route is tried again (see
+    /// there).
+    pub async fn requeue(
+        &self,
+        id: &str,
+        route: Option<RouteReplay>,
+        force: bool,
+    ) -> Result<Requeue, JournalError> {
         let id = id.to_owned();
         let outcome = self
             .write(move |conn| {
@@ -504,27 +645,7 @@ impl Journal {
                 let Some((seq, subject, current)) = row else {
                     return Ok(Requeue::NotFound);
                 };
-                let dead = current.is_dead_letter();
-                if current == EventState::Accepted {
-                    return Ok(Requeue::Pending);
-                }
-                if !dead && !force {
-                    return Ok(Requeue::NeedsForce { state: current });
-                }
-                if force {
-                    conn.execute("DELETE FROM deliveries WHERE event_seq = ?1", [seq])?;
-                } else {
-                    conn.execute(
-                        "DELETE FROM deliveries WHERE event_seq = ?1 AND state NOT IN (?2, ?3)",
-                        params![seq, DeliveryState::Applied, DeliveryState::Filtered],
-                    )?;
-                }
-                conn.execute(
-                    "UPDATE events SET state = ?2, error = NULL, finished_at = NULL, \
-                     updated_at = ?3 WHERE seq = ?1",
-                    params![seq, EventState::Accepted, crate::timestamp::now()],
-                )?;
-                Ok(Requeue::Queued { seq, subject })
+                requeue_row(conn, seq, subject, current, route.as_ref(), force)
             })
             .await?;
         if matches!(outcome, Requeue::Queued { .. }) {

@@ -18,13 +18,16 @@
 
 mod apply;
 mod lock;
+mod query;
 mod schema;
 mod writer;
 
 pub use apply::{
-    DeadLetter, DeliveryRecord, DeliveryUpdate, DropOutcome, Finish, OutboxRow, Requeue,
-    StoredEvent, deliveries, finish_event, load_event, subject_revision,
+    DeadLetter, DeliveryRecord, DeliveryUpdate, DropOutcome, EventDetail, Finish, OutboxRow,
+    PendingReport, Requeue, RouteReplay, StoredEvent, deliveries, finish_event, load_event,
+    subject_revision,
 };
+pub use query::{EventFilter, EventSummary, Requeued};
 pub use writer::{Committed, insert_event};
 
 use std::path::{Path, PathBuf};

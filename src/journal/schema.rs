@@ -77,6 +77,17 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE events DROP COLUMN raw_body;
     ALTER TABLE events DROP COLUMN envelope;
     "#,
+    // 4: the admin API's event listing pages newest first by seq under any one filter, so each
+    // filter has an index ending in seq (state has one since 1); the receive time finds the seq
+    // range of a time window; a route's deliveries are found by route, an event's pending status
+    // report by event id (for the event's detail).
+    r#"
+    CREATE INDEX events_by_type ON events (type, seq);
+    CREATE INDEX events_by_subject ON events (subject, seq);
+    CREATE INDEX events_by_received ON events (received_at);
+    CREATE INDEX deliveries_by_route ON deliveries (route, event_seq);
+    CREATE INDEX outbox_by_event ON outbox (event_id);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -1,14 +1,27 @@
-//! The admin listener: liveness, readiness and the event status API.
+//! The admin listener: liveness, readiness, metrics and the operator's API (events, replay, dead
+//! letters, adapters), described by `docs/openapi.json`.
 //!
 //! Plain HTTP, loopback by default. `/healthz`, `/readyz` and `/metrics` are open (for probes
-//! and Prometheus); everything under `/v1/` needs the admin token when one is configured.
+//! and Prometheus); everything under `/v1/` needs the admin token when one is configured. A
+//! request that changes state is refused when a browser says it comes from another site
+//! ([`cross_site`]).
+//!
+//! This file routes; each area has its own: [`events`] (listing, detail, replay),
+//! [`dead_letters`], [`adapters`] (listing, evaluation) and [`openapi`].
+
+mod adapters;
+mod dead_letters;
+mod events;
+mod openapi;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -19,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
 use crate::ingress::conn::Connections;
-use crate::journal::{DropOutcome, Journal, JournalError, Requeue};
+use crate::journal::{Journal, JournalError};
 use crate::protocol::auth::BearerToken;
 use crate::protocol::problem::{Body, Problem, json_response};
 
@@ -63,16 +76,19 @@ pub struct Admin {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub readiness: Arc<Readiness>,
     pub token: Option<BearerToken>,
+    /// The agent id, bound as `$partner` when an adapter is evaluated.
+    pub partner: String,
 }
 
 impl Admin {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, local: SocketAddr) -> Response<Body> {
         let path = req.uri().path().to_owned();
-        let mut response = match self.route(&req, &path).await {
+        let method = req.method().clone();
+        let mut response = match self.route(req, &path, local).await {
             Ok(response) => response,
             Err(problem) => problem.into_response(),
         };
-        if req.method() == Method::HEAD {
+        if method == Method::HEAD {
             // The GET answer's head, with the length of the body it would have had.
             let length = response.body().size_hint().exact().unwrap_or(0);
             *response.body_mut() = Body::default();
@@ -81,17 +97,25 @@ impl Admin {
                 http::HeaderValue::from(length),
             );
         }
-        tracing::debug!(target: "ess_agent::admin", method = %req.method(), path = %path, status = response.status().as_u16(), "admin request");
+        tracing::debug!(target: "ess_agent::admin", method = %method, path = %path, status = response.status().as_u16(), "admin request");
         response
     }
 
-    async fn route(&self, req: &Request<Incoming>, path: &str) -> Result<Response<Body>, Problem> {
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        path: &str,
+        local: SocketAddr,
+    ) -> Result<Response<Body>, Problem> {
         // HEAD is answered as GET; `handle` leaves the body out.
         let method = if req.method() == Method::HEAD {
             &Method::GET
         } else {
             req.method()
         };
+        if !matches!(*method, Method::GET | Method::OPTIONS) {
+            cross_site(req.headers(), local)?;
+        }
         // Everything under /v1/ needs the token, known endpoint or not.
         if path.starts_with("/v1/")
             && let Some(token) = &self.token
@@ -104,10 +128,11 @@ impl Admin {
                 )
             })?;
         }
-        let query = req.uri().query().unwrap_or("");
-        match Endpoint::of(method, path)
-            .ok_or_else(|| wrong_method_or_not_found(req.method(), path))?
-        {
+        let query = req.uri().query().unwrap_or("").to_owned();
+        let query = query.as_str();
+        let endpoint = Endpoint::of(method, path)
+            .ok_or_else(|| wrong_method_or_not_found(req.method(), path))?;
+        match endpoint {
             Endpoint::Metrics => {
                 crate::telemetry::refresh_dispatcher_gauges(&self.dispatcher);
                 let journal = self.journal.clone();
@@ -139,118 +164,121 @@ impl Admin {
                     ))
                 }
             }
+            Endpoint::Events => self.list_events(query).await,
             Endpoint::Event(id) => self.get_event(id).await,
-            Endpoint::Replay(id) => self.replay(id, query_flag(query, "force")).await,
+            Endpoint::Replay(id) => {
+                let body = read_body(req.into_body(), MAX_BODY_BYTES).await?;
+                self.replay(id, query_flag(query, "force"), &body).await
+            }
             Endpoint::DeadLetters => self.dead_letters(query).await,
+            Endpoint::RetryDeadLetters => {
+                let body = read_body(req.into_body(), MAX_BODY_BYTES).await?;
+                self.retry_dead_letters(&body).await
+            }
             Endpoint::Adapters => Ok(json_response(
                 StatusCode::OK,
                 &json!({"adapters": self.reloader.as_ref().map(|r| r.adapters()).unwrap_or_default()}),
             )),
-            Endpoint::RetryDeadLetter(id) => self.replay(id, false).await,
+            Endpoint::EvalAdapter => {
+                let body = read_body(req.into_body(), adapters::MAX_EVAL_BODY_BYTES).await?;
+                self.eval_adapter(&body).await
+            }
+            Endpoint::RetryDeadLetter(id) => self.replay(id, false, &[]).await,
             Endpoint::DropDeadLetter(id) => self.drop_dead_letter(id).await,
-        }
-    }
-
-    async fn get_event(&self, raw_id: &str) -> Result<Response<Body>, Problem> {
-        let id = decode_id(raw_id)?;
-        let journal = self.journal.clone();
-        let lookup = id.clone();
-        let detail = blocking(move || journal.get_detail(&lookup)).await?;
-        match detail {
-            Some((record, deliveries)) => {
-                let mut body = serde_json::to_value(record).unwrap_or_default();
-                body["deliveries"] = serde_json::to_value(deliveries).unwrap_or_default();
-                Ok(json_response(StatusCode::OK, &body))
-            }
-            None => Err(unknown_event(&id)),
-        }
-    }
-
-    async fn replay(&self, raw_id: &str, force: bool) -> Result<Response<Body>, Problem> {
-        let id = decode_id(raw_id)?;
-        match self
-            .journal
-            .requeue(&id, force)
-            .await
-            .map_err(journal_problem)?
-        {
-            Requeue::Queued { seq, subject } => {
-                self.dispatcher.submit(seq, subject);
-                tracing::info!(event_id = %id, force, "event requeued by the operator");
-                Ok(json_response(
-                    StatusCode::ACCEPTED,
-                    &json!({"id": id, "status": "requeued", "force": force}),
-                ))
-            }
-            Requeue::NotFound => Err(unknown_event(&id)),
-            Requeue::Pending => Err(Problem::new(
-                StatusCode::CONFLICT,
-                "not_final",
-                format!("event {id:?} is still being applied: wait until it is final"),
-            )),
-            Requeue::NeedsForce { state } => Err(Problem::new(
-                StatusCode::CONFLICT,
-                "already_applied",
-                format!(
-                    "event {id:?} is {state}: replaying it applies it again; to do that, replay with force (POST /v1/events/{{id}}/replay?force=true, or ess-agent replay --force)"
-                ),
-            )),
-        }
-    }
-
-    async fn dead_letters(&self, query: &str) -> Result<Response<Body>, Problem> {
-        let after = query_number(query, "after", 0i64, "a sequence number from next_after")?;
-        let limit = query_number(query, "limit", 100u32, "a count from 1 to 1000")?.clamp(1, 1000);
-        let journal = self.journal.clone();
-        let (items, total) = blocking(move || {
-            Ok((
-                journal.dead_letters(after, limit)?,
-                journal.dead_letter_count()?,
-            ))
-        })
-        .await?;
-        let next = (items.len() as u32 == limit)
-            .then(|| items.last().map(|d| d.seq))
-            .flatten();
-        Ok(json_response(
-            StatusCode::OK,
-            &json!({"items": items, "total": total, "next_after": next}),
-        ))
-    }
-
-    async fn drop_dead_letter(&self, raw_id: &str) -> Result<Response<Body>, Problem> {
-        let id = decode_id(raw_id)?;
-        match self
-            .journal
-            .drop_dead_letter(&id)
-            .await
-            .map_err(journal_problem)?
-        {
-            DropOutcome::Dropped => {
-                tracing::info!(event_id = %id, "dead letter dropped by the operator");
-                Ok(json_response(
-                    StatusCode::OK,
-                    &json!({"id": id, "status": "dropped"}),
-                ))
-            }
-            DropOutcome::NotFound => Err(unknown_event(&id)),
-            DropOutcome::NotDeadLetter(state) => Err(Problem::new(
-                StatusCode::CONFLICT,
-                "not_a_dead_letter",
-                format!(
-                    "event {id:?} is {state}, not a dead letter: only failed or parked events can be dropped"
-                ),
-            )),
+            Endpoint::OpenApi => Ok(openapi::response()),
         }
     }
 }
+
+/// Largest request body the admin API reads, except an adapter evaluation's.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Reads a request body of at most `max` bytes; a longer one is refused (413).
+async fn read_body(body: Incoming, max: usize) -> Result<Bytes, Problem> {
+    match http_body_util::Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body is larger than {max} bytes: send less"),
+        )),
+        Err(e) => Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "unreadable_body",
+            format!("the request body could not be read: {e}"),
+        )),
+    }
+}
+
+/// Parses a JSON request body; an empty body is `default`.
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    default: Option<T>,
+) -> Result<T, Problem> {
+    if body.iter().all(u8::is_ascii_whitespace)
+        && let Some(default) = default
+    {
+        return Ok(default);
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("the request body is not what this endpoint takes: {e}"),
+        )
+    })
+}
+
+/// Refuses a state-changing request that a browser sent from another site: one whose `Origin`
+/// is present and is not this listener's own (`http://` and the address the request reached, or
+/// `localhost` with the same port), or whose `Sec-Fetch-Site` is present and not `same-origin`
+/// or `none` (typed by the user). A request with neither header (the CLI, curl, scripts) passes:
+/// browsers send `Origin` on every cross-origin POST, PUT and DELETE. Comparing with the
+/// listener's own address rather than the `Host` header keeps a DNS name that an attacker points
+/// at 127.0.0.1 from passing for the listener.
+fn cross_site(headers: &HeaderMap, local: SocketAddr) -> Result<(), Problem> {
+    let refuse = |why: String| {
+        Problem::new(
+            StatusCode::FORBIDDEN,
+            "cross_site_request",
+            format!(
+                "{why}: the admin API takes state-changing requests only from its own origin \
+                 (http://{local}) or from clients that send no Origin, such as the ess-agent CLI"
+            ),
+        )
+    };
+    if let Some(site) = headers.get("sec-fetch-site") {
+        let site = site.to_str().unwrap_or("");
+        if !matches!(site, "same-origin" | "none") {
+            return Err(refuse(format!("the browser says the request is {site:?}")));
+        }
+    }
+    if let Some(origin) = headers.get(http::header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        let own = [
+            format!("http://{local}"),
+            format!("http://localhost:{}", local.port()),
+        ];
+        if !own.iter().any(|o| o == origin) {
+            return Err(refuse(format!(
+                "origin {origin:?} is not the admin listener's"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Admin {}
 
 /// The methods an admin path answers, as an `Allow` header value; `None` for an unknown path.
 fn allowed_methods(path: &str) -> Option<&'static str> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match segments.as_slice() {
         ["healthz"] | ["readyz"] | ["metrics"] => Some("GET, HEAD"),
+        ["v1", "events"] | ["v1", "openapi.json"] => Some("GET, HEAD"),
         ["v1", "events", _] | ["v1", "dead-letters"] | ["v1", "adapters"] => Some("GET, HEAD"),
+        ["v1", "dead-letters", "retry"] => Some("POST, DELETE"),
+        ["v1", "adapters", "eval"] => Some("POST"),
         ["v1", "events", _, "replay"] | ["v1", "dead-letters", _, "retry"] => Some("POST"),
         ["v1", "dead-letters", _] => Some("DELETE"),
         _ => None,
@@ -275,12 +303,16 @@ const ENDPOINTS: &[&str] = &[
     "GET /healthz",
     "GET /readyz",
     "GET /metrics",
+    "GET /v1/openapi.json",
+    "GET /v1/events",
     "GET /v1/events/{id}",
     "POST /v1/events/{id}/replay",
     "GET /v1/dead-letters",
+    "POST /v1/dead-letters/retry",
     "POST /v1/dead-letters/{id}/retry",
     "DELETE /v1/dead-letters/{id}",
     "GET /v1/adapters",
+    "POST /v1/adapters/eval",
 ];
 
 /// An admin endpoint a request is for, with the raw (still percent-encoded) event id it names.
@@ -289,12 +321,16 @@ enum Endpoint<'a> {
     Healthz,
     Readyz,
     Metrics,
+    OpenApi,
+    Events,
     Event(&'a str),
     Replay(&'a str),
     DeadLetters,
+    RetryDeadLetters,
     RetryDeadLetter(&'a str),
     DropDeadLetter(&'a str),
     Adapters,
+    EvalAdapter,
 }
 
 impl<'a> Endpoint<'a> {
@@ -305,12 +341,16 @@ impl<'a> Endpoint<'a> {
             (&Method::GET, ["healthz"]) => Endpoint::Healthz,
             (&Method::GET, ["readyz"]) => Endpoint::Readyz,
             (&Method::GET, ["metrics"]) => Endpoint::Metrics,
+            (&Method::GET, ["v1", "openapi.json"]) => Endpoint::OpenApi,
+            (&Method::GET, ["v1", "events"]) => Endpoint::Events,
             (&Method::GET, ["v1", "events", id]) => Endpoint::Event(id),
             (&Method::POST, ["v1", "events", id, "replay"]) => Endpoint::Replay(id),
             (&Method::GET, ["v1", "dead-letters"]) => Endpoint::DeadLetters,
+            (&Method::POST, ["v1", "dead-letters", "retry"]) => Endpoint::RetryDeadLetters,
             (&Method::POST, ["v1", "dead-letters", id, "retry"]) => Endpoint::RetryDeadLetter(id),
             (&Method::DELETE, ["v1", "dead-letters", id]) => Endpoint::DropDeadLetter(id),
             (&Method::GET, ["v1", "adapters"]) => Endpoint::Adapters,
+            (&Method::POST, ["v1", "adapters", "eval"]) => Endpoint::EvalAdapter,
             _ => return None,
         })
     }
@@ -462,6 +502,10 @@ pub async fn serve(
                 }
             }
         };
+        let local = match stream.local_addr() {
+            Ok(local) => local,
+            Err(_) => continue,
+        };
         let connection = Arc::new(connections.open());
         let admin = admin.clone();
         let builder = builder.clone();
@@ -474,7 +518,7 @@ pub async fn serve(
                 // The head has arrived: the connection is busy until the answer is made.
                 let busy = busy_on.request();
                 async move {
-                    let response = admin.handle(req).await;
+                    let response = admin.handle(req, local).await;
                     drop(busy);
                     Ok::<_, std::convert::Infallible>(response)
                 }
@@ -525,6 +569,10 @@ mod tests {
                     "/v1/dead-letters/evt-1/retry",
                     "/v1/adapters",
                     "/v1/adapters/evt-1",
+                    "/v1/adapters/eval",
+                    "/v1/dead-letters/retry",
+                    "/v1/openapi.json",
+                    "/v1/events/evt-1/replay/x",
                     "/v1/metrics",
                     "/v1/healthz",
                     "/v1/readyz",
@@ -534,9 +582,19 @@ mod tests {
             .collect();
         for method in &methods {
             for path in &paths {
-                let listed = ENDPOINTS
-                    .iter()
-                    .any(|e| *e == format!("{method} {}", path.replace("evt-1", "{id}")));
+                // `{id}` stands for any one segment: DELETE /v1/dead-letters/retry drops the
+                // dead letter whose id is "retry".
+                let listed = ENDPOINTS.iter().any(|e| {
+                    let (m, pattern) = e.split_once(' ').unwrap();
+                    let segments: Vec<&str> = pattern.split('/').collect();
+                    let asked: Vec<&str> = path.split('/').collect();
+                    m == method.as_str()
+                        && segments.len() == asked.len()
+                        && segments
+                            .iter()
+                            .zip(&asked)
+                            .all(|(p, a)| p == a || (*p == "{id}" && !a.is_empty()))
+                });
                 assert_eq!(
                     Endpoint::of(method, path).is_some(),
                     listed,
