@@ -10,6 +10,7 @@
 //! [`dead_letters`], [`adapters`] (listing, evaluation) and [`openapi`].
 
 mod adapters;
+pub mod console;
 mod dead_letters;
 mod events;
 mod openapi;
@@ -115,6 +116,10 @@ impl Admin {
         };
         if !matches!(*method, Method::GET | Method::OPTIONS) {
             cross_site(req.headers(), local)?;
+        }
+        // The operator console's pages (HTML); see `console`.
+        if console::is_console(path) {
+            return Ok(self.console(req, path).await);
         }
         // Everything under /v1/ needs the token, known endpoint or not.
         if path.starts_with("/v1/")
