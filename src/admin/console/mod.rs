@@ -15,6 +15,7 @@
 mod html;
 mod pages;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -197,10 +198,23 @@ pub(super) async fn answer(result: Result<Response<Body>, Problem>) -> Result<Va
 }
 
 impl Admin {
-    /// Answers a request under `/console`. The listener's same-origin check has already run
-    /// for requests that change state.
-    pub(super) async fn console(&self, req: Request<Incoming>, path: &str) -> Response<Body> {
-        let page = match self.console_page(req, path).await {
+    /// Answers a request under `/console`; one that changes state must pass [`same_site`].
+    pub(super) async fn console(
+        &self,
+        req: Request<Incoming>,
+        path: &str,
+        local: SocketAddr,
+    ) -> Response<Body> {
+        let checked = if matches!(*req.method(), Method::GET | Method::HEAD) {
+            Ok(())
+        } else {
+            same_site(req.headers(), local)
+        };
+        let page = match checked {
+            Err(problem) => Err(problem),
+            Ok(()) => self.console_page(req, path).await,
+        };
+        let page = match page {
             Ok(page) => page,
             Err(problem) => Page::html(
                 StatusCode::from_u16(problem.status).unwrap_or(StatusCode::BAD_REQUEST),
@@ -339,6 +353,29 @@ impl Admin {
                 pages::login_page(true, Some("that is not the admin token: try again")),
             )),
         }
+    }
+}
+
+/// The console's cross-site check for a state-changing request. A browser that sends
+/// `Sec-Fetch-Site` (which no page's script can set) must say `same-origin`: the console's pages
+/// are served with `Referrer-Policy: no-referrer`, under which Chromium sends `Origin: null` on
+/// its own forms, so the `Origin` comparison of the API's check would refuse them. Without that
+/// header the API's check ([`super::cross_site`]) applies as it is.
+fn same_site(headers: &HeaderMap, local: SocketAddr) -> Result<(), Problem> {
+    match headers
+        .get("sec-fetch-site")
+        .map(|v| v.to_str().unwrap_or(""))
+    {
+        Some("same-origin") => Ok(()),
+        Some(site) => Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "cross_site_request",
+            format!(
+                "the browser says the request is {site:?}: the console takes state-changing \
+                 requests only from its own pages (http://{local}/console)"
+            ),
+        )),
+        None => super::cross_site(headers, local),
     }
 }
 

@@ -414,7 +414,7 @@ impl Admin {
         let delivered = event["deliveries"].as_array().cloned().unwrap_or_default();
         for d in &delivered {
             deliveries.push_str(&format!(
-                "<tr data-route=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td class=\"attempts\">{}</td><td>{}</td><td class=\"error\">{}</td></tr>",
+                "<tr data-route=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td class=\"attempts\">{}</td><td class=\"updated\">{}</td><td class=\"error\">{}</td></tr>",
                 esc(&text(&d["route"])),
                 esc(&text(&d["route"])),
                 esc(&text(&d["sink"])),
