@@ -323,12 +323,34 @@ impl Drop for Browser {
                 "DELETE /session/{} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
                 self.session, self.addr
             );
-            let mut sink = Vec::new();
-            let _ = stream.read_to_end(&mut sink);
+            // chromedriver keeps the connection open: read the answer up to its length.
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while let Ok(n @ 1..) = stream.read(&mut chunk) {
+                got.extend_from_slice(&chunk[..n]);
+                if answer_complete(&got) {
+                    break;
+                }
+            }
         }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
+}
+
+/// True once `got` holds a whole HTTP answer with a `Content-Length`.
+fn answer_complete(got: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(got);
+    let Some(end) = text.find("\r\n\r\n") else {
+        return false;
+    };
+    let length = text[..end]
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    got.len() >= end + 4 + length
 }
 
 /// A free loopback port (bound, then released for chromedriver to take).
