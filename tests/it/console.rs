@@ -112,6 +112,17 @@ async fn the_overview_shows_queues_sinks_and_the_chart_under_a_strict_policy() {
         );
     }
 
+    let head = request(
+        &plain(),
+        Method::HEAD,
+        &agent.admin_url("/console/events"),
+        &[],
+        Bytes::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(head.status, StatusCode::OK);
+
     let browser = Browser::start().await;
     browser.goto(&agent.admin_url("/console")).await;
     assert_eq!(browser.text_of("h1").await, "Overview");

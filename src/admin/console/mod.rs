@@ -225,7 +225,11 @@ impl Admin {
     }
 
     async fn console_page(&self, req: Request<Incoming>, path: &str) -> Result<Page, Problem> {
-        let method = req.method().clone();
+        // HEAD is answered as GET; the listener leaves the body out.
+        let method = match req.method() {
+            &Method::HEAD => Method::GET,
+            other => other.clone(),
+        };
         let query = req.uri().query().unwrap_or("").to_owned();
         let rest = path.trim_start_matches("/console").trim_start_matches('/');
         let segments: Vec<&str> = if rest.is_empty() {
