@@ -384,6 +384,14 @@ async fn a_cross_site_post_and_a_post_without_the_csrf_token_are_refused() {
         .unwrap()
         .clone();
     assert_eq!(good["attempts"], 1, "nothing was replayed: {event}");
+
+    // From the console's own page the same kind of action goes through: drop the dead letter.
+    browser.goto(&agent.admin_url("/console/events/cs-1")).await;
+    browser.click(&browser.find("#drop").await).await;
+    browser.click(&browser.find("#confirm").await).await;
+    let result = browser.text_of("#result").await;
+    assert_eq!(result, "Dead letter cs-1 was dropped.");
+    wait_state(&agent, "cs-1", "dropped").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
