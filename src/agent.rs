@@ -216,6 +216,7 @@ pub async fn run(
     let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     if let Some(listener) = admin_listener {
+        admin::console::init(config_path);
         let admin = Arc::new(Admin {
             journal: journal.clone(),
             dispatcher: dispatcher.clone(),

@@ -10,6 +10,7 @@
 //! [`dead_letters`], [`adapters`] (listing, evaluation) and [`openapi`].
 
 mod adapters;
+pub mod console;
 mod dead_letters;
 mod events;
 mod openapi;
@@ -113,6 +114,10 @@ impl Admin {
         } else {
             req.method()
         };
+        // The operator console's pages (HTML), with its own cross-site check; see `console`.
+        if console::is_console(path) {
+            return Ok(self.console(req, path, local).await);
+        }
         if !matches!(*method, Method::GET | Method::OPTIONS) {
             cross_site(req.headers(), local)?;
         }

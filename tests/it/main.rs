@@ -6,6 +6,7 @@ mod adapter_authoring;
 mod adapter_fixtures;
 mod apply;
 mod connections;
+mod console;
 mod console_api;
 mod crashloop;
 mod docs;

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod hub;
 pub mod kill9;
 pub mod mosquitto;
