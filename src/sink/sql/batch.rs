@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::Executor as _;
 use sqlx::pool::PoolConnection;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout};
@@ -130,18 +129,8 @@ impl Shared {
     /// `SELECT 1`, for the healthcheck. Runs on the sink's thread.
     pub(super) async fn select_one(self: Arc<Self>) -> Result<(), SinkError> {
         match self.backend() {
-            Backend::Postgres(pool) => {
-                let mut conn = self.acquire_pg(pool).await.map_err(|f| f.error)?;
-                self.timed(conn.execute("SELECT 1"))
-                    .await
-                    .map_err(|f| f.error)?;
-            }
-            Backend::MySql(pool) => {
-                let mut conn = self.acquire_my(pool).await.map_err(|f| f.error)?;
-                self.timed(conn.execute("SELECT 1"))
-                    .await
-                    .map_err(|f| f.error)?;
-            }
+            Backend::Postgres(pool) => self.select_one_on(pool).await.map_err(|f| f.error)?,
+            Backend::MySql(pool) => self.select_one_on(pool).await.map_err(|f| f.error)?,
             Backend::Sqlite(cell) => {
                 let cell = cell.clone();
                 let shared = self.clone();
@@ -204,8 +193,8 @@ impl Shared {
 
     pub(super) async fn attempt(self: &Arc<Self>, jobs: &[Job]) -> Attempt {
         match self.backend() {
-            Backend::Postgres(pool) => self.attempt_pg(pool, jobs).await,
-            Backend::MySql(pool) => self.attempt_my(pool, jobs).await,
+            Backend::Postgres(pool) => self.attempt_on(pool, jobs).await,
+            Backend::MySql(pool) => self.attempt_on(pool, jobs).await,
             Backend::Sqlite(cell) => {
                 let cell = cell.clone();
                 let this = self.clone();

@@ -52,6 +52,7 @@ mod error;
 mod mysql;
 mod plan;
 mod postgres;
+mod server;
 mod sqlite;
 mod statement;
 #[cfg(test)]
@@ -65,9 +66,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPoolOptions, MySqlSslMode};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
-use sqlx::{AssertSqlSafe, Executor as _};
+use sqlx::Postgres;
+use sqlx::mysql::{MySqlConnectOptions, MySqlSslMode};
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{EventMeta, Sink, SinkError};
@@ -414,36 +415,10 @@ impl Shared {
     fn backend(&self) -> &Backend {
         self.backend.get_or_init(|| match &self.connector {
             Connector::Postgres(options) => Backend::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(self.workers as u32)
-                    .acquire_timeout(self.connect_timeout)
+                self.pool_options::<Postgres>()
                     .connect_lazy_with(options.clone()),
             ),
-            Connector::MySql(options) => {
-                let limit = self.statement_timeout.as_secs_f64();
-                Backend::MySql(
-                    MySqlPoolOptions::new()
-                        .max_connections(self.workers as u32)
-                        .acquire_timeout(self.connect_timeout)
-                        .after_connect(move |conn, _| {
-                            Box::pin(async move {
-                                // MariaDB's server-side statement limit; MySQL has no such
-                                // variable (1193) and relies on the sink's own timeout.
-                                let set = format!("SET SESSION max_statement_time = {limit}");
-                                match conn.execute(AssertSqlSafe(set)).await {
-                                    Err(sqlx::Error::Database(e))
-                                        if e.try_downcast_ref::<MySqlDatabaseError>()
-                                            .is_some_and(|e| e.number() == 1193) =>
-                                    {
-                                        Ok(())
-                                    }
-                                    other => other.map(|_| ()),
-                                }
-                            })
-                        })
-                        .connect_lazy_with(options.clone()),
-                )
-            }
+            Connector::MySql(options) => Backend::MySql(self.my_pool(options)),
             Connector::Sqlite(_) => Backend::Sqlite(Arc::new(Mutex::new(None))),
         })
     }

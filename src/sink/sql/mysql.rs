@@ -1,145 +1,140 @@
-//! MariaDB/MySQL: a batch in one transaction, the ledger read and then written, values bound
-//! by the column types the server reports for the table.
+//! MariaDB/MySQL: the ledger read and then written for the whole batch, and values bound by
+//! the column types the server reports for the table.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use sqlx::pool::PoolConnection;
-use sqlx::{AssertSqlSafe, Connection as _, Executor as _, MySql, Row as _};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError};
+use sqlx::{AssertSqlSafe, Executor as _, MySql, MySqlPool, Row as _, SqlStr};
 
 use super::Shared;
-use super::batch::{Attempt, Failure, Job, close_if_poisoned};
+use super::batch::{Failure, Job};
 use super::plan::{Bind, Op};
+use super::server::Server;
 use super::statement::{self, Dialect, TableName};
 use super::value::{self, MyColumn, MyParam};
 
-impl Shared {
-    pub(super) async fn acquire_my(
-        &self,
-        pool: &sqlx::MySqlPool,
-    ) -> Result<PoolConnection<MySql>, Failure> {
-        pool.acquire().await.map_err(|e| self.failure(&e))
+impl Server for MySql {
+    fn no_such_table(failure: &Failure) -> bool {
+        failure.number == Some(1146)
     }
 
-    pub(super) async fn attempt_my(&self, pool: &sqlx::MySqlPool, jobs: &[Job]) -> Attempt {
-        let mut conn = match self.acquire_my(pool).await {
-            Ok(conn) => conn,
-            Err(f) => return Attempt::Failed(f),
-        };
-        let attempt = self.my_transaction(&mut conn, jobs).await;
-        close_if_poisoned(&mut conn, &attempt);
-        attempt
+    async fn execute(conn: &mut MySqlConnection, sql: SqlStr) -> Result<(), sqlx::Error> {
+        conn.execute(sql).await.map(|_| ())
     }
 
-    async fn my_ledger(&self, conn: &mut sqlx::MySqlConnection) -> Result<(), Failure> {
-        self.ledger_ready
-            .get_or_try_init(|| async {
-                match self
-                    .timed(conn.execute(AssertSqlSafe(self.ledger_sql.probe.clone())))
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    Err(f) if f.number == Some(1146) => {
-                        if !self.create_ledger {
-                            return Err(self.missing_ledger());
-                        }
-                        self.timed(conn.execute(AssertSqlSafe(self.ledger_sql.create.clone())))
-                            .await
-                            .map(|_| ())
-                    }
-                    Err(f) => Err(f),
-                }
-            })
-            .await
-            .map(|_| ())
-    }
-
-    async fn my_transaction(&self, conn: &mut sqlx::MySqlConnection, jobs: &[Job]) -> Attempt {
-        if let Err(f) = self.my_ledger(conn).await {
-            return Attempt::Failed(f);
+    async fn claim(
+        shared: &Shared,
+        conn: &mut MySqlConnection,
+        jobs: &[Job],
+    ) -> Result<Vec<bool>, Failure> {
+        let select = statement::ledger_select(Dialect::MySql, &shared.ledger, jobs.len());
+        let mut query = sqlx::query(AssertSqlSafe(select));
+        for job in jobs {
+            query = query.bind(job.id.clone());
         }
-        let mut tx = match self.timed(conn.begin()).await {
-            Ok(tx) => tx,
-            Err(f) => return Attempt::Failed(f),
-        };
-        let result = async {
-            let select = statement::ledger_select(Dialect::MySql, &self.ledger, jobs.len());
-            let mut query = sqlx::query(AssertSqlSafe(select));
-            for job in jobs {
-                query = query.bind(job.id.clone());
+        let rows = shared.timed(query.fetch_all(&mut *conn)).await?;
+        let applied: HashSet<(String, String)> = rows
+            .iter()
+            .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
+            .collect();
+        // A pair seen earlier in the batch counts as found, so that it is written once.
+        let mut seen = HashSet::new();
+        let found: Vec<bool> = jobs
+            .iter()
+            .map(|j| {
+                let pair = (j.id.clone(), j.route.clone());
+                applied.contains(&pair) || !seen.insert(pair)
+            })
+            .collect();
+        let new: Vec<&Job> = jobs
+            .iter()
+            .zip(&found)
+            .filter(|(_, f)| !**f)
+            .map(|(j, _)| j)
+            .collect();
+        if !new.is_empty() {
+            let insert = statement::ledger_insert(Dialect::MySql, &shared.ledger, new.len());
+            let mut query = sqlx::query(AssertSqlSafe(insert));
+            for job in &new {
+                query = query.bind(job.id.clone()).bind(job.route.clone());
             }
-            let rows = self
-                .timed(query.fetch_all(&mut *tx))
+            shared
+                .timed(query.execute(&mut *conn))
                 .await
-                .map_err(|f| (None, f))?;
-            let applied: HashSet<(String, String)> = rows
-                .iter()
-                .filter_map(|r| Some((r.try_get(0).ok()?, r.try_get(1).ok()?)))
-                .collect();
-            // A pair seen earlier in the batch counts as found, so that it is written once.
-            let mut seen = HashSet::new();
-            let found: Vec<bool> = jobs
-                .iter()
-                .map(|j| {
-                    let pair = (j.id.clone(), j.route.clone());
-                    applied.contains(&pair) || !seen.insert(pair)
-                })
-                .collect();
-            let new: Vec<&Job> = jobs
-                .iter()
-                .zip(&found)
-                .filter(|(_, f)| !**f)
-                .map(|(j, _)| j)
-                .collect();
-            if !new.is_empty() {
-                let insert = statement::ledger_insert(Dialect::MySql, &self.ledger, new.len());
-                let mut query = sqlx::query(AssertSqlSafe(insert));
-                for job in &new {
-                    query = query.bind(job.id.clone()).bind(job.route.clone());
-                }
-                self.timed(query.execute(&mut *tx)).await.map_err(|mut f| {
+                .map_err(|mut f| {
+                    // A duplicate key: another transaction recorded one of these events
+                    // meanwhile.
                     if f.number == Some(1062) {
                         f.ledger_conflict = true;
                     }
-                    (None, Failure { whole: true, ..f })
+                    Failure { whole: true, ..f }
                 })?;
-            }
-            for (i, job) in jobs.iter().enumerate() {
-                if found[i] {
-                    continue;
-                }
-                for op in &job.ops {
-                    self.my_op(&mut tx, op).await.map_err(|f| (Some(i), f))?;
-                }
-            }
-            Ok(found)
         }
-        .await;
-        match result {
-            Ok(found) => match self.timed(tx.commit()).await {
-                Ok(()) => Attempt::Committed(found),
-                Err(f) => Attempt::Failed(Failure { whole: true, ..f }),
-            },
-            Err((index, f)) => {
-                if !f.poisoned && self.timed(tx.rollback()).await.is_err() {
-                    return Attempt::Failed(Failure {
-                        poisoned: true,
-                        ..f
-                    });
-                }
-                match index {
-                    Some(i) if !f.whole => Attempt::EventFailed(i, f),
-                    _ => Attempt::Failed(f),
-                }
-            }
+        Ok(found)
+    }
+
+    async fn op(shared: &Shared, conn: &mut MySqlConnection, op: &Op) -> Result<(), Failure> {
+        let columns = match &op.table {
+            Some(table) => Some(shared.my_column_types(conn, table, &op.binds).await?),
+            None => None,
+        };
+        let mut query = sqlx::query(AssertSqlSafe(op.sql.clone()));
+        for bind in &op.binds {
+            let column = match (&columns, &bind.column) {
+                (Some(columns), Some(name)) => Some(
+                    columns
+                        .get(&name.to_ascii_lowercase())
+                        .copied()
+                        .unwrap_or(MyColumn::Other),
+                ),
+                _ => None,
+            };
+            query = match value::my_param(&bind.value, column) {
+                MyParam::Null => query.bind(None::<String>),
+                MyParam::Bool(b) => query.bind(b),
+                MyParam::Int(i) => query.bind(i),
+                MyParam::UInt(u) => query.bind(u),
+                MyParam::Text(s) => query.bind(s),
+            };
         }
+        shared
+            .timed(query.execute(&mut *conn))
+            .await
+            .map(|_| ())
+            .map_err(|f| shared.in_op(f, op))
+    }
+}
+
+impl Shared {
+    /// The pool, whose connections set MariaDB's server-side statement limit when they open.
+    pub(super) fn my_pool(&self, options: &MySqlConnectOptions) -> MySqlPool {
+        let limit = self.statement_timeout.as_secs_f64();
+        self.pool_options::<MySql>()
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    // MariaDB's server-side statement limit; MySQL has no such variable (1193)
+                    // and relies on the sink's own timeout.
+                    let set = format!("SET SESSION max_statement_time = {limit}");
+                    match conn.execute(AssertSqlSafe(set)).await {
+                        Err(sqlx::Error::Database(e))
+                            if e.try_downcast_ref::<MySqlDatabaseError>()
+                                .is_some_and(|e| e.number() == 1193) =>
+                        {
+                            Ok(())
+                        }
+                        other => other.map(|_| ()),
+                    }
+                })
+            })
+            .connect_lazy_with(options.clone())
     }
 
     /// The column types of a table (MariaDB/MySQL), cached; read again when a column is not
     /// known (the table may have changed).
     async fn my_column_types(
         &self,
-        conn: &mut sqlx::MySqlConnection,
+        conn: &mut MySqlConnection,
         table: &TableName,
         wanted: &[Bind],
     ) -> Result<Arc<HashMap<String, MyColumn>>, Failure> {
@@ -187,35 +182,5 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .insert(cache_key, columns.clone());
         Ok(columns)
-    }
-
-    async fn my_op(&self, conn: &mut sqlx::MySqlConnection, op: &Op) -> Result<(), Failure> {
-        let columns = match &op.table {
-            Some(table) => Some(self.my_column_types(conn, table, &op.binds).await?),
-            None => None,
-        };
-        let mut query = sqlx::query(AssertSqlSafe(op.sql.clone()));
-        for bind in &op.binds {
-            let column = match (&columns, &bind.column) {
-                (Some(columns), Some(name)) => Some(
-                    columns
-                        .get(&name.to_ascii_lowercase())
-                        .copied()
-                        .unwrap_or(MyColumn::Other),
-                ),
-                _ => None,
-            };
-            query = match value::my_param(&bind.value, column) {
-                MyParam::Null => query.bind(None::<String>),
-                MyParam::Bool(b) => query.bind(b),
-                MyParam::Int(i) => query.bind(i),
-                MyParam::UInt(u) => query.bind(u),
-                MyParam::Text(s) => query.bind(s),
-            };
-        }
-        self.timed(query.execute(&mut *conn))
-            .await
-            .map(|_| ())
-            .map_err(|f| self.in_op(f, op))
     }
 }

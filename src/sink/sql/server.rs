@@ -1,0 +1,142 @@
+//! What PostgreSQL and MariaDB/MySQL share: a pool of connections, the ledger made sure of once,
+//! and a batch applied in one transaction. The [`Server`] trait holds the few things each does
+//! its own way: how the ledger records a batch, how a statement's values are bound, and how a
+//! missing table is recognised.
+//!
+//! The driver is generic over the database, not over sqlx's `Executor`: every statement runs
+//! inside a method of the database's own impl, on its concrete connection type, so no future
+//! here carries a higher-ranked `Executor` bound (those made the futures fail to be `Send`).
+
+use std::future::Future;
+
+use sqlx::pool::{PoolConnection, PoolOptions};
+use sqlx::{AssertSqlSafe, Connection as _, Pool, SqlSafeStr as _, SqlStr};
+
+use super::Shared;
+use super::batch::{Attempt, Failure, Job, close_if_poisoned};
+use super::plan::Op;
+
+/// A database the sink reaches through an sqlx pool.
+pub(super) trait Server: sqlx::Database {
+    /// True when the failure says that the table does not exist (the ledger probe).
+    fn no_such_table(failure: &Failure) -> bool;
+
+    /// Runs a statement that binds nothing and returns nothing.
+    fn execute(
+        conn: &mut Self::Connection,
+        sql: SqlStr,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Records the batch's events in the ledger, inside the batch's transaction. For each
+    /// event, true when it was found there already (applied before) or earlier in the batch:
+    /// such an event is not written again.
+    fn claim(
+        shared: &Shared,
+        conn: &mut Self::Connection,
+        jobs: &[Job],
+    ) -> impl Future<Output = Result<Vec<bool>, Failure>> + Send;
+
+    /// Runs one statement of an event's output.
+    fn op(
+        shared: &Shared,
+        conn: &mut Self::Connection,
+        op: &Op,
+    ) -> impl Future<Output = Result<(), Failure>> + Send;
+}
+
+impl Shared {
+    /// The pool settings every server shares.
+    pub(super) fn pool_options<DB: Server>(&self) -> PoolOptions<DB> {
+        PoolOptions::new()
+            .max_connections(self.workers as u32)
+            .acquire_timeout(self.connect_timeout)
+    }
+
+    async fn acquire<DB: Server>(&self, pool: &Pool<DB>) -> Result<PoolConnection<DB>, Failure> {
+        pool.acquire().await.map_err(|e| self.failure(&e))
+    }
+
+    /// `SELECT 1` on a pooled connection.
+    pub(super) async fn select_one_on<DB: Server>(&self, pool: &Pool<DB>) -> Result<(), Failure> {
+        let mut conn = self.acquire(pool).await?;
+        self.timed(DB::execute(&mut conn, SqlStr::from_static("SELECT 1")))
+            .await
+    }
+
+    /// One attempt at a batch on a pooled connection.
+    pub(super) async fn attempt_on<DB: Server>(&self, pool: &Pool<DB>, jobs: &[Job]) -> Attempt {
+        let mut conn = match self.acquire(pool).await {
+            Ok(conn) => conn,
+            Err(f) => return Attempt::Failed(f),
+        };
+        let attempt = self.transaction::<DB>(&mut conn, jobs).await;
+        close_if_poisoned(&mut conn, &attempt);
+        attempt
+    }
+
+    /// Makes sure, once, that the ledger table exists: creates it when `create_ledger` is set.
+    async fn ledger<DB: Server>(&self, conn: &mut DB::Connection) -> Result<(), Failure> {
+        self.ledger_ready
+            .get_or_try_init(|| async {
+                let probe = AssertSqlSafe(self.ledger_sql.probe.clone()).into_sql_str();
+                match self.timed(DB::execute(conn, probe)).await {
+                    Ok(()) => Ok(()),
+                    Err(f) if DB::no_such_table(&f) => {
+                        if !self.create_ledger {
+                            return Err(self.missing_ledger());
+                        }
+                        let create = AssertSqlSafe(self.ledger_sql.create.clone()).into_sql_str();
+                        self.timed(DB::execute(conn, create)).await
+                    }
+                    Err(f) => Err(f),
+                }
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// The batch in one transaction: the ledger first, then the statements of each event not
+    /// found in it. Rolled back when anything fails.
+    async fn transaction<DB: Server>(&self, conn: &mut DB::Connection, jobs: &[Job]) -> Attempt {
+        if let Err(f) = self.ledger::<DB>(conn).await {
+            return Attempt::Failed(f);
+        }
+        let mut tx = match self.timed(conn.begin()).await {
+            Ok(tx) => tx,
+            Err(f) => return Attempt::Failed(f),
+        };
+        let result = async {
+            let found = DB::claim(self, &mut tx, jobs)
+                .await
+                .map_err(|f| (None, f))?;
+            for (i, job) in jobs.iter().enumerate() {
+                if found[i] {
+                    continue;
+                }
+                for op in &job.ops {
+                    DB::op(self, &mut tx, op).await.map_err(|f| (Some(i), f))?;
+                }
+            }
+            Ok(found)
+        }
+        .await;
+        match result {
+            Ok(found) => match self.timed(tx.commit()).await {
+                Ok(()) => Attempt::Committed(found),
+                Err(f) => Attempt::Failed(Failure { whole: true, ..f }),
+            },
+            Err((index, f)) => {
+                if !f.poisoned && self.timed(tx.rollback()).await.is_err() {
+                    return Attempt::Failed(Failure {
+                        poisoned: true,
+                        ..f
+                    });
+                }
+                match index {
+                    Some(i) if !f.whole => Attempt::EventFailed(i, f),
+                    _ => Attempt::Failed(f),
+                }
+            }
+        }
+    }
+}
