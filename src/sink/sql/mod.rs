@@ -61,14 +61,13 @@ pub mod value;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
 use sqlx::Postgres;
-use sqlx::mysql::{MySqlConnectOptions, MySqlSslMode};
-use sqlx::postgres::{PgConnectOptions, PgSslMode};
+use sqlx::mysql::MySqlConnectOptions;
+use sqlx::postgres::PgConnectOptions;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{EventMeta, Sink, SinkError};
@@ -76,8 +75,8 @@ use crate::settings::read_secret;
 use batch::{Job, worker};
 pub use config::SqlConfig;
 use config::*;
-use error::redact_error;
 use plan::Mode;
+use server::connect_options;
 pub use statement::Dialect;
 use statement::{LedgerSql, TableName};
 use value::MyColumn;
@@ -186,84 +185,29 @@ impl SqlSink {
             })
             .transpose()?;
         let statement_timeout = Duration::from_millis(config.statement_timeout_ms.max(1));
+        let workers = config.max_connections.max(1) as usize;
         let (connector, shown, workers) = match dialect {
             Dialect::Postgres => {
-                let mut options = PgConnectOptions::from_str(&url).map_err(|e| {
-                    format!("{field}: not a PostgreSQL URL ({}): write it like postgres://ess@db.example:5432/rules", redact_error(&e))
-                })?;
-                if let Some(password) = &password {
-                    options = options.password(password);
-                }
-                if let Some(mode) = config.tls {
-                    options = options.ssl_mode(match mode {
-                        TlsMode::Disable => PgSslMode::Disable,
-                        TlsMode::Prefer => PgSslMode::Prefer,
-                        TlsMode::Require => PgSslMode::Require,
-                        TlsMode::VerifyCa => PgSslMode::VerifyCa,
-                        TlsMode::VerifyFull => PgSslMode::VerifyFull,
-                    });
-                } else if ca.is_some() {
-                    options = options.ssl_mode(PgSslMode::VerifyFull);
-                }
-                if let Some(ca) = &ca {
-                    options = options.ssl_root_cert_from_pem(ca.clone());
-                }
-                options = options
-                    .application_name("ess-agent")
-                    .statement_cache_capacity(cache_capacity(config.max_batch))
-                    .options([(
-                        "statement_timeout",
-                        format!("{}", statement_timeout.as_millis()),
-                    )]);
-                let shown = format!(
-                    "{}:{}/{}",
-                    options.get_host(),
-                    options.get_port(),
-                    options.get_database().unwrap_or("")
-                );
-                (
-                    Connector::Postgres(options),
-                    shown,
-                    config.max_connections.max(1) as usize,
-                )
+                let (options, shown) = connect_options(
+                    &url,
+                    field,
+                    password.as_deref(),
+                    ca.as_deref(),
+                    config,
+                    statement_timeout,
+                )?;
+                (Connector::Postgres(options), shown, workers)
             }
             Dialect::MySql => {
-                let mut options = MySqlConnectOptions::from_str(&url).map_err(|e| {
-                    format!("{field}: not a MariaDB/MySQL URL ({}): write it like mysql://ess@db.example:3306/rules", redact_error(&e))
-                })?;
-                if let Some(password) = &password {
-                    options = options.password(password);
-                }
-                if let Some(mode) = config.tls {
-                    options = options.ssl_mode(match mode {
-                        TlsMode::Disable => MySqlSslMode::Disabled,
-                        TlsMode::Prefer => MySqlSslMode::Preferred,
-                        TlsMode::Require => MySqlSslMode::Required,
-                        TlsMode::VerifyCa => MySqlSslMode::VerifyCa,
-                        TlsMode::VerifyFull => MySqlSslMode::VerifyIdentity,
-                    });
-                } else if ca.is_some() {
-                    options = options.ssl_mode(MySqlSslMode::VerifyIdentity);
-                }
-                if let Some(ca) = &ca {
-                    options = options.ssl_ca_from_pem(ca.clone());
-                }
-                // The server's own SQL mode: a partner's statements mean what they mean in
-                // their other clients (`||` stays OR unless the server says otherwise).
-                options = options
-                    .pipes_as_concat(false)
-                    .statement_cache_capacity(cache_capacity(config.max_batch));
-                let shown = format!(
-                    "{}:{}/{}",
-                    options.get_host(),
-                    options.get_port(),
-                    options.get_database().unwrap_or("")
-                );
-                (
-                    Connector::MySql(options),
-                    shown,
-                    config.max_connections.max(1) as usize,
-                )
+                let (options, shown) = connect_options(
+                    &url,
+                    field,
+                    password.as_deref(),
+                    ca.as_deref(),
+                    config,
+                    statement_timeout,
+                )?;
+                (Connector::MySql(options), shown, workers)
             }
             Dialect::Sqlite => {
                 if password.is_some() {

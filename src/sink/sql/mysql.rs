@@ -3,14 +3,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlDatabaseError, MySqlSslMode};
 use sqlx::{AssertSqlSafe, Executor as _, MySql, MySqlPool, Row as _, SqlStr};
 
 use super::Shared;
 use super::batch::{Failure, Job};
+use super::cache_capacity;
+use super::config::TlsMode;
 use super::plan::{Bind, Op};
-use super::server::Server;
+use super::server::{Server, ServerOptions};
 use super::statement::{self, Dialect, TableName};
 use super::value::{self, MyColumn, MyParam};
 
@@ -103,6 +106,40 @@ impl Server for MySql {
             .await
             .map(|_| ())
             .map_err(|f| shared.in_op(f, op))
+    }
+}
+
+impl ServerOptions for MySqlConnectOptions {
+    const DIALECT: Dialect = Dialect::MySql;
+    const EXAMPLE: &'static str = "mysql://ess@db.example:3306/rules";
+
+    fn with_password(self, password: &str) -> Self {
+        self.password(password)
+    }
+
+    fn with_tls(self, mode: TlsMode) -> Self {
+        self.ssl_mode(match mode {
+            TlsMode::Disable => MySqlSslMode::Disabled,
+            TlsMode::Prefer => MySqlSslMode::Preferred,
+            TlsMode::Require => MySqlSslMode::Required,
+            TlsMode::VerifyCa => MySqlSslMode::VerifyCa,
+            TlsMode::VerifyFull => MySqlSslMode::VerifyIdentity,
+        })
+    }
+
+    fn with_ca(self, pem: Vec<u8>) -> Self {
+        self.ssl_ca_from_pem(pem)
+    }
+
+    fn tuned(self, max_batch: usize, _statement_timeout: Duration) -> Self {
+        // The server's own SQL mode: a partner's statements mean what they mean in their
+        // other clients (`||` stays OR unless the server says otherwise).
+        self.pipes_as_concat(false)
+            .statement_cache_capacity(cache_capacity(max_batch))
+    }
+
+    fn at(&self) -> (&str, u16, Option<&str>) {
+        (self.get_host(), self.get_port(), self.get_database())
     }
 }
 

@@ -2,8 +2,9 @@
 //! described by the server so that values are encoded to the types it needs.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
-use sqlx::postgres::{PgArguments, PgConnection};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgSslMode};
 use sqlx::{
     Arguments as _, AssertSqlSafe, Either, Executor as _, Postgres, Row as _, SqlSafeStr as _,
     SqlStr, Statement as _,
@@ -11,8 +12,11 @@ use sqlx::{
 
 use super::Shared;
 use super::batch::{Failure, Job};
+use super::cache_capacity;
+use super::config::TlsMode;
 use super::plan::{Op, record_name};
-use super::server::Server;
+use super::server::{Server, ServerOptions};
+use super::statement::Dialect;
 use super::{statement, value};
 use crate::sink::SinkError;
 
@@ -90,5 +94,41 @@ impl Server for Postgres {
             .await
             .map(|_| ())
             .map_err(|f| shared.in_op(f, op))
+    }
+}
+
+impl ServerOptions for PgConnectOptions {
+    const DIALECT: Dialect = Dialect::Postgres;
+    const EXAMPLE: &'static str = "postgres://ess@db.example:5432/rules";
+
+    fn with_password(self, password: &str) -> Self {
+        self.password(password)
+    }
+
+    fn with_tls(self, mode: TlsMode) -> Self {
+        self.ssl_mode(match mode {
+            TlsMode::Disable => PgSslMode::Disable,
+            TlsMode::Prefer => PgSslMode::Prefer,
+            TlsMode::Require => PgSslMode::Require,
+            TlsMode::VerifyCa => PgSslMode::VerifyCa,
+            TlsMode::VerifyFull => PgSslMode::VerifyFull,
+        })
+    }
+
+    fn with_ca(self, pem: Vec<u8>) -> Self {
+        self.ssl_root_cert_from_pem(pem)
+    }
+
+    fn tuned(self, max_batch: usize, statement_timeout: Duration) -> Self {
+        self.application_name("ess-agent")
+            .statement_cache_capacity(cache_capacity(max_batch))
+            .options([(
+                "statement_timeout",
+                format!("{}", statement_timeout.as_millis()),
+            )])
+    }
+
+    fn at(&self) -> (&str, u16, Option<&str>) {
+        (self.get_host(), self.get_port(), self.get_database())
     }
 }

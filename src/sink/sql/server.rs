@@ -8,13 +8,18 @@
 //! here carries a higher-ranked `Executor` bound (those made the futures fail to be `Send`).
 
 use std::future::Future;
+use std::str::FromStr;
+use std::time::Duration;
 
 use sqlx::pool::{PoolConnection, PoolOptions};
 use sqlx::{AssertSqlSafe, Connection as _, Pool, SqlSafeStr as _, SqlStr};
 
 use super::Shared;
 use super::batch::{Attempt, Failure, Job, close_if_poisoned};
+use super::config::{SqlConfig, TlsMode};
+use super::error::redact_error;
 use super::plan::Op;
+use super::statement::Dialect;
 
 /// A database the sink reaches through an sqlx pool.
 pub(super) trait Server: sqlx::Database {
@@ -42,6 +47,56 @@ pub(super) trait Server: sqlx::Database {
         conn: &mut Self::Connection,
         op: &Op,
     ) -> impl Future<Output = Result<(), Failure>> + Send;
+}
+
+/// A server's connect options, as the sink sets them from its config.
+pub(super) trait ServerOptions: FromStr<Err = sqlx::Error> {
+    /// The server's dialect, for messages.
+    const DIALECT: Dialect;
+    /// How its URL is written, for the message about one that does not parse.
+    const EXAMPLE: &'static str;
+
+    fn with_password(self, password: &str) -> Self;
+    fn with_tls(self, mode: TlsMode) -> Self;
+    fn with_ca(self, pem: Vec<u8>) -> Self;
+    /// What the sink always sets: the statement cache and the server's session settings.
+    fn tuned(self, max_batch: usize, statement_timeout: Duration) -> Self;
+    /// Host, port and database, for messages.
+    fn at(&self) -> (&str, u16, Option<&str>);
+}
+
+/// The connect options from the URL (named `field` in messages, which never repeat it), the
+/// password and the CA certificate; and where the database is, for messages.
+pub(super) fn connect_options<O: ServerOptions>(
+    url: &str,
+    field: &str,
+    password: Option<&str>,
+    ca: Option<&[u8]>,
+    config: &SqlConfig,
+    statement_timeout: Duration,
+) -> Result<(O, String), String> {
+    let mut options = O::from_str(url).map_err(|e| {
+        format!(
+            "{field}: not a {} URL ({}): write it like {}",
+            O::DIALECT.name(),
+            redact_error(&e),
+            O::EXAMPLE
+        )
+    })?;
+    if let Some(password) = password {
+        options = options.with_password(password);
+    }
+    // A CA file without a TLS mode means: verify the server's certificate and name.
+    if let Some(mode) = config.tls.or(ca.map(|_| TlsMode::VerifyFull)) {
+        options = options.with_tls(mode);
+    }
+    if let Some(ca) = ca {
+        options = options.with_ca(ca.to_vec());
+    }
+    let options = options.tuned(config.max_batch, statement_timeout);
+    let (host, port, database) = options.at();
+    let shown = format!("{host}:{port}/{}", database.unwrap_or(""));
+    Ok((options, shown))
 }
 
 impl Shared {
