@@ -76,7 +76,7 @@ use batch::{Job, worker};
 pub use config::SqlConfig;
 use config::*;
 use plan::Mode;
-use server::connect_options;
+use server::{Reach, connect_options};
 pub use statement::Dialect;
 use statement::{LedgerSql, TableName};
 use value::MyColumn;
@@ -185,28 +185,22 @@ impl SqlSink {
             })
             .transpose()?;
         let statement_timeout = Duration::from_millis(config.statement_timeout_ms.max(1));
+        let reach = Reach {
+            url: &url,
+            field,
+            password: password.as_deref(),
+            ca: ca.as_deref(),
+            config,
+            statement_timeout,
+        };
         let workers = config.max_connections.max(1) as usize;
         let (connector, shown, workers) = match dialect {
             Dialect::Postgres => {
-                let (options, shown) = connect_options(
-                    &url,
-                    field,
-                    password.as_deref(),
-                    ca.as_deref(),
-                    config,
-                    statement_timeout,
-                )?;
+                let (options, shown) = connect_options(&reach)?;
                 (Connector::Postgres(options), shown, workers)
             }
             Dialect::MySql => {
-                let (options, shown) = connect_options(
-                    &url,
-                    field,
-                    password.as_deref(),
-                    ca.as_deref(),
-                    config,
-                    statement_timeout,
-                )?;
+                let (options, shown) = connect_options(&reach)?;
                 (Connector::MySql(options), shown, workers)
             }
             Dialect::Sqlite => {

@@ -65,16 +65,29 @@ pub(super) trait ServerOptions: FromStr<Err = sqlx::Error> {
     fn at(&self) -> (&str, u16, Option<&str>);
 }
 
-/// The connect options from the URL (named `field` in messages, which never repeat it), the
-/// password and the CA certificate; and where the database is, for messages.
-pub(super) fn connect_options<O: ServerOptions>(
-    url: &str,
-    field: &str,
-    password: Option<&str>,
-    ca: Option<&[u8]>,
-    config: &SqlConfig,
-    statement_timeout: Duration,
-) -> Result<(O, String), String> {
+/// What a server's connect options are made from.
+pub(super) struct Reach<'a> {
+    pub(super) url: &'a str,
+    /// The key the URL came from (`url` or `url_secret`), for messages, which never repeat a
+    /// secret URL.
+    pub(super) field: &'a str,
+    pub(super) password: Option<&'a str>,
+    /// The CA certificate (PEM).
+    pub(super) ca: Option<&'a [u8]>,
+    pub(super) config: &'a SqlConfig,
+    pub(super) statement_timeout: Duration,
+}
+
+/// The connect options, and where the database is, for messages.
+pub(super) fn connect_options<O: ServerOptions>(reach: &Reach) -> Result<(O, String), String> {
+    let Reach {
+        url,
+        field,
+        password,
+        ca,
+        config,
+        statement_timeout,
+    } = *reach;
     let mut options = O::from_str(url).map_err(|e| {
         format!(
             "{field}: not a {} URL ({}): write it like {}",
