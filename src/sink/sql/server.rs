@@ -4,8 +4,10 @@
 //! missing table is recognised.
 //!
 //! The driver is generic over the database, not over sqlx's `Executor`: every statement runs
-//! inside a method of the database's own impl, on its concrete connection type, so no future
-//! here carries a higher-ranked `Executor` bound (those made the futures fail to be `Send`).
+//! inside the database's own impl, on its concrete connection type, and the trait declares those
+//! futures `Send`. So the driver needs no higher-ranked bound on `Executor` for
+//! `&mut DB::Connection`, and its own futures are `Send`, as the sink's multi-threaded runtime
+//! needs.
 
 use std::future::Future;
 use std::str::FromStr;
