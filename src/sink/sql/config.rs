@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use super::Dialect;
+use super::plan::{Mode, missing_field, not_an_object, records, table_columns};
 use super::statement::{TableName, check_identifier, parse_statement};
-use super::{Dialect, Mode, missing_field, not_an_object, records, table_columns};
 use crate::adapter::engine::Expression;
 use crate::settings::RetryConfig;
 use crate::settings::{Problem, SecretSource};
