@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 
 use crate::support::kill9::{self, AfterKills};
 use crate::support::nats::{
-    self, NatsServer, SHARED_URL, create_stream, delete_stream, header, jetstream, messages,
+    self, NatsServer, SHARED_URL, TlsFiles, create_stream, delete_stream, header, jetstream,
+    jetstream_tls, messages,
 };
 use crate::support::{self, Agent, admin_get, plain, request, signed_headers, unix_now};
 
@@ -448,6 +449,83 @@ async fn kill_9_mid_stream_every_accepted_event_is_in_the_stream_exactly_once() 
     assert!(twice.is_empty(), "stored twice: {twice:?}");
     drop(agent);
     delete_stream(&js, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_client_certificate_applies_and_an_untrusted_server_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_adapter(dir.path(), "pass.jsonata", PASS_THROUGH);
+    let pki = support::tls::generate(dir.path());
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let wrong = support::tls::generate(&other);
+    let server = NatsServer::start_tls(TlsFiles {
+        ca: pki.ca.clone(),
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+    });
+    let url = format!("tls://127.0.0.1:{}", server.port);
+    let js = jetstream_tls(&url, &pki.ca, &pki.client_cert, &pki.client_key).await;
+    create_stream(&js, "SECURE", &["secure.>".to_string()]).await;
+    let sink = |name: &str, ca: &Path| {
+        format!(
+            r#"
+[[routes]]
+name = "{name}"
+adapter = "pass.jsonata"
+sink = "{name}"
+
+[sinks.{name}]
+type = "nats"
+url = "{url}"
+subject = "secure.{name}.{{subject}}"
+stream = "SECURE"
+connect_timeout_secs = 2
+tls = {{ ca_file = {ca:?}, cert = {cert:?}, key = {key:?} }}
+retry = {{ max_attempts = 1 }}
+"#,
+            ca = ca.display().to_string(),
+            cert = pki.client_cert.display().to_string(),
+            key = pki.client_key.display().to_string(),
+        )
+    };
+    let config = format!(
+        "{}{}{}",
+        adapters_dir(dir.path()),
+        sink("good", &pki.ca),
+        sink("bad", &wrong.ca)
+    );
+    let agent = Agent::start(dir.path(), &config);
+    post(
+        &agent,
+        "t-1",
+        event("t-1", "rule.updated", "S1", json!({"n": 1})),
+    )
+    .await;
+    let done = wait_final(&agent, "t-1", 1);
+    assert_eq!(done["state"], "failed", "{done}");
+    let status = admin_get(&agent, "/v1/events/t-1").await;
+    let delivery = |name: &str| {
+        status.body["deliveries"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["route"] == name))
+            .unwrap_or_else(|| panic!("no delivery {name}: {}", status.body))
+            .clone()
+    };
+    assert_eq!(delivery("good")["state"], "applied", "{}", status.body);
+    let error = delivery("bad")["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("ca_file") || error.contains("CA"),
+        "{}",
+        status.body
+    );
+    let got = messages(&js, "SECURE").await;
+    assert_eq!(got.len(), 1, "only the trusted route's message is stored");
+    assert_eq!(got[0].subject.as_str(), "secure.good.S1");
+    assert_eq!(header(&got[0], "Nats-Msg-Id"), Some("t-1:good:0"));
 }
 
 #[test]

@@ -6,7 +6,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 
 use super::config::Broker;
 use crate::sink::SinkError;
-use crate::sink::client::{rustls_error, tls_advice};
+use crate::sink::client::{BROKER_KEYS, rustls_error, tls_advice};
 
 /// What the agent was doing when the error came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +92,7 @@ pub(super) fn classify(
             if let Some(tls) = rustls_error(io.as_ref()) {
                 return SinkError::Retryable(format!(
                     "TLS handshake with {broker} failed ({tls}): {}",
-                    tls_advice(tls)
+                    tls_advice(tls, &BROKER_KEYS)
                 ));
             }
             let advice = match io.kind() {

@@ -15,7 +15,7 @@ mod url;
 use std::path::{Path, PathBuf};
 
 pub use backoff::Backoff;
-pub use tls::{rustls_error, tls_advice};
+pub use tls::{BROKER_KEYS, TlsKeys, rustls_error, tls_advice};
 pub use url::{Address, UrlForm, parse_url};
 
 use crate::settings::SecretSource;

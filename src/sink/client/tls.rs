@@ -18,35 +18,60 @@ pub fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<
     None
 }
 
-/// What to do about a failed TLS handshake with a broker.
-pub fn tls_advice(tls: &rustls::Error) -> &'static str {
+/// The names a sink gives its TLS settings, for advice that names the key to change.
+pub struct TlsKeys {
+    /// The noun for the other end in messages: "broker" or "server".
+    pub peer: &'static str,
+    pub ca_file: &'static str,
+    pub client_cert: &'static str,
+    pub client_key: &'static str,
+}
+
+/// The keys of mqtt, amqp and redis, whose other end is a broker.
+pub const BROKER_KEYS: TlsKeys = TlsKeys {
+    peer: "broker",
+    ca_file: "ca_file",
+    client_cert: "client_cert",
+    client_key: "client_key",
+};
+
+/// What to do about a failed TLS handshake, naming the sink's own keys.
+pub fn tls_advice(tls: &rustls::Error, keys: &TlsKeys) -> String {
     use rustls::{AlertDescription, CertificateError};
+    let TlsKeys {
+        peer,
+        ca_file,
+        client_cert,
+        client_key,
+    } = keys;
     match tls {
         // A bad signature is what a different CA with the same name gives.
         rustls::Error::InvalidCertificate(
             CertificateError::UnknownIssuer | CertificateError::BadSignature,
-        ) => {
-            "the broker's certificate is not signed by a CA the agent trusts: set ca_file to the \
-             CA that signed it"
-        }
+        ) => format!(
+            "the {peer}'s certificate is not signed by a CA the agent trusts: set {ca_file} to \
+             the CA that signed it"
+        ),
         rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-        ) => "the broker's certificate is not valid for the host in url: use a host name it names",
+        ) => format!(
+            "the {peer}'s certificate is not valid for the host in url: use a host name it names"
+        ),
         rustls::Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
-        ) => "the broker's certificate has expired: renew it on the broker",
-        rustls::Error::InvalidCertificate(_) => {
-            "the broker's certificate was refused: check ca_file and the broker's certificate"
-        }
+        ) => format!("the {peer}'s certificate has expired: renew it on the {peer}"),
+        rustls::Error::InvalidCertificate(_) => format!(
+            "the {peer}'s certificate was refused: check {ca_file} and the {peer}'s certificate"
+        ),
         rustls::Error::AlertReceived(
             AlertDescription::CertificateRequired
             | AlertDescription::HandshakeFailure
             | AlertDescription::BadCertificate
             | AlertDescription::UnknownCA,
-        ) => {
-            "the broker refused the handshake, probably the agent's client certificate: check \
-             client_cert and client_key"
-        }
-        _ => "check that the broker speaks TLS on this port",
+        ) => format!(
+            "the {peer} refused the handshake, probably the agent's client certificate: check \
+             {client_cert} and {client_key}"
+        ),
+        _ => format!("check that the {peer} speaks TLS on this port"),
     }
 }

@@ -4,7 +4,7 @@
 use super::config::Broker;
 use super::connection::Failure;
 use crate::sink::SinkError;
-use crate::sink::client::{rustls_error, tls_advice};
+use crate::sink::client::{BROKER_KEYS, rustls_error, tls_advice};
 
 /// No CONNACK within the connect timeout: retryable.
 pub(super) fn no_connack(broker: &Broker) -> Failure {
@@ -59,7 +59,7 @@ pub(super) fn describe_connection_error(
     broker: &Broker,
 ) -> String {
     if let Some(tls) = rustls_error(error) {
-        let advice = tls_advice(tls);
+        let advice = tls_advice(tls, &BROKER_KEYS);
         return format!("TLS handshake with {broker} failed ({tls}): {advice}");
     }
     let mut current = Some(error);

@@ -56,7 +56,7 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use super::client::Backoff;
+use super::client::{Backoff, TlsKeys, rustls_error, tls_advice};
 use super::template::Template;
 use super::{EventMeta, Sink, SinkError};
 use crate::http_client::{ClientTls, client_config};
@@ -346,6 +346,22 @@ async fn connect(shared: Arc<Shared>, connector: Connector, stop: CancellationTo
 
 /// The message for a failed connection attempt, and whether it is permanent.
 fn describe_connect_error(error: &async_nats::ConnectError, server: &Server) -> (String, bool) {
+    // The TLS error is inside the chain whatever kind the client gave it (often `Io`).
+    if let Some(tls) = rustls_error(error) {
+        let keys = TlsKeys {
+            peer: "server",
+            ca_file: "tls.ca_file",
+            client_cert: "tls.cert",
+            client_key: "tls.key",
+        };
+        return (
+            format!(
+                "TLS handshake with the NATS server at {server} failed ({tls}): {}",
+                tls_advice(tls, &keys)
+            ),
+            false,
+        );
+    }
     let detail = std::error::Error::source(error)
         .map(|s| format!(" ({s})"))
         .unwrap_or_default();
