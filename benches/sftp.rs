@@ -9,6 +9,9 @@
 //! Run: `cargo bench --bench sftp` (FILES and ROUNDS in the environment change the defaults of
 //! 500 files and 5 rounds).
 
+#[path = "../tests/it/support/process.rs"]
+#[allow(dead_code)]
+mod process;
 #[path = "../tests/it/support/sshd.rs"]
 #[allow(dead_code)]
 mod sshd;

@@ -377,13 +377,7 @@ retry = {{ max_attempts = 1 }}
     let done = wait_final(&agent, "t1", 1);
     assert_eq!(done["state"], "failed", "{done}");
     let status = support::admin_get(&agent, "/v1/events/t1").await;
-    let delivery = |name: &str| {
-        status.body["deliveries"]
-            .as_array()
-            .and_then(|d| d.iter().find(|d| d["route"] == name))
-            .unwrap_or_else(|| panic!("no delivery {name}: {}", status.body))
-            .clone()
-    };
+    let delivery = |name: &str| support::delivery(&status.body, name);
     assert_eq!(delivery("good")["state"], "applied", "{}", status.body);
     let error = delivery("bad")["last_error"]
         .as_str()

@@ -505,13 +505,7 @@ retry = {{ max_attempts = 1 }}
     let done = wait_final(&agent, "t-1", 1);
     assert_eq!(done["state"], "failed", "{done}");
     let status = admin_get(&agent, "/v1/events/t-1").await;
-    let delivery = |name: &str| {
-        status.body["deliveries"]
-            .as_array()
-            .and_then(|d| d.iter().find(|d| d["route"] == name))
-            .unwrap_or_else(|| panic!("no delivery {name}: {}", status.body))
-            .clone()
-    };
+    let delivery = |name: &str| support::delivery(&status.body, name);
     assert_eq!(delivery("good")["state"], "applied", "{}", status.body);
     let error = delivery("bad")["last_error"]
         .as_str()

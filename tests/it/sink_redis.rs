@@ -525,13 +525,7 @@ async fn rediss_with_a_client_certificate_applies_and_an_untrusted_server_is_ref
     let done = wait_final(&agent, "t-1", 1);
     assert_eq!(done["state"], "failed", "{done}");
     let status = admin_get(&agent, "/v1/events/t-1").await;
-    let deliveries = &status.body["deliveries"];
-    let route = |name: &str| {
-        deliveries
-            .as_array()
-            .and_then(|r| r.iter().find(|r| r["route"] == name))
-            .unwrap_or_else(|| panic!("no route {name}: {}", status.body))
-    };
+    let route = |name: &str| support::delivery(&status.body, name);
     assert_eq!(route("good")["state"], "applied", "{}", status.body);
     let error = route("bad")["last_error"].as_str().unwrap_or_default();
     assert!(

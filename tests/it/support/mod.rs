@@ -61,6 +61,15 @@ pub fn applied_line(v: &Value) -> bool {
     v["message"] == "event final" && v["state"] == "applied"
 }
 
+/// The delivery of `route` in an event's status (`GET /v1/events/{id}`); panics with the status
+/// when there is none.
+pub fn delivery<'a>(status: &'a Value, route: &str) -> &'a Value {
+    status["deliveries"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["route"] == route))
+        .unwrap_or_else(|| panic!("no delivery for route {route}: {status}"))
+}
+
 /// Seconds since the epoch.
 pub fn unix_now() -> i64 {
     SystemTime::now()

@@ -82,22 +82,29 @@ impl ServerLog {
             drop(lines);
             log.changed.notify_all();
         });
-        let mut lines = self.lines.lock().unwrap();
-        loop {
-            let run = &lines.lines[seen..];
-            if run.iter().any(|l| ready(l)) {
-                return child;
+        let failure = {
+            let mut lines = self.lines.lock().unwrap();
+            loop {
+                let run = &lines.lines[seen..];
+                if run.iter().any(|l| ready(l)) {
+                    break None;
+                }
+                if run.iter().any(|l| l == EXITED) {
+                    break Some(format!("{name} exited at start:\n{}", run.join("\n")));
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    break Some(format!("{name} did not start:\n{}", run.join("\n")));
+                }
+                lines = self.changed.wait_timeout(lines, deadline - now).unwrap().0;
             }
-            let text = || run.join("\n");
-            assert!(
-                !run.iter().any(|l| l == EXITED),
-                "{name} exited at start:\n{}",
-                text()
-            );
-            let now = Instant::now();
-            assert!(now < deadline, "{name} did not start:\n{}", text());
-            lines = self.changed.wait_timeout(lines, deadline - now).unwrap().0;
+        };
+        if let Some(message) = failure {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{message}");
         }
+        child
     }
 
     fn push(&self, line: String) {
