@@ -114,6 +114,17 @@ impl Admin {
         } else {
             req.method()
         };
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()));
+        if (path.starts_with("/v1/") || console::is_console(path))
+            && local.ip().is_loopback()
+            && let Some(host) = host
+        {
+            loopback_host(host, local)?;
+        }
         // The operator console's pages (HTML), with its own cross-site check; see `console`.
         if console::is_console(path) {
             return Ok(self.console(req, path, local).await);
@@ -271,6 +282,36 @@ fn cross_site(headers: &HeaderMap, local: SocketAddr) -> Result<(), Problem> {
         }
     }
     Ok(())
+}
+
+/// On a loopback listener, the API and the console answer only requests whose `Host` names a
+/// loopback address or `localhost`. A web page whose DNS name an attacker points at 127.0.0.1
+/// (DNS rebinding) is same-origin with the listener in the browser's eyes, but it names its own
+/// host, and is refused before it can read an answer.
+fn loopback_host(host: &str, local: SocketAddr) -> Result<(), Problem> {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    let loopback = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        return Ok(());
+    }
+    Err(Problem::new(
+        StatusCode::FORBIDDEN,
+        "host_not_allowed",
+        format!(
+            "the admin listener on {local} answers /v1/ and /console only for a loopback address \
+             or localhost, not for Host {host:?}, so that a web page whose DNS name is pointed at \
+             127.0.0.1 cannot read it: use http://{local}"
+        ),
+    ))
 }
 
 impl Admin {}
@@ -548,7 +589,9 @@ pub async fn serve(
 mod tests {
     use http::Method;
 
-    use super::{ENDPOINTS, Endpoint, not_found, percent_decode};
+    use std::net::SocketAddr;
+
+    use super::{ENDPOINTS, Endpoint, loopback_host, not_found, percent_decode};
 
     /// The 404 answer lists exactly the endpoints that are served: every listed one is matched,
     /// and no other method or path of the same shapes is.
@@ -618,6 +661,31 @@ mod tests {
             Endpoint::of(&Method::GET, "/metrics"),
             Some(Endpoint::Metrics)
         );
+    }
+
+    #[test]
+    fn only_loopback_hosts_reach_a_loopback_listener() {
+        let local: SocketAddr = "127.0.0.1:8788".parse().unwrap();
+        for host in [
+            "127.0.0.1:8788",
+            "127.0.0.1",
+            "localhost:8788",
+            "LOCALHOST",
+            "[::1]:8788",
+            "127.1.2.3:9",
+        ] {
+            assert!(loopback_host(host, local).is_ok(), "{host}");
+        }
+        for host in [
+            "rebound.example:8788",
+            "rebound.example",
+            "10.0.0.5:8788",
+            "localhost.evil.example",
+            "[::ffff:10.0.0.5]:8788",
+        ] {
+            let problem = loopback_host(host, local).unwrap_err();
+            assert_eq!(problem.code, "host_not_allowed", "{host}");
+        }
     }
 
     #[test]

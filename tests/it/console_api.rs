@@ -459,6 +459,37 @@ async fn scripts_are_evaluated_with_the_agent_s_engine_and_limits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_name_pointed_at_the_loopback_listener_cannot_read_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        &file_routes(dir.path(), &[("files", "[\"rule.*\"]")], ""),
+    );
+    post_event(&agent, "h1", "Policy", "P").await;
+    wait_state(&agent, "h1", "parked").await;
+    let port = agent.admin.port();
+    let get = |path: &'static str, host: String| {
+        let agent = &agent;
+        async move { admin_with(agent, Method::GET, path, &[("host", host)], None).await }
+    };
+    for path in ["/v1/events", "/v1/events/h1", "/console/events"] {
+        let reply = get(path, format!("rebound.example:{port}")).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(reply.body["code"], "host_not_allowed", "{path}");
+        for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+            assert_eq!(get(path, host).await.status, StatusCode::OK, "{path}");
+        }
+    }
+    // Probes and metrics answer whatever the host.
+    assert_eq!(
+        get("/healthz", format!("rebound.example:{port}"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cross_site_post_is_refused_and_a_same_origin_or_cli_post_is_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(
