@@ -358,6 +358,39 @@ pub struct FileRecord {
     pub content: Vec<u8>,
 }
 
+/// One record of an output, for the sinks that send a message or entry per record.
+pub struct Record<'a> {
+    /// Its place in an array output (0 for a lone record).
+    pub index: usize,
+    /// Whether the output was an array (so that the index means something to a reader).
+    pub in_array: bool,
+    pub value: &'a Value,
+    /// How messages name it: `record N: ` for an array's element, nothing for a lone record.
+    pub which: String,
+}
+
+/// An output's records: an array gives one per element (none when empty), anything else one.
+pub fn records(output: &Value) -> Vec<Record<'_>> {
+    match output {
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(index, value)| Record {
+                index,
+                in_array: true,
+                value,
+                which: format!("record {index}: "),
+            })
+            .collect(),
+        other => vec![Record {
+            index: 0,
+            in_array: false,
+            value: other,
+            which: String::new(),
+        }],
+    }
+}
+
 /// Splits an output into its records (an array: one per element) and renders each one's name
 /// with `name`, which must give a safe relative path, unique within the output. Pure: the
 /// permanent error names the record.

@@ -6,7 +6,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde_json::Value;
 
 use super::config::{check_exchange, check_routing_key};
-use crate::sink::template::Template;
+use crate::sink::template::{Record, Template, records};
 use crate::sink::{EventMeta, SinkError};
 
 const JSON: &str = "application/json";
@@ -45,17 +45,15 @@ impl Publishing {
         event: &EventMeta,
         output: &Value,
     ) -> Result<Vec<Message>, SinkError> {
-        let (records, array): (Vec<&Value>, bool) = match output {
-            Value::Array(items) => (items.iter().collect(), true),
-            other => (vec![other], false),
-        };
+        let records = records(output);
         let mut messages = Vec::with_capacity(records.len());
-        for (index, record) in records.into_iter().enumerate() {
-            let which = if array {
-                format!("record {index}: ")
-            } else {
-                String::new()
-            };
+        for Record {
+            index,
+            in_array: array,
+            value: record,
+            which,
+        } in records
+        {
             let render = |template: &Template, what: &str| {
                 template.render(event, record, index).map_err(|e| {
                     SinkError::Permanent(format!(

@@ -6,7 +6,7 @@ use rumqttc::v5::mqttbytes::v5 as v5b;
 use serde_json::{Value, json};
 
 use super::config::{MAX_PACKET, check_topic};
-use crate::sink::template::Template;
+use crate::sink::template::{Record, Template, records};
 use crate::sink::{EventMeta, SinkError};
 
 pub(super) const JSON: &str = "application/json";
@@ -57,17 +57,15 @@ impl Publishing {
         event: &EventMeta,
         output: &Value,
     ) -> Result<Vec<Message>, SinkError> {
-        let (records, array): (Vec<&Value>, bool) = match output {
-            Value::Array(items) => (items.iter().collect(), true),
-            other => (vec![other], false),
-        };
+        let records = records(output);
         let mut messages = Vec::with_capacity(records.len());
-        for (index, record) in records.into_iter().enumerate() {
-            let which = if array {
-                format!("record {index}: ")
-            } else {
-                String::new()
-            };
+        for Record {
+            index,
+            in_array: array,
+            value: record,
+            which,
+        } in records
+        {
             let topic = self.topic.render(event, record, index).map_err(|e| {
                 SinkError::Permanent(format!(
                     "{which}cannot render the topic {:?}: {e}",

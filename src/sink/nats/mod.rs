@@ -57,7 +57,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::client::{Backoff, TlsKeys, rustls_error, tls_advice};
-use super::template::Template;
+use super::template::{Record, Template, records};
 use super::{EventMeta, Sink, SinkError};
 use crate::http_client::{ClientTls, client_config};
 use crate::settings::read_secret;
@@ -96,17 +96,15 @@ struct Publishing {
 impl Publishing {
     /// Renders, checks and encodes every record. Pure: nothing is published.
     fn messages(&self, event: &EventMeta, output: &Value) -> Result<Vec<Message>, SinkError> {
-        let (records, array): (Vec<&Value>, bool) = match output {
-            Value::Array(items) => (items.iter().collect(), true),
-            other => (vec![other], false),
-        };
+        let records = records(output);
         let mut messages = Vec::with_capacity(records.len());
-        for (index, record) in records.into_iter().enumerate() {
-            let which = if array {
-                format!("record {index}: ")
-            } else {
-                String::new()
-            };
+        for Record {
+            index,
+            in_array: array,
+            value: record,
+            which,
+        } in records
+        {
             let subject = self.subject.render(event, record, index).map_err(|e| {
                 SinkError::Permanent(format!(
                     "{which}cannot render the subject {:?}: {e}",

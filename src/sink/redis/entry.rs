@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::super::EventMeta;
-use super::super::template::Template;
+use super::super::template::{Record, Template, records};
 use super::config::{OutputAs, check_stream};
 
 /// The fields every entry starts with, in this order; `ess_revision` only when the event has a
@@ -38,17 +38,15 @@ pub fn entries(
     event: &EventMeta,
     output: &Value,
 ) -> Result<Vec<Entry>, String> {
-    let (records, array): (Vec<&Value>, bool) = match output {
-        Value::Array(items) => (items.iter().collect(), true),
-        other => (vec![other], false),
-    };
+    let records = records(output);
     let mut entries = Vec::with_capacity(records.len());
-    for (index, record) in records.into_iter().enumerate() {
-        let which = if array {
-            format!("record {index}: ")
-        } else {
-            String::new()
-        };
+    for Record {
+        index,
+        in_array: array,
+        value: record,
+        which,
+    } in records
+    {
         let key = stream.render(event, record, index).map_err(|e| {
             format!(
                 "{which}cannot render the stream key {:?}: {e}",
