@@ -286,13 +286,7 @@ impl Dispatcher {
                 if let Some((last, _)) = page.last() {
                     cursor = *last;
                 }
-                if !page.is_empty() {
-                    self.spills
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .extend(page.iter().map(|(seq, _)| *seq));
-                    self.spill_wake.notify_one();
-                }
+                let seqs: Vec<i64> = page.iter().map(|(seq, _)| *seq).collect();
                 for (seq, subject) in page {
                     let queued = Queued {
                         seq,
@@ -300,6 +294,15 @@ impl Dispatcher {
                         spilled: true,
                     };
                     self.enqueue(queued, subject);
+                }
+                // Offered for reading ahead only once queued: the reader fills only the queue
+                // entries it finds, and would pass over one not yet there for good.
+                if !seqs.is_empty() {
+                    self.spills
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(seqs);
+                    self.spill_wake.notify_one();
                 }
                 if complete {
                     behind = false;
