@@ -42,13 +42,32 @@ pub struct FileConfig {
 
 /// How a `file` sink writes records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum WriteMode {
     /// One file per record, written to a temporary name and renamed into place.
     #[default]
     File,
     /// One line per record, appended to the file the name renders.
     Append,
+}
+
+impl TryFrom<String> for WriteMode {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<WriteMode, String> {
+        match text.as_str() {
+            "file" => Ok(WriteMode::File),
+            "append" => Ok(WriteMode::Append),
+            other if parse_mode(other).is_ok() => Err(format!(
+                "mode is how records are written, `file` or `append`; permission bits such as \
+                 `{other}` go in file_mode"
+            )),
+            other => Err(format!(
+                "unknown mode `{other}`: write `file` (a file per record) or `append` (a line \
+                 per record)"
+            )),
+        }
+    }
 }
 
 pub(super) fn default_true() -> bool {

@@ -21,6 +21,9 @@
 //! 4. every directory that received a new entry (a renamed file or a created subdirectory) is
 //!    fsynced. Concurrent writes into one directory share its fsync (see [`group`]): each waits
 //!    for one that started after its rename, and the error of a failed one is every waiter's.
+//!    A write that finds a directory on its path which another write created and whose parent
+//!    has not been fsynced since (see [`Created`]) fsyncs that parent too: otherwise its
+//!    file could count as applied while the directory holding it could still vanish in a crash.
 //!
 //! Only then does `apply` return Ok. Names are derived from the event, so a retry writes the same
 //! names and replaces the files: each name exists once, with the last content. A failure before
@@ -61,12 +64,13 @@ mod append;
 mod config;
 mod group;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use nix::errno::Errno;
 use serde_json::Value;
@@ -103,9 +107,77 @@ struct Syncs {
     fsync_dir: fn(&Path) -> io::Result<()>,
 }
 
+/// Directories a write created (or is creating) whose parent has not been fsynced since, each
+/// with the number of its creation ([`CREATING`] until `mkdir` returned). Process-wide, since two
+/// sinks may write under one directory. A write that finds one of them on its path adds the
+/// parent to the directories it fsyncs; the entry goes once a parent fsync that started after
+/// the creation has returned.
+struct Created {
+    dirs: Mutex<HashMap<PathBuf, u64>>,
+    next: AtomicU64,
+}
+
+static CREATED: LazyLock<Created> = LazyLock::new(|| Created {
+    dirs: Mutex::new(HashMap::new()),
+    next: AtomicU64::new(1),
+});
+
+/// The number of a creation whose `mkdir` has not returned: no fsync covers it yet.
+const CREATING: u64 = u64::MAX;
+
+impl Created {
+    /// Records, before its `mkdir`, that `dir` is being created: from now on a write that finds
+    /// `dir` fsyncs its parent.
+    fn begin(&self, dir: &Path) {
+        group::lock(&self.dirs).insert(dir.to_owned(), CREATING);
+    }
+
+    /// Records that the `mkdir` of `dir` returned.
+    fn done(&self, dir: &Path) {
+        let number = self.next.fetch_add(1, Ordering::SeqCst);
+        group::lock(&self.dirs).insert(dir.to_owned(), number);
+    }
+
+    /// Forgets `dir` after its `mkdir` failed.
+    fn failed(&self, dir: &Path) {
+        group::lock(&self.dirs).remove(dir);
+    }
+
+    /// Adds to `to_sync` the parent of every directory on `dir`'s path (itself included) that
+    /// was created and whose parent is not yet known to be durable.
+    fn pending_parents(&self, dir: &Path, to_sync: &mut BTreeSet<PathBuf>) {
+        let dirs = group::lock(&self.dirs);
+        if dirs.is_empty() {
+            return;
+        }
+        for level in dir.ancestors() {
+            if dirs.contains_key(level)
+                && let Some(parent) = level.parent().filter(|p| !p.as_os_str().is_empty())
+            {
+                to_sync.insert(parent.to_owned());
+            }
+        }
+    }
+
+    /// The number the next creation gets: every creation numbered below it happened before.
+    fn mark(&self) -> u64 {
+        self.next.load(Ordering::SeqCst)
+    }
+
+    /// Forgets the directories under `parent` created before `mark`: an fsync of `parent` that
+    /// started after `mark` was taken has returned.
+    fn parent_synced(&self, parent: &Path, mark: u64) {
+        let mut dirs = group::lock(&self.dirs);
+        if !dirs.is_empty() {
+            dirs.retain(|dir, number| *number >= mark || dir.parent() != Some(parent));
+        }
+    }
+}
+
 impl Syncs {
     /// Returns once `dir` was fsynced by a call that started after this one began.
     fn sync_dir(&self, dir: &Path) -> Result<(), SinkError> {
+        let mark = CREATED.mark();
         let result = if self.shared {
             self.dirs
                 .get(&dir.to_path_buf())
@@ -113,7 +185,9 @@ impl Syncs {
         } else {
             (self.fsync_dir)(dir)
         };
-        result.map_err(|e| classify("cannot fsync the directory", dir, &e))
+        result.map_err(|e| classify("cannot fsync the directory", dir, &e))?;
+        CREATED.parent_synced(dir, mark);
+        Ok(())
     }
 }
 
@@ -431,10 +505,14 @@ fn remove_temps(temps: &[(PathBuf, PathBuf)]) {
 
 /// Makes sure `dir` exists, creating missing levels one at a time. The parent of every level
 /// created is added to `to_sync`, because a new directory entry is durable only once its parent
-/// is fsynced.
+/// is fsynced; so is the parent of every level another write created and nobody has made
+/// durable yet.
 fn ensure_dir(dir: &Path, to_sync: &mut BTreeSet<PathBuf>) -> Result<(), SinkError> {
     match std::fs::metadata(dir) {
-        Ok(meta) if meta.is_dir() => return Ok(()),
+        Ok(meta) if meta.is_dir() => {
+            CREATED.pending_parents(dir, to_sync);
+            return Ok(());
+        }
         Ok(_) => {
             return Err(SinkError::Permanent(format!(
                 "{} exists and is not a directory: remove it or change the name template",
@@ -448,11 +526,19 @@ fn ensure_dir(dir: &Path, to_sync: &mut BTreeSet<PathBuf>) -> Result<(), SinkErr
     if let Some(parent) = parent {
         ensure_dir(parent, to_sync)?;
     }
+    CREATED.begin(dir);
     match std::fs::create_dir(dir) {
-        Ok(()) => {}
+        Ok(()) => CREATED.done(dir),
         // Another writer created it in the meantime.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
-        Err(e) => return Err(classify("cannot create the directory", dir, &e)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => {
+            CREATED.done(dir);
+            CREATED.pending_parents(dir, to_sync);
+            return Ok(());
+        }
+        Err(e) => {
+            CREATED.failed(dir);
+            return Err(classify("cannot create the directory", dir, &e));
+        }
     }
     if let Some(parent) = parent {
         to_sync.insert(parent.to_owned());
@@ -938,6 +1024,70 @@ mod tests {
         );
     }
 
+    /// The directories [`logging_fsync_dir`] was asked to fsync, and one it fails for.
+    static SYNCED_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    static FAILING_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+    fn logging_fsync_dir(dir: &Path) -> io::Result<()> {
+        group::lock(&SYNCED_DIRS).push(dir.to_owned());
+        if group::lock(&FAILING_DIR).as_deref() == Some(dir) {
+            return Err(io::Error::from_raw_os_error(nix::libc::EIO));
+        }
+        fsync_dir(dir)
+    }
+
+    /// The directories fsynced by `apply`.
+    async fn synced_by(s: &FileSink, e: &EventMeta) -> (Result<(), SinkError>, Vec<PathBuf>) {
+        group::lock(&SYNCED_DIRS).clear();
+        let result = s.apply(e, &json!({"n": 1})).await;
+        (result, group::lock(&SYNCED_DIRS).clone())
+    }
+
+    #[tokio::test]
+    async fn a_write_into_a_directory_another_write_created_waits_until_that_directory_is_durable()
+    {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("out");
+        std::fs::create_dir(&root).unwrap();
+        let mut s = sink(&root, "{subject}/{id}.json");
+        s.syncs = Arc::new(Syncs {
+            dirs: group::Groups::new(),
+            shared: true,
+            fsync_dir: logging_fsync_dir,
+        });
+        s.start().await;
+        let sub = root.join("case-42");
+        let with_id = |id: &str| EventMeta {
+            id: id.into(),
+            ..event()
+        };
+
+        // The first write creates the subject's directory, but the fsync of the root that
+        // would make it durable fails.
+        *group::lock(&FAILING_DIR) = Some(root.clone());
+        let (first, _) = synced_by(&s, &with_id("evt-a")).await;
+        assert!(
+            first.is_err(),
+            "the root's fsync failed, yet the write succeeded"
+        );
+        assert!(sub.is_dir());
+        *group::lock(&FAILING_DIR) = None;
+
+        // The next write into that directory creates nothing, yet must fsync the root too.
+        let (second, synced) = synced_by(&s, &with_id("evt-b")).await;
+        second.unwrap();
+        assert!(synced.contains(&sub), "{synced:?}");
+        assert!(
+            synced.contains(&root),
+            "applied while the directory holding it was not yet durable: fsynced only {synced:?}"
+        );
+
+        // Once the root was fsynced, later writes fsync only their own directory.
+        let (third, synced) = synced_by(&s, &with_id("evt-c")).await;
+        third.unwrap();
+        assert_eq!(synced, [sub]);
+    }
+
     fn append_sink(dir: &Path, name: &str) -> FileSink {
         let mut c = config(dir, name);
         c.mode = WriteMode::Append;
@@ -1097,7 +1247,10 @@ mod tests {
         assert_eq!(c.mode, WriteMode::Append);
         let e = toml::from_str::<FileConfig>("dir = \"out\"\nname = \"x\"\nmode = \"0640\"\n")
             .unwrap_err();
-        assert!(e.to_string().contains("expected `file` or `append`"), "{e}");
+        assert!(e.to_string().contains("go in file_mode"), "{e}");
+        let e = toml::from_str::<FileConfig>("dir = \"out\"\nname = \"x\"\nmode = \"files\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown mode `files`"), "{e}");
     }
 
     #[test]
