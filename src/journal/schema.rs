@@ -90,6 +90,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+/// The version whose migration rewrites the events table (3: the bodies move out).
+const REWRITES_EVENTS: i64 = 3;
+
 /// The schema version this build writes.
 pub const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -102,12 +105,19 @@ pub fn migrate(conn: &mut Connection) -> Result<(), JournalError> {
             supported: CURRENT_VERSION,
         });
     }
-    if found > 0 && found < CURRENT_VERSION {
+    if found > 0 && found < REWRITES_EVENTS {
         tracing::info!(
             from = found,
             to = CURRENT_VERSION,
             "migrating the journal's schema: this rewrites the events table once and takes about \
              10 s per 100,000 events; the agent is ready when it is done"
+        );
+    } else if found > 0 && found < CURRENT_VERSION {
+        tracing::info!(
+            from = found,
+            to = CURRENT_VERSION,
+            "migrating the journal's schema: this adds tables or indexes and takes a few seconds \
+             per million events; the agent is ready when it is done"
         );
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {

@@ -318,7 +318,7 @@ The journal of received events and their delivery state.
 The configuration file, instead of \fI/etc/ess\-agent/ess\-agent.toml\fR.
 .TP
 \fBESS_AGENT_LOG\fR
-The log filter, e.g. \fBinfo,ess_agent::access=warn\fR.
+The log filter, e.g. \fBinfo,ess_agent::access=debug\fR (adds a line per request).
 .SH "SEE ALSO"
 \fBsystemctl\fR(1), \fBjournalctl\fR(1); the operator's guide and the configuration reference
 in \fI/usr/share/doc/ess\-agent/\fR.
