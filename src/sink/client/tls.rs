@@ -1,7 +1,9 @@
 //! What a failed TLS handshake with a broker means.
 
-/// Finds a rustls error in an error's chain (a TLS stream wraps it in an `io::Error`).
+/// Finds a rustls error in an error's chain (a TLS stream wraps it in an `io::Error`, which a
+/// client may keep behind an `Arc<dyn Error>`, as redis does).
 pub fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    type Shared = std::sync::Arc<dyn std::error::Error + Send + Sync>;
     let mut current = Some(error);
     while let Some(e) = current {
         if let Some(found) = e.downcast_ref::<rustls::Error>() {
@@ -13,7 +15,11 @@ pub fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<
         {
             return Some(found);
         }
-        current = e.source();
+        // An `Arc`'s own `source()` is its content's, which would skip the content itself.
+        current = match e.downcast_ref::<Shared>() {
+            Some(shared) => Some(&**shared as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
     }
     None
 }

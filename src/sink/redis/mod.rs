@@ -49,6 +49,7 @@ use serde_json::Value as Json;
 
 pub use config::{OutputAs, RedisConfig};
 
+use super::client;
 use super::template::Template;
 use super::{EventMeta, Sink, SinkError};
 use crate::http_client::{ClientTls, client_config};
@@ -377,6 +378,12 @@ fn classify(error: &RedisError, server: &Server) -> SinkError {
             _ => SinkError::Retryable(format!("redis at {server} answered an error: {error}")),
         },
         ErrorKind::Io => {
+            if let Some(tls) = client::rustls_error(error) {
+                return SinkError::Retryable(format!(
+                    "TLS handshake with redis at {server} failed ({tls}): {}",
+                    client::tls_advice(tls, &client::BROKER_KEYS)
+                ));
+            }
             let advice = if error.is_connection_refusal() {
                 ": is it running and listening on this port?"
             } else if error.is_timeout() {
