@@ -194,6 +194,19 @@ impl Admin {
                 "created_at": report.created_at,
             }),
         };
+        body["reports_sent"] = detail
+            .reports_sent
+            .into_iter()
+            .map(|sent| {
+                json!({
+                    "message_id": sent.message_id,
+                    "body": serde_json::from_str::<Value>(&sent.body).unwrap_or(Value::Null),
+                    "attempts": sent.attempts,
+                    "created_at": sent.created_at,
+                    "sent_at": sent.sent_at,
+                })
+            })
+            .collect();
         Ok(json_response(StatusCode::OK, &body))
     }
 

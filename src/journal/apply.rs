@@ -222,9 +222,10 @@ pub struct EventDetail {
     pub raw_body: Vec<u8>,
     /// The normalised envelope (JSON text).
     pub envelope: String,
-    /// The event's status report while it waits in the outbox (it is deleted once the hub took
-    /// it).
+    /// The event's status report while it waits in the outbox.
     pub report: Option<PendingReport>,
+    /// The reports the hub took, oldest first (a replay makes another).
+    pub reports_sent: Vec<SentReport>,
 }
 
 /// A status report waiting in the outbox.
@@ -238,6 +239,18 @@ pub struct PendingReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     pub created_at: String,
+}
+
+/// A status report the hub took.
+#[derive(Debug, Clone, Serialize)]
+pub struct SentReport {
+    pub message_id: String,
+    /// The report's JSON text.
+    pub body: String,
+    /// Attempts it took, the successful one included.
+    pub attempts: u32,
+    pub created_at: String,
+    pub sent_at: String,
 }
 
 /// A pending status report.
@@ -485,9 +498,13 @@ pub(super) fn prune(conn: &Connection, cutoff: &str, limit: u32) -> Result<u32, 
     }
     let mut deliveries = conn.prepare_cached("DELETE FROM deliveries WHERE event_seq = ?1")?;
     let mut bodies = conn.prepare_cached("DELETE FROM event_bodies WHERE seq = ?1")?;
+    let mut reports = conn.prepare_cached(
+        "DELETE FROM reports_sent WHERE event_id = (SELECT id FROM events WHERE seq = ?1)",
+    )?;
     let mut events = conn.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
     for seq in &doomed {
         deliveries.execute([seq])?;
+        reports.execute([seq])?;
         bodies.execute([seq])?;
         events.execute([seq])?;
     }
@@ -568,6 +585,21 @@ impl Journal {
                     })
                 })
                 .optional()?;
+            let reports_sent = conn
+                .prepare_cached(
+                    "SELECT message_id, body, attempts, created_at, sent_at FROM reports_sent \
+                     WHERE event_id = ?1 ORDER BY seq",
+                )?
+                .query_map([id], |r| {
+                    Ok(SentReport {
+                        message_id: r.get(0)?,
+                        body: r.get(1)?,
+                        attempts: r.get(2)?,
+                        created_at: r.get(3)?,
+                        sent_at: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(Some(EventDetail {
                 seq,
                 record,
@@ -575,6 +607,7 @@ impl Journal {
                 raw_body,
                 envelope,
                 report,
+                reports_sent,
             }))
         })
     }
@@ -765,10 +798,19 @@ impl Journal {
         self.read(|conn| conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0)))
     }
 
-    /// A report was delivered.
+    /// A report was delivered: it leaves the outbox for the event's sent reports.
     pub async fn outbox_done(&self, seq: i64) -> Result<(), JournalError> {
+        let now = crate::timestamp::now();
         self.write(move |conn| {
-            conn.execute("DELETE FROM outbox WHERE seq = ?1", [seq])
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO reports_sent \
+                 (seq, event_id, message_id, body, attempts, created_at, sent_at) \
+                 SELECT seq, event_id, message_id, body, attempts + 1, created_at, ?2 \
+                 FROM outbox WHERE seq = ?1",
+            )?
+            .execute(params![seq, now])?;
+            conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
+                .execute([seq])
                 .map(|_| ())
         })
         .await

@@ -24,8 +24,8 @@ mod writer;
 
 pub use apply::{
     DeadLetter, DeliveryRecord, DeliveryUpdate, DropOutcome, EventDetail, Finish, OutboxRow,
-    PendingReport, Requeue, RouteReplay, StoredEvent, deliveries, finish_event, load_event,
-    subject_revision,
+    PendingReport, Requeue, RouteReplay, SentReport, StoredEvent, deliveries, finish_event,
+    load_event, subject_revision,
 };
 pub use query::{EventFilter, EventSummary, Requeued};
 pub use writer::{Committed, insert_event};
@@ -897,6 +897,19 @@ mod tests {
                 journal.finish(finish(seq, id, final_state)).await.unwrap();
             }
         }
+        // Reports the hub took go with their event.
+        journal
+            .write(|conn| {
+                for (seq, id) in [(1, "applied"), (2, "failed")] {
+                    conn.execute(
+                        "INSERT INTO reports_sent VALUES (?1, ?2, 'm', '{}', 1, 't', 't')",
+                        rusqlite::params![seq, id],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
         let cutoff = |offset: time::Duration| {
             crate::timestamp::format(time::OffsetDateTime::now_utc() + offset)
         };
@@ -925,6 +938,14 @@ mod tests {
             .read(|c| c.query_row("SELECT count(*) FROM event_bodies", [], |r| r.get(0)))
             .unwrap();
         assert_eq!(bodies, 3);
+        let reports: Vec<String> = journal
+            .read(|c| {
+                c.prepare("SELECT event_id FROM reports_sent")?
+                    .query_map([], |r| r.get(0))?
+                    .collect()
+            })
+            .unwrap();
+        assert_eq!(reports, ["failed"]);
         assert_eq!(journal.backlog(), 1);
         // A forgotten id is new again.
         assert_eq!(

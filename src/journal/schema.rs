@@ -88,6 +88,20 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX deliveries_by_route ON deliveries (route, event_seq);
     CREATE INDEX outbox_by_event ON outbox (event_id);
     "#,
+    // 5: the status reports the hub took are kept with their event (the outbox holds only the
+    // ones waiting), so an operator sees what was sent and when; pruned with the event.
+    r#"
+    CREATE TABLE reports_sent (
+        seq        INTEGER PRIMARY KEY,   -- the report's outbox seq
+        event_id   TEXT    NOT NULL,
+        message_id TEXT    NOT NULL,
+        body       TEXT    NOT NULL,
+        attempts   INTEGER NOT NULL,      -- including the one the hub took
+        created_at TEXT    NOT NULL,
+        sent_at    TEXT    NOT NULL
+    );
+    CREATE INDEX reports_sent_by_event ON reports_sent (event_id, seq);
+    "#,
 ];
 
 /// The version whose migration rewrites the events table (3: the bodies move out).

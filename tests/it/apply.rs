@@ -920,6 +920,12 @@ async fn status_reports_reach_the_hub_signed_are_retried_and_survive_a_restart()
     verifier
         .verify(&first.headers, &first.body, std::time::SystemTime::now())
         .unwrap();
+    // The event keeps the report the hub took, with when it took it.
+    let sent = reports_sent(&agent, "r1").await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0]["body"], report);
+    assert_eq!(sent[0]["attempts"], 1);
+    assert_timestamp(&sent[0]["sent_at"], "the report's sent_at");
 
     // The hub is down: reports wait, are retried, and survive a restart of the agent.
     hub.stop();
@@ -941,7 +947,7 @@ async fn status_reports_reach_the_hub_signed_are_retried_and_survive_a_restart()
     agent.kill9();
     drop(agent);
     let hub = hub.restart().await;
-    let _agent = Agent::start_with(dir.path(), &config);
+    let agent = Agent::start_with(dir.path(), &config);
     assert!(
         hub.wait_until(Duration::from_secs(10), |r| r
             .iter()
@@ -949,6 +955,28 @@ async fn status_reports_reach_the_hub_signed_are_retried_and_survive_a_restart()
             .await,
         "the queued report was not delivered after the restart"
     );
+    let sent = reports_sent(&agent, "r2").await;
+    assert_eq!(sent[0]["body"]["ack"], "r2");
+    assert!(sent[0]["attempts"].as_u64().unwrap() >= 2, "{sent:?}");
+}
+
+/// The status reports the agent says the hub took for event `id`, once there is one.
+async fn reports_sent(agent: &Agent, id: &str) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = admin_get(agent, &format!("/v1/events/{id}")).await;
+        if let Some(sent) = status.body["reports_sent"].as_array()
+            && !sent.is_empty()
+        {
+            return sent.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no status report of {id} is recorded as taken by the hub: {}",
+            status.body
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

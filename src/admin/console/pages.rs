@@ -429,12 +429,8 @@ impl Admin {
                 .push_str("<tr><td colspan=\"6\">no route has taken this event yet</td></tr>");
         }
         deliveries.push_str("</tbody></table>");
-        let report = match &event["report"] {
-            Value::Null => {
-                "<p>No status report is waiting: it was taken by the hub, or none is due \
-                            (the hub takes reports only where configured).</p>"
-                    .to_owned()
-            }
+        let waiting = match &event["report"] {
+            Value::Null => String::new(),
             report => format!(
                 "<p>Waiting in the outbox: {} attempt(s){}.</p><pre id=\"report\">{}</pre>",
                 esc(&text(&report["attempts"])),
@@ -445,6 +441,29 @@ impl Admin {
                 esc(&pretty(&report["body"]))
             ),
         };
+        // The reports the hub took, oldest first, then the one waiting.
+        let mut report = String::new();
+        let sent = event["reports_sent"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for (n, sent) in sent.iter().enumerate() {
+            report.push_str(&format!(
+                "<p>Taken by the hub at {} after {} attempt(s) (made {}).</p>\
+                 <pre class=\"report-sent\" id=\"report-sent-{n}\">{}</pre>",
+                esc(&text(&sent["sent_at"])),
+                esc(&text(&sent["attempts"])),
+                esc(&text(&sent["created_at"])),
+                esc(&pretty(&sent["body"]))
+            ));
+        }
+        report.push_str(&waiting);
+        if report.is_empty() {
+            report.push_str(
+                "<p>No status report was made for this event yet: it is made when the event \
+                 reaches its final state, where the hub takes reports.</p>",
+            );
+        }
         // The routes a replay may name: those in force.
         let routing = self.dispatcher.routing();
         let mut routes = String::from("<option value=\"\">every route</option>");
@@ -475,7 +494,7 @@ impl Admin {
              <section><h2>Routes and attempts</h2>{deliveries}\
              <p class=\"hint\">One row per route: the latest attempt's state, the attempts made and \
              the last error. Signature headers are checked on receipt and not stored.</p></section>\
-             <section><h2>Status report</h2>{report}</section>\
+             <section><h2>Status reports</h2>{report}</section>\
              <section><h2>Envelope</h2><pre id=\"envelope\">{}</pre></section>\
              <section><h2>Raw body (as the hub sent it)</h2><pre id=\"raw-body\">{}</pre></section>",
             esc(&pretty(&event["envelope"])),
