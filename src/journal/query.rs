@@ -293,6 +293,22 @@ impl Journal {
         self.read(|conn| list_events(conn, filter, before, limit))
     }
 
+    /// The events received at or after `since` (a journal time), counted by minute
+    /// (`YYYY-MM-DDTHH:MM`) and state, for the console's chart. Blocking.
+    pub fn received_per_minute(
+        &self,
+        since: &str,
+    ) -> Result<Vec<(String, EventState, u64)>, JournalError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT substr(received_at, 1, 16), state, count(*) FROM events \
+                 WHERE received_at >= ?1 GROUP BY 1, 2",
+            )?;
+            stmt.query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+        })
+    }
+
     /// Puts back in the backlog the dead letters (failed and parked events, not dropped ones)
     /// that `filter` selects, newest first, at most `max`, in one transaction: as a retry of
     /// each, routes already applied stay applied.
