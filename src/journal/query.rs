@@ -142,10 +142,29 @@ pub fn list_events(
             select(conn, filter, &TypeTest::AnyOf(&types), bounds, limit)
         }
         Some(types) => {
-            // One walk of the type index per type, merged: each stops after a page.
+            // One walk of the type index per type (of the state and type index per state and
+            // type when states are chosen too), merged: each stops after a page. Walking a
+            // type's events and testing each one's state reads every event of the type when
+            // few have the state.
             let mut merged = Vec::new();
-            for t in &types {
-                merged.extend(select(conn, filter, &TypeTest::Exactly(t), bounds, limit)?);
+            let single: Vec<EventFilter>;
+            let filters: Vec<&EventFilter> = if filter.states.len() > 1 {
+                single = filter
+                    .states
+                    .iter()
+                    .map(|state| EventFilter {
+                        states: vec![*state],
+                        ..filter.clone()
+                    })
+                    .collect();
+                single.iter().collect()
+            } else {
+                vec![filter]
+            };
+            for f in filters {
+                for t in &types {
+                    merged.extend(select(conn, f, &TypeTest::Exactly(t), bounds, limit)?);
+                }
             }
             merged.sort_by_key(|e| std::cmp::Reverse(e.seq));
             merged.truncate(limit as usize);
@@ -175,6 +194,32 @@ fn select(
     bounds: Bounds,
     limit: u32,
 ) -> Result<Vec<EventSummary>, rusqlite::Error> {
+    let (sql, args) = select_sql(filter, types, bounds, limit);
+    let mut stmt = conn.prepare_cached(&sql)?;
+    stmt.query_map(params_from_iter(args.iter()), |r| {
+        Ok(EventSummary {
+            seq: r.get(0)?,
+            id: r.get(1)?,
+            event_type: r.get(2)?,
+            version: stored_u64(r, 3)?,
+            subject: r.get(4)?,
+            revision: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+            state: r.get(6)?,
+            received_at: r.get(7)?,
+            finished_at: r.get(8)?,
+            error: r.get(9)?,
+        })
+    })?
+    .collect()
+}
+
+/// The statement of one walk and its arguments.
+fn select_sql(
+    filter: &EventFilter,
+    types: &TypeTest<'_>,
+    bounds: Bounds,
+    limit: u32,
+) -> (String, Vec<Box<dyn ToSql>>) {
     // A route alone walks that route's deliveries (in event seq order). With another filter
     // that has an index of its own, the walk is over that index and each event's delivery
     // through the route is looked up: a route's deliveries are most of the events, so they
@@ -256,22 +301,7 @@ fn select(
     }
     args.push(Box::new(limit));
     sql.push_str(&format!(" ORDER BY {seq} DESC LIMIT ?{}", args.len()));
-    let mut stmt = conn.prepare_cached(&sql)?;
-    stmt.query_map(params_from_iter(args.iter()), |r| {
-        Ok(EventSummary {
-            seq: r.get(0)?,
-            id: r.get(1)?,
-            event_type: r.get(2)?,
-            version: stored_u64(r, 3)?,
-            subject: r.get(4)?,
-            revision: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
-            state: r.get(6)?,
-            received_at: r.get(7)?,
-            finished_at: r.get(8)?,
-            error: r.get(9)?,
-        })
-    })?
-    .collect()
+    (sql, args)
 }
 
 /// An event a bulk retry put back in the backlog.
@@ -478,6 +508,19 @@ mod tests {
             ..failed
         };
         assert_eq!(ids(&list(failed_rule_b, None, 100)), ["e7"]);
+        // Several states and a glob: one walk per state and type, merged newest first.
+        let settled_rules = EventFilter {
+            states: vec![EventState::Failed, EventState::Accepted],
+            event_type: Some("rule.*".into()),
+            ..EventFilter::default()
+        };
+        assert_eq!(
+            ids(&list(settled_rules.clone(), None, 100)),
+            ["e10", "e9", "e7", "e6", "e4", "e3", "e1", "e0"]
+        );
+        assert_eq!(ids(&list(settled_rules.clone(), None, 3)), ["e10", "e9", "e7"]);
+        let below = Some(list(settled_rules.clone(), None, 3)[2].seq);
+        assert_eq!(ids(&list(settled_rules, below, 3)), ["e6", "e4", "e3"]);
         let subject = EventFilter {
             subject: Some("S1".into()),
             route: Some("r1".into()),
@@ -492,6 +535,41 @@ mod tests {
             ..EventFilter::default()
         };
         assert_eq!(ids(&list(window, None, 100)), ["e6", "e5", "e4"]);
+        journal.close();
+    }
+
+    /// A listing by state and type walks the index of both, so a page costs the same however
+    /// few of a type's events have the state (through the type's index alone it read every
+    /// event of the type when few or none had it).
+    #[tokio::test]
+    async fn a_state_and_type_listing_walks_the_state_and_type_index() {
+        let (_dir, journal) = journal().await;
+        let filter = EventFilter {
+            states: vec![EventState::Failed],
+            route: Some("r1".into()),
+            ..EventFilter::default()
+        };
+        let (sql, args) = select_sql(
+            &filter,
+            &TypeTest::Exactly("rule.b"),
+            Bounds {
+                above: None,
+                below: None,
+            },
+            50,
+        );
+        let plan: Vec<String> = journal
+            .read(|conn| {
+                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                stmt.query_map(params_from_iter(args.iter()), |r| r.get::<_, String>(3))?
+                    .collect()
+            })
+            .unwrap();
+        assert!(
+            plan[0].contains("events_by_state_type (state=? AND type=?)"),
+            "{plan:?}"
+        );
+        assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "{plan:?}");
         journal.close();
     }
 
