@@ -324,18 +324,41 @@ impl Journal {
     }
 
     /// The events received at or after `since` (a journal time), counted by minute
-    /// (`YYYY-MM-DDTHH:MM`) and state, for the console's chart. Blocking.
+    /// (`YYYY-MM-DDTHH:MM`) and state, for the console's chart, in receive-time order.
+    /// Blocking.
+    ///
+    /// The rows are counted here as they come through the receive time's index rather than
+    /// grouped by SQLite, whose grouping by minute sorted every row of the hour in a temporary
+    /// B-tree: at 10 events a second that was most of 50 ms.
     pub fn received_per_minute(
         &self,
         since: &str,
     ) -> Result<Vec<(String, EventState, u64)>, JournalError> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT substr(received_at, 1, 16), state, count(*) FROM events \
-                 WHERE received_at >= ?1 GROUP BY 1, 2",
+                "SELECT received_at, state FROM events WHERE received_at >= ?1 \
+                 ORDER BY received_at",
             )?;
-            stmt.query_map([since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect()
+            let mut rows = stmt.query([since])?;
+            let mut counts: Vec<(String, EventState, u64)> = Vec::new();
+            // The counts of the minute being read, by state.
+            let mut minute: Vec<(EventState, u64)> = Vec::new();
+            let mut key = String::new();
+            while let Some(row) = rows.next()? {
+                let at = row.get_ref(0)?.as_str()?;
+                let state: EventState = row.get(1)?;
+                let this = at.get(..16).unwrap_or(at);
+                if this != key {
+                    counts.extend(minute.drain(..).map(|(s, n)| (key.clone(), s, n)));
+                    key = this.to_owned();
+                }
+                match minute.iter_mut().find(|(s, _)| *s == state) {
+                    Some((_, n)) => *n += 1,
+                    None => minute.push((state, 1)),
+                }
+            }
+            counts.extend(minute.drain(..).map(|(s, n)| (key.clone(), s, n)));
+            Ok(counts)
         })
     }
 
@@ -518,7 +541,10 @@ mod tests {
             ids(&list(settled_rules.clone(), None, 100)),
             ["e10", "e9", "e7", "e6", "e4", "e3", "e1", "e0"]
         );
-        assert_eq!(ids(&list(settled_rules.clone(), None, 3)), ["e10", "e9", "e7"]);
+        assert_eq!(
+            ids(&list(settled_rules.clone(), None, 3)),
+            ["e10", "e9", "e7"]
+        );
         let below = Some(list(settled_rules.clone(), None, 3)[2].seq);
         assert_eq!(ids(&list(settled_rules, below, 3)), ["e6", "e4", "e3"]);
         let subject = EventFilter {
@@ -569,7 +595,49 @@ mod tests {
             plan[0].contains("events_by_state_type (state=? AND type=?)"),
             "{plan:?}"
         );
-        assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "{plan:?}");
+        assert!(
+            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+            "{plan:?}"
+        );
+        journal.close();
+    }
+
+    #[tokio::test]
+    async fn events_are_counted_by_minute_and_state_from_a_time_on() {
+        let (_dir, journal) = journal().await;
+        let counts = journal
+            .received_per_minute("2026-12-07T09:06:00.000Z")
+            .unwrap();
+        let expected: Vec<(String, EventState, u64)> = (6..12)
+            .map(|m| {
+                let state = if m == 7 {
+                    EventState::Failed
+                } else {
+                    EventState::Accepted
+                };
+                (format!("2026-12-07T09:{m:02}"), state, 1)
+            })
+            .collect();
+        assert_eq!(counts, expected);
+        journal
+            .write(|conn| {
+                conn.execute(
+                    "UPDATE events SET received_at = '2026-12-07T09:11:30.000Z' WHERE id = 'e3'",
+                    [],
+                )
+            })
+            .await
+            .unwrap();
+        let last = journal
+            .received_per_minute("2026-12-07T09:11:00.000Z")
+            .unwrap();
+        assert_eq!(
+            last,
+            [
+                ("2026-12-07T09:11".to_owned(), EventState::Accepted, 1),
+                ("2026-12-07T09:11".to_owned(), EventState::Failed, 1)
+            ]
+        );
         journal.close();
     }
 
