@@ -138,7 +138,9 @@ pub fn list_events(
     match types {
         None => select(conn, filter, &TypeTest::Any, bounds, limit),
         Some(types) if types.is_empty() => Ok(Vec::new()),
-        Some(types) if types.len() > MAX_TYPE_WALKS => {
+        // A subject's events are few (one record's history): its index is walked once and the
+        // rest tested row by row.
+        Some(types) if types.len() > MAX_TYPE_WALKS || filter.subject.is_some() => {
             select(conn, filter, &TypeTest::AnyOf(&types), bounds, limit)
         }
         Some(types) => {
@@ -257,7 +259,13 @@ fn select_sql(
             args.push(Box::new(*state));
             marks.push(format!("?{}", args.len()));
         }
-        conditions.push(format!("e.state IN ({})", marks.join(", ")));
+        // With a subject, `+` keeps SQLite on the subject's index rather than a state's.
+        let column = if filter.subject.is_some() {
+            "+e.state"
+        } else {
+            "e.state"
+        };
+        conditions.push(format!("{column} IN ({})", marks.join(", ")));
     }
     match types {
         TypeTest::Any => {}
@@ -566,9 +574,9 @@ mod tests {
 
     /// A listing by state and type walks the index of both, so a page costs the same however
     /// few of a type's events have the state (through the type's index alone it read every
-    /// event of the type when few or none had it).
+    /// event of the type when few or none had it); with a subject, the subject's index.
     #[tokio::test]
-    async fn a_state_and_type_listing_walks_the_state_and_type_index() {
+    async fn a_state_and_type_listing_walks_the_state_and_type_index_and_a_subject_its_own() {
         let (_dir, journal) = journal().await;
         let filter = EventFilter {
             states: vec![EventState::Failed],
@@ -598,6 +606,44 @@ mod tests {
         assert!(
             !plan.iter().any(|step| step.contains("TEMP B-TREE")),
             "{plan:?}"
+        );
+
+        // With a subject, its index: one record's history, whatever the state and type.
+        let filter = EventFilter {
+            states: vec![EventState::Failed],
+            subject: Some("S1".into()),
+            ..EventFilter::default()
+        };
+        let types = ["rule.a".to_owned(), "rule.b".to_owned()];
+        let (sql, args) = select_sql(
+            &filter,
+            &TypeTest::AnyOf(&types),
+            Bounds {
+                above: None,
+                below: None,
+            },
+            50,
+        );
+        let plan: Vec<String> = journal
+            .read(|conn| {
+                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                stmt.query_map(params_from_iter(args.iter()), |r| r.get::<_, String>(3))?
+                    .collect()
+            })
+            .unwrap();
+        assert_eq!(
+            plan,
+            ["SEARCH e USING INDEX events_by_subject (subject=?)"],
+            "{sql}"
+        );
+        // And the listing through it finds what it should.
+        let failed_rules_of_s1 = EventFilter {
+            event_type: Some("rule.*".into()),
+            ..filter
+        };
+        assert_eq!(
+            ids(&journal.list_events(&failed_rules_of_s1, None, 10).unwrap()),
+            ["e7", "e3"]
         );
         journal.close();
     }
