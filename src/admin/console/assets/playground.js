@@ -184,6 +184,9 @@
     fixturesTimer = setTimeout(runFixtures, 250);
   }
   [script, input, event].forEach((el) => el.addEventListener("input", later));
+  // Opening another adapter keeps the event id typed since the page was loaded.
+  const keptEvent = document.querySelector("form.filters input[name=event]");
+  event.addEventListener("input", () => { if (keptEvent) keptEvent.value = event.value.trim(); });
   script.addEventListener("input", fixturesLater);
   evaluate();
   runFixtures();
