@@ -125,6 +125,16 @@ pub fn list_events(
     before: Option<i64>,
     limit: u32,
 ) -> Result<Vec<EventSummary>, rusqlite::Error> {
+    // A route nothing went through (a misspelt name) selects nothing; without this, a walk of
+    // another filter's index would look up a delivery for each of its events to find none.
+    if let Some(route) = &filter.route {
+        let used: bool = conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM deliveries WHERE route = ?1)")?
+            .query_row([route], |r| r.get(0))?;
+        if !used {
+            return Ok(Vec::new());
+        }
+    }
     let types = match &filter.event_type {
         None => None,
         Some(pattern) => Some(matching_types(conn, pattern)?),
@@ -561,6 +571,12 @@ mod tests {
             ..EventFilter::default()
         };
         assert_eq!(ids(&list(subject, None, 100)), ["e7", "e3"]);
+        let no_route = EventFilter {
+            route: Some("r2".into()),
+            event_type: Some("rule.*".into()),
+            ..EventFilter::default()
+        };
+        assert!(list(no_route, None, 100).is_empty());
 
         // since is inclusive, until exclusive.
         let window = EventFilter {
