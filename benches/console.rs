@@ -1,6 +1,7 @@
 //! The event listing of the admin API (`GET /v1/events`) on a journal of a million events: the
 //! time of each filter's first page and of a deep page (a cursor 900,000 events down), through
-//! `Journal::list_events`, the call the endpoint makes.
+//! `Journal::list_events`, the call the endpoint makes; then the console's overview (its chart's
+//! per-minute counts, the dead-letter count) and an event's page.
 //!
 //! The journal is made by the agent (`Journal::open`, so it has the agent's schema and
 //! indexes), then filled in one SQLite transaction with `ESS_BENCH_EVENTS` events (default
@@ -15,7 +16,8 @@
 //! and to one without them (dropped after opening), 4 rounds, each starting with the other.
 //!
 //! Run: `cargo bench --bench console` (`ESS_BENCH_KEEP=1` keeps the filled journal and prints
-//! where, for `EXPLAIN QUERY PLAN`)
+//! where, for `EXPLAIN QUERY PLAN`; `ESS_BENCH_DROP_INDEXES=name,…` drops indexes after the
+//! fill, for a comparison)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,6 +59,14 @@ fn fill(dir: &std::path::Path, n: i64) {
     ))
     .unwrap();
     tx.commit().unwrap();
+    // `ESS_BENCH_DROP_INDEXES=a,b`: the journal without these indexes, to compare a listing with
+    // and without one.
+    if let Ok(names) = std::env::var("ESS_BENCH_DROP_INDEXES") {
+        for name in names.split(',').filter(|n| !n.is_empty()) {
+            conn.execute_batch(&format!("DROP INDEX {name}")).unwrap();
+            println!("dropped the index {name}");
+        }
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -149,6 +159,23 @@ fn listing_in(dir: &std::path::Path, n: i64, rounds: usize, started: Instant) {
                 f.event_type = Some("type.0*".into());
             }),
         ),
+        // Filters that select nothing, so that every walk runs to its end: parked events have
+        // no deliveries, and no event went through route-9.
+        (
+            "route=route-2&state=parked&type=type.0* (none)",
+            filter(|f| {
+                f.route = Some("route-2".into());
+                f.states = vec![EventState::Parked];
+                f.event_type = Some("type.0*".into());
+            }),
+        ),
+        (
+            "route=route-9&type=type.07 (none)",
+            filter(|f| {
+                f.route = Some("route-9".into());
+                f.event_type = Some("type.07".into());
+            }),
+        ),
     ];
     println!("\n| filter | first page ms | deep page ms | events on the first page |");
     println!("|---|---:|---:|---:|");
@@ -171,6 +198,53 @@ fn listing_in(dir: &std::path::Path, n: i64, rounds: usize, started: Instant) {
             count.min(50)
         );
     }
+
+    // The console's other pages: the overview's chart (the last hour's events per minute and
+    // state; here the journal's last hour, 36,000 events) and dead-letter count, and an event's
+    // page (its record, deliveries, bodies and pending report), mid-journal.
+    let last = journal
+        .list_events(&EventFilter::default(), None, 1)
+        .unwrap()[0]
+        .clone();
+    let since = {
+        let at = time::OffsetDateTime::parse(
+            &last.received_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        ess_agent::timestamp::format(at - time::Duration::minutes(59))
+    };
+    let middle = format!("evt-{}", n / 2);
+    println!("\n| page, query | ms |");
+    println!("|---|---:|");
+    let mut chart = Vec::new();
+    let mut dead = Vec::new();
+    let mut event = Vec::new();
+    let mut minutes = 0;
+    for _ in 0..rounds {
+        let t = Instant::now();
+        minutes = journal.received_per_minute(&since).unwrap().len();
+        chart.push(t.elapsed());
+        let t = Instant::now();
+        journal.dead_letter_count().unwrap();
+        dead.push(t.elapsed());
+        let t = Instant::now();
+        assert!(journal.get_detail(&middle).unwrap().is_some());
+        event.push(t.elapsed());
+    }
+    assert!(
+        minutes >= 60,
+        "the chart's query found {minutes} minute and state rows"
+    );
+    println!(
+        "| overview: events per minute and state, last hour | {} |",
+        ms(median(chart))
+    );
+    println!("| overview: dead letters | {} |", ms(median(dead)));
+    println!(
+        "| an event's page: get_detail({middle}) | {} |",
+        ms(median(event))
+    );
     journal.close();
 }
 
@@ -202,7 +276,7 @@ async fn append_rate(n: usize, indexes: bool) -> f64 {
         conn.execute_batch(
             "DROP INDEX events_by_type; DROP INDEX events_by_subject; \
              DROP INDEX events_by_received; DROP INDEX deliveries_by_route; \
-             DROP INDEX outbox_by_event;",
+             DROP INDEX outbox_by_event; DROP INDEX events_by_state_type;",
         )
         .unwrap();
     }

@@ -194,20 +194,26 @@ pub fn discover(adapters_dir: &Path) -> Result<Vec<(PathBuf, Vec<PathBuf>)>, Fix
 
     let mut found = Vec::with_capacity(scripts.len());
     for script in scripts {
-        let dir = tests_dir(&script);
-        let mut cases = Vec::new();
-        if dir.is_dir() {
-            for entry in read_dir(&dir)? {
-                let path = entry.path();
-                if path.is_file() && path.extension().is_some_and(|ext| ext == FIXTURE_EXTENSION) {
-                    cases.push(path);
-                }
-            }
-        }
-        cases.sort();
+        let cases = cases_of(&script)?;
         found.push((script, cases));
     }
     Ok(found)
+}
+
+/// The case files of `script`, sorted by file name; none when it has no `.tests` directory.
+pub fn cases_of(script: &Path) -> Result<Vec<PathBuf>, FixtureError> {
+    let dir = tests_dir(script);
+    let mut cases = Vec::new();
+    if dir.is_dir() {
+        for entry in read_dir(&dir)? {
+            let path = entry.path();
+            if path.is_file() && path.extension().is_some_and(|ext| ext == FIXTURE_EXTENSION) {
+                cases.push(path);
+            }
+        }
+    }
+    cases.sort();
+    Ok(cases)
 }
 
 /// The directory of `script`'s cases: `x.jsonata` → `x.tests`.
@@ -249,12 +255,24 @@ pub fn run_adapter_fixtures(
                 .collect();
         }
     };
-    let expression = match Expression::compile(&source) {
+    run_fixtures_on_source(&source, &script.display().to_string(), fixtures, limits)
+}
+
+/// [`run_adapter_fixtures`] on the script text `source` instead of a file (the console's
+/// playground runs an adapter's cases on the script being edited). `script_name` names the
+/// script in errors.
+pub fn run_fixtures_on_source(
+    source: &str,
+    script_name: &str,
+    fixtures: &[PathBuf],
+    limits: &Limits,
+) -> Vec<CaseResult> {
+    let expression = match Expression::compile(source) {
         Ok(expression) => expression,
         Err(err) => {
             let failure = format!(
                 "the script does not compile:\n{}",
-                err.render(&script.display().to_string(), &source)
+                err.render(script_name, source)
             );
             return fixtures
                 .iter()
@@ -267,11 +285,10 @@ pub fn run_adapter_fixtures(
                 .collect();
         }
     };
-    let script_name = script.display().to_string();
     fixtures
         .iter()
         .map(|path| match Fixture::load(path) {
-            Ok(fixture) => run_case(&expression, &script_name, &fixture, limits),
+            Ok(fixture) => run_case(&expression, script_name, &fixture, limits),
             Err(err) => not_run(path, "", &err.to_string()),
         })
         .collect()

@@ -199,6 +199,10 @@ impl Admin {
                 let body = read_body(req.into_body(), adapters::MAX_EVAL_BODY_BYTES).await?;
                 self.eval_adapter(&body).await
             }
+            Endpoint::RunFixtures(name) => {
+                let body = read_body(req.into_body(), adapters::MAX_EVAL_BODY_BYTES).await?;
+                self.run_fixtures(name, &body).await
+            }
             Endpoint::RetryDeadLetter(id) => self.replay(id, false, &[]).await,
             Endpoint::DropDeadLetter(id) => self.drop_dead_letter(id).await,
             Endpoint::OpenApi => Ok(openapi::response()),
@@ -324,7 +328,7 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
         ["v1", "events"] | ["v1", "openapi.json"] => Some("GET, HEAD"),
         ["v1", "events", _] | ["v1", "dead-letters"] | ["v1", "adapters"] => Some("GET, HEAD"),
         ["v1", "dead-letters", "retry"] => Some("POST, DELETE"),
-        ["v1", "adapters", "eval"] => Some("POST"),
+        ["v1", "adapters", "eval"] | ["v1", "adapters", _, "fixtures", "run"] => Some("POST"),
         ["v1", "events", _, "replay"] | ["v1", "dead-letters", _, "retry"] => Some("POST"),
         ["v1", "dead-letters", _] => Some("DELETE"),
         _ => None,
@@ -359,6 +363,7 @@ const ENDPOINTS: &[&str] = &[
     "DELETE /v1/dead-letters/{id}",
     "GET /v1/adapters",
     "POST /v1/adapters/eval",
+    "POST /v1/adapters/{name}/fixtures/run",
 ];
 
 /// An admin endpoint a request is for, with the raw (still percent-encoded) event id it names.
@@ -377,6 +382,8 @@ enum Endpoint<'a> {
     DropDeadLetter(&'a str),
     Adapters,
     EvalAdapter,
+    /// An adapter's fixtures, by the adapter's name (its file name without `.jsonata`).
+    RunFixtures(&'a str),
 }
 
 impl<'a> Endpoint<'a> {
@@ -397,6 +404,9 @@ impl<'a> Endpoint<'a> {
             (&Method::DELETE, ["v1", "dead-letters", id]) => Endpoint::DropDeadLetter(id),
             (&Method::GET, ["v1", "adapters"]) => Endpoint::Adapters,
             (&Method::POST, ["v1", "adapters", "eval"]) => Endpoint::EvalAdapter,
+            (&Method::POST, ["v1", "adapters", name, "fixtures", "run"]) => {
+                Endpoint::RunFixtures(name)
+            }
             _ => return None,
         })
     }
@@ -601,7 +611,13 @@ mod tests {
         let methods = [Method::GET, Method::POST, Method::PUT, Method::DELETE];
         let paths: Vec<String> = ENDPOINTS
             .iter()
-            .map(|e| e.split_once(' ').unwrap().1.replace("{id}", "evt-1"))
+            .map(|e| {
+                e.split_once(' ')
+                    .unwrap()
+                    .1
+                    .replace("{id}", "evt-1")
+                    .replace("{name}", "evt-1")
+            })
             .chain(
                 [
                     "/",
@@ -618,6 +634,8 @@ mod tests {
                     "/v1/adapters",
                     "/v1/adapters/evt-1",
                     "/v1/adapters/eval",
+                    "/v1/adapters/evt-1/fixtures",
+                    "/v1/adapters/evt-1/run",
                     "/v1/dead-letters/retry",
                     "/v1/openapi.json",
                     "/v1/events/evt-1/replay/x",
@@ -630,7 +648,7 @@ mod tests {
             .collect();
         for method in &methods {
             for path in &paths {
-                // `{id}` stands for any one segment: DELETE /v1/dead-letters/retry drops the
+                // `{id}` and `{name}` stand for any one segment: DELETE /v1/dead-letters/retry drops the
                 // dead letter whose id is "retry".
                 let listed = ENDPOINTS.iter().any(|e| {
                     let (m, pattern) = e.split_once(' ').unwrap();
@@ -641,7 +659,7 @@ mod tests {
                         && segments
                             .iter()
                             .zip(&asked)
-                            .all(|(p, a)| p == a || (*p == "{id}" && !a.is_empty()))
+                            .all(|(p, a)| p == a || (p.starts_with('{') && !a.is_empty()))
                 });
                 assert_eq!(
                     Endpoint::of(method, path).is_some(),

@@ -102,6 +102,13 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX reports_sent_by_event ON reports_sent (event_id, seq);
     "#,
+    // 6: a listing by state and type walks the events of that state and type in seq order.
+    // Through the type's index alone, each event's state is tested row by row, which reads all
+    // of a type's events when few have the state (a million events: 0.3 s for a page of failed
+    // events of ten types through one route).
+    r#"
+    CREATE INDEX events_by_state_type ON events (state, type, seq);
+    "#,
 ];
 
 /// The version whose migration rewrites the events table (3: the bodies move out).

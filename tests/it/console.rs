@@ -324,7 +324,155 @@ async fn the_playground_shows_output_as_typed_and_marks_an_error_at_its_line() {
         place.1
     );
     assert!(!browser.text_of("#diagnostic").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_playground_runs_the_adapter_s_fixtures_on_the_edited_script_with_a_diff() {
+    let dir = tempfile::tempdir().unwrap();
+    let tests = dir.path().join("adapters/p.tests");
+    std::fs::create_dir_all(&tests).unwrap();
+    let case = |description: &str, payload: Value| {
+        json!({"description": description,
+               "event": {"id": "fx", "version": 1, "type": "rule.updated", "subject": "S",
+                         "payload": payload},
+               "expect": payload})
+        .to_string()
+    };
+    let markup = "<script>alert(1)</script>";
+    std::fs::write(
+        tests.join("a-deadline.json"),
+        case(
+            "the deadline is kept",
+            json!({"deadline": 30, "note": markup}),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        tests.join("b-other.json"),
+        case(
+            "<img src=x onerror=alert(1)> is shown as text",
+            json!({"deadline": 5}),
+        ),
+    )
+    .unwrap();
+    let agent = start(dir.path(), "");
+    post(
+        &agent,
+        "pg-2",
+        "rule.updated",
+        "S-PG",
+        json!({"deadline": 7}),
+    )
+    .await;
+    let browser = Browser::start().await;
+    browser
+        .goto(&agent.admin_url("/console/playground?adapter=p&event=pg-2"))
+        .await;
+    // The adapter's script in force is in the editor, and both its cases pass.
+    let script = browser.find("#script").await;
+    let text = browser
+        .execute("return document.getElementById('script').value", json!([]))
+        .await;
+    assert_eq!(text, "payload");
+    browser
+        .wait_for("the fixtures to pass", || async {
+            let status = browser.text_of("#fixtures-status").await;
+            status.starts_with("2 passed, 0 failed").then_some(())
+        })
+        .await;
+
+    // An edit that changes one case's output fails that case, with the diff.
+    browser.clear(&script).await;
+    browser
+        .send_keys(
+            &script,
+            "payload.deadline = 30\n  ? {\"deadline\": 31, \"note\": payload.note}\n  : payload",
+        )
+        .await;
+    browser
+        .wait_for("one fixture to fail", || async {
+            let status = browser.text_of("#fixtures-status").await;
+            status.starts_with("1 passed, 1 failed").then_some(())
+        })
+        .await;
+    let failed = browser.find("#fixtures li.fail").await;
+    assert_eq!(
+        browser.attribute(&failed, "data-file").await.as_deref(),
+        Some("a-deadline.json")
+    );
+    let diff = browser.text_of("#fixtures li.fail pre.diff").await;
+    let changed: Vec<&str> = diff
+        .lines()
+        .filter(|l| l.starts_with("- ") || l.starts_with("+ "))
+        .collect();
+    assert_eq!(
+        changed,
+        ["-   \"deadline\": 30,", "+   \"deadline\": 31,"],
+        "{diff}"
+    );
+    assert_eq!(
+        browser.text_of("#fixtures li.fail pre.diff span.del").await,
+        "-   \"deadline\": 30,"
+    );
+    // Fixture text is text: the markup in a case shows as written and makes no element.
+    assert!(diff.contains(markup), "{diff}");
+    let passed = browser.text_of("#fixtures li.pass").await;
+    assert!(
+        passed.contains("<img src=x onerror=alert(1)> is shown as text"),
+        "{passed}"
+    );
+    let elements = browser
+        .execute(
+            "return document.querySelectorAll('#fixtures img, #fixtures script').length",
+            json!([]),
+        )
+        .await;
+    assert_eq!(elements, 0);
+
+    // The fixture offered for download (and shown) is a case in the adapter's format: the
+    // chosen event and the output the edited script gives it.
+    let output = browser
+        .wait_for("the output of the stored event", || async {
+            let out = browser.text_of("#output").await;
+            serde_json::from_str::<Value>(&out)
+                .ok()
+                .filter(|v| *v == json!({"deadline": 7}))
+        })
+        .await;
+    let href = browser
+        .attribute(&browser.find("#download-fixture").await, "href")
+        .await
+        .unwrap_or_default();
+    assert!(href.starts_with("blob:"), "{href}");
+    let text = browser
+        .execute(
+            "return document.getElementById('fixture').textContent",
+            json!([]),
+        )
+        .await;
+    let fixture = ess_agent::adapter::fixtures::Fixture::parse(
+        Path::new("fixture.json"),
+        text.as_str().unwrap_or_default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(
+        fixture.expectation,
+        ess_agent::adapter::fixtures::Expectation::Value(output)
+    );
+    assert_eq!(fixture.input["id"], "pg-2");
+    assert_eq!(fixture.input["payload"], json!({"deadline": 7}));
     maybe_screenshot(&browser, "playground").await;
+    // Nothing was written to the adapters directory.
+    let mut files: Vec<_> = std::fs::read_dir(&tests)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["a-deadline.json", "b-other.json"]);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("adapters/p.jsonata")).unwrap(),
+        "payload"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -411,9 +411,12 @@ async fn scripts_are_evaluated_with_the_agent_s_engine_and_limits() {
         out.body,
         json!({"output": {"who": "test-partner", "n": 42}})
     );
-    // A stored event's envelope is the input, as a route's adapter gets it.
+    // A stored event's envelope is the input, as a route's adapter gets it, and comes back with
+    // the answer.
     let out = eval(json!({"script": "subject & \"/\" & payload.n", "event": "e1"})).await;
-    assert_eq!(out.body, json!({"output": "S-1/1"}));
+    assert_eq!(out.body["output"], "S-1/1");
+    assert_eq!(out.body["input"]["id"], "e1", "{}", out.body);
+    assert_eq!(out.body["input"]["payload"], json!({"n": 1}));
     let out = eval(json!({"script": "nothing.here", "input": {}})).await;
     assert_eq!(out.body["undefined"], true);
     assert!(out.body["reason"].as_str().unwrap().contains("nothing"));
@@ -456,6 +459,145 @@ async fn scripts_are_evaluated_with_the_agent_s_engine_and_limits() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(files, ["pass.jsonata"]);
+}
+
+/// Two cases for `pass.jsonata` in `adapters/pass.tests`: one the pass-through script meets,
+/// one that expects `payload.n` to be 2.
+fn pass_fixtures(dir: &Path) {
+    let tests = dir.join("adapters/pass.tests");
+    std::fs::create_dir_all(&tests).unwrap();
+    let event = json!({"id": "f-1", "version": 1, "type": "rule.updated", "subject": "S-F",
+                       "payload": {"n": 1, "name": "<b>x</b>"}});
+    let case = |description: &str, n: i64| {
+        json!({"description": description, "event": event,
+               "expect": {"id": "f-1", "subject": "S-F", "payload": {"n": n, "name": "<b>x</b>"}}})
+        .to_string()
+    };
+    std::fs::write(
+        tests.join("a-passes.json"),
+        case("the event passes through", 1),
+    )
+    .unwrap();
+    std::fs::write(
+        tests.join("b-wants-two.json"),
+        case("<i>n</i> must be 2 & more", 2),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_s_fixtures_run_on_the_script_sent_as_the_cli_runs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = file_routes(dir.path(), &[("files", "[\"rule.*\"]")], "");
+    pass_fixtures(dir.path());
+    let agent = Agent::start(dir.path(), &config);
+    let run = |script: &str| {
+        admin(
+            &agent,
+            Method::POST,
+            "/v1/adapters/pass/fixtures/run",
+            Some(json!({ "script": script })),
+        )
+    };
+
+    let out = run(PASS_THROUGH).await;
+    assert_eq!(out.status, StatusCode::OK, "{}", out.body);
+    assert_eq!(
+        (out.body["passed"].clone(), out.body["failed"].clone()),
+        (json!(1), json!(1))
+    );
+    let cases = out.body["fixtures"].as_array().unwrap();
+    assert_eq!(cases[0]["file"], "a-passes.json");
+    assert_eq!(cases[0]["passed"], true);
+    assert!(cases[0].get("diff").is_none(), "{}", cases[0]);
+    assert_eq!(cases[1]["file"], "b-wants-two.json");
+    assert_eq!(cases[1]["passed"], false);
+    assert_eq!(cases[1]["output"]["payload"]["n"], 1);
+    let diff = cases[1]["diff"].as_str().unwrap();
+    let changed: Vec<&str> = diff
+        .lines()
+        .filter(|l| l.starts_with("- ") || l.starts_with("+ "))
+        .collect();
+    assert_eq!(changed, ["-     \"n\": 2,", "+     \"n\": 1,"], "{diff}");
+
+    // The script sent is what runs, not the file: a script that adds a member fails both cases,
+    // and the diff names the member.
+    let edited = r#"{"id": id, "subject": subject, "payload": payload, "extra": true}"#;
+    let out = run(edited).await;
+    assert_eq!(out.body["failed"], 2, "{}", out.body);
+    let diff = out.body["fixtures"][0]["diff"].as_str().unwrap();
+    assert!(
+        diff.lines()
+            .any(|l| l.starts_with("+ ") && l.contains("\"extra\": true")),
+        "{diff}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("adapters/pass.jsonata")).unwrap(),
+        PASS_THROUGH
+    );
+
+    // The same cases through `ess-agent adapter test`, on a copy of the edited script: the
+    // same verdicts and the same diff.
+    let copy = dir.path().join("copy");
+    std::fs::create_dir_all(copy.join("pass.tests")).unwrap();
+    std::fs::write(copy.join("pass.jsonata"), PASS_THROUGH).unwrap();
+    for case in ["a-passes.json", "b-wants-two.json"] {
+        std::fs::copy(
+            dir.path().join("adapters/pass.tests").join(case),
+            copy.join("pass.tests").join(case),
+        )
+        .unwrap();
+    }
+    let cli_run = std::process::Command::new(support::binary())
+        .args(["adapter", "test", "--adapters-dir"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&cli_run.stdout);
+    assert!(stdout.contains("1 passed, 1 failed"), "{stdout}");
+    let out = run(PASS_THROUGH).await;
+    for line in out.body["fixtures"][1]["diff"].as_str().unwrap().lines() {
+        assert!(
+            stdout.contains(&format!("    {line}")),
+            "{line:?} not in\n{stdout}"
+        );
+    }
+
+    // A script that does not compile fails every case with its place.
+    let out = run("{\"a\": ").await;
+    assert_eq!(out.body["failed"], 2);
+    let failure = out.body["fixtures"][0]["failure"].as_str().unwrap();
+    assert!(failure.contains("does not compile"), "{failure}");
+    assert!(failure.contains("pass.jsonata:1:"), "{failure}");
+
+    let unknown = admin(
+        &agent,
+        Method::POST,
+        "/v1/adapters/nope/fixtures/run",
+        Some(json!({"script": "1"})),
+    )
+    .await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    let detail = unknown.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("\"nope\"") && detail.contains("pass"),
+        "{detail}"
+    );
+    let bad = admin(
+        &agent,
+        Method::POST,
+        "/v1/adapters/pass/fixtures/run",
+        Some(json!({"script": "1", "input": {}})),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    // Nothing was written beside the adapters.
+    let mut files: Vec<_> = std::fs::read_dir(dir.path().join("adapters/pass.tests"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["a-passes.json", "b-wants-two.json"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -708,6 +850,7 @@ impl Described {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_answers_as_the_openapi_description_says() {
     let dir = tempfile::tempdir().unwrap();
+    pass_fixtures(dir.path());
     let agent = Agent::start(
         dir.path(),
         &file_routes(dir.path(), &[("files", "[\"rule.*\"]")], ""),
@@ -825,6 +968,22 @@ async fn every_endpoint_answers_as_the_openapi_description_says() {
         json!({"script": "1", "unknown": true}),
     ] {
         d.call(&agent, M::POST, eval, eval, Some(body)).await;
+    }
+    let fixtures = "/v1/adapters/{name}/fixtures/run";
+    for (path, body) in [
+        (
+            "/v1/adapters/pass/fixtures/run",
+            json!({"script": PASS_THROUGH}),
+        ),
+        (
+            "/v1/adapters/pass/fixtures/run",
+            json!({"script": "payload"}),
+        ),
+        ("/v1/adapters/pass/fixtures/run", json!({"script": "1 +"})),
+        ("/v1/adapters/pass/fixtures/run", json!({"script": 1})),
+        ("/v1/adapters/nope/fixtures/run", json!({"script": "1"})),
+    ] {
+        d.call(&agent, M::POST, fixtures, path, Some(body)).await;
     }
 
     let mut described = BTreeSet::new();

@@ -280,8 +280,11 @@ impl Admin {
                 ["events", id, "replay"] => self.console_replay(id, &fields).await,
                 ["events", id, "drop"] => self.console_drop(id).await,
                 ["dead-letters", "retry"] => self.console_bulk_retry(&fields).await,
-                ["eval"] => {
-                    let response = self.eval_adapter(&body).await?;
+                ["eval"] | ["adapters", _, "fixtures"] => {
+                    let response = match segments.as_slice() {
+                        ["adapters", name, "fixtures"] => self.run_fixtures(name, &body).await?,
+                        _ => self.eval_adapter(&body).await?,
+                    };
                     let mut page = Page::html(StatusCode::OK, String::new());
                     page.content_type = "application/json";
                     page.body = response

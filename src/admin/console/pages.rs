@@ -640,32 +640,98 @@ impl Admin {
     pub(super) async fn playground_page(&self, query: &str, csrf: &str) -> Result<String, Problem> {
         let fields = form_fields(query);
         let event = field(&fields, "event").unwrap_or("").trim().to_owned();
+        let chosen = field(&fields, "adapter").unwrap_or("").trim().to_owned();
         let adapters = self
             .reloader
             .as_ref()
             .map(|r| r.adapters())
             .unwrap_or_default();
         let adapters = serde_json::to_value(&adapters).unwrap_or(Value::Null);
+        // The adapters the routes use, by name (file name without `.jsonata`), with the script
+        // in force: opening one puts its script in the editor and runs its fixtures on every
+        // edit.
+        let routing = self.dispatcher.routing();
+        let mut scripts: BTreeMap<String, String> = BTreeMap::new();
+        for route in &routing.routes {
+            let name = route
+                .adapter
+                .path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            scripts
+                .entry(name)
+                .or_insert_with(|| route.adapter.source().to_owned());
+        }
+        drop(routing);
+        let opened = scripts.get(&chosen);
+        let options: String = std::iter::once(String::new())
+            .chain(scripts.keys().cloned())
+            .map(|name| {
+                format!(
+                    "<option value=\"{0}\"{1}>{2}</option>",
+                    esc(&name),
+                    if opened.is_some() && name == chosen {
+                        " selected"
+                    } else {
+                        ""
+                    },
+                    if name.is_empty() {
+                        "(none)".to_owned()
+                    } else {
+                        esc(&name)
+                    },
+                )
+            })
+            .collect();
+        let script = opened.map_or("{ \"id\": id, \"subject\": subject }", String::as_str);
+        let fixtures = if opened.is_some() {
+            format!(
+                "<h2>Fixtures of {0}</h2><p id=\"fixtures-status\" class=\"hint\">the \
+                 adapter's cases run on the script above as you type, as <code>ess-agent adapter \
+                 test</code> runs them</p><ol id=\"fixtures\" class=\"fixtures\"></ol>",
+                esc(&chosen)
+            )
+        } else if chosen.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "<p class=\"problem\">No route uses an adapter named {}: choose one of the list.</p>",
+                esc(&chosen)
+            )
+        };
         let body = format!(
-            "<div id=\"playground\" data-csrf=\"{}\">\
+            "<div id=\"playground\" data-csrf=\"{}\" data-adapter=\"{}\">\
              <p class=\"hint\">Edit a script and see its output as you type, with the agent's own \
              engine and limits. Nothing here writes adapter files: download the script and a \
              fixture and put them in the adapters directory. This page needs JavaScript.</p>\
+             <form method=\"get\" action=\"/console/playground\" class=\"filters\">\
+             <label>Adapter <select id=\"adapter\" name=\"adapter\">{}</select></label>\
+             <input type=\"hidden\" name=\"event\" value=\"{}\">\
+             <button type=\"submit\" id=\"open-adapter\">Open its script and fixtures</button></form>\
              <div class=\"cols\"><div>\
              <label>Stored event id <input id=\"event\" value=\"{}\" placeholder=\"evt-…\"></label>\
              <label>or input JSON <textarea id=\"input\" rows=\"8\" spellcheck=\"false\">{{}}</textarea></label>\
-             <label>Script <textarea id=\"script\" rows=\"12\" spellcheck=\"false\">{{ \"id\": id, \"subject\": subject }}</textarea></label>\
+             <label>Script <textarea id=\"script\" rows=\"12\" spellcheck=\"false\">{}</textarea></label>\
              <ol id=\"lines\" class=\"lines\"></ol>\
              </div><div>\
              <h2>Output</h2><p id=\"status\" class=\"hint\">type to evaluate</p>\
              <p id=\"error-where\" class=\"problem\" hidden></p>\
              <pre id=\"diagnostic\" hidden></pre><pre id=\"output\"></pre>\
-             <p><a id=\"download-script\" download=\"adapter.jsonata\" href=\"#\">Download the script</a> · \
-             <a id=\"download-fixture\" download=\"fixture.json\" href=\"#\">Download a fixture (input and output)</a></p>\
+             <p><a id=\"download-script\" download=\"{}.jsonata\" href=\"#\">Download the script</a> · \
+             <a id=\"download-fixture\" download=\"fixture.json\" href=\"#\">Download a fixture (the event and this output)</a></p>\
+             <details><summary>The fixture</summary><pre id=\"fixture\"></pre></details>\
+             {}\
              <h2>Adapters</h2><pre id=\"adapters\">{}</pre>\
              </div></div></div><script src=\"/console/assets/playground.js\" defer></script>",
             esc(csrf),
+            esc(if opened.is_some() { &chosen } else { "" }),
+            options,
             esc(&event),
+            esc(&event),
+            esc(script),
+            esc(if opened.is_some() { &chosen } else { "adapter" }),
+            fixtures,
             esc(&serde_json::to_string_pretty(&adapters).unwrap_or_default()),
         );
         Ok(page(
@@ -726,7 +792,7 @@ fn result_page(id: &str, outcome: Result<String, Problem>) -> Page {
 
 /// Events received in the last hour, per minute, by their state now: the minute keys
 /// (`YYYY-MM-DDTHH:MM`) in order, and the counts of received, applied and dead-lettered events.
-/// Reads through the receive-time index (`events_by_received`). Blocking.
+/// Blocking.
 fn minute_counts(
     journal: &crate::journal::Journal,
 ) -> Result<Vec<(String, [u64; 3])>, crate::journal::JournalError> {
@@ -738,14 +804,7 @@ fn minute_counts(
         .replace_nanosecond(0)
         .unwrap_or(start);
     let since = crate::timestamp::format(start);
-    let rows: Vec<(String, String, u64)> = journal.read(|conn| {
-        let mut stmt = conn.prepare_cached(
-            "SELECT substr(received_at, 1, 16), state, count(*) FROM events \
-             WHERE received_at >= ?1 GROUP BY 1, 2",
-        )?;
-        stmt.query_map([&since], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect()
-    })?;
+    let rows = journal.received_per_minute(&since)?;
     let mut minutes: BTreeMap<String, [u64; 3]> = (0..60)
         .map(|i| {
             let at = crate::timestamp::format(start + time::Duration::minutes(i));
