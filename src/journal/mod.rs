@@ -21,6 +21,7 @@ mod lock;
 mod query;
 mod schema;
 mod writer;
+pub mod pg;
 
 pub use apply::{
     DeadLetter, DeliveryRecord, DeliveryUpdate, DropOutcome, EventDetail, Finish, OutboxRow,

@@ -1,0 +1,340 @@
+//! Appends with group commit: concurrent appends share one transaction.
+//!
+//! One task per agent takes the appends that are waiting (up to `max_batch`) and writes them in
+//! one statement, `INSERT … ON CONFLICT (id) DO NOTHING RETURNING`, with their bodies in the same
+//! statement; appends that arrive meanwhile wait for the next transaction. Nobody is answered
+//! before COMMIT returned: each caller gets [`AppendOutcome::Accepted`] with the event's `seq`,
+//! [`AppendOutcome::Duplicate`] with the stored record when the id was in the journal already
+//! (accepted by this agent or any other), or the batch's error. An error of the COMMIT itself
+//! leaves it unknown whether the rows were stored; they are answered
+//! [`PgError::Unavailable`], never accepted, and the hub's redelivery finds out (a duplicate if
+//! they were).
+//!
+//! The rows are inserted in id order, so two agents' batches that share ids wait for each other
+//! in one order and cannot deadlock; a serialization failure or deadlock is retried once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sqlx::Row as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::{PgDb, PgError, partition_of, retry_sqlstate, sqlstate};
+use crate::journal::{EventRecord, EventState, NewEvent};
+
+/// The outcome of an append that committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// The event is new and committed.
+    Accepted { seq: i64, part: i32 },
+    /// The id was stored before (by any agent); nothing was written. Carries the stored record.
+    Duplicate(Box<EventRecord>),
+}
+
+/// One caller's append.
+struct Request {
+    event: NewEvent,
+    reply: oneshot::Sender<Result<AppendOutcome, PgError>>,
+}
+
+/// The handle to the append task. Cheap to share behind an `Arc`.
+pub struct Appender {
+    requests: mpsc::Sender<Request>,
+    commits: Arc<AtomicU64>,
+    stop: CancellationToken,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Appender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Appender")
+            .field("commits", &self.commits)
+            .finish()
+    }
+}
+
+impl Appender {
+    /// Starts the append task of this agent (`agent` is its id, recorded with each event).
+    /// `partitions` is the count stored in the schema ([`super::schema::Migrated`]).
+    pub fn start(db: PgDb, partitions: u32, agent: String, max_batch: usize) -> Appender {
+        let max_batch = max_batch.max(1);
+        let (requests, rx) = mpsc::channel(max_batch * 4);
+        let commits = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let batcher = Batcher {
+            db,
+            partitions,
+            agent,
+            max_batch,
+            commits: commits.clone(),
+        };
+        let task = tokio::spawn(batcher.run(rx, stop.clone()));
+        Appender {
+            requests,
+            commits,
+            stop,
+            task: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// Appends an event; returns once the transaction holding it has committed.
+    pub async fn append(&self, event: NewEvent) -> Result<AppendOutcome, PgError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(Request { event, reply })
+            .await
+            .map_err(|_| PgError::Closed)?;
+        rx.await.map_err(|_| PgError::Closed)?
+    }
+
+    /// Transactions committed since start.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Commits what is queued, then stops; later appends fail with [`PgError::Closed`].
+    pub async fn close(&self) {
+        self.stop.cancel();
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+struct Batcher {
+    db: PgDb,
+    partitions: u32,
+    agent: String,
+    max_batch: usize,
+    commits: Arc<AtomicU64>,
+}
+
+impl Batcher {
+    async fn run(self, mut rx: mpsc::Receiver<Request>, stop: CancellationToken) {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        loop {
+            let first = tokio::select! {
+                first = rx.recv() => first,
+                () = stop.cancelled(), if !rx.is_closed() => {
+                    // No new appends; those queued are still committed.
+                    rx.close();
+                    continue;
+                }
+            };
+            let Some(first) = first else { return };
+            batch.push(first);
+            while batch.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch).await;
+        }
+    }
+
+    /// Writes `batch` in one transaction (retried once after a serialization failure or a
+    /// deadlock) and answers every caller.
+    async fn commit(&self, batch: &mut Vec<Request>) {
+        let started = std::time::Instant::now();
+        let mut result = self.write(batch).await;
+        if let Err(e) = &result
+            && sqlstate(e).is_some_and(|code| retry_sqlstate(&code))
+        {
+            result = self.write(batch).await;
+        }
+        match result {
+            Ok(outcomes) => {
+                self.commits.fetch_add(1, Ordering::Relaxed);
+                metrics::histogram!("ess_agent_journal_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!("ess_agent_journal_batch_size").record(batch.len() as f64);
+                for (request, outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = request.reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                let e = self.db.error(e, "appending events");
+                tracing::error!(error = %e, events = batch.len(), "journal commit failed; the events are refused with 503");
+                for request in batch.drain(..) {
+                    let _ = request.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// One transaction: the new events with their bodies, and the stored records of the ids
+    /// that were there already. The outcomes are in the batch's order.
+    async fn write(&self, batch: &[Request]) -> Result<Vec<AppendOutcome>, sqlx::Error> {
+        // Each id once, in id order (see the module's text); a second append of an id in the
+        // same batch is its duplicate.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by(|&a, &b| batch[a].event.id.cmp(&batch[b].event.id));
+        order.dedup_by(|a, b| batch[*a].event.id == batch[*b].event.id);
+        let events: Vec<&NewEvent> = order.iter().map(|&i| &batch[i].event).collect();
+        let now = crate::timestamp::now();
+
+        let mut tx = self.db.pool().begin().await?;
+        let rows = sqlx::query(
+            "WITH input AS ( \
+               SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $5::text[], \
+                 $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bytea[], \
+                 $12::text[]) \
+               AS t(id, part, type, version, subject, revision, source, time, format, \
+                 content_type, raw_body, envelope) \
+             ), ins AS ( \
+               INSERT INTO events (id, part, type, version, subject, revision, source, time, \
+                 format, content_type, received_at, received_by, state, updated_at) \
+               SELECT id, part, type, version, subject, revision, source, time, format, \
+                 content_type, $13, $14, 'accepted', $13 FROM input ORDER BY id \
+               ON CONFLICT (id) DO NOTHING \
+               RETURNING seq, id, part \
+             ), bodies AS ( \
+               INSERT INTO event_bodies (seq, raw_body, envelope) \
+               SELECT ins.seq, input.raw_body, input.envelope FROM ins JOIN input USING (id) \
+             ) \
+             SELECT id, seq, part FROM ins",
+        )
+        .bind(events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| partition_of(&e.subject, self.partitions))
+                .collect::<Vec<_>>(),
+        )
+        .bind(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.version as i64).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.subject.as_str()).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.revision.map(|r| r as i64))
+                .collect::<Vec<_>>(),
+        )
+        .bind(events.iter().map(|e| e.source.as_deref()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.time.as_deref()).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.format.as_str()).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.content_type.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(events.iter().map(|e| &e.raw_body[..]).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.envelope.as_str()).collect::<Vec<_>>())
+        .bind(&now)
+        .bind(&self.agent)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut inserted: HashMap<String, (i64, i32)> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            inserted.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?));
+        }
+        let known: Vec<&str> = events
+            .iter()
+            .filter(|e| !inserted.contains_key(&e.id))
+            .map(|e| e.id.as_str())
+            .collect();
+        let mut stored: HashMap<String, EventRecord> = HashMap::new();
+        if !known.is_empty() {
+            for record in read_records(&mut tx, &known).await? {
+                stored.insert(record.id.clone(), record);
+            }
+        }
+        tx.commit().await?;
+
+        // The first append of an id in the batch is the one inserted; any other is its
+        // duplicate.
+        let mut first_seen: HashMap<&str, bool> = HashMap::new();
+        batch
+            .iter()
+            .map(|request| {
+                let id = request.event.id.as_str();
+                let first = first_seen.insert(id, true).is_none();
+                match inserted.get(id) {
+                    Some(&(seq, part)) if first => Ok(AppendOutcome::Accepted { seq, part }),
+                    Some(_) => Ok(AppendOutcome::Duplicate(Box::new(accepted_record(
+                        &request.event,
+                        &now,
+                    )))),
+                    None => stored
+                        .get(id)
+                        .cloned()
+                        .map(|r| AppendOutcome::Duplicate(Box::new(r)))
+                        .ok_or_else(|| {
+                            sqlx::Error::Protocol(format!(
+                                "event {id} was neither inserted nor found"
+                            ))
+                        }),
+                }
+            })
+            .collect()
+    }
+}
+
+/// The record of an event this batch inserted, for a second append of its id in the batch.
+fn accepted_record(e: &NewEvent, now: &str) -> EventRecord {
+    EventRecord {
+        id: e.id.clone(),
+        event_type: e.event_type.clone(),
+        version: e.version,
+        subject: e.subject.clone(),
+        revision: e.revision,
+        source: e.source.clone(),
+        time: e.time.clone(),
+        format: e.format.as_str().to_owned(),
+        received_at: now.to_owned(),
+        state: EventState::Accepted,
+        updated_at: now.to_owned(),
+        error: None,
+        finished_at: None,
+    }
+}
+
+/// The stored records of `ids`.
+pub(super) async fn read_records(
+    conn: &mut sqlx::PgConnection,
+    ids: &[&str],
+) -> Result<Vec<EventRecord>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, type, version, subject, revision, source, time, format, received_at, \
+         state, updated_at, error, finished_at FROM events WHERE id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(EventRecord {
+                id: r.try_get(0)?,
+                event_type: r.try_get(1)?,
+                version: r.try_get::<i64, _>(2)? as u64,
+                subject: r.try_get(3)?,
+                revision: r.try_get::<Option<i64>, _>(4)?.map(|v| v as u64),
+                source: r.try_get(5)?,
+                time: r.try_get(6)?,
+                format: r.try_get(7)?,
+                received_at: r.try_get(8)?,
+                state: state_column(r, 9)?,
+                updated_at: r.try_get(10)?,
+                error: r.try_get(11)?,
+                finished_at: r.try_get(12)?,
+            })
+        })
+        .collect()
+}
+
+/// A state column: the word the SQLite journal writes too.
+pub(super) fn state_column<S>(row: &sqlx::postgres::PgRow, index: usize) -> Result<S, sqlx::Error>
+where
+    S: std::str::FromStr<Err = crate::journal::state::UnknownState>,
+{
+    let text: String = row.try_get(index)?;
+    text.parse().map_err(|e| sqlx::Error::ColumnDecode {
+        index: index.to_string(),
+        source: Box::new(e),
+    })
+}
