@@ -338,3 +338,197 @@ where
         source: Box::new(e),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::super::testdb::{OwnServer, TestSchema, eventually, new_event};
+    use super::super::{PgOptions, partition_of};
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_share_commits() {
+        let schema = TestSchema::create().await;
+        let db = schema.db().await;
+        let appender = Arc::new(Appender::start(db.clone(), 16, "a".into(), 512));
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let appender = appender.clone();
+                tokio::spawn(async move {
+                    appender
+                        .append(new_event(&format!("e{i}"), &format!("S{}", i % 5)))
+                        .await
+                })
+            })
+            .collect();
+        let mut seqs = BTreeSet::new();
+        for task in tasks {
+            match task.await.unwrap().unwrap() {
+                AppendOutcome::Accepted { seq, .. } => assert!(seqs.insert(seq)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(seqs.len(), 64);
+        let commits = appender.commits();
+        // The transactions that wrote the rows, as PostgreSQL counts them.
+        let transactions: i64 =
+            sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM events")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert_eq!(transactions as u64, commits);
+        assert!(commits < 64 / 4, "64 concurrent appends took {commits} commits");
+        // Each row is in its subject's partition, with its body.
+        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+            "SELECT e.subject, e.part, length(b.raw_body)::bigint FROM events e \
+             JOIN event_bodies b USING (seq)",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 64);
+        for (subject, part, body) in rows {
+            assert_eq!(part, partition_of(&subject, 16));
+            assert!(body > 0);
+        }
+        appender.close().await;
+        assert_eq!(
+            appender.append(new_event("late", "S")).await,
+            Err(PgError::Closed)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_id_accepted_by_one_agent_is_a_duplicate_at_another() {
+        let schema = TestSchema::create().await;
+        let db = schema.db().await;
+        let a = Arc::new(Appender::start(db.clone(), 16, "a".into(), 512));
+        let b = Arc::new(Appender::start(schema.db().await, 16, "b".into(), 512));
+        let AppendOutcome::Accepted { seq, .. } = a.append(new_event("one", "S")).await.unwrap()
+        else {
+            panic!("new at a")
+        };
+        match b.append(new_event("one", "S")).await.unwrap() {
+            AppendOutcome::Duplicate(record) => {
+                assert_eq!((record.id.as_str(), record.state), ("one", EventState::Accepted));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The same ids sent to both at once: each accepted exactly once.
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            for appender in [&a, &b, &a] {
+                let appender = appender.clone();
+                tasks.push(tokio::spawn(async move {
+                    let id = format!("both{i}");
+                    (id.clone(), appender.append(new_event(&id, "T")).await)
+                }));
+            }
+        }
+        let mut accepted: BTreeMap<String, usize> = BTreeMap::new();
+        for task in tasks {
+            let (id, outcome) = task.await.unwrap();
+            let entry = accepted.entry(id).or_default();
+            match outcome.unwrap() {
+                AppendOutcome::Accepted { seq: other, .. } => {
+                    assert_ne!(other, seq);
+                    *entry += 1;
+                }
+                AppendOutcome::Duplicate(record) => assert_eq!(record.subject, "T"),
+            }
+        }
+        assert_eq!(accepted.len(), 40);
+        assert!(accepted.values().all(|&n| n == 1), "{accepted:?}");
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(stored, 41);
+    }
+
+    /// What happened to each append while the server went down and came back.
+    #[derive(Default)]
+    struct Outcomes {
+        accepted: Vec<String>,
+        unavailable: usize,
+        other: Vec<String>,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_while_the_server_is_down_are_unavailable_and_resume_by_themselves() {
+        let server = tokio::task::spawn_blocking(OwnServer::start).await.unwrap();
+        let schema = TestSchema::create_at(&server.url()).await;
+        let options = PgOptions {
+            connect_timeout: Duration::from_secs(1),
+            ..schema.options()
+        };
+        let db = schema.db_with(options).await;
+        let appender = Arc::new(Appender::start(db.clone(), 16, "a".into(), 64));
+        let outcomes = Arc::new(std::sync::Mutex::new(Outcomes::default()));
+        let stop = CancellationToken::new();
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let (appender, outcomes, stop) = (appender.clone(), outcomes.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut i = 0;
+                    while !stop.is_cancelled() {
+                        i += 1;
+                        let id = format!("w{w}-{i}");
+                        let outcome = appender.append(new_event(&id, &format!("S{w}"))).await;
+                        let refused = matches!(&outcome, Err(e) if e.is_unavailable());
+                        {
+                            let mut o = outcomes.lock().unwrap();
+                            match outcome {
+                                Ok(AppendOutcome::Accepted { .. }) => o.accepted.push(id),
+                                Err(e) if e.is_unavailable() => o.unavailable += 1,
+                                other => o.other.push(format!("{id}: {other:?}")),
+                            }
+                        }
+                        if refused {
+                            // As the hub would after a 503: a little later.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        let accepted = || outcomes.lock().unwrap().accepted.len();
+        assert!(eventually(Duration::from_secs(10), || async { accepted() >= 100 }).await);
+
+        tokio::task::block_in_place(|| server.stop_immediately());
+        assert!(
+            eventually(Duration::from_secs(15), || async {
+                outcomes.lock().unwrap().unavailable >= 10
+            })
+            .await,
+            "appends are refused as unavailable while the server is down"
+        );
+        let during = accepted();
+        tokio::task::block_in_place(|| server.start_again());
+        assert!(
+            eventually(Duration::from_secs(20), || async { accepted() >= during + 100 }).await,
+            "appends resume by themselves once the server is back"
+        );
+        stop.cancel();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        appender.close().await;
+
+        let o = outcomes.lock().unwrap();
+        assert!(o.other.is_empty(), "only accepted or unavailable: {:?}", o.other);
+        // Every append answered accepted is stored, the ones before the crash included.
+        let stored: BTreeSet<String> = sqlx::query_scalar("SELECT id FROM events")
+            .fetch_all(db.pool())
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        let missing: Vec<&String> = o.accepted.iter().filter(|id| !stored.contains(*id)).collect();
+        assert!(missing.is_empty(), "accepted but not stored: {missing:?}");
+        db.close().await;
+    }
+}

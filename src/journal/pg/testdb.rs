@@ -127,3 +127,124 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An event to append: `id` of subject `subject`.
+pub(crate) fn new_event(id: &str, subject: &str) -> crate::journal::NewEvent {
+    crate::journal::NewEvent {
+        id: id.into(),
+        event_type: "rule.updated".into(),
+        version: 1,
+        subject: subject.into(),
+        revision: Some(1),
+        source: None,
+        time: None,
+        format: crate::journal::WireFormat::ChangeEvent,
+        content_type: Some("application/json".into()),
+        raw_body: bytes::Bytes::from(format!("{{\"id\":\"{id}\"}}")),
+        envelope: format!("{{\"id\":\"{id}\",\"subject\":\"{subject}\"}}"),
+    }
+}
+
+/// A PostgreSQL server of one test's own, on a free port, in a temporary directory, so that
+/// the test can stop and start it while the shared server keeps running. Its binaries are
+/// PostgreSQL's (under /usr/lib/postgresql/*/bin), run as the `postgres` user when the test
+/// runs as root (the server refuses root). Stopped when dropped.
+pub(crate) struct OwnServer {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    pub(crate) port: u16,
+}
+
+impl OwnServer {
+    /// Creates the cluster and starts it (blocking, a few seconds).
+    pub(crate) fn start() -> OwnServer {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL's binaries under /usr/lib/postgresql")
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .find(|bin| bin.join("initdb").exists())
+            .expect("initdb under /usr/lib/postgresql/*/bin");
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if as_root() {
+            let status = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown the server's directory");
+        }
+        let server = OwnServer { dir, bin, port };
+        server.run(
+            "initdb",
+            &["-D", &server.data(), "-U", "postgres", "--auth=trust", "-N"],
+        );
+        server.start_again();
+        server
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    /// Runs one of PostgreSQL's programs, as `postgres` when root; panics when it fails.
+    fn run(&self, program: &str, args: &[&str]) {
+        let path = self.bin.join(program);
+        let mut command = if as_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&path);
+            c
+        } else {
+            std::process::Command::new(&path)
+        };
+        let out = command.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The URL of its `postgres` database.
+    pub(crate) fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the (stopped) server and waits until it accepts connections.
+    pub(crate) fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-l", &log, "-w", "-o", &options, "start"],
+        );
+    }
+
+    /// Stops the server at once, as a crash would (no shutdown checkpoint).
+    pub(crate) fn stop_immediately(&self) {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "immediate", "-w", "stop"]);
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run("pg_ctl", &["-D", &data, "-m", "immediate", "stop"])
+        }));
+    }
+}
+
+/// True when the test runs as root.
+fn as_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
