@@ -431,3 +431,282 @@ pub async fn prune(db: &PgDb, cutoff: &str, limit: u32) -> Result<Option<u64>, P
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use super::super::append::{AppendOutcome, Appender};
+    use super::super::lease::Lessee;
+    use super::super::testdb::{TestSchema, eventually, new_event};
+    use super::*;
+    use crate::journal::DeliveryState;
+
+    /// Appends `(id, subject)` pairs one after the other; their seqs.
+    async fn append(appender: &Appender, events: &[(&str, &str)]) -> Vec<i64> {
+        let mut seqs = Vec::new();
+        for (id, subject) in events {
+            match appender.append(new_event(id, subject)).await.unwrap() {
+                AppendOutcome::Accepted { seq, .. } => seqs.push(seq),
+                other => panic!("{other:?}"),
+            }
+        }
+        seqs
+    }
+
+    fn applied(seq: i64, id: &str, subject: &str, revision: u64) -> (Vec<DeliveryUpdate>, Finish) {
+        let update = DeliveryUpdate {
+            seq,
+            route: "calendar".into(),
+            sink: "files".into(),
+            state: DeliveryState::Applied,
+            attempts: 1,
+            next_attempt_ms: None,
+            last_error: None,
+        };
+        let finish = Finish {
+            seq,
+            state: EventState::Applied,
+            error: None,
+            subject_revision: Some((subject.into(), revision)),
+            report: Some((format!("report-{id}"), format!("{{\"id\":\"{id}\"}}"))),
+            event_id: id.into(),
+        };
+        (vec![update], finish)
+    }
+
+    async fn count(db: &PgDb, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(db.pool()).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_backlog_is_paged_in_seq_order_and_an_event_is_finished_once_under_its_lease() {
+        let schema = TestSchema::create().await;
+        let db = schema.db().await;
+        let appender = Appender::start(db.clone(), 16, "a".into(), 64);
+        let seqs = append(
+            &appender,
+            &[("e0", "S0"), ("e1", "S1"), ("e2", "S2"), ("e3", "S0"), ("e4", "S3")],
+        )
+        .await;
+        let a = Lessee::new(db.clone(), "a".into(), schema.options().lease, 16);
+        a.round().await.unwrap();
+        let parts = a.applicable();
+        assert_eq!(parts.len(), 16);
+
+        // Page by page, in seq order.
+        let first = waiting(&db, &parts, 0, 3).await.unwrap();
+        let rest = waiting(&db, &parts, first.last().unwrap().seq, 3).await.unwrap();
+        let read: Vec<i64> = first.iter().chain(&rest).map(|w| w.seq).collect();
+        assert_eq!(read, seqs);
+        assert_eq!(first[0].subject, "S0");
+        assert_eq!(first[0].part, super::super::partition_of("S0", 16));
+        let stored = load_event(&db, seqs[0]).await.unwrap().unwrap();
+        assert_eq!((stored.id.as_str(), stored.state), ("e0", EventState::Accepted));
+        assert!(stored.envelope.contains("S0") && stored.received_at_ms > 0);
+
+        // Finished once: its deliveries, revision and report in the same transaction.
+        let fence = a.fence(first[0].part).unwrap();
+        let (updates, done) = applied(seqs[0], "e0", "S0", 7);
+        assert!(finish(&db, &fence, &updates, &done).await.unwrap());
+        assert!(!finish(&db, &fence, &updates, &done).await.unwrap());
+        assert_eq!(subject_revision(&db, "S0").await.unwrap(), Some(7));
+        assert_eq!(deliveries(&db, seqs[0]).await.unwrap()[0].state, DeliveryState::Applied);
+        assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 1);
+        let left: Vec<i64> = waiting(&db, &parts, 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|w| w.seq)
+            .collect();
+        assert_eq!(left, seqs[1..]);
+
+        // The partition of e1 moves to b: a's final state for e1 is refused, nothing written.
+        let part = first[1].part;
+        sqlx::query("UPDATE partitions SET expires_at = now() - interval '1 s' WHERE part = $1")
+            .bind(part)
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let b = Lessee::new(db.clone(), "b".into(), schema.options().lease, 16);
+        b.round().await.unwrap();
+        let stale = a.fence(part).expect("a has not noticed yet");
+        let (updates, done) = applied(seqs[1], "e1", "S1", 1);
+        let e = finish(&db, &stale, &updates, &done).await.unwrap_err();
+        assert_eq!(e, PgError::LeaseLost { part, epoch: stale.epoch });
+        let e = set_deliveries(&db, &stale, &updates).await.unwrap_err();
+        assert!(matches!(e, PgError::LeaseLost { .. }), "{e}");
+        assert_eq!(load_event(&db, seqs[1]).await.unwrap().unwrap().state, EventState::Accepted);
+        assert!(deliveries(&db, seqs[1]).await.unwrap().is_empty());
+        assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 1);
+        // b, which holds it now, finishes it.
+        let fence = b.fence(part).unwrap();
+        assert!(finish(&db, &fence, &updates, &done).await.unwrap());
+        appender.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_committed_late_with_a_lower_seq_is_found_by_the_next_pass() {
+        let schema = TestSchema::create().await;
+        let db = schema.db().await;
+        let appender = Appender::start(db.clone(), 16, "a".into(), 64);
+        let parts: Vec<i32> = (0..16).collect();
+        // Another agent's transaction takes its seq first and commits last.
+        let mut slow = db.pool().begin().await.unwrap();
+        let late: i64 = sqlx::query_scalar(
+            "INSERT INTO events (id, part, type, version, subject, format, received_at, \
+             received_by, state, updated_at) VALUES ('late', 0, 't', 1, 'S', 'change_event', \
+             '2026-01-01T00:00:00.000Z', 'b', 'accepted', '2026-01-01T00:00:00.000Z') \
+             RETURNING seq",
+        )
+        .fetch_one(&mut *slow)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO event_bodies (seq, raw_body, envelope) VALUES ($1, '', '{}')")
+            .bind(late)
+            .execute(&mut *slow)
+            .await
+            .unwrap();
+        let early = append(&appender, &[("early", "S")]).await[0];
+        assert!(late < early);
+        let pass: Vec<i64> = waiting(&db, &parts, 0, 100).await.unwrap().iter().map(|w| w.seq).collect();
+        assert_eq!(pass, [early]);
+        slow.commit().await.unwrap();
+        // A cursor past the last seq seen would never see it; the next pass does.
+        assert!(waiting(&db, &parts, early, 100).await.unwrap().is_empty());
+        let pass: Vec<i64> = waiting(&db, &parts, 0, 100).await.unwrap().iter().map(|w| w.seq).collect();
+        assert_eq!(pass, [late, early]);
+        appender.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_status_report_is_claimed_by_one_agent() {
+        let schema = TestSchema::create().await;
+        let db = schema.db().await;
+        sqlx::query(
+            "INSERT INTO outbox (event_id, message_id, body, created_at) \
+             SELECT 'e' || i, 'm' || i, '{}', '2026-01-01T00:00:00.000Z' \
+             FROM generate_series(1, 30) i",
+        )
+        .execute(db.pool())
+        .await
+        .unwrap();
+        let hold = Duration::from_secs(60);
+        let claimers: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|agent| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    let mut mine = Vec::new();
+                    loop {
+                        let rows = claim_reports(&db, agent, i64::MAX, 4, hold).await.unwrap();
+                        if rows.is_empty() {
+                            return mine;
+                        }
+                        mine.extend(rows.into_iter().map(|r| r.seq));
+                    }
+                })
+            })
+            .collect();
+        let mut all = BTreeSet::new();
+        let mut by_agent = Vec::new();
+        for claimer in claimers {
+            let mine = claimer.await.unwrap();
+            for seq in &mine {
+                assert!(all.insert(*seq), "report {seq} claimed twice");
+            }
+            by_agent.push(mine);
+        }
+        assert_eq!(all.len(), 30);
+
+        // Only the claimant records the outcome.
+        let (a_seq, b_seq) = (by_agent[0][0], by_agent[1][0]);
+        assert!(!report_sent(&db, "b", a_seq).await.unwrap());
+        assert!(report_sent(&db, "a", a_seq).await.unwrap());
+        let sent_by: String = sqlx::query_scalar("SELECT sent_by FROM reports_sent WHERE seq = $1")
+            .bind(a_seq)
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(sent_by, "a");
+        // A failed report is due again for any agent.
+        assert!(report_retry(&db, "b", b_seq, 1, 0, "hub said 503").await.unwrap());
+        let again = claim_reports(&db, "a", i64::MAX, 10, hold).await.unwrap();
+        assert_eq!(again.iter().map(|r| (r.seq, r.attempts)).collect::<Vec<_>>(), [(b_seq, 1)]);
+
+        // A claim whose agent went away expires, and another agent sends the report.
+        sqlx::query(
+            "INSERT INTO outbox (event_id, message_id, body, created_at) \
+             VALUES ('x', 'mx', '{}', '2026-01-01T00:00:00.000Z')",
+        )
+        .execute(db.pool())
+        .await
+        .unwrap();
+        let claimed = claim_reports(&db, "a", i64::MAX, 10, Duration::from_millis(300)).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert!(claim_reports(&db, "b", i64::MAX, 10, hold).await.unwrap().is_empty());
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                claim_reports(&db, "b", i64::MAX, 10, hold).await.unwrap().len() == 1
+            })
+            .await
+        );
+        assert!(!report_sent(&db, "a", claimed[0].seq).await.unwrap());
+        assert!(report_sent(&db, "b", claimed[0].seq).await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_agent_at_a_time_prunes_and_only_old_final_events() {
+        let schema = TestSchema::create().await;
+        let db = schema.db().await;
+        let appender = Arc::new(Appender::start(db.clone(), 16, "a".into(), 64));
+        append(
+            &appender,
+            &[("old-applied", "S"), ("old-dropped", "S"), ("old-failed", "S"), ("old-waiting", "S"), ("new-applied", "S")],
+        )
+        .await;
+        sqlx::query(
+            "UPDATE events SET received_at = '2000-01-01T00:00:00.000Z', \
+             updated_at = '2000-01-01T00:00:00.000Z', \
+             state = CASE id WHEN 'old-applied' THEN 'applied' WHEN 'old-dropped' THEN 'dropped' \
+               WHEN 'old-failed' THEN 'failed' ELSE state END \
+             WHERE id LIKE 'old-%'",
+        )
+        .execute(db.pool())
+        .await
+        .unwrap();
+        sqlx::query("UPDATE events SET state = 'applied' WHERE id = 'new-applied'")
+            .execute(db.pool())
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO reports_sent (seq, event_id, message_id, body, attempts, created_at, \
+             sent_at, sent_by) VALUES (1, 'old-applied', 'm', '{}', 1, 'x', 'x', 'a')",
+        )
+        .execute(db.pool())
+        .await
+        .unwrap();
+        let cutoff = "2001-01-01T00:00:00.000Z";
+
+        // Another agent's round is under way.
+        let mut other = db.pool().begin().await.unwrap();
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))")
+            .bind(PRUNE_LOCK)
+            .execute(&mut *other)
+            .await
+            .unwrap();
+        assert_eq!(prune(&db, cutoff, 100).await.unwrap(), None);
+        other.commit().await.unwrap();
+
+        assert_eq!(prune(&db, cutoff, 100).await.unwrap(), Some(2));
+        let left: Vec<String> = sqlx::query_scalar("SELECT id FROM events ORDER BY seq")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(left, ["old-failed", "old-waiting", "new-applied"]);
+        assert_eq!(count(&db, "SELECT count(*) FROM event_bodies").await, 3);
+        assert_eq!(count(&db, "SELECT count(*) FROM reports_sent").await, 0);
+        appender.close().await;
+    }
+}
