@@ -18,10 +18,10 @@
 
 mod apply;
 mod lock;
+pub mod pg;
 mod query;
 mod schema;
 mod writer;
-pub mod pg;
 
 pub use apply::{
     DeadLetter, DeliveryRecord, DeliveryUpdate, DropOutcome, EventDetail, Finish, OutboxRow,

@@ -205,16 +205,31 @@ impl Batcher {
                 .map(|e| partition_of(&e.subject, self.partitions))
                 .collect::<Vec<_>>(),
         )
-        .bind(events.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.event_type.as_str())
+                .collect::<Vec<_>>(),
+        )
         .bind(events.iter().map(|e| e.version as i64).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.subject.as_str()).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.subject.as_str())
+                .collect::<Vec<_>>(),
+        )
         .bind(
             events
                 .iter()
                 .map(|e| e.revision.map(|r| r as i64))
                 .collect::<Vec<_>>(),
         )
-        .bind(events.iter().map(|e| e.source.as_deref()).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.source.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .bind(events.iter().map(|e| e.time.as_deref()).collect::<Vec<_>>())
         .bind(events.iter().map(|e| e.format.as_str()).collect::<Vec<_>>())
         .bind(
@@ -224,7 +239,12 @@ impl Batcher {
                 .collect::<Vec<_>>(),
         )
         .bind(events.iter().map(|e| &e.raw_body[..]).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.envelope.as_str()).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.envelope.as_str())
+                .collect::<Vec<_>>(),
+        )
         .bind(&now)
         .bind(&self.agent)
         .fetch_all(&mut *tx)
@@ -374,13 +394,15 @@ mod tests {
         assert_eq!(seqs.len(), 64);
         let commits = appender.commits();
         // The transactions that wrote the rows, as PostgreSQL counts them.
-        let transactions: i64 =
-            sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM events")
-                .fetch_one(db.pool())
-                .await
-                .unwrap();
+        let transactions: i64 = sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM events")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
         assert_eq!(transactions as u64, commits);
-        assert!(commits < 64 / 4, "64 concurrent appends took {commits} commits");
+        assert!(
+            commits < 64 / 4,
+            "64 concurrent appends took {commits} commits"
+        );
         // Each row is in its subject's partition, with its body.
         let rows: Vec<(String, i32, i64)> = sqlx::query_as(
             "SELECT e.subject, e.part, length(b.raw_body)::bigint FROM events e \
@@ -413,7 +435,10 @@ mod tests {
         };
         match b.append(new_event("one", "S")).await.unwrap() {
             AppendOutcome::Duplicate(record) => {
-                assert_eq!((record.id.as_str(), record.state), ("one", EventState::Accepted));
+                assert_eq!(
+                    (record.id.as_str(), record.state),
+                    ("one", EventState::Accepted)
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -509,7 +534,10 @@ mod tests {
         let during = accepted();
         tokio::task::block_in_place(|| server.start_again());
         assert!(
-            eventually(Duration::from_secs(20), || async { accepted() >= during + 100 }).await,
+            eventually(Duration::from_secs(20), || async {
+                accepted() >= during + 100
+            })
+            .await,
             "appends resume by themselves once the server is back"
         );
         stop.cancel();
@@ -519,7 +547,11 @@ mod tests {
         appender.close().await;
 
         let o = outcomes.lock().unwrap();
-        assert!(o.other.is_empty(), "only accepted or unavailable: {:?}", o.other);
+        assert!(
+            o.other.is_empty(),
+            "only accepted or unavailable: {:?}",
+            o.other
+        );
         // Every append answered accepted is stored, the ones before the crash included.
         let stored: BTreeSet<String> = sqlx::query_scalar("SELECT id FROM events")
             .fetch_all(db.pool())
@@ -527,7 +559,11 @@ mod tests {
             .unwrap()
             .into_iter()
             .collect();
-        let missing: Vec<&String> = o.accepted.iter().filter(|id| !stored.contains(*id)).collect();
+        let missing: Vec<&String> = o
+            .accepted
+            .iter()
+            .filter(|id| !stored.contains(*id))
+            .collect();
         assert!(missing.is_empty(), "accepted but not stored: {missing:?}");
         db.close().await;
     }

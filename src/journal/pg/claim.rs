@@ -199,9 +199,24 @@ async fn write_deliveries(
     .bind(updates.iter().map(|u| u.route.as_str()).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.sink.as_str()).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.state.as_str()).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.attempts as i32).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.next_attempt_ms).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.last_error.as_deref()).collect::<Vec<_>>())
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.attempts as i32)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.next_attempt_ms)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        updates
+            .iter()
+            .map(|u| u.last_error.as_deref())
+            .collect::<Vec<_>>(),
+    )
     .bind(part)
     .bind(now)
     .execute(conn)
@@ -487,7 +502,13 @@ mod tests {
         let appender = Appender::start(db.clone(), 16, "a".into(), 64);
         let seqs = append(
             &appender,
-            &[("e0", "S0"), ("e1", "S1"), ("e2", "S2"), ("e3", "S0"), ("e4", "S3")],
+            &[
+                ("e0", "S0"),
+                ("e1", "S1"),
+                ("e2", "S2"),
+                ("e3", "S0"),
+                ("e4", "S3"),
+            ],
         )
         .await;
         let a = Lessee::new(db.clone(), "a".into(), schema.options().lease, 16);
@@ -497,13 +518,18 @@ mod tests {
 
         // Page by page, in seq order.
         let first = waiting(&db, &parts, 0, 3).await.unwrap();
-        let rest = waiting(&db, &parts, first.last().unwrap().seq, 3).await.unwrap();
+        let rest = waiting(&db, &parts, first.last().unwrap().seq, 3)
+            .await
+            .unwrap();
         let read: Vec<i64> = first.iter().chain(&rest).map(|w| w.seq).collect();
         assert_eq!(read, seqs);
         assert_eq!(first[0].subject, "S0");
         assert_eq!(first[0].part, super::super::partition_of("S0", 16));
         let stored = load_event(&db, seqs[0]).await.unwrap().unwrap();
-        assert_eq!((stored.id.as_str(), stored.state), ("e0", EventState::Accepted));
+        assert_eq!(
+            (stored.id.as_str(), stored.state),
+            ("e0", EventState::Accepted)
+        );
         assert!(stored.envelope.contains("S0") && stored.received_at_ms > 0);
 
         // Finished once: its deliveries, revision and report in the same transaction.
@@ -512,7 +538,10 @@ mod tests {
         assert!(finish(&db, &fence, &updates, &done).await.unwrap());
         assert!(!finish(&db, &fence, &updates, &done).await.unwrap());
         assert_eq!(subject_revision(&db, "S0").await.unwrap(), Some(7));
-        assert_eq!(deliveries(&db, seqs[0]).await.unwrap()[0].state, DeliveryState::Applied);
+        assert_eq!(
+            deliveries(&db, seqs[0]).await.unwrap()[0].state,
+            DeliveryState::Applied
+        );
         assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 1);
         let left: Vec<i64> = waiting(&db, &parts, 0, 100)
             .await
@@ -534,10 +563,19 @@ mod tests {
         let stale = a.fence(part).expect("a has not noticed yet");
         let (updates, done) = applied(seqs[1], "e1", "S1", 1);
         let e = finish(&db, &stale, &updates, &done).await.unwrap_err();
-        assert_eq!(e, PgError::LeaseLost { part, epoch: stale.epoch });
+        assert_eq!(
+            e,
+            PgError::LeaseLost {
+                part,
+                epoch: stale.epoch
+            }
+        );
         let e = set_deliveries(&db, &stale, &updates).await.unwrap_err();
         assert!(matches!(e, PgError::LeaseLost { .. }), "{e}");
-        assert_eq!(load_event(&db, seqs[1]).await.unwrap().unwrap().state, EventState::Accepted);
+        assert_eq!(
+            load_event(&db, seqs[1]).await.unwrap().unwrap().state,
+            EventState::Accepted
+        );
         assert!(deliveries(&db, seqs[1]).await.unwrap().is_empty());
         assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 1);
         // b, which holds it now, finishes it.
@@ -570,12 +608,22 @@ mod tests {
             .unwrap();
         let early = append(&appender, &[("early", "S")]).await[0];
         assert!(late < early);
-        let pass: Vec<i64> = waiting(&db, &parts, 0, 100).await.unwrap().iter().map(|w| w.seq).collect();
+        let pass: Vec<i64> = waiting(&db, &parts, 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|w| w.seq)
+            .collect();
         assert_eq!(pass, [early]);
         slow.commit().await.unwrap();
         // A cursor past the last seq seen would never see it; the next pass does.
         assert!(waiting(&db, &parts, early, 100).await.unwrap().is_empty());
-        let pass: Vec<i64> = waiting(&db, &parts, 0, 100).await.unwrap().iter().map(|w| w.seq).collect();
+        let pass: Vec<i64> = waiting(&db, &parts, 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|w| w.seq)
+            .collect();
         assert_eq!(pass, [late, early]);
         appender.close().await;
     }
@@ -631,9 +679,19 @@ mod tests {
             .unwrap();
         assert_eq!(sent_by, "a");
         // A failed report is due again for any agent.
-        assert!(report_retry(&db, "b", b_seq, 1, 0, "hub said 503").await.unwrap());
+        assert!(
+            report_retry(&db, "b", b_seq, 1, 0, "hub said 503")
+                .await
+                .unwrap()
+        );
         let again = claim_reports(&db, "a", i64::MAX, 10, hold).await.unwrap();
-        assert_eq!(again.iter().map(|r| (r.seq, r.attempts)).collect::<Vec<_>>(), [(b_seq, 1)]);
+        assert_eq!(
+            again
+                .iter()
+                .map(|r| (r.seq, r.attempts))
+                .collect::<Vec<_>>(),
+            [(b_seq, 1)]
+        );
 
         // A claim whose agent went away expires, and another agent sends the report.
         sqlx::query(
@@ -643,12 +701,23 @@ mod tests {
         .execute(db.pool())
         .await
         .unwrap();
-        let claimed = claim_reports(&db, "a", i64::MAX, 10, Duration::from_millis(300)).await.unwrap();
+        let claimed = claim_reports(&db, "a", i64::MAX, 10, Duration::from_millis(300))
+            .await
+            .unwrap();
         assert_eq!(claimed.len(), 1);
-        assert!(claim_reports(&db, "b", i64::MAX, 10, hold).await.unwrap().is_empty());
+        assert!(
+            claim_reports(&db, "b", i64::MAX, 10, hold)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert!(
             eventually(Duration::from_secs(5), || async {
-                claim_reports(&db, "b", i64::MAX, 10, hold).await.unwrap().len() == 1
+                claim_reports(&db, "b", i64::MAX, 10, hold)
+                    .await
+                    .unwrap()
+                    .len()
+                    == 1
             })
             .await
         );
@@ -663,7 +732,13 @@ mod tests {
         let appender = Arc::new(Appender::start(db.clone(), 16, "a".into(), 64));
         append(
             &appender,
-            &[("old-applied", "S"), ("old-dropped", "S"), ("old-failed", "S"), ("old-waiting", "S"), ("new-applied", "S")],
+            &[
+                ("old-applied", "S"),
+                ("old-dropped", "S"),
+                ("old-failed", "S"),
+                ("old-waiting", "S"),
+                ("new-applied", "S"),
+            ],
         )
         .await;
         sqlx::query(

@@ -82,7 +82,9 @@ pub enum PgError {
     /// resources, a read-only standby, a conflict that persisted after a retry). Nothing was
     /// stored, or it is unknown whether the last COMMIT was: the hub delivers again and gets a
     /// duplicate in that case. Ingress answers 503 with `Retry-After`.
-    #[error("cannot reach the journal's PostgreSQL at {at} while {doing}: {detail}; is it running and reachable?")]
+    #[error(
+        "cannot reach the journal's PostgreSQL at {at} while {doing}: {detail}; is it running and reachable?"
+    )]
     Unavailable {
         at: String,
         doing: &'static str,
@@ -123,7 +125,9 @@ pub enum PgError {
     #[error("the journal's PostgreSQL settings are invalid: {0}")]
     Config(String),
     /// A stored row does not read back as the agent wrote it.
-    #[error("a journal row cannot be read ({0}): the database was changed by hand, or by a newer agent")]
+    #[error(
+        "a journal row cannot be read ({0}): the database was changed by hand, or by a newer agent"
+    )]
     Decode(String),
     /// The appender has stopped (the agent is shutting down).
     #[error("the journal is closed")]
@@ -353,17 +357,26 @@ mod tests {
     fn the_partition_of_a_subject_never_changes() {
         // Pinned: every agent, of every version, must agree on these.
         assert_eq!(partition_of("", 64), (0xcbf2_9ce4_8422_2325u64 % 64) as i32);
-        assert_eq!(partition_of("a", u32::MAX), (0xaf63_dc4c_8601_ec8cu64 % u64::from(u32::MAX)) as i32);
-        assert_eq!(partition_of("RULE-COURT-DEADLINE", 64), partition_of("RULE-COURT-DEADLINE", 64));
-        let spread: std::collections::HashSet<i32> =
-            (0..1000).map(|i| partition_of(&format!("S{i}"), 16)).collect();
+        assert_eq!(
+            partition_of("a", u32::MAX),
+            (0xaf63_dc4c_8601_ec8cu64 % u64::from(u32::MAX)) as i32
+        );
+        assert_eq!(
+            partition_of("RULE-COURT-DEADLINE", 64),
+            partition_of("RULE-COURT-DEADLINE", 64)
+        );
+        let spread: std::collections::HashSet<i32> = (0..1000)
+            .map(|i| partition_of(&format!("S{i}"), 16))
+            .collect();
         assert_eq!(spread.len(), 16, "1,000 subjects reach every partition");
         assert_eq!(partition_of("anything", 0), 0);
     }
 
     #[test]
     fn errors_are_classified_by_sqlstate() {
-        for code in ["08006", "57P01", "57P03", "53300", "40001", "40P01", "55P03", "25006", "57014"] {
+        for code in [
+            "08006", "57P01", "57P03", "53300", "40001", "40P01", "55P03", "25006", "57014",
+        ] {
             assert!(transient_sqlstate(code), "{code}");
         }
         for code in ["42P01", "23505", "42501", "22P02"] {

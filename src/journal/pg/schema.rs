@@ -246,8 +246,8 @@ async fn migrate_in(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testdb::TestSchema;
     use super::super::PgDb;
+    use super::super::testdb::TestSchema;
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
