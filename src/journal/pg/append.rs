@@ -546,7 +546,7 @@ mod tests {
         }
         appender.close().await;
 
-        let o = outcomes.lock().unwrap();
+        let o = std::mem::take(&mut *outcomes.lock().unwrap());
         assert!(
             o.other.is_empty(),
             "only accepted or unavailable: {:?}",

@@ -117,11 +117,8 @@ impl Lessee {
     /// `lease / 2` ago or longer.
     pub fn fence(&self, part: i32) -> Option<Fence> {
         let state = self.state();
-        let fresh = state
-            .renewed
-            .is_some_and(|at| at.elapsed() < self.lease / 2);
         let held = state.held.get(&part)?;
-        (fresh && !held.draining).then(|| Fence {
+        (self.fresh(&state) && !held.draining).then(|| Fence {
             part,
             owner: self.agent.clone(),
             epoch: held.epoch,
@@ -131,10 +128,7 @@ impl Lessee {
     /// The partitions this agent may apply now (see [`Lessee::fence`]), in order.
     pub fn applicable(&self) -> Vec<i32> {
         let state = self.state();
-        if !state
-            .renewed
-            .is_some_and(|at| at.elapsed() < self.lease / 2)
-        {
+        if !self.fresh(&state) {
             return Vec::new();
         }
         state
@@ -143,6 +137,13 @@ impl Lessee {
             .filter(|(_, h)| !h.draining)
             .map(|(&part, _)| part)
             .collect()
+    }
+
+    /// True while the last successful round was sent less than half the lease ago.
+    fn fresh(&self, state: &State) -> bool {
+        state
+            .renewed
+            .is_some_and(|at| at.elapsed() < self.lease / 2)
     }
 
     /// When the last successful round was sent (this agent's monotonic clock).
