@@ -479,6 +479,8 @@ mod tests {
     struct Outcomes {
         accepted: Vec<String>,
         unavailable: usize,
+        /// The text of the first refusal.
+        refusal: Option<String>,
         other: Vec<String>,
     }
 
@@ -508,7 +510,10 @@ mod tests {
                             let mut o = outcomes.lock().unwrap();
                             match outcome {
                                 Ok(AppendOutcome::Accepted { .. }) => o.accepted.push(id),
-                                Err(e) if e.is_unavailable() => o.unavailable += 1,
+                                Err(e) if e.is_unavailable() => {
+                                    o.unavailable += 1;
+                                    o.refusal.get_or_insert(e.to_string());
+                                }
                                 other => o.other.push(format!("{id}: {other:?}")),
                             }
                         }
@@ -552,6 +557,18 @@ mod tests {
             "only accepted or unavailable: {:?}",
             o.other
         );
+        // The refusal says where and what to check.
+        let refusal = o.refusal.unwrap_or_default();
+        let at = format!(
+            "cannot reach the journal's PostgreSQL at 127.0.0.1:{}",
+            server.port
+        );
+        assert!(refusal.starts_with(&at), "{refusal}");
+        assert!(
+            refusal.ends_with("is it running and reachable?"),
+            "{refusal}"
+        );
+        eprintln!("refused while down: {refusal}");
         // Every append answered accepted is stored, the ones before the crash included.
         let stored: BTreeSet<String> = sqlx::query_scalar("SELECT id FROM events")
             .fetch_all(db.pool())
@@ -566,5 +583,76 @@ mod tests {
             .collect();
         assert!(missing.is_empty(), "accepted but not stored: {missing:?}");
         db.close().await;
+    }
+}
+
+/// The append rate with 32 concurrent callers, through one agent's pool and through two (two
+/// appenders, as two agents). Not run by default; BENCHMARKS.md gives the command.
+#[cfg(test)]
+mod bench {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::super::testdb::{TestSchema, new_event};
+    use super::*;
+
+    const CALLERS: usize = 32;
+    const PHASE: Duration = Duration::from_secs(5);
+
+    /// Appends/s and appends per commit of one phase with `agents` appenders.
+    async fn phase(agents: usize) -> (f64, f64) {
+        let schema = TestSchema::create().await;
+        let mut appenders = Vec::new();
+        for a in 0..agents {
+            let db = schema.db().await;
+            appenders.push(Arc::new(Appender::start(db, 16, format!("a{a}"), 512)));
+        }
+        let body = bytes::Bytes::from(vec![b'x'; 1024]);
+        let done = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|c| {
+                let appender = appenders[c % agents].clone();
+                let (done, accepted, body) = (done.clone(), accepted.clone(), body.clone());
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !done.load(Ordering::Relaxed) {
+                        i += 1;
+                        let mut event = new_event(&format!("c{c}-{i}"), &format!("S{}", i % 100));
+                        event.raw_body = body.clone();
+                        if let Ok(AppendOutcome::Accepted { .. }) = appender.append(event).await {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(PHASE).await;
+        done.store(true, Ordering::Relaxed);
+        for caller in callers {
+            caller.await.unwrap();
+        }
+        let accepted = accepted.load(Ordering::Relaxed) as f64;
+        let rate = accepted / started.elapsed().as_secs_f64();
+        let commits: u64 = appenders.iter().map(|a| a.commits()).sum();
+        for appender in appenders {
+            appender.close().await;
+        }
+        (rate, accepted / commits.max(1) as f64)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a benchmark: see BENCHMARKS.md"]
+    async fn bench_appends_with_32_callers() {
+        for run in 1..=3 {
+            for agents in [1, 2] {
+                let (rate, per_commit) = phase(agents).await;
+                println!(
+                    "run {run}, {agents} pool(s): {rate:.0} appends/s, {per_commit:.1} per commit"
+                );
+            }
+        }
     }
 }
