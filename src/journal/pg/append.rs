@@ -2,8 +2,9 @@
 //!
 //! One task per agent takes the appends that are waiting (up to `max_batch`) and writes them in
 //! one statement, `INSERT … ON CONFLICT (id) DO NOTHING RETURNING`, with their bodies in the same
-//! statement; appends that arrive meanwhile wait for the next transaction. Nobody is answered
-//! before COMMIT returned: each caller gets [`AppendOutcome::Accepted`] with the event's `seq`,
+//! statement, which PostgreSQL runs as one transaction; appends that arrive meanwhile wait for
+//! the next one (two batches are in flight at most). Nobody is answered before the COMMIT
+//! returned: each caller gets [`AppendOutcome::Accepted`] with the event's `seq`,
 //! [`AppendOutcome::Duplicate`] with the stored record when the id was in the journal already
 //! (accepted by this agent or any other), or the batch's error. An error of the COMMIT itself
 //! leaves it unknown whether the rows were stored; they are answered
@@ -18,11 +19,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sqlx::Row as _;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{PgDb, PgError, partition_of, retry_sqlstate, sqlstate};
 use crate::journal::{EventRecord, EventState, NewEvent};
+
+/// Batches being committed at once by one agent: while one waits for its commit, the next is
+/// written, so the commit latency is not the whole cycle.
+const IN_FLIGHT: usize = 2;
 
 /// The outcome of an append that committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +75,7 @@ impl Appender {
             max_batch,
             commits: commits.clone(),
         };
-        let task = tokio::spawn(batcher.run(rx, stop.clone()));
+        let task = tokio::spawn(Arc::new(batcher).run(rx, stop.clone()));
         Appender {
             requests,
             commits,
@@ -113,9 +118,14 @@ struct Batcher {
 }
 
 impl Batcher {
-    async fn run(self, mut rx: mpsc::Receiver<Request>, stop: CancellationToken) {
-        let mut batch = Vec::with_capacity(self.max_batch);
+    async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Request>, stop: CancellationToken) {
+        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
         loop {
+            // A free slot first: appends that arrive while the slots are taken gather in the
+            // channel and make the next batch.
+            let Ok(slot) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
             let first = tokio::select! {
                 first = rx.recv() => first,
                 () = stop.cancelled(), if !rx.is_closed() => {
@@ -124,7 +134,8 @@ impl Batcher {
                     continue;
                 }
             };
-            let Some(first) = first else { return };
+            let Some(first) = first else { break };
+            let mut batch = Vec::with_capacity(self.max_batch);
             batch.push(first);
             while batch.len() < self.max_batch {
                 match rx.try_recv() {
@@ -132,8 +143,14 @@ impl Batcher {
                     Err(_) => break,
                 }
             }
-            self.commit(&mut batch).await;
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.commit(&mut batch).await;
+                drop(slot);
+            });
         }
+        // Closing: the batches in flight are answered before the appender reports closed.
+        let _ = in_flight.acquire_many(IN_FLIGHT as u32).await;
     }
 
     /// Writes `batch` in one transaction (retried once after a serialization failure or a
@@ -177,7 +194,10 @@ impl Batcher {
         let events: Vec<&NewEvent> = order.iter().map(|&i| &batch[i].event).collect();
         let now = crate::timestamp::now();
 
-        let mut tx = self.db.pool().begin().await?;
+        // One statement, outside an explicit transaction: PostgreSQL runs it as a transaction
+        // of its own and commits it before it reports the statement complete (ReadyForQuery),
+        // which is what the query waits for. One round trip instead of BEGIN, INSERT, COMMIT.
+        let mut conn = self.db.pool().acquire().await?;
         let rows = sqlx::query(
             "WITH input AS ( \
                SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $5::text[], \
@@ -247,7 +267,7 @@ impl Batcher {
         )
         .bind(&now)
         .bind(&self.agent)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await?;
         let mut inserted: HashMap<String, (i64, i32)> = HashMap::with_capacity(rows.len());
         for row in rows {
@@ -260,11 +280,10 @@ impl Batcher {
             .collect();
         let mut stored: HashMap<String, EventRecord> = HashMap::new();
         if !known.is_empty() {
-            for record in read_records(&mut tx, &known).await? {
+            for record in read_records(&mut conn, &known).await? {
                 stored.insert(record.id.clone(), record);
             }
         }
-        tx.commit().await?;
 
         // The first append of an id in the batch is the one inserted; any other is its
         // duplicate.
