@@ -112,9 +112,10 @@ impl Lessee {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The fence to write an event of `part` under, or `None` when this agent must not apply
-    /// the partition now: not held, being given back, or the last successful round was sent
-    /// `lease / 2` ago or longer.
+    /// The fence to start applying an event of `part` under, or `None` when this agent must
+    /// not start one now: not held, being given back, or the last successful round was sent
+    /// `lease / 2` ago or longer. An event started under a fence is carried on (each sink
+    /// apply, the final state) only while [`Lessee::holds`] it.
     pub fn fence(&self, part: i32) -> Option<Fence> {
         let state = self.state();
         let held = state.held.get(&part)?;
@@ -125,7 +126,21 @@ impl Lessee {
         })
     }
 
-    /// The partitions this agent may apply now (see [`Lessee::fence`]), in order.
+    /// True while `fence` is still this agent's lease by its own clock: the partition is held
+    /// under the same epoch (being given back included: the events started have their round
+    /// to finish) and the last successful round was sent less than `lease / 2` ago. Checked
+    /// before each sink apply; the final state's transaction checks it again in PostgreSQL.
+    pub fn holds(&self, fence: &Fence) -> bool {
+        let state = self.state();
+        fence.owner == self.agent
+            && self.fresh(&state)
+            && state
+                .held
+                .get(&fence.part)
+                .is_some_and(|h| h.epoch == fence.epoch)
+    }
+
+    /// The partitions whose events this agent may start now (see [`Lessee::fence`]), in order.
     pub fn applicable(&self) -> Vec<i32> {
         let state = self.state();
         if !self.fresh(&state) {
@@ -305,7 +320,8 @@ impl Lessee {
     }
 
     /// Runs a round every [`Lessee::renew_every`] until `stop`, then gives every partition
-    /// back (so that the others take them at their next round rather than after the expiry).
+    /// back (so that the others take them at their next round rather than after the expiry):
+    /// cancel `stop` once the events being applied are finished.
     pub async fn run(&self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.renew_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -568,6 +584,7 @@ mod tests {
         let a = Lessee::new(db.clone(), "a".into(), schema.options().lease, 16);
         a.round().await.unwrap();
         let fence = a.fence(3).expect("a holds partition 3");
+        let fences: Vec<Fence> = (0..16).map(|p| a.fence(p).unwrap()).collect();
         let mut conn = db.pool().acquire().await.unwrap();
         check_fence(&db, &mut conn, &fence, "testing")
             .await
@@ -597,8 +614,21 @@ mod tests {
             }
         );
         // a's next round finds it lost and stops applying it.
+        assert!(a.holds(&fence), "not noticed before the round");
         let round = a.round().await.unwrap();
         assert!(round.lost.contains(&3), "{round:?}");
         assert_eq!(a.fence(3), None);
+        assert!(!a.holds(&fence));
+        // With two live agents a's share is 8: of the 15 it holds, 7 are being given back.
+        // Their events already started are carried on; none is started.
+        assert_eq!(round.draining.len(), 7, "{round:?}");
+        for part in &round.draining {
+            assert_eq!(a.fence(*part), None);
+            assert!(a.holds(&fences[*part as usize]));
+        }
+        let round = a.round().await.unwrap();
+        assert_eq!(round.given_back.len(), 7, "{round:?}");
+        assert!(!a.holds(&fences[round.given_back[0] as usize]));
+        assert_eq!(a.applicable().len(), 8);
     }
 }
