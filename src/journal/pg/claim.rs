@@ -658,18 +658,23 @@ mod tests {
             })
             .collect();
         let mut all = BTreeSet::new();
-        let mut by_agent = Vec::new();
         for claimer in claimers {
-            let mine = claimer.await.unwrap();
-            for seq in &mine {
-                assert!(all.insert(*seq), "report {seq} claimed twice");
+            for seq in claimer.await.unwrap() {
+                assert!(all.insert(seq), "report {seq} claimed twice");
             }
-            by_agent.push(mine);
         }
         assert_eq!(all.len(), 30);
 
         // Only the claimant records the outcome.
-        let (a_seq, b_seq) = (by_agent[0][0], by_agent[1][0]);
+        sqlx::query(
+            "INSERT INTO outbox (event_id, message_id, body, created_at) \
+             VALUES ('ea', 'ma', '{}', 'x'), ('eb', 'mb', '{}', 'x')",
+        )
+        .execute(db.pool())
+        .await
+        .unwrap();
+        let a_seq = claim_reports(&db, "a", i64::MAX, 1, hold).await.unwrap()[0].seq;
+        let b_seq = claim_reports(&db, "b", i64::MAX, 1, hold).await.unwrap()[0].seq;
         assert!(!report_sent(&db, "b", a_seq).await.unwrap());
         assert!(report_sent(&db, "a", a_seq).await.unwrap());
         let sent_by: String = sqlx::query_scalar("SELECT sent_by FROM reports_sent WHERE seq = $1")
