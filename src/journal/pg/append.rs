@@ -6,13 +6,14 @@
 //! the next one (two batches are in flight at most). Nobody is answered before the COMMIT
 //! returned: each caller gets [`AppendOutcome::Accepted`] with the event's `seq`,
 //! [`AppendOutcome::Duplicate`] with the stored record when the id was in the journal already
-//! (accepted by this agent or any other), or the batch's error. An error of the COMMIT itself
-//! leaves it unknown whether the rows were stored; they are answered
-//! [`PgError::Unavailable`], never accepted, and the hub's redelivery finds out (a duplicate if
-//! they were).
+//! (accepted by this agent or any other; read after the commit), or the batch's error. A
+//! connection lost before the statement's answer leaves it unknown whether the rows were
+//! stored; they are answered [`PgError::Unavailable`], never accepted, and the hub's redelivery
+//! finds out (a duplicate if they were).
 //!
-//! The rows are inserted in id order, so two agents' batches that share ids wait for each other
-//! in one order and cannot deadlock; a serialization failure or deadlock is retried once.
+//! The rows are inserted in id order, so two batches (of one agent or of two) that share ids
+//! wait for each other in one order and cannot deadlock; a serialization failure or deadlock is
+//! retried once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
