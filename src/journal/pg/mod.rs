@@ -7,8 +7,8 @@
 //! applies the events of the partitions it holds under a lease it renews ([`lease`]), so the
 //! events of one subject are applied by one agent at a time, in order. [`claim`] reads the work
 //! of the partitions held, writes final states fenced by the lease, hands out status reports and
-//! takes turns at pruning. [`schema`] creates and migrates the tables, once when several agents
-//! start together.
+//! takes turns at pruning. [`wake`] tells an agent of events committed by any agent. [`schema`]
+//! creates and migrates the tables, once when several agents start together.
 //!
 //! Errors are classified by SQLSTATE and error kind, never by message text: everything that
 //! means "PostgreSQL cannot be reached or cannot take the write now" is
@@ -18,6 +18,7 @@ pub mod append;
 pub mod claim;
 pub mod lease;
 pub mod schema;
+pub mod wake;
 
 #[cfg(test)]
 pub(crate) mod testdb;

@@ -110,6 +110,18 @@ const MIGRATIONS: &[&str] = &[
         id        text        PRIMARY KEY,
         last_seen timestamptz NOT NULL        -- PostgreSQL's clock
     );
+    -- New events wake the agents (pg/wake.rs): at commit, one notification per statement
+    -- naming the schema and the partitions it wrote to.
+    CREATE FUNCTION journal_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF EXISTS (SELECT 1 FROM new_rows) THEN
+            PERFORM pg_notify('ess_journal', current_schema() || ':' ||
+                (SELECT string_agg(DISTINCT part::text, ',') FROM new_rows));
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER events_notify AFTER INSERT ON events REFERENCING NEW TABLE AS new_rows
+        FOR EACH STATEMENT EXECUTE FUNCTION journal_notify();
     "#,
 ];
 
