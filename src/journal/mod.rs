@@ -18,6 +18,7 @@
 
 mod apply;
 mod lock;
+pub mod pg;
 mod query;
 mod schema;
 mod writer;
