@@ -187,6 +187,7 @@ fn new_event(i: usize) -> NewEvent {
         content_type: Some("application/json".into()),
         raw_body: Bytes::from(vec![b' '; 1024]),
         envelope: "{}".into(),
+        receipt: None,
     }
 }
 

@@ -52,6 +52,80 @@ pub struct DeliveryUpdate {
     pub attempts: u32,
     pub next_attempt_ms: Option<i64>,
     pub last_error: Option<String>,
+    /// The attempt that led to this state, for the route's history; `None` for a change no
+    /// attempt made.
+    pub attempt: Option<Attempt>,
+}
+
+/// The most attempts kept per event and route: the first, and the latest
+/// `KEPT_ATTEMPTS - 1`. A route retried for days (every 5 minutes, 288 attempts a day) keeps
+/// how it began and how it goes now, in a bounded number of rows; the delivery's attempt count
+/// still counts them all.
+pub const KEPT_ATTEMPTS: u32 = 100;
+
+/// The most bytes of an applied output the journal keeps; a longer one is cut at a character
+/// boundary and marked truncated.
+pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
+/// One attempt at one route: the adapter's run and, when it gave an output, the sink's apply.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// When it started (RFC 3339, milliseconds).
+    pub started_at: String,
+    pub duration_ms: u64,
+    /// `applied`, `filtered` or `failed` (whether a retry follows is the delivery's state).
+    pub outcome: DeliveryState,
+    pub error: Option<String>,
+    /// With an applied attempt, the output the sink took.
+    pub output: Option<AppliedOutput>,
+}
+
+/// The adapter output a sink took, as JSON text, at most [`MAX_OUTPUT_BYTES`] of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedOutput {
+    pub text: String,
+    /// The whole output's length in bytes.
+    pub bytes: u64,
+    pub truncated: bool,
+}
+
+impl AppliedOutput {
+    /// `json`, cut to [`MAX_OUTPUT_BYTES`] when longer.
+    pub fn new(mut json: String) -> AppliedOutput {
+        let bytes = json.len() as u64;
+        let truncated = json.len() > MAX_OUTPUT_BYTES;
+        if truncated {
+            let mut end = MAX_OUTPUT_BYTES;
+            while !json.is_char_boundary(end) {
+                end -= 1;
+            }
+            json.truncate(end);
+        }
+        AppliedOutput {
+            text: json,
+            bytes,
+            truncated,
+        }
+    }
+}
+
+/// An attempt as the journal keeps it, for the admin API.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub sink: String,
+    pub started_at: String,
+    pub duration_ms: u64,
+    pub outcome: DeliveryState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A route's attempts, oldest first, and the output of its latest applied attempt.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteHistory {
+    pub attempts: Vec<AttemptRecord>,
+    pub output: Option<AppliedOutput>,
 }
 
 /// An event reaching its final state.
@@ -225,6 +299,11 @@ pub struct EventDetail {
     /// The event's status report while it waits in the outbox (it is deleted once the hub took
     /// it).
     pub report: Option<PendingReport>,
+    /// Each route's attempts and applied output, by route name.
+    pub history: std::collections::BTreeMap<String, RouteHistory>,
+    /// How the request was authenticated (JSON text, see the ingress); `None` for events
+    /// received before the journal kept it.
+    pub receipt: Option<String>,
 }
 
 /// A status report waiting in the outbox.
@@ -363,8 +442,102 @@ pub(super) fn write_deliveries(
             update.last_error,
             now,
         ])?;
+        if let Some(attempt) = &update.attempt {
+            write_attempt(conn, update, attempt)?;
+        }
     }
     Ok(())
+}
+
+/// Adds an attempt to its route's history, numbered after the route's last kept attempt (or
+/// the delivery's count, for a delivery tried before the history was kept), and keeps the
+/// history within [`KEPT_ATTEMPTS`]. Only the latest applied attempt keeps its output.
+fn write_attempt(
+    conn: &Connection,
+    update: &DeliveryUpdate,
+    attempt: &Attempt,
+) -> Result<(), rusqlite::Error> {
+    let output = attempt.output.as_ref();
+    let number: u32 = conn
+        .prepare_cached(
+            "INSERT INTO attempts (event_seq, route, attempt, sink, started_at, duration_ms, \
+             outcome, error, output, output_bytes, output_truncated) \
+             VALUES (?1, ?2, max(?3, 1 + coalesce((SELECT max(attempt) FROM attempts \
+             WHERE event_seq = ?1 AND route = ?2), 0)), ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+             RETURNING attempt",
+        )?
+        .query_row(
+            params![
+                update.seq,
+                update.route,
+                update.attempts,
+                update.sink,
+                attempt.started_at,
+                attempt.duration_ms as i64,
+                attempt.outcome,
+                attempt.error,
+                output.map(|o| o.text.as_str()),
+                output.map(|o| o.bytes as i64),
+                output.is_some_and(|o| o.truncated),
+            ],
+            |r| r.get(0),
+        )?;
+    if number <= 1 {
+        return Ok(());
+    }
+    if output.is_some() {
+        conn.prepare_cached(
+            "UPDATE attempts SET output = NULL, output_bytes = NULL, output_truncated = 0 \
+             WHERE event_seq = ?1 AND route = ?2 AND attempt < ?3 AND output IS NOT NULL",
+        )?
+        .execute(params![update.seq, update.route, number])?;
+    }
+    if number > KEPT_ATTEMPTS {
+        conn.prepare_cached(
+            "DELETE FROM attempts WHERE event_seq = ?1 AND route = ?2 \
+             AND attempt > 1 AND attempt <= ?3",
+        )?
+        .execute(params![
+            update.seq,
+            update.route,
+            number - (KEPT_ATTEMPTS - 1)
+        ])?;
+    }
+    Ok(())
+}
+
+/// Each route's kept attempts, oldest first, with its latest applied output.
+pub fn history(
+    conn: &Connection,
+    seq: i64,
+) -> Result<std::collections::BTreeMap<String, RouteHistory>, rusqlite::Error> {
+    let mut routes = std::collections::BTreeMap::<String, RouteHistory>::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT route, attempt, sink, started_at, duration_ms, outcome, error, output, \
+         output_bytes, output_truncated FROM attempts WHERE event_seq = ?1 \
+         ORDER BY route, attempt",
+    )?;
+    let mut rows = stmt.query([seq])?;
+    while let Some(r) = rows.next()? {
+        let route: String = r.get(0)?;
+        let history = routes.entry(route).or_default();
+        history.attempts.push(AttemptRecord {
+            attempt: r.get(1)?,
+            sink: r.get(2)?,
+            started_at: r.get(3)?,
+            duration_ms: r.get::<_, i64>(4)?.max(0) as u64,
+            outcome: r.get(5)?,
+            error: r.get(6)?,
+        });
+        if let Some(text) = r.get::<_, Option<String>>(7)? {
+            history.output = Some(AppliedOutput {
+                text,
+                bytes: r.get::<_, Option<i64>>(8)?.unwrap_or(0).max(0) as u64,
+                truncated: r.get(9)?,
+            });
+        }
+    }
+    Ok(routes)
 }
 
 /// Moves an event from the backlog to its final state, in the writer's transaction (see
@@ -462,7 +635,7 @@ fn last_seq_received_before(conn: &Connection, cutoff: &str) -> Result<i64, rusq
 
 /// Deletes up to `limit` final events (applied, filtered, superseded, dropped; never dead
 /// letters or the backlog) received and last changed before `cutoff` (RFC 3339, UTC), with their
-/// bodies and deliveries. Returns how many were deleted.
+/// bodies, deliveries and attempts. Returns how many were deleted.
 pub(super) fn prune(conn: &Connection, cutoff: &str, limit: u32) -> Result<u32, rusqlite::Error> {
     let last = last_seq_received_before(conn, cutoff)?;
     if last == 0 {
@@ -484,10 +657,12 @@ pub(super) fn prune(conn: &Connection, cutoff: &str, limit: u32) -> Result<u32, 
         doomed.extend(seqs);
     }
     let mut deliveries = conn.prepare_cached("DELETE FROM deliveries WHERE event_seq = ?1")?;
+    let mut attempts = conn.prepare_cached("DELETE FROM attempts WHERE event_seq = ?1")?;
     let mut bodies = conn.prepare_cached("DELETE FROM event_bodies WHERE seq = ?1")?;
     let mut events = conn.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
     for seq in &doomed {
         deliveries.execute([seq])?;
+        attempts.execute([seq])?;
         bodies.execute([seq])?;
         events.execute([seq])?;
     }
@@ -544,11 +719,17 @@ impl Journal {
             };
             let seq: i64 =
                 conn.query_row("SELECT seq FROM events WHERE id = ?1", [id], |r| r.get(0))?;
-            let (raw_body, envelope) = conn
+            let (raw_body, envelope, receipt) = conn
                 .query_row(
-                    "SELECT raw_body, envelope FROM event_bodies WHERE seq = ?1",
+                    "SELECT raw_body, envelope, receipt FROM event_bodies WHERE seq = ?1",
                     [seq],
-                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)),
+                    |r| {
+                        Ok((
+                            r.get::<_, Vec<u8>>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, Option<String>>(2)?,
+                        ))
+                    },
                 )
                 .optional()?
                 .unwrap_or_default();
@@ -575,6 +756,8 @@ impl Journal {
                 raw_body,
                 envelope,
                 report,
+                history: history(conn, seq)?,
+                receipt,
             }))
         })
     }
@@ -813,6 +996,7 @@ mod tests {
             content_type: Some("application/json".into()),
             raw_body: Bytes::from_static(b"{}"),
             envelope: "{}".into(),
+            receipt: None,
         }
     }
 

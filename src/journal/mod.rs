@@ -23,8 +23,9 @@ mod schema;
 mod writer;
 
 pub use apply::{
-    DeadLetter, DeliveryRecord, DeliveryUpdate, DropOutcome, EventDetail, Finish, OutboxRow,
-    PendingReport, Requeue, RouteReplay, StoredEvent, deliveries, finish_event, load_event,
+    AppliedOutput, Attempt, AttemptRecord, DeadLetter, DeliveryRecord, DeliveryUpdate, DropOutcome,
+    EventDetail, Finish, KEPT_ATTEMPTS, MAX_OUTPUT_BYTES, OutboxRow, PendingReport, Requeue,
+    RouteHistory, RouteReplay, StoredEvent, deliveries, finish_event, history, load_event,
     subject_revision,
 };
 pub use query::{EventFilter, EventSummary, Requeued};
@@ -141,6 +142,9 @@ pub struct NewEvent {
     pub raw_body: Bytes,
     /// The normalised envelope, serialised as JSON.
     pub envelope: String,
+    /// How the request was authenticated (JSON text the ingress makes: methods, signature ids
+    /// and times, never a secret); kept beside the body.
+    pub receipt: Option<String>,
 }
 
 /// The lifecycle states of an event and of its deliveries.
@@ -750,6 +754,7 @@ mod tests {
             content_type: Some("application/json".into()),
             raw_body: Bytes::from_static(b"{}"),
             envelope: "{}".into(),
+            receipt: None,
         }
     }
 
@@ -1039,6 +1044,7 @@ mod tests {
             attempts: 1,
             next_attempt_ms: None,
             last_error: None,
+            attempt: None,
         };
         let (a, b, c) = tokio::join!(
             journal.finish(finish(1, "a", EventState::Applied)),

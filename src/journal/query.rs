@@ -349,6 +349,7 @@ mod tests {
             content_type: Some("application/json".into()),
             raw_body: Bytes::from_static(b"{}"),
             envelope: "{}".into(),
+            receipt: None,
         }
     }
 
@@ -399,6 +400,7 @@ mod tests {
             attempts: 1,
             next_attempt_ms: None,
             last_error: Some("refused".into()),
+            attempt: None,
         };
         journal
             .set_deliveries(vec![delivery(seq("e3")), delivery(seq("e7"))])
