@@ -1000,6 +1000,195 @@ mod tests {
         }
     }
 
+    /// A delivery update for route `route` of event 1 with its attempt.
+    fn tried(
+        route: &str,
+        attempts: u32,
+        outcome: DeliveryState,
+        duration_ms: u64,
+        output: Option<&str>,
+    ) -> DeliveryUpdate {
+        let error = (outcome == DeliveryState::Failed).then(|| format!("refused {attempts}"));
+        DeliveryUpdate {
+            seq: 1,
+            route: route.into(),
+            sink: "files".into(),
+            state: if outcome == DeliveryState::Failed {
+                DeliveryState::Pending
+            } else {
+                outcome
+            },
+            attempts,
+            next_attempt_ms: None,
+            last_error: error.clone(),
+            attempt: Some(Attempt {
+                started_at: crate::timestamp::now(),
+                duration_ms,
+                outcome,
+                error,
+                output: output.map(|o| AppliedOutput::new(o.to_owned())),
+            }),
+        }
+    }
+
+    fn numbers(history: &RouteHistory) -> Vec<u32> {
+        history.attempts.iter().map(|a| a.attempt).collect()
+    }
+
+    #[tokio::test]
+    async fn attempts_are_kept_in_order_with_their_durations_and_the_applied_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        journal.append(event("e", 1, None)).await.unwrap();
+        journal
+            .set_delivery(tried("a", 1, DeliveryState::Failed, 11, None))
+            .await
+            .unwrap();
+        journal
+            .set_delivery(tried("a", 2, DeliveryState::Failed, 22, None))
+            .await
+            .unwrap();
+        journal
+            .finish_with(
+                vec![
+                    tried("a", 3, DeliveryState::Applied, 33, Some(r#"{"n":3}"#)),
+                    tried("b", 0, DeliveryState::Filtered, 4, None),
+                ],
+                Finish {
+                    seq: 1,
+                    state: EventState::Applied,
+                    error: None,
+                    subject_revision: None,
+                    report: None,
+                    event_id: "e".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let detail = journal.get_detail("e").unwrap().unwrap();
+        let a = &detail.history["a"];
+        assert_eq!(numbers(a), [1, 2, 3]);
+        let durations: Vec<u64> = a.attempts.iter().map(|x| x.duration_ms).collect();
+        assert_eq!(durations, [11, 22, 33]);
+        let outcomes: Vec<DeliveryState> = a.attempts.iter().map(|x| x.outcome).collect();
+        use DeliveryState::{Applied, Failed, Filtered};
+        assert_eq!(outcomes, [Failed, Failed, Applied]);
+        assert_eq!(a.attempts[0].error.as_deref(), Some("refused 1"));
+        assert_eq!(a.attempts[2].error, None);
+        assert!(a.attempts[0].started_at <= a.attempts[2].started_at);
+        let output = a.output.as_ref().unwrap();
+        assert_eq!((output.text.as_str(), output.bytes), (r#"{"n":3}"#, 7));
+        assert!(!output.truncated);
+        // A filtered route's attempt is numbered 1 although its delivery counts none.
+        assert_eq!(numbers(&detail.history["b"]), [1]);
+        assert_eq!(detail.history["b"].attempts[0].outcome, Filtered);
+        assert_eq!(detail.history["b"].output, None);
+
+        // A forced replay forgets the deliveries; the history goes on numbering, and only the
+        // latest applied attempt keeps an output.
+        let replayed = journal.requeue("e", None, true).await.unwrap();
+        assert!(matches!(replayed, Requeue::Queued { .. }), "{replayed:?}");
+        assert!(journal.deliveries(1).unwrap().is_empty());
+        journal
+            .set_delivery(tried("a", 1, DeliveryState::Applied, 5, Some("[4]")))
+            .await
+            .unwrap();
+        let detail = journal.get_detail("e").unwrap().unwrap();
+        let a = &detail.history["a"];
+        assert_eq!(numbers(a), [1, 2, 3, 4]);
+        assert_eq!(a.output.as_ref().unwrap().text, "[4]");
+        let outputs: i64 = journal
+            .read(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM attempts WHERE output IS NOT NULL",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(outputs, 1);
+        journal.close();
+    }
+
+    #[tokio::test]
+    async fn a_route_retried_past_the_cap_keeps_its_first_and_latest_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        journal.append(event("e", 1, None)).await.unwrap();
+        let total = KEPT_ATTEMPTS + 30;
+        for n in 1..=total {
+            journal
+                .set_delivery(tried("a", n, DeliveryState::Failed, 1, None))
+                .await
+                .unwrap();
+        }
+        let history = &journal.get_detail("e").unwrap().unwrap().history["a"];
+        let kept = numbers(history);
+        assert_eq!(kept.len(), KEPT_ATTEMPTS as usize);
+        assert_eq!(kept[0], 1);
+        assert_eq!(kept[1], total - KEPT_ATTEMPTS + 2);
+        assert_eq!(*kept.last().unwrap(), total);
+        assert!(kept.windows(2).all(|w| w[0] < w[1]));
+        // The delivery still counts every attempt.
+        assert_eq!(journal.deliveries(1).unwrap()[0].attempts, total);
+        journal.close();
+    }
+
+    #[test]
+    fn an_output_longer_than_the_cap_is_cut_at_a_character_boundary() {
+        let long = format!("\"{}\"", "é".repeat(MAX_OUTPUT_BYTES));
+        let output = AppliedOutput::new(long.clone());
+        assert!(output.truncated);
+        assert_eq!(output.bytes, long.len() as u64);
+        assert!(output.text.len() <= MAX_OUTPUT_BYTES && output.text.len() > MAX_OUTPUT_BYTES - 4);
+        assert!(long.starts_with(&output.text));
+        let short = AppliedOutput::new("{}".into());
+        assert!(!short.truncated && short.text == "{}" && short.bytes == 2);
+    }
+
+    #[tokio::test]
+    async fn a_version_4_journal_with_events_and_deliveries_migrates_and_goes_on_numbering() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(super::super::FILE_NAME);
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &super::super::schema::MIGRATIONS[..4] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 4).unwrap();
+            tx.execute_batch(
+                "INSERT INTO events (seq, id, type, version, subject, format, received_at, \
+                 state, updated_at) VALUES (1, 'old', 't', 1, 's', 'change_event', \
+                 '2026-01-01T00:00:00.000Z', 'accepted', '2026-01-01T00:00:00.000Z'); \
+                 INSERT INTO event_bodies (seq, raw_body, envelope) VALUES (1, x'7b7d', '{}'); \
+                 INSERT INTO deliveries (event_seq, route, sink, state, attempts, last_error, \
+                 updated_at) VALUES (1, 'a', 'files', 'pending', 3, 'refused', \
+                 '2026-01-01T00:00:00.000Z');",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let detail = journal.get_detail("old").unwrap().unwrap();
+        assert_eq!(detail.receipt, None);
+        assert!(detail.history.is_empty());
+        assert_eq!(detail.deliveries[0].attempts, 3);
+        // The next attempt is the fourth, as the delivery counted three before the history.
+        journal
+            .set_delivery(tried("a", 4, DeliveryState::Applied, 2, Some("{}")))
+            .await
+            .unwrap();
+        let detail = journal.get_detail("old").unwrap().unwrap();
+        assert_eq!(numbers(&detail.history["a"]), [4]);
+        journal.close();
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, super::super::SCHEMA_VERSION);
+    }
+
     #[tokio::test]
     async fn no_stored_row_makes_reads_of_other_rows_fail() {
         let dir = tempfile::tempdir().unwrap();

@@ -898,6 +898,26 @@ mod tests {
         ];
         for (seq, (id, final_state)) in (1..).zip(states) {
             assert_eq!(journal.append(event(id)).await.unwrap(), Appended::Accepted);
+            // Every event was tried once, so that each has an attempt to prune.
+            journal
+                .set_deliveries(vec![DeliveryUpdate {
+                    seq,
+                    route: "r".into(),
+                    sink: "s".into(),
+                    state: DeliveryState::Pending,
+                    attempts: 1,
+                    next_attempt_ms: None,
+                    last_error: Some("refused".into()),
+                    attempt: Some(Attempt {
+                        started_at: crate::timestamp::now(),
+                        duration_ms: 3,
+                        outcome: DeliveryState::Failed,
+                        error: Some("refused".into()),
+                        output: None,
+                    }),
+                }])
+                .await
+                .unwrap();
             if let Some(final_state) = final_state {
                 journal.finish(finish(seq, id, final_state)).await.unwrap();
             }
@@ -930,6 +950,10 @@ mod tests {
             .read(|c| c.query_row("SELECT count(*) FROM event_bodies", [], |r| r.get(0)))
             .unwrap();
         assert_eq!(bodies, 3);
+        let attempts: i64 = journal
+            .read(|c| c.query_row("SELECT count(*) FROM attempts", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(attempts, 3, "the pruned events' attempts go with them");
         assert_eq!(journal.backlog(), 1);
         // A forgotten id is new again.
         assert_eq!(
