@@ -1006,6 +1006,42 @@ mod tests {
     }
 
     #[test]
+    fn a_verified_delivery_tells_its_id_timestamp_and_the_versions_listed_but_no_signature() {
+        let f = hmac_fixture();
+        let (pair, public) = ed25519_pair();
+        let verifier = WebhookVerifier::new(
+            std::slice::from_ref(&f.secret),
+            &[public],
+            DEFAULT_TOLERANCE,
+        )
+        .unwrap();
+        let body = f.body.as_bytes();
+        let v1a = sign_v1a(&pair, &f.id, f.ts, body);
+        // An unknown version first, a wrong v1a, then the right v1 and v1a.
+        let list = format!("v9,abcd v1a,{} {} {v1a}", STANDARD.encode([0u8; 64]), f.sig);
+        let h = webhook_headers(&f.id, f.ts, &list);
+        let verified = verifier.verify_delivery(&h, body, at(f.ts)).unwrap();
+        assert_eq!(verified.id, f.id);
+        assert_eq!(verified.timestamp, f.ts);
+        assert_eq!(verified.versions, ["v9", "v1a", "v1"]);
+        assert_eq!(verified.verified_by, "v1");
+        assert!(!verified.svix_names);
+        let printed = format!("{verified:?}");
+        assert!(
+            !printed.contains(f.sig.split_once(',').unwrap().1),
+            "{printed}"
+        );
+        let h = headers(&[
+            ("svix-id", &f.id),
+            ("svix-timestamp", &f.ts.to_string()),
+            ("svix-signature", &v1a),
+        ]);
+        let verified = verifier.verify_delivery(&h, body, at(f.ts)).unwrap();
+        assert_eq!((verified.verified_by, verified.svix_names), ("v1a", true));
+        assert_eq!(verified.versions, ["v1a"]);
+    }
+
+    #[test]
     fn svix_aliases_are_accepted() {
         let f = hmac_fixture();
         let verifier = hmac_verifier(&[&f.secret]);
