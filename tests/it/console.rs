@@ -211,7 +211,6 @@ async fn filter_open_replay_to_one_route_and_bulk_retry_after_fixing_the_sink() 
         blocked.contains("failed") && blocked.contains("not a directory"),
         "{blocked}"
     );
-    maybe_screenshot(&browser, "event").await;
 
     // Replay through route good only: it was applied there, so the confirmation asks for force.
     browser.select("#replay-route", "good").await;
@@ -257,6 +256,14 @@ async fn filter_open_replay_to_one_route_and_bulk_retry_after_fixing_the_sink() 
         .text_of(".route-history[data-route=\"good\"] pre.output")
         .await;
     assert!(output.contains("\"n\": \"ev-2\""), "{output}");
+    // The picture shows the receipt and the routes' attempts.
+    browser
+        .execute(
+            "document.querySelector('#receipt-methods').scrollIntoView()",
+            json!([]),
+        )
+        .await;
+    maybe_screenshot(&browser, "event").await;
     // The other route was not tried again.
     let blocked_after = browser
         .text_of("#deliveries tr[data-route=\"blocked\"]")
