@@ -419,6 +419,14 @@ async fn a_route_that_failed_twice_then_applied_shows_each_attempt_the_output_an
     assert!(!text.contains(&signature), "{text}");
     let key = support::SECRET.trim_start_matches("whsec_");
     assert!(!text.contains(key), "{text}");
+    // `ess-agent status` shows the same history.
+    let (ok, out) = cli(&agent, &["status", "h3"]);
+    assert!(ok, "{out}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        support::delivery(&shown, "partner")["history"],
+        json!(history)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
