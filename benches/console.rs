@@ -261,6 +261,7 @@ fn new_event(i: usize) -> NewEvent {
         content_type: Some("application/json".into()),
         raw_body: Bytes::from(vec![b' '; 1024]),
         envelope: "{}".into(),
+        receipt: None,
     }
 }
 

@@ -11,7 +11,10 @@ use bytes::Bytes;
 use ess_agent::adapter::Adapter;
 use ess_agent::adapter::engine::Limits;
 use ess_agent::ingress::handler;
-use ess_agent::journal::{self, EventState, Finish, Journal, JournalOptions, NewEvent};
+use ess_agent::journal::{
+    self, AppliedOutput, Attempt, DeliveryState, DeliveryUpdate, EventState, Finish, Journal,
+    JournalOptions, NewEvent,
+};
 use ess_agent::protocol::auth::{WebhookSigner, WebhookVerifier};
 use ess_agent::protocol::envelope;
 use http::{HeaderMap, HeaderValue, header};
@@ -48,6 +51,30 @@ pub struct Floor {
     pub read_us: f64,
     /// Not in [`Floor::total_us`]: the given adapter evaluated on each event, when one was given.
     pub adapter_us: Option<f64>,
+    /// The journal's history of attempts and receipts, each beside the same work without it
+    /// (in alternating quarters of the same events, so both see the journal at the same size).
+    pub history: History,
+}
+
+/// The writer's CPU (and the wall time, commits included) per event with and without what the
+/// journal keeps for the operator: the receipt in the append, the attempt (with the applied
+/// output) in the final state.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    /// [`Journal::append`] with no receipt (as before the journal kept them).
+    pub append_us: f64,
+    /// [`Journal::append`] with a receipt as the ingress makes it.
+    pub append_receipt_us: f64,
+    /// [`Journal::finish_with`] with one route's delivery state and no attempt.
+    pub finish_us: f64,
+    /// [`Journal::finish_with`] with the delivery state and its attempt, whose output is the
+    /// event's envelope (about the body's size).
+    pub finish_attempt_us: f64,
+    /// Wall time per event of the same four, in microseconds: commits (fsync) included.
+    pub append_wall_us: f64,
+    pub append_receipt_wall_us: f64,
+    pub finish_wall_us: f64,
+    pub finish_attempt_wall_us: f64,
 }
 
 impl Floor {
@@ -99,6 +126,25 @@ impl Floor {
                 "the given adapter (its input read)"
             );
         }
+        let h = &self.history;
+        println!("  the operator's history, without → with (writer CPU; wall time with commits):");
+        for (what, cpu, wall) in [
+            (
+                "append, no receipt → with its receipt",
+                [h.append_us, h.append_receipt_us],
+                [h.append_wall_us, h.append_receipt_wall_us],
+            ),
+            (
+                "final state with a delivery → with its attempt",
+                [h.finish_us, h.finish_attempt_us],
+                [h.finish_wall_us, h.finish_attempt_wall_us],
+            ),
+        ] {
+            println!(
+                "  {what:<52} {:>6.1} → {:>6.1} µs  ({:.1} → {:.1} µs wall)",
+                cpu[0], cpu[1], wall[0], wall[1]
+            );
+        }
     }
 
     pub fn to_json(&self) -> Value {
@@ -113,6 +159,16 @@ impl Floor {
             "finish_us": crate::round(self.finish_us, 2),
             "read_us": crate::round(self.read_us, 2),
             "adapter_us": self.adapter_us.map(|us| crate::round(us, 2)),
+            "history": {
+                "append_us": crate::round(self.history.append_us, 2),
+                "append_receipt_us": crate::round(self.history.append_receipt_us, 2),
+                "finish_us": crate::round(self.history.finish_us, 2),
+                "finish_attempt_us": crate::round(self.history.finish_attempt_us, 2),
+                "append_wall_us": crate::round(self.history.append_wall_us, 2),
+                "append_receipt_wall_us": crate::round(self.history.append_receipt_wall_us, 2),
+                "finish_wall_us": crate::round(self.history.finish_wall_us, 2),
+                "finish_attempt_wall_us": crate::round(self.history.finish_attempt_wall_us, 2),
+            },
         })
     }
 }
@@ -214,6 +270,14 @@ fn round(
     };
     let journal = Journal::open(&dir.0, options)?;
     let envelopes: Vec<String> = new_events.iter().map(|e| e.envelope.clone()).collect();
+    // The same events again under other ids, for the history's measurement.
+    let again: Vec<NewEvent> = new_events
+        .iter()
+        .map(|e| NewEvent {
+            id: format!("{}-again", e.id),
+            ..e.clone()
+        })
+        .collect();
     let subjects: Vec<String> = new_events.iter().map(|e| e.subject.clone()).collect();
     let ids: Vec<String> = new_events.iter().map(|e| e.id.clone()).collect();
 
@@ -297,6 +361,7 @@ fn round(
             }
             Ok(())
         })?;
+    let history = history(runtime, &journal, again)?;
     journal.close();
     Ok(Floor {
         verify_us,
@@ -308,7 +373,104 @@ fn round(
         finish_us,
         read_us,
         adapter_us,
+        history,
     })
+}
+
+/// A receipt as the ingress records it for a Standard Webhooks delivery.
+const RECEIPT: &str = r#"{"methods":["standard_webhooks"],"webhook":{"id":"msg_2KWPBgLlAfxdpx2AI54pPJ85f4W","timestamp":1796640000,"time":"2026-12-07T10:40:00.000Z","signature_versions":["v1"],"verified_by":"v1","header_names":"webhook"}}"#;
+
+/// The [`History`] of `events` (not yet in the journal): each measurement alternates quarters
+/// without and with, and sums each side.
+fn history(
+    runtime: &tokio::runtime::Runtime,
+    journal: &Arc<Journal>,
+    events: Vec<NewEvent>,
+) -> anyhow::Result<History> {
+    let quarter = events.len().div_ceil(4).max(1);
+    let mut quarters: Vec<Vec<NewEvent>> = events.chunks(quarter).map(<[_]>::to_vec).collect();
+    let mut h = History::default();
+    // (CPU µs, wall µs, events) on each side.
+    let mut sides = [(0.0, 0.0, 0usize); 2];
+    for (i, quarter) in quarters.iter_mut().enumerate() {
+        let with = i % 2;
+        for e in quarter.iter_mut() {
+            e.receipt = (with == 1).then(|| RECEIPT.to_owned());
+        }
+        let n = quarter.len();
+        let started = std::time::Instant::now();
+        let cpu = writer_us_per_item(
+            runtime,
+            journal,
+            quarter.clone(),
+            |journal, event| async move { journal.append(event).await.map(|_| ()) },
+        )?;
+        let side = &mut sides[with];
+        side.0 += cpu * n as f64;
+        side.1 += started.elapsed().as_secs_f64() * 1e6;
+        side.2 += n;
+    }
+    let per =
+        |side: (f64, f64, usize)| (side.0 / side.2.max(1) as f64, side.1 / side.2.max(1) as f64);
+    (h.append_us, h.append_wall_us) = per(sides[0]);
+    (h.append_receipt_us, h.append_receipt_wall_us) = per(sides[1]);
+
+    let seqs = journal.read(|conn| {
+        let mut stmt = conn.prepare("SELECT seq, id FROM events WHERE id LIKE '%-again'")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(1)?, r.get::<_, i64>(0)?)))?;
+        rows.collect::<Result<std::collections::HashMap<_, _>, _>>()
+    })?;
+    let mut sides = [(0.0, 0.0, 0usize); 2];
+    for (i, quarter) in quarters.into_iter().enumerate() {
+        let with = i % 2;
+        let n = quarter.len();
+        let finishes: Vec<(Vec<DeliveryUpdate>, Finish)> = quarter
+            .into_iter()
+            .map(|e| {
+                let seq = seqs.get(&e.id).copied().unwrap_or_default();
+                let attempt = (with == 1).then(|| Attempt {
+                    started_at: ess_agent::timestamp::now(),
+                    duration_ms: 1,
+                    outcome: DeliveryState::Applied,
+                    error: None,
+                    output: Some(AppliedOutput::new(e.envelope.clone())),
+                });
+                let update = DeliveryUpdate {
+                    seq,
+                    route: "files".into(),
+                    sink: "files".into(),
+                    state: DeliveryState::Applied,
+                    attempts: 1,
+                    next_attempt_ms: None,
+                    last_error: None,
+                    attempt,
+                };
+                let finish = Finish {
+                    seq,
+                    state: EventState::Applied,
+                    error: None,
+                    subject_revision: None,
+                    report: None,
+                    event_id: e.id,
+                };
+                (vec![update], finish)
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let cpu = writer_us_per_item(
+            runtime,
+            journal,
+            finishes,
+            |journal, (updates, finish)| async move { journal.finish_with(updates, finish).await },
+        )?;
+        let side = &mut sides[with];
+        side.0 += cpu * n as f64;
+        side.1 += started.elapsed().as_secs_f64() * 1e6;
+        side.2 += n;
+    }
+    (h.finish_us, h.finish_wall_us) = per(sides[0]);
+    (h.finish_attempt_us, h.finish_attempt_wall_us) = per(sides[1]);
+    Ok(h)
 }
 
 /// The journal writer's CPU per item, in microseconds, while `op` runs over `items` with
@@ -418,6 +580,16 @@ pub fn measure(
         adapter_us: adapter
             .is_some()
             .then(|| pick(|f| f.adapter_us.unwrap_or_default())),
+        history: History {
+            append_us: pick(|f| f.history.append_us),
+            append_receipt_us: pick(|f| f.history.append_receipt_us),
+            finish_us: pick(|f| f.history.finish_us),
+            finish_attempt_us: pick(|f| f.history.finish_attempt_us),
+            append_wall_us: pick(|f| f.history.append_wall_us),
+            append_receipt_wall_us: pick(|f| f.history.append_receipt_wall_us),
+            finish_wall_us: pick(|f| f.history.finish_wall_us),
+            finish_attempt_wall_us: pick(|f| f.history.finish_attempt_wall_us),
+        },
     })
 }
 
@@ -442,6 +614,16 @@ mod tests {
             ("finish", floor.finish_us),
             ("read", floor.read_us),
             ("adapter", floor.adapter_us.unwrap_or_default()),
+            ("history append", floor.history.append_us),
+            (
+                "history append with receipt",
+                floor.history.append_receipt_us,
+            ),
+            ("history finish", floor.history.finish_us),
+            (
+                "history finish with attempt",
+                floor.history.finish_attempt_us,
+            ),
         ] {
             assert!(us > 0.0, "{part}: {us} µs");
         }

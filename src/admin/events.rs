@@ -10,7 +10,9 @@ use serde_json::{Value, json};
 use super::{
     Admin, blocking, decode_id, journal_problem, json_body, percent_decode, unknown_event,
 };
-use crate::journal::{EventFilter, EventState, Requeue, RouteReplay};
+use crate::journal::{
+    AppliedOutput, DeliveryState, EventDetail, EventFilter, EventState, Requeue, RouteReplay,
+};
 use crate::protocol::problem::{Body, Problem, json_response};
 
 /// A page of the listing holds this many events unless `limit` says otherwise.
@@ -147,6 +149,51 @@ fn listing(query: &str) -> Result<(EventFilter, Option<i64>, u32), Problem> {
     Ok((filter, cursor, limit))
 }
 
+/// The event's deliveries, each with its route's `history` (the attempts kept, oldest first)
+/// and the `output` its latest applied attempt gave the sink. A route replayed and not yet
+/// tried again has no delivery row but keeps its history: it is listed as pending.
+fn deliveries_with_history(detail: &EventDetail) -> Value {
+    let mut history = detail.history.clone();
+    let mut out: Vec<Value> = detail
+        .deliveries
+        .iter()
+        .map(|d| {
+            let mut entry = serde_json::to_value(d).unwrap_or_default();
+            let route = history.remove(&d.route).unwrap_or_default();
+            entry["history"] = json!(route.attempts);
+            entry["output"] = output_value(route.output);
+            entry
+        })
+        .collect();
+    for (name, route) in history {
+        let last = route.attempts.last();
+        out.push(json!({
+            "route": name,
+            "sink": last.map(|a| a.sink.as_str()).unwrap_or_default(),
+            "state": DeliveryState::Pending,
+            "attempts": 0,
+            "updated_at": last.map(|a| a.started_at.as_str()).unwrap_or_default(),
+            "history": route.attempts,
+            "output": output_value(route.output),
+        }));
+    }
+    out.sort_by(|a, b| a["route"].as_str().cmp(&b["route"].as_str()));
+    Value::Array(out)
+}
+
+/// An applied output for the API: the JSON `value` when kept whole, else the kept `text`
+/// (cut, so not JSON), with the whole output's length in `bytes`.
+fn output_value(output: Option<AppliedOutput>) -> Value {
+    match output {
+        None => Value::Null,
+        Some(o) if !o.truncated => match serde_json::from_str::<Value>(&o.text) {
+            Ok(value) => json!({"value": value, "bytes": o.bytes, "truncated": false}),
+            Err(_) => json!({"text": o.text, "bytes": o.bytes, "truncated": false}),
+        },
+        Some(o) => json!({"text": o.text, "bytes": o.bytes, "truncated": true}),
+    }
+}
+
 /// The optional body of a replay.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -180,7 +227,12 @@ impl Admin {
         };
         let mut body = serde_json::to_value(&detail.record).unwrap_or_default();
         body["seq"] = json!(detail.seq);
-        body["deliveries"] = serde_json::to_value(&detail.deliveries).unwrap_or_default();
+        body["deliveries"] = deliveries_with_history(&detail);
+        body["receipt"] = detail
+            .receipt
+            .as_deref()
+            .and_then(|r| serde_json::from_str(r).ok())
+            .unwrap_or(Value::Null);
         body["envelope"] = serde_json::from_str(&detail.envelope).unwrap_or(Value::Null);
         body["raw_body"] = json!(String::from_utf8_lossy(&detail.raw_body));
         body["report"] = match detail.report {

@@ -27,8 +27,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::EventLog;
 use crate::journal::{
-    self, Committed, DeliveryRecord, DeliveryState, DeliveryUpdate, EventState, Finish, Journal,
-    JournalError, Outcome, StoredEvent,
+    self, AppliedOutput, Attempt, Committed, DeliveryRecord, DeliveryState, DeliveryUpdate,
+    EventState, Finish, Journal, JournalError, Outcome, StoredEvent,
 };
 use crate::sink::{EventMeta, MAX_RETRY_AFTER, SinkError};
 use routes::{Route, Routing};
@@ -864,13 +864,39 @@ impl Dispatcher {
         blocking(move || journal.read(f)).await
     }
 
-    /// Runs one route's adapter and sink; returns the delivery's new state.
+    /// Runs one route's adapter and sink; returns the delivery's new state with the attempt
+    /// for the route's history (its time, duration, outcome, and the output a sink took).
     async fn apply_route(
         &self,
         event: &StoredEvent,
         route: &Route,
         attempts: u32,
     ) -> DeliveryUpdate {
+        let started_at = crate::timestamp::now();
+        let started = std::time::Instant::now();
+        let (mut update, output) = self.run_route(event, route, attempts).await;
+        let outcome = match update.state {
+            DeliveryState::Pending | DeliveryState::Failed => DeliveryState::Failed,
+            other => other,
+        };
+        update.attempt = Some(Attempt {
+            started_at,
+            duration_ms: started.elapsed().as_millis() as u64,
+            outcome,
+            error: update.last_error.clone(),
+            output,
+        });
+        update
+    }
+
+    /// One attempt of [`Dispatcher::apply_route`]: the delivery's new state, and the output
+    /// the sink took when it was applied.
+    async fn run_route(
+        &self,
+        event: &StoredEvent,
+        route: &Route,
+        attempts: u32,
+    ) -> (DeliveryUpdate, Option<AppliedOutput>) {
         let mut update = DeliveryUpdate {
             seq: event.seq,
             route: route.name.clone(),
@@ -879,6 +905,7 @@ impl Dispatcher {
             attempts,
             next_attempt_ms: None,
             last_error: None,
+            attempt: None,
         };
         let started = std::time::Instant::now();
         // The adapter reads the envelope as stored, JSON text, parsed straight into the
@@ -893,7 +920,7 @@ impl Dispatcher {
             Ok(None) => {
                 update.state = DeliveryState::Filtered;
                 tracing::debug!(event_id = %event.id, route = %route.name, "adapter returned undefined: route skipped");
-                return update;
+                return (update, None);
             }
             Err(e) => {
                 let message = route.adapter.describe_failure(&e, &event.id);
@@ -901,7 +928,7 @@ impl Dispatcher {
                 // The adapter's run was this delivery's attempt.
                 update.attempts = attempts.saturating_add(1);
                 update.last_error = Some(message);
-                return update;
+                return (update, None);
             }
         };
         let meta = EventMeta {
@@ -927,6 +954,8 @@ impl Dispatcher {
                 update.state = DeliveryState::Applied;
                 // The event's own "event final" line says it at level info.
                 tracing::debug!(event_id = %event.id, route = %route.name, sink = %route.sink_name, attempts = update.attempts, "applied");
+                let text = serde_json::to_string(&output).unwrap_or_default();
+                return (update, Some(AppliedOutput::new(text)));
             }
             Err(SinkError::Permanent(message)) => {
                 tracing::warn!(event_id = %event.id, route = %route.name, sink = %route.sink_name, error = %message, "sink refused the output permanently: dead letter");
@@ -971,7 +1000,7 @@ impl Dispatcher {
                 }
             }
         }
-        update
+        (update, None)
     }
 
     /// Journals the final state, queues the status report, and answers waiting hubs.
@@ -1155,6 +1184,7 @@ mod tests {
             content_type: Some("application/json".into()),
             raw_body: bytes::Bytes::from(envelope.to_string()),
             envelope: envelope.to_string(),
+            receipt: None,
         }
     }
 
@@ -1225,6 +1255,7 @@ mod tests {
                 attempts: recorded.attempts,
                 next_attempt_ms: Some(set_back),
                 last_error: recorded.last_error,
+                attempt: None,
             }])
             .await
             .unwrap();
@@ -1321,6 +1352,7 @@ mod tests {
             attempts: 1,
             next_attempt_ms: Some(0),
             last_error: None,
+            attempt: None,
         };
         journal
             .set_deliveries(vec![

@@ -5,7 +5,6 @@
 //! signature over the exact bytes, then the envelope. Only an event that passed everything
 //! reaches the journal, and only a committed append is answered with 2xx.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -16,10 +15,10 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use super::InFlight;
+use super::{Client, InFlight};
 use crate::config::AckMode;
 use crate::journal::{Appended, EventState, Journal, JournalError, NewEvent, Outcome, WireFormat};
-use crate::protocol::auth::{BearerToken, WebhookVerifier};
+use crate::protocol::auth::{BearerToken, Verified, WebhookVerifier};
 use crate::protocol::envelope::{self, Envelope, Format};
 use crate::protocol::problem::{Body, Problem, json_response};
 
@@ -108,15 +107,16 @@ impl Handler {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        client: &Client,
     ) -> Response<Body> {
+        let peer = client.peer;
         let start = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let version = req.version();
         let _guard = self.in_flight.enter(peer, &path);
         let mut seen = Seen::default();
-        let response = match self.deliver(req, &mut seen).await {
+        let response = match self.deliver(req, client, &mut seen).await {
             Ok(response) => response,
             Err(problem) => problem.into_response(),
         };
@@ -155,6 +155,7 @@ impl Handler {
     async fn deliver(
         &self,
         req: Request<Incoming>,
+        client: &Client,
         seen: &mut Seen,
     ) -> Result<Response<Body>, Problem> {
         if req.uri().path() != "/v1/events" {
@@ -190,11 +191,14 @@ impl Handler {
         }
         let (parts, body) = req.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
-        if let Some(webhook) = &auth.webhook {
-            webhook
-                .verify(&parts.headers, &body, SystemTime::now())
-                .map_err(|e| Problem::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?;
-        }
+        let verified = match &auth.webhook {
+            Some(webhook) => Some(
+                webhook
+                    .verify_delivery(&parts.headers, &body, SystemTime::now())
+                    .map_err(|e| Problem::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string()))?,
+            ),
+            None => None,
+        };
         let max_depth = self.limits.max_json_depth;
         let envelope = envelope::parse_limited(&parts.headers, &body, max_depth)
             .map_err(|e| Problem::new(e.status(), e.code(), e.to_string()).with_field(e.field()))?;
@@ -226,10 +230,9 @@ impl Handler {
         let id = envelope.id.clone();
         // Register before the append, so the outcome cannot slip past between the two.
         let waiter = (self.ack_mode == AckMode::Applied).then(|| self.dispatcher.wait_for(&id));
-        let appended = self
-            .journal
-            .append(new_event(envelope, content_type, body))
-            .await;
+        let mut event = new_event(envelope, content_type, body);
+        event.receipt = Some(receipt(verified.as_ref(), auth.bearer.is_some(), client));
+        let appended = self.journal.append(event).await;
         match &appended {
             Ok(Appended::Accepted) => {
                 metrics::counter!("ess_agent_events_received_total", "result" => "accepted")
@@ -382,7 +385,46 @@ pub fn new_event(envelope: Envelope, content_type: Option<String>, raw_body: Byt
         },
         content_type,
         raw_body,
+        receipt: None,
     }
+}
+
+/// The journal's record of how a delivery was authenticated (JSON): the methods that passed
+/// (`standard_webhooks`, `bearer`, `mtls`; none on a loopback listener with no check), the
+/// Standard Webhooks id and timestamp with the signature versions listed and the one that
+/// verified, and the client certificate's subject. Never a token, a key or a signature.
+fn receipt(verified: Option<&Verified>, bearer: bool, client: &Client) -> String {
+    let mut methods = Vec::new();
+    let mut receipt = serde_json::Map::new();
+    if let Some(v) = verified {
+        methods.push("standard_webhooks");
+        let time = time::OffsetDateTime::from_unix_timestamp(v.timestamp)
+            .map(crate::timestamp::format)
+            .ok();
+        receipt.insert(
+            "webhook".into(),
+            json!({
+                "id": v.id.chars().take(256).collect::<String>(),
+                "timestamp": v.timestamp,
+                "time": time,
+                "signature_versions": v.versions,
+                "verified_by": v.verified_by,
+                "header_names": if v.svix_names { "svix" } else { "webhook" },
+            }),
+        );
+    }
+    if bearer {
+        methods.push("bearer");
+    }
+    if let Some(subject) = &client.subject {
+        methods.push("mtls");
+        receipt.insert(
+            "client_certificate".into(),
+            json!({ "subject": &**subject }),
+        );
+    }
+    receipt.insert("methods".into(), json!(methods));
+    serde_json::Value::Object(receipt).to_string()
 }
 
 fn journal_problem(e: &JournalError, retry_after: u64) -> Problem {

@@ -163,13 +163,26 @@ pub async fn serve(
             let work = async {
                 match tls {
                     None => {
-                        serve_connection(&builder, watcher, stream, peer, handler, &connection)
+                        let client = Client {
+                            peer,
+                            subject: None,
+                        };
+                        serve_connection(&builder, watcher, stream, client, handler, &connection)
                             .await
                     }
                     Some(acceptor) => match acceptor.accept(stream).await {
                         Ok(stream) => {
-                            serve_connection(&builder, watcher, stream, peer, handler, &connection)
-                                .await
+                            let subject = tls::client_subject(&stream);
+                            let client = Client { peer, subject };
+                            serve_connection(
+                                &builder,
+                                watcher,
+                                stream,
+                                client,
+                                handler,
+                                &connection,
+                            )
+                            .await
                         }
                         Err(e) => tracing::warn!(peer = %peer, error = %e, "TLS handshake refused"),
                     },
@@ -188,23 +201,33 @@ pub async fn serve(
     graceful
 }
 
+/// Who is at the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub peer: SocketAddr,
+    /// The subject of its certificate, with mutual TLS.
+    pub subject: Option<Arc<str>>,
+}
+
 async fn serve_connection<S>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
     stream: S,
-    peer: SocketAddr,
+    client: Client,
     handler: Arc<Handler>,
     connection: &Arc<Connection>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let connection = connection.clone();
+    let peer = client.peer;
     let service = service_fn(move |req| {
         let handler = handler.clone();
         // The head has arrived: the connection is busy until the answer is made.
         let busy = connection.request();
+        let client = client.clone();
         async move {
-            let response = handler.handle(req, peer).await;
+            let response = handler.handle(req, &client).await;
             drop(busy);
             Ok::<_, std::convert::Infallible>(response)
         }

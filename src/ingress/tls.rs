@@ -86,6 +86,16 @@ impl TlsAcceptor {
     }
 }
 
+/// The subject of the client certificate a connection was set up with (mutual TLS), such as
+/// `CN=hub.example, O=Agency`, at most 512 characters; `None` without one.
+pub fn client_subject(stream: &TlsStream<TcpStream>) -> Option<Arc<str>> {
+    let (_, conn) = stream.get_ref();
+    let leaf = conn.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let subject: String = cert.subject().to_string().chars().take(512).collect();
+    Some(subject.into())
+}
+
 impl TlsSettings {
     /// Reads the PEM files of `config` and builds the server configuration.
     pub fn build(config: &TlsConfig) -> Result<TlsSettings, TlsError> {

@@ -52,6 +52,80 @@ pub struct DeliveryUpdate {
     pub attempts: u32,
     pub next_attempt_ms: Option<i64>,
     pub last_error: Option<String>,
+    /// The attempt that led to this state, for the route's history; `None` for a change no
+    /// attempt made.
+    pub attempt: Option<Attempt>,
+}
+
+/// The most attempts kept per event and route: the first, and the latest
+/// `KEPT_ATTEMPTS - 1`. A route retried for days (every 5 minutes, 288 attempts a day) keeps
+/// how it began and how it goes now, in a bounded number of rows; the delivery's attempt count
+/// still counts them all.
+pub const KEPT_ATTEMPTS: u32 = 100;
+
+/// The most bytes of an applied output the journal keeps; a longer one is cut at a character
+/// boundary and marked truncated.
+pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
+/// One attempt at one route: the adapter's run and, when it gave an output, the sink's apply.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// When it started (RFC 3339, milliseconds).
+    pub started_at: String,
+    pub duration_ms: u64,
+    /// `applied`, `filtered` or `failed` (whether a retry follows is the delivery's state).
+    pub outcome: DeliveryState,
+    pub error: Option<String>,
+    /// With an applied attempt, the output the sink took.
+    pub output: Option<AppliedOutput>,
+}
+
+/// The adapter output a sink took, as JSON text, at most [`MAX_OUTPUT_BYTES`] of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedOutput {
+    pub text: String,
+    /// The whole output's length in bytes.
+    pub bytes: u64,
+    pub truncated: bool,
+}
+
+impl AppliedOutput {
+    /// `json`, cut to [`MAX_OUTPUT_BYTES`] when longer.
+    pub fn new(mut json: String) -> AppliedOutput {
+        let bytes = json.len() as u64;
+        let truncated = json.len() > MAX_OUTPUT_BYTES;
+        if truncated {
+            let mut end = MAX_OUTPUT_BYTES;
+            while !json.is_char_boundary(end) {
+                end -= 1;
+            }
+            json.truncate(end);
+        }
+        AppliedOutput {
+            text: json,
+            bytes,
+            truncated,
+        }
+    }
+}
+
+/// An attempt as the journal keeps it, for the admin API.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub sink: String,
+    pub started_at: String,
+    pub duration_ms: u64,
+    pub outcome: DeliveryState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A route's attempts, oldest first, and the output of its latest applied attempt.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteHistory {
+    pub attempts: Vec<AttemptRecord>,
+    pub output: Option<AppliedOutput>,
 }
 
 /// An event reaching its final state.
@@ -226,6 +300,11 @@ pub struct EventDetail {
     pub report: Option<PendingReport>,
     /// The reports the hub took, oldest first (a replay makes another).
     pub reports_sent: Vec<SentReport>,
+    /// Each route's attempts and applied output, by route name.
+    pub history: std::collections::BTreeMap<String, RouteHistory>,
+    /// How the request was authenticated (JSON text, see the ingress); `None` for events
+    /// received before the journal kept it.
+    pub receipt: Option<String>,
 }
 
 /// A status report waiting in the outbox.
@@ -376,8 +455,102 @@ pub(super) fn write_deliveries(
             update.last_error,
             now,
         ])?;
+        if let Some(attempt) = &update.attempt {
+            write_attempt(conn, update, attempt)?;
+        }
     }
     Ok(())
+}
+
+/// Adds an attempt to its route's history, numbered after the route's last kept attempt (or
+/// the delivery's count, for a delivery tried before the history was kept), and keeps the
+/// history within [`KEPT_ATTEMPTS`]. Only the latest applied attempt keeps its output.
+fn write_attempt(
+    conn: &Connection,
+    update: &DeliveryUpdate,
+    attempt: &Attempt,
+) -> Result<(), rusqlite::Error> {
+    let output = attempt.output.as_ref();
+    let number: u32 = conn
+        .prepare_cached(
+            "INSERT INTO attempts (event_seq, route, attempt, sink, started_at, duration_ms, \
+             outcome, error, output, output_bytes, output_truncated) \
+             VALUES (?1, ?2, max(?3, 1 + coalesce((SELECT max(attempt) FROM attempts \
+             WHERE event_seq = ?1 AND route = ?2), 0)), ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+             RETURNING attempt",
+        )?
+        .query_row(
+            params![
+                update.seq,
+                update.route,
+                update.attempts,
+                update.sink,
+                attempt.started_at,
+                attempt.duration_ms as i64,
+                attempt.outcome,
+                attempt.error,
+                output.map(|o| o.text.as_str()),
+                output.map(|o| o.bytes as i64),
+                output.is_some_and(|o| o.truncated),
+            ],
+            |r| r.get(0),
+        )?;
+    if number <= 1 {
+        return Ok(());
+    }
+    if output.is_some() {
+        conn.prepare_cached(
+            "UPDATE attempts SET output = NULL, output_bytes = NULL, output_truncated = 0 \
+             WHERE event_seq = ?1 AND route = ?2 AND attempt < ?3 AND output IS NOT NULL",
+        )?
+        .execute(params![update.seq, update.route, number])?;
+    }
+    if number > KEPT_ATTEMPTS {
+        conn.prepare_cached(
+            "DELETE FROM attempts WHERE event_seq = ?1 AND route = ?2 \
+             AND attempt > 1 AND attempt <= ?3",
+        )?
+        .execute(params![
+            update.seq,
+            update.route,
+            number - (KEPT_ATTEMPTS - 1)
+        ])?;
+    }
+    Ok(())
+}
+
+/// Each route's kept attempts, oldest first, with its latest applied output.
+pub fn history(
+    conn: &Connection,
+    seq: i64,
+) -> Result<std::collections::BTreeMap<String, RouteHistory>, rusqlite::Error> {
+    let mut routes = std::collections::BTreeMap::<String, RouteHistory>::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT route, attempt, sink, started_at, duration_ms, outcome, error, output, \
+         output_bytes, output_truncated FROM attempts WHERE event_seq = ?1 \
+         ORDER BY route, attempt",
+    )?;
+    let mut rows = stmt.query([seq])?;
+    while let Some(r) = rows.next()? {
+        let route: String = r.get(0)?;
+        let history = routes.entry(route).or_default();
+        history.attempts.push(AttemptRecord {
+            attempt: r.get(1)?,
+            sink: r.get(2)?,
+            started_at: r.get(3)?,
+            duration_ms: r.get::<_, i64>(4)?.max(0) as u64,
+            outcome: r.get(5)?,
+            error: r.get(6)?,
+        });
+        if let Some(text) = r.get::<_, Option<String>>(7)? {
+            history.output = Some(AppliedOutput {
+                text,
+                bytes: r.get::<_, Option<i64>>(8)?.unwrap_or(0).max(0) as u64,
+                truncated: r.get(9)?,
+            });
+        }
+    }
+    Ok(routes)
 }
 
 /// Moves an event from the backlog to its final state, in the writer's transaction (see
@@ -475,7 +648,7 @@ fn last_seq_received_before(conn: &Connection, cutoff: &str) -> Result<i64, rusq
 
 /// Deletes up to `limit` final events (applied, filtered, superseded, dropped; never dead
 /// letters or the backlog) received and last changed before `cutoff` (RFC 3339, UTC), with their
-/// bodies and deliveries. Returns how many were deleted.
+/// bodies, deliveries and attempts. Returns how many were deleted.
 pub(super) fn prune(conn: &Connection, cutoff: &str, limit: u32) -> Result<u32, rusqlite::Error> {
     let last = last_seq_received_before(conn, cutoff)?;
     if last == 0 {
@@ -497,6 +670,7 @@ pub(super) fn prune(conn: &Connection, cutoff: &str, limit: u32) -> Result<u32, 
         doomed.extend(seqs);
     }
     let mut deliveries = conn.prepare_cached("DELETE FROM deliveries WHERE event_seq = ?1")?;
+    let mut attempts = conn.prepare_cached("DELETE FROM attempts WHERE event_seq = ?1")?;
     let mut bodies = conn.prepare_cached("DELETE FROM event_bodies WHERE seq = ?1")?;
     let mut reports = conn.prepare_cached(
         "DELETE FROM reports_sent WHERE event_id = (SELECT id FROM events WHERE seq = ?1)",
@@ -505,6 +679,7 @@ pub(super) fn prune(conn: &Connection, cutoff: &str, limit: u32) -> Result<u32, 
     for seq in &doomed {
         deliveries.execute([seq])?;
         reports.execute([seq])?;
+        attempts.execute([seq])?;
         bodies.execute([seq])?;
         events.execute([seq])?;
     }
@@ -561,11 +736,17 @@ impl Journal {
             };
             let seq: i64 =
                 conn.query_row("SELECT seq FROM events WHERE id = ?1", [id], |r| r.get(0))?;
-            let (raw_body, envelope) = conn
+            let (raw_body, envelope, receipt) = conn
                 .query_row(
-                    "SELECT raw_body, envelope FROM event_bodies WHERE seq = ?1",
+                    "SELECT raw_body, envelope, receipt FROM event_bodies WHERE seq = ?1",
                     [seq],
-                    |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)),
+                    |r| {
+                        Ok((
+                            r.get::<_, Vec<u8>>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, Option<String>>(2)?,
+                        ))
+                    },
                 )
                 .optional()?
                 .unwrap_or_default();
@@ -608,6 +789,8 @@ impl Journal {
                 envelope,
                 report,
                 reports_sent,
+                history: history(conn, seq)?,
+                receipt,
             }))
         })
     }
@@ -855,7 +1038,197 @@ mod tests {
             content_type: Some("application/json".into()),
             raw_body: Bytes::from_static(b"{}"),
             envelope: "{}".into(),
+            receipt: None,
         }
+    }
+
+    /// A delivery update for route `route` of event 1 with its attempt.
+    fn tried(
+        route: &str,
+        attempts: u32,
+        outcome: DeliveryState,
+        duration_ms: u64,
+        output: Option<&str>,
+    ) -> DeliveryUpdate {
+        let error = (outcome == DeliveryState::Failed).then(|| format!("refused {attempts}"));
+        DeliveryUpdate {
+            seq: 1,
+            route: route.into(),
+            sink: "files".into(),
+            state: if outcome == DeliveryState::Failed {
+                DeliveryState::Pending
+            } else {
+                outcome
+            },
+            attempts,
+            next_attempt_ms: None,
+            last_error: error.clone(),
+            attempt: Some(Attempt {
+                started_at: crate::timestamp::now(),
+                duration_ms,
+                outcome,
+                error,
+                output: output.map(|o| AppliedOutput::new(o.to_owned())),
+            }),
+        }
+    }
+
+    fn numbers(history: &RouteHistory) -> Vec<u32> {
+        history.attempts.iter().map(|a| a.attempt).collect()
+    }
+
+    #[tokio::test]
+    async fn attempts_are_kept_in_order_with_their_durations_and_the_applied_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        journal.append(event("e", 1, None)).await.unwrap();
+        journal
+            .set_delivery(tried("a", 1, DeliveryState::Failed, 11, None))
+            .await
+            .unwrap();
+        journal
+            .set_delivery(tried("a", 2, DeliveryState::Failed, 22, None))
+            .await
+            .unwrap();
+        journal
+            .finish_with(
+                vec![
+                    tried("a", 3, DeliveryState::Applied, 33, Some(r#"{"n":3}"#)),
+                    tried("b", 0, DeliveryState::Filtered, 4, None),
+                ],
+                Finish {
+                    seq: 1,
+                    state: EventState::Applied,
+                    error: None,
+                    subject_revision: None,
+                    report: None,
+                    event_id: "e".into(),
+                },
+            )
+            .await
+            .unwrap();
+        let detail = journal.get_detail("e").unwrap().unwrap();
+        let a = &detail.history["a"];
+        assert_eq!(numbers(a), [1, 2, 3]);
+        let durations: Vec<u64> = a.attempts.iter().map(|x| x.duration_ms).collect();
+        assert_eq!(durations, [11, 22, 33]);
+        let outcomes: Vec<DeliveryState> = a.attempts.iter().map(|x| x.outcome).collect();
+        use DeliveryState::{Applied, Failed, Filtered};
+        assert_eq!(outcomes, [Failed, Failed, Applied]);
+        assert_eq!(a.attempts[0].error.as_deref(), Some("refused 1"));
+        assert_eq!(a.attempts[2].error, None);
+        assert!(a.attempts[0].started_at <= a.attempts[2].started_at);
+        let output = a.output.as_ref().unwrap();
+        assert_eq!((output.text.as_str(), output.bytes), (r#"{"n":3}"#, 7));
+        assert!(!output.truncated);
+        // A filtered route's attempt is numbered 1 although its delivery counts none.
+        assert_eq!(numbers(&detail.history["b"]), [1]);
+        assert_eq!(detail.history["b"].attempts[0].outcome, Filtered);
+        assert_eq!(detail.history["b"].output, None);
+
+        // A forced replay forgets the deliveries; the history goes on numbering, and only the
+        // latest applied attempt keeps an output.
+        let replayed = journal.requeue("e", None, true).await.unwrap();
+        assert!(matches!(replayed, Requeue::Queued { .. }), "{replayed:?}");
+        assert!(journal.deliveries(1).unwrap().is_empty());
+        journal
+            .set_delivery(tried("a", 1, DeliveryState::Applied, 5, Some("[4]")))
+            .await
+            .unwrap();
+        let detail = journal.get_detail("e").unwrap().unwrap();
+        let a = &detail.history["a"];
+        assert_eq!(numbers(a), [1, 2, 3, 4]);
+        assert_eq!(a.output.as_ref().unwrap().text, "[4]");
+        let outputs: i64 = journal
+            .read(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM attempts WHERE output IS NOT NULL",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(outputs, 1);
+        journal.close();
+    }
+
+    #[tokio::test]
+    async fn a_route_retried_past_the_cap_keeps_its_first_and_latest_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        journal.append(event("e", 1, None)).await.unwrap();
+        let total = KEPT_ATTEMPTS + 30;
+        for n in 1..=total {
+            journal
+                .set_delivery(tried("a", n, DeliveryState::Failed, 1, None))
+                .await
+                .unwrap();
+        }
+        let history = &journal.get_detail("e").unwrap().unwrap().history["a"];
+        let kept = numbers(history);
+        assert_eq!(kept.len(), KEPT_ATTEMPTS as usize);
+        assert_eq!(kept[0], 1);
+        assert_eq!(kept[1], total - KEPT_ATTEMPTS + 2);
+        assert_eq!(*kept.last().unwrap(), total);
+        assert!(kept.windows(2).all(|w| w[0] < w[1]));
+        // The delivery still counts every attempt.
+        assert_eq!(journal.deliveries(1).unwrap()[0].attempts, total);
+        journal.close();
+    }
+
+    #[test]
+    fn an_output_longer_than_the_cap_is_cut_at_a_character_boundary() {
+        let long = format!("\"{}\"", "é".repeat(MAX_OUTPUT_BYTES));
+        let output = AppliedOutput::new(long.clone());
+        assert!(output.truncated);
+        assert_eq!(output.bytes, long.len() as u64);
+        assert!(output.text.len() <= MAX_OUTPUT_BYTES && output.text.len() > MAX_OUTPUT_BYTES - 4);
+        assert!(long.starts_with(&output.text));
+        let short = AppliedOutput::new("{}".into());
+        assert!(!short.truncated && short.text == "{}" && short.bytes == 2);
+    }
+
+    #[tokio::test]
+    async fn a_version_4_journal_with_events_and_deliveries_migrates_and_goes_on_numbering() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(super::super::FILE_NAME);
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for sql in &super::super::schema::MIGRATIONS[..4] {
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.pragma_update(None, "user_version", 4).unwrap();
+            tx.execute_batch(
+                "INSERT INTO events (seq, id, type, version, subject, format, received_at, \
+                 state, updated_at) VALUES (1, 'old', 't', 1, 's', 'change_event', \
+                 '2026-01-01T00:00:00.000Z', 'accepted', '2026-01-01T00:00:00.000Z'); \
+                 INSERT INTO event_bodies (seq, raw_body, envelope) VALUES (1, x'7b7d', '{}'); \
+                 INSERT INTO deliveries (event_seq, route, sink, state, attempts, last_error, \
+                 updated_at) VALUES (1, 'a', 'files', 'pending', 3, 'refused', \
+                 '2026-01-01T00:00:00.000Z');",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let detail = journal.get_detail("old").unwrap().unwrap();
+        assert_eq!(detail.receipt, None);
+        assert!(detail.history.is_empty());
+        assert_eq!(detail.deliveries[0].attempts, 3);
+        // The next attempt is the fourth, as the delivery counted three before the history.
+        journal
+            .set_delivery(tried("a", 4, DeliveryState::Applied, 2, Some("{}")))
+            .await
+            .unwrap();
+        let detail = journal.get_detail("old").unwrap().unwrap();
+        assert_eq!(numbers(&detail.history["a"]), [4]);
+        journal.close();
+        let version: i64 = Connection::open(&path)
+            .unwrap()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, super::super::SCHEMA_VERSION);
     }
 
     #[tokio::test]

@@ -24,8 +24,9 @@ mod schema;
 mod writer;
 
 pub use apply::{
-    DeadLetter, DeliveryRecord, DeliveryUpdate, DropOutcome, EventDetail, Finish, OutboxRow,
-    PendingReport, Requeue, RouteReplay, SentReport, StoredEvent, deliveries, finish_event,
+    AppliedOutput, Attempt, AttemptRecord, DeadLetter, DeliveryRecord, DeliveryUpdate, DropOutcome,
+    EventDetail, Finish, KEPT_ATTEMPTS, MAX_OUTPUT_BYTES, OutboxRow, PendingReport, Requeue,
+    RouteHistory, RouteReplay, SentReport, StoredEvent, deliveries, finish_event, history,
     load_event, subject_revision,
 };
 pub use query::{EventFilter, EventSummary, Requeued};
@@ -142,6 +143,9 @@ pub struct NewEvent {
     pub raw_body: Bytes,
     /// The normalised envelope, serialised as JSON.
     pub envelope: String,
+    /// How the request was authenticated (JSON text the ingress makes: methods, signature ids
+    /// and times, never a secret); kept beside the body.
+    pub receipt: Option<String>,
 }
 
 /// The lifecycle states of an event and of its deliveries.
@@ -751,6 +755,7 @@ mod tests {
             content_type: Some("application/json".into()),
             raw_body: Bytes::from_static(b"{}"),
             envelope: "{}".into(),
+            receipt: None,
         }
     }
 
@@ -894,6 +899,26 @@ mod tests {
         ];
         for (seq, (id, final_state)) in (1..).zip(states) {
             assert_eq!(journal.append(event(id)).await.unwrap(), Appended::Accepted);
+            // Every event was tried once, so that each has an attempt to prune.
+            journal
+                .set_deliveries(vec![DeliveryUpdate {
+                    seq,
+                    route: "r".into(),
+                    sink: "s".into(),
+                    state: DeliveryState::Pending,
+                    attempts: 1,
+                    next_attempt_ms: None,
+                    last_error: Some("refused".into()),
+                    attempt: Some(Attempt {
+                        started_at: crate::timestamp::now(),
+                        duration_ms: 3,
+                        outcome: DeliveryState::Failed,
+                        error: Some("refused".into()),
+                        output: None,
+                    }),
+                }])
+                .await
+                .unwrap();
             if let Some(final_state) = final_state {
                 journal.finish(finish(seq, id, final_state)).await.unwrap();
             }
@@ -947,6 +972,10 @@ mod tests {
             })
             .unwrap();
         assert_eq!(reports, ["failed"]);
+        let attempts: i64 = journal
+            .read(|c| c.query_row("SELECT count(*) FROM attempts", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(attempts, 3, "the pruned events' attempts go with them");
         assert_eq!(journal.backlog(), 1);
         // A forgotten id is new again.
         assert_eq!(
@@ -1061,6 +1090,7 @@ mod tests {
             attempts: 1,
             next_attempt_ms: None,
             last_error: None,
+            attempt: None,
         };
         let (a, b, c) = tokio::join!(
             journal.finish(finish(1, "a", EventState::Applied)),

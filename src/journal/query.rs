@@ -436,6 +436,7 @@ mod tests {
             content_type: Some("application/json".into()),
             raw_body: Bytes::from_static(b"{}"),
             envelope: "{}".into(),
+            receipt: None,
         }
     }
 
@@ -486,6 +487,7 @@ mod tests {
             attempts: 1,
             next_attempt_ms: None,
             last_error: Some("refused".into()),
+            attempt: None,
         };
         journal
             .set_deliveries(vec![delivery(seq("e3")), delivery(seq("e7"))])

@@ -109,6 +109,29 @@ pub(super) const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX events_by_state_type ON events (state, type, seq);
     "#,
+    // 7: what an operator needs to follow an event: one row per attempt of each route (its
+    // time, duration, outcome and error, and with an applied attempt the adapter output the
+    // sink took), and the facts of the request's authentication, written with the body. The
+    // attempts outlive a replay (which deletes the route's delivery row), so a replayed
+    // route's attempts go on numbering where they stopped. Existing events have no attempts
+    // and no receipt.
+    r#"
+    CREATE TABLE attempts (
+        event_seq        INTEGER NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
+        route            TEXT    NOT NULL,
+        attempt          INTEGER NOT NULL,  -- 1, 2, … per (event, route), across replays
+        sink             TEXT    NOT NULL,
+        started_at       TEXT    NOT NULL,  -- RFC 3339, milliseconds
+        duration_ms      INTEGER NOT NULL,  -- adapter and sink together
+        outcome          TEXT    NOT NULL,  -- applied | filtered | failed
+        error            TEXT,
+        output           TEXT,              -- the applied output (JSON), at most 64 KiB of it
+        output_bytes     INTEGER,           -- the output's whole length
+        output_truncated INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (event_seq, route, attempt)
+    );
+    ALTER TABLE event_bodies ADD COLUMN receipt TEXT;  -- how the request was authenticated (JSON)
+    "#,
 ];
 
 /// The version whose migration rewrites the events table (3: the bodies move out).

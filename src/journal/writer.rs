@@ -397,8 +397,10 @@ pub fn insert_event(
         return Ok(None);
     }
     let seq = tx.last_insert_rowid();
-    tx.prepare_cached("INSERT INTO event_bodies (seq, raw_body, envelope) VALUES (?1, ?2, ?3)")?
-        .execute(params![seq, &e.raw_body[..], e.envelope])?;
+    tx.prepare_cached(
+        "INSERT INTO event_bodies (seq, raw_body, envelope, receipt) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![seq, &e.raw_body[..], e.envelope, e.receipt])?;
     Ok(Some(seq))
 }
 

@@ -236,6 +236,17 @@ impl WebhookVerifier {
         body: &[u8],
         now: SystemTime,
     ) -> Result<(), AuthError> {
+        self.verify_delivery(headers, body, now).map(|_| ())
+    }
+
+    /// As [`WebhookVerifier::verify`], returning what the verified headers say about the
+    /// delivery (for the journal's record of its receipt): never a signature or a key.
+    pub fn verify_delivery(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+        now: SystemTime,
+    ) -> Result<Verified, AuthError> {
         let id = first_present(headers, &ID_HEADERS).ok_or(AuthError::MissingIdHeader)?;
         let timestamp =
             first_present(headers, &TIMESTAMP_HEADERS).ok_or(AuthError::MissingTimestampHeader)?;
@@ -274,6 +285,10 @@ impl WebhookVerifier {
                 return Err(AuthError::TooManySignatures { checked: listed });
             }
             listed += 1;
+            let version = match entry {
+                Entry::V1(_) => "v1",
+                Entry::V1a(_) => "v1a",
+            };
             let verified = match entry {
                 Entry::V1(tag) => hmac_tags
                     .get_or_insert_with(|| self.hmac_keys.iter().map(|k| content.hmac(k)).collect())
@@ -293,11 +308,62 @@ impl WebhookVerifier {
                 }
             };
             if verified {
-                return Ok(());
+                return Ok(Verified {
+                    id: String::from_utf8_lossy(id).into_owned(),
+                    timestamp: ts,
+                    versions: listed_versions(&signatures),
+                    verified_by: version,
+                    svix_names: headers.get(ID_HEADERS[0]).is_none_or(|v| v.is_empty()),
+                });
             }
         }
         Err(AuthError::InvalidSignature { listed })
     }
+}
+
+/// What a verified Standard Webhooks delivery says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The `webhook-id` header.
+    pub id: String,
+    /// The `webhook-timestamp` header, unix seconds.
+    pub timestamp: i64,
+    /// The versions of the signatures listed (`v1`, `v1a`, or others a newer hub sends), each
+    /// once, in the order listed; at most 8.
+    pub versions: Vec<String>,
+    /// The version of the signature that verified: `v1` (HMAC-SHA256) or `v1a` (Ed25519).
+    pub verified_by: &'static str,
+    /// The headers were named `svix-*` rather than `webhook-*`.
+    pub svix_names: bool,
+}
+
+/// The distinct versions (the text before the comma) of the listed signature entries: short
+/// words of letters and digits only, each once, at most 8.
+fn listed_versions(signatures: &[&[u8]]) -> Vec<String> {
+    let mut versions: Vec<String> = Vec::new();
+    let tokens = signatures
+        .iter()
+        .flat_map(|value| value.split(|b| b.is_ascii_whitespace()));
+    for token in tokens {
+        let Some(comma) = token.iter().position(|&b| b == b',') else {
+            continue;
+        };
+        let version = &token[..comma];
+        if version.is_empty()
+            || version.len() > 16
+            || !version.iter().all(u8::is_ascii_alphanumeric)
+        {
+            continue;
+        }
+        let version = String::from_utf8_lossy(version).into_owned();
+        if !versions.contains(&version) {
+            versions.push(version);
+            if versions.len() == 8 {
+                break;
+            }
+        }
+    }
+    versions
 }
 
 /// `{id}.{timestamp}.{body}`, over the header values exactly as received.
@@ -937,6 +1003,42 @@ mod tests {
             let h = webhook_headers(&f.id, f.ts, &list);
             assert_eq!(verifier.verify(&h, body, at(f.ts)), Ok(()), "{list}");
         }
+    }
+
+    #[test]
+    fn a_verified_delivery_tells_its_id_timestamp_and_the_versions_listed_but_no_signature() {
+        let f = hmac_fixture();
+        let (pair, public) = ed25519_pair();
+        let verifier = WebhookVerifier::new(
+            std::slice::from_ref(&f.secret),
+            &[public],
+            DEFAULT_TOLERANCE,
+        )
+        .unwrap();
+        let body = f.body.as_bytes();
+        let v1a = sign_v1a(&pair, &f.id, f.ts, body);
+        // An unknown version first, a wrong v1a, then the right v1 and v1a.
+        let list = format!("v9,abcd v1a,{} {} {v1a}", STANDARD.encode([0u8; 64]), f.sig);
+        let h = webhook_headers(&f.id, f.ts, &list);
+        let verified = verifier.verify_delivery(&h, body, at(f.ts)).unwrap();
+        assert_eq!(verified.id, f.id);
+        assert_eq!(verified.timestamp, f.ts);
+        assert_eq!(verified.versions, ["v9", "v1a", "v1"]);
+        assert_eq!(verified.verified_by, "v1");
+        assert!(!verified.svix_names);
+        let printed = format!("{verified:?}");
+        assert!(
+            !printed.contains(f.sig.split_once(',').unwrap().1),
+            "{printed}"
+        );
+        let h = headers(&[
+            ("svix-id", &f.id),
+            ("svix-timestamp", &f.ts.to_string()),
+            ("svix-signature", &v1a),
+        ]);
+        let verified = verifier.verify_delivery(&h, body, at(f.ts)).unwrap();
+        assert_eq!((verified.verified_by, verified.svix_names), ("v1a", true));
+        assert_eq!(verified.versions, ["v1a"]);
     }
 
     #[test]

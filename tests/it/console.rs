@@ -211,7 +211,6 @@ async fn filter_open_replay_to_one_route_and_bulk_retry_after_fixing_the_sink() 
         blocked.contains("failed") && blocked.contains("not a directory"),
         "{blocked}"
     );
-    maybe_screenshot(&browser, "event").await;
 
     // Replay through route good only: it was applied there, so the confirmation asks for force.
     browser.select("#replay-route", "good").await;
@@ -228,6 +227,7 @@ async fn filter_open_replay_to_one_route_and_bulk_retry_after_fixing_the_sink() 
     assert!(result.contains("requeued through route good"), "{result}");
     let out = dir.path().join("out/ev-2.json");
     browser.click(&browser.find("#back").await).await;
+    let second = ".route-history[data-route=\"good\"] tr.attempt[data-attempt=\"2\"]";
     browser
         .wait_for("a new attempt through route good", || async {
             browser.goto(&browser.url().await).await;
@@ -235,10 +235,35 @@ async fn filter_open_replay_to_one_route_and_bulk_retry_after_fixing_the_sink() 
                 .text_of("#deliveries tr[data-route=\"good\"] .updated")
                 .await;
             let state = browser.text_of("#deliveries tr[data-route=\"good\"]").await;
-            (changed != good_changed && state.contains("applied")).then_some(())
+            let listed = !browser.find_all(second).await.is_empty();
+            (changed != good_changed && state.contains("applied") && listed).then_some(())
         })
         .await;
     assert!(out.exists());
+    // The route's history lists the first attempt and the replay's, each with its time.
+    let good_attempts = browser
+        .find_all(".route-history[data-route=\"good\"] tr.attempt")
+        .await;
+    assert_eq!(good_attempts.len(), 2);
+    let started = browser.text_of(&format!("{second} .started")).await;
+    assert!(
+        started.len() == 24 && started.ends_with('Z') && started.as_bytes()[10] == b'T',
+        "{started:?}"
+    );
+    let outcome = browser.text_of(second).await;
+    assert!(outcome.contains("applied"), "{outcome}");
+    let output = browser
+        .text_of(".route-history[data-route=\"good\"] pre.output")
+        .await;
+    assert!(output.contains("\"n\": \"ev-2\""), "{output}");
+    // The picture shows the receipt and the routes' attempts.
+    browser
+        .execute(
+            "document.querySelector('#receipt-methods').scrollIntoView()",
+            json!([]),
+        )
+        .await;
+    maybe_screenshot(&browser, "event").await;
     // The other route was not tried again.
     let blocked_after = browser
         .text_of("#deliveries tr[data-route=\"blocked\"]")
@@ -260,6 +285,65 @@ async fn filter_open_replay_to_one_route_and_bulk_retry_after_fixing_the_sink() 
         wait_state(&agent, id, "applied").await;
         assert!(dir.path().join(format!("blocked/{id}.json")).exists());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_events_page_shows_its_message_id_and_time_and_never_the_secret_or_signature() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start(dir.path(), "");
+    let body = serde_json::to_vec(&json!({
+        "id": "sig-1", "version": 1, "type": "rule.updated", "subject": "s", "payload": {"n": 1}
+    }))
+    .unwrap();
+    let signed_at = unix_now();
+    // A message id with markup in it: shown as text.
+    let headers = signed_headers("msg_<b>1</b>", signed_at, &body);
+    let reply = request(
+        &plain(),
+        Method::POST,
+        &agent.url("/v1/events"),
+        &headers,
+        body,
+    )
+    .await
+    .unwrap();
+    assert!(reply.status.is_success(), "{reply:?}");
+    // Route good applies it; route blocked fails it.
+    wait_state(&agent, "sig-1", "failed").await;
+    let page = admin_get(&agent, "/console/events/sig-1").await;
+    assert_eq!(page.status, StatusCode::OK);
+    let html = page.body.as_str().unwrap();
+    assert!(
+        html.contains("<code id=\"webhook-id\">msg_&lt;b&gt;1&lt;/b&gt;</code>"),
+        "{html}"
+    );
+    assert!(
+        html.contains(&format!(
+            "<span id=\"webhook-timestamp\">{signed_at}</span>"
+        )),
+        "{html}"
+    );
+    assert!(
+        html.contains("<span id=\"signature-versions\">v1</span>, verified by v1"),
+        "{html}"
+    );
+    assert!(
+        html.contains("<span id=\"receipt-methods\">Standard Webhooks signature</span>"),
+        "{html}"
+    );
+    // The applied output, pretty-printed and escaped.
+    assert!(
+        html.contains("<pre class=\"output\">{\n  &quot;n&quot;: 1\n}</pre>"),
+        "{html}"
+    );
+    let signature = headers
+        .iter()
+        .find(|(k, _)| *k == "webhook-signature")
+        .map(|(_, v)| v.split_once(',').unwrap().1.to_owned())
+        .unwrap();
+    assert!(!html.contains(&signature), "the signature is on the page");
+    let key = crate::support::SECRET.trim_start_matches("whsec_");
+    assert!(!html.contains(key), "the secret is on the page");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -888,6 +888,13 @@ async fn every_endpoint_answers_as_the_openapi_description_says() {
     assert_eq!(detail.body["envelope"]["id"], "e1");
     assert!(detail.body["raw_body"].as_str().unwrap().contains("\"e1\""));
     assert_eq!(detail.body["deliveries"][0]["route"], "files");
+    // The history, the output and the receipt were there to be checked.
+    assert_eq!(
+        detail.body["deliveries"][0]["history"][0]["outcome"],
+        "applied"
+    );
+    assert!(detail.body["deliveries"][0]["output"]["value"].is_object());
+    assert!(detail.body["receipt"]["webhook"].is_object());
     d.call(&agent, M::GET, "/v1/events/{id}", "/v1/events/nope", None)
         .await;
 

@@ -607,6 +607,20 @@ async fn tls_serves_http1_and_http2_and_enforces_client_certificates() {
         );
     }
     assert_eq!(agent.journal_ids(), vec!["tls-1", "tls-2"]);
+    // The journal keeps the client certificate's subject with how the delivery was
+    // authenticated.
+    let detail = support::admin_get(&agent, "/v1/events/tls-1").await.body;
+    let receipt = &detail["receipt"];
+    assert_eq!(
+        receipt["methods"],
+        json!(["standard_webhooks", "mtls"]),
+        "{receipt}"
+    );
+    assert_eq!(
+        receipt["client_certificate"]["subject"], "CN=hub.test",
+        "{receipt}"
+    );
+    assert_eq!(receipt["webhook"]["id"], "tls-1");
 }
 
 #[tokio::test]

@@ -136,6 +136,148 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// A route's attempts as a table (a row says where attempts were not kept), and the output its
+/// latest applied attempt gave the sink, pretty-printed.
+fn route_history(delivery: &Value) -> String {
+    let route = text(&delivery["route"]);
+    let attempts = delivery["history"].as_array().cloned().unwrap_or_default();
+    let mut out = format!(
+        "<div class=\"route-history\" data-route=\"{0}\"><h3>Route {0}</h3>",
+        esc(&route)
+    );
+    if attempts.is_empty() {
+        out.push_str(
+            "<p class=\"hint\">No attempt is recorded (it was tried before this agent kept \
+             attempts, or not yet).</p></div>",
+        );
+        return out;
+    }
+    out.push_str(
+        "<table class=\"attempts\"><thead><tr><th>Attempt</th><th>Started</th><th>Duration</th>\
+         <th>Outcome</th><th>Error</th></tr></thead><tbody>",
+    );
+    let mut previous = 0;
+    for a in &attempts {
+        let number = a["attempt"].as_u64().unwrap_or(0);
+        if number > previous + 1 && previous > 0 {
+            out.push_str(&format!(
+                "<tr class=\"not-kept\"><td colspan=\"5\">attempts {} to {} are not kept</td></tr>",
+                previous + 1,
+                number - 1
+            ));
+        }
+        previous = number;
+        out.push_str(&format!(
+            "<tr class=\"attempt\" data-attempt=\"{number}\"><td class=\"number\">{number}</td>\
+             <td class=\"started\">{}</td><td class=\"duration\">{} ms</td><td>{}</td>\
+             <td class=\"error\">{}</td></tr>",
+            esc(&text(&a["started_at"])),
+            esc(&text(&a["duration_ms"])),
+            state_badge(&text(&a["outcome"])),
+            esc(&text(&a["error"])),
+        ));
+    }
+    out.push_str("</tbody></table>");
+    let output = &delivery["output"];
+    if !output.is_null() {
+        let shown = match &output["value"] {
+            Value::Null if output.get("value").is_none() => text(&output["text"]),
+            value => serde_json::to_string_pretty(value).unwrap_or_default(),
+        };
+        let note = if output["truncated"] == Value::Bool(true) {
+            format!(
+                " <span class=\"hint\">(the first 64 KiB of {} bytes)</span>",
+                esc(&text(&output["bytes"]))
+            )
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "<h4>Output applied{note}</h4><pre class=\"output\">{}</pre>",
+            esc(&shown)
+        ));
+    }
+    out.push_str("</div>");
+    out
+}
+
+/// How the delivery was authenticated: the methods, the Standard Webhooks id and timestamp
+/// with the signature versions, the client certificate's subject. Never a secret or a
+/// signature: the journal keeps none.
+fn receipt_facts(receipt: &Value) -> String {
+    if receipt.is_null() {
+        return "<p>Not recorded: the event was received before the agent kept how deliveries \
+                were authenticated.</p>"
+            .to_owned();
+    }
+    let methods: Vec<String> = receipt["methods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m.as_str() {
+            Some("standard_webhooks") => "Standard Webhooks signature".to_owned(),
+            Some("bearer") => "bearer token".to_owned(),
+            Some("mtls") => "mutual TLS".to_owned(),
+            _ => text(m),
+        })
+        .collect();
+    let methods = if methods.is_empty() {
+        "none (no check is configured on this loopback listener)".to_owned()
+    } else {
+        methods.join(", ")
+    };
+    let mut rows = vec![(
+        "Authenticated by",
+        format!("<span id=\"receipt-methods\">{}</span>", esc(&methods)),
+    )];
+    let webhook = &receipt["webhook"];
+    if webhook.is_object() {
+        let prefix = if webhook["header_names"] == "svix" {
+            "svix"
+        } else {
+            "webhook"
+        };
+        let versions: Vec<String> = webhook["signature_versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect();
+        rows.push((
+            "Message id",
+            format!(
+                "<code id=\"webhook-id\">{}</code> <span class=\"hint\">({prefix}-id)</span>",
+                esc(&text(&webhook["id"]))
+            ),
+        ));
+        rows.push((
+            "Signed at",
+            format!(
+                "<span id=\"webhook-timestamp\">{}</span> ({}) <span class=\"hint\">\
+                 ({prefix}-timestamp)</span>",
+                esc(&text(&webhook["timestamp"])),
+                esc(&text(&webhook["time"]))
+            ),
+        ));
+        rows.push((
+            "Signatures listed",
+            format!(
+                "<span id=\"signature-versions\">{}</span>, verified by {}",
+                esc(&versions.join(", ")),
+                esc(&text(&webhook["verified_by"]))
+            ),
+        ));
+    }
+    let subject = &receipt["client_certificate"]["subject"];
+    if !subject.is_null() {
+        rows.push((
+            "Client certificate",
+            format!("<code id=\"client-subject\">{}</code>", esc(&text(subject))),
+        ));
+    }
+    facts(&rows)
+}
+
 /// Link to an event's page.
 fn event_link(id: &str) -> String {
     format!(
@@ -429,6 +571,9 @@ impl Admin {
                 .push_str("<tr><td colspan=\"6\">no route has taken this event yet</td></tr>");
         }
         deliveries.push_str("</tbody></table>");
+        for d in &delivered {
+            deliveries.push_str(&route_history(d));
+        }
         let waiting = match &event["report"] {
             Value::Null => String::new(),
             report => format!(
@@ -489,11 +634,15 @@ impl Admin {
              <button type=\"submit\" id=\"replay\">Replay…</button>{dead_actions} \
              <a class=\"button\" href=\"/console/playground?event={enc}\">Open in the playground</a></form>"
         );
+        let receipt = receipt_facts(&event["receipt"]);
         let body = format!(
             "{record}<section><h2>Actions</h2>{actions}</section>\
+             <section><h2>Receipt</h2>{receipt}</section>\
              <section><h2>Routes and attempts</h2>{deliveries}\
-             <p class=\"hint\">One row per route: the latest attempt's state, the attempts made and \
-             the last error. Signature headers are checked on receipt and not stored.</p></section>\
+             <p class=\"hint\">One row per route: the latest attempt's state, the attempts since \
+             the route was last replayed and the last error; below, each route's attempts (the \
+             first and the latest 99 are kept) and the output its latest applied attempt gave the \
+             sink.</p></section>\
              <section><h2>Status reports</h2>{report}</section>\
              <section><h2>Envelope</h2><pre id=\"envelope\">{}</pre></section>\
              <section><h2>Raw body (as the hub sent it)</h2><pre id=\"raw-body\">{}</pre></section>",

@@ -479,6 +479,7 @@ mod tests {
             attempts: 1,
             next_attempt_ms: None,
             last_error: None,
+            attempt: None,
         };
         let finish = Finish {
             seq,

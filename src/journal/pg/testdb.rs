@@ -142,6 +142,7 @@ pub(crate) fn new_event(id: &str, subject: &str) -> crate::journal::NewEvent {
         content_type: Some("application/json".into()),
         raw_body: bytes::Bytes::from(format!("{{\"id\":\"{id}\"}}")),
         envelope: format!("{{\"id\":\"{id}\",\"subject\":\"{subject}\"}}"),
+        receipt: None,
     }
 }
 
