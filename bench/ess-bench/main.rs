@@ -1095,6 +1095,8 @@ struct Run {
     /// End to end: a fresh agent per entry of [`E2E_SINKS`], applying every event into that
     /// sink at full load.
     e2e: Vec<E2e>,
+    /// The file floor ([`file_floor`]): CPU per file, in microseconds.
+    file_floor_us: f64,
 }
 
 /// One end-to-end pass.
@@ -1106,9 +1108,9 @@ struct E2e {
     applied_rate: f64,
     /// Events the pass applied.
     applied: u64,
-    /// Events that agent applied in all (warm-up included), and the files found in the sink's
-    /// directory after (for a sink that writes one file per event, the two agree unless an
-    /// event was lost or written twice).
+    /// Events that agent applied in all (warm-up included), and the records found in the
+    /// sink's directory after: a file each, or a line each of an `.ndjson` file (append mode).
+    /// The two agree unless an event was lost or written twice.
     applied_all: u64,
     files: u64,
     /// The agent's CPU per event applied, from the first request of the pass until its last
@@ -1156,10 +1158,16 @@ impl E2e {
 /// The end-to-end phases: a name and the sink's TOML (`{out}` stands for the sink's directory,
 /// quoted). Each gets a fresh agent whose route reshapes every event into that sink. Another
 /// sink mode is one more line.
-const E2E_SINKS: &[(&str, &str)] = &[(
-    "file {id}.json",
-    "type = \"file\"\ndir = {out}\nname = \"{id}.json\"",
-)];
+const E2E_SINKS: &[(&str, &str)] = &[
+    (
+        "file {id}.json",
+        "type = \"file\"\ndir = {out}\nname = \"{id}.json\"",
+    ),
+    (
+        "file append",
+        "type = \"file\"\ndir = {out}\nname = \"events-{date}.ndjson\"\nmode = \"append\"",
+    ),
+];
 
 /// Events that ended `applied`, from the agent's metrics.
 fn applied_total(metrics: &BTreeMap<String, f64>) -> f64 {
@@ -1342,6 +1350,53 @@ fn agent_config(dir: &Path, apply: Apply, sink: &str) -> anyhow::Result<PathBuf>
     Ok(path)
 }
 
+/// Threads and files per thread of [`file_floor`].
+const FLOOR_THREADS: usize = 32;
+const FLOOR_FILES: usize = 100;
+
+/// The file floor: the CPU per file that the kernel's part of the `{id}.json` file sink's work
+/// takes on this machine, with no agent: [`FLOOR_THREADS`] threads (as many as the agent's
+/// default `dispatch.max_parallel`) each create a new temporary file, write a 256-byte record,
+/// fsync it and rename it to its final name, [`FLOOR_FILES`] times, in one fresh directory that
+/// is fsynced once at the end. It is this process's CPU (user and system) per file, in
+/// microseconds; the agent cannot apply an event into that sink with less.
+fn file_floor(work_dir: &Path) -> anyhow::Result<f64> {
+    let dir = TempDir::new(work_dir)?;
+    let out = dir.0.join("out");
+    std::fs::create_dir(&out)?;
+    let record = [b'x'; 256];
+    let pid = std::process::id().to_string();
+    let before = cpu_seconds(&pid).unwrap_or(0.0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..FLOOR_THREADS)
+            .map(|t| {
+                let out = &out;
+                scope.spawn(move || -> std::io::Result<()> {
+                    for i in 0..FLOOR_FILES {
+                        let temp = out.join(format!(".f-{t}-{i}.tmp"));
+                        let mut file = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&temp)?;
+                        file.write_all(&record)?;
+                        file.sync_all()?;
+                        std::fs::rename(&temp, out.join(format!("f-{t}-{i}.json")))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a file floor thread panicked"))?
+                .context("the file floor could not write its files")
+        })
+    })?;
+    std::fs::File::open(&out)?.sync_all()?;
+    let cpu = cpu_seconds(&pid).unwrap_or(0.0) - before;
+    Ok(cpu / (FLOOR_THREADS * FLOOR_FILES) as f64 * 1e6)
+}
+
 /// One end-to-end pass: a fresh agent whose route reshapes every event into `sink`, warmed up,
 /// then driven at full load and timed until its last event is applied.
 fn end_to_end(
@@ -1377,7 +1432,15 @@ fn end_to_end(
             entries
                 .filter_map(Result::ok)
                 .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .count() as u64
+                .map(|e| {
+                    if e.file_name().to_string_lossy().ends_with(".ndjson") {
+                        std::fs::read(e.path())
+                            .map_or(0, |b| b.iter().filter(|c| **c == b'\n').count() as u64)
+                    } else {
+                        1
+                    }
+                })
+                .sum::<u64>()
         })
         .unwrap_or(0);
     Ok(E2e {
@@ -1587,7 +1650,7 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
                 (warmup, duration),
             )?;
             eprintln!(
-                "run {run_no}: e2e {name}: {}\n        applied: {:.0}/s ({} events; {} files for {} \
+                "run {run_no}: e2e {name}: {}\n        applied: {:.0}/s ({} events; {} records found for {} \
                  events applied with the warm-up), {:.1} µs of agent CPU per event applied, peak \
                  RSS {:.1} MiB; {:.3} of the durable limit, {:.3} of bare",
                 e2e.figures.brief(),
@@ -1602,6 +1665,12 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
             );
             run.e2e.push(e2e);
         }
+        run.file_floor_us = file_floor(&work_dir)?;
+        eprintln!(
+            "run {run_no}: file floor: {:.1} µs of CPU per file created, written, fsynced and \
+             renamed by {FLOOR_THREADS} threads with no agent",
+            run.file_floor_us
+        );
         let other = [
             &run.bare,
             &run.durable,
@@ -1674,6 +1743,7 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
                 "durable_half": r.durable_half.to_json(),
                 "ratio_to_durable": round(r.durable_ratio(), 3),
                 "drain_secs": round(r.drain_secs, 2),
+                "file_floor_us_per_file": round(r.file_floor_us, 1),
                 "e2e": E2E_SINKS.iter().zip(&r.e2e).map(|((name, _), e)| {
                     (name.to_string(), e.to_json((r.bare.rate, r.durable.rate, r.agent.rate)))
                 }).collect::<serde_json::Map<_, _>>(),
@@ -1767,6 +1837,7 @@ struct Summary {
     agent_idle_rss: f64,
     agent_peak_rss: f64,
     drain_secs: f64,
+    file_floor_us: f64,
     /// Per entry of [`E2E_SINKS`]: the medians, and the medians of the per-run fractions of the
     /// durable limit's and the bare server's rates.
     e2e: Vec<(E2e, f64, f64)>,
@@ -1867,6 +1938,7 @@ impl Summary {
             agent_idle_rss: m(&|r| mib(r.agent_idle_rss)),
             agent_peak_rss: m(&|r| mib(r.agent_peak_rss)),
             drain_secs: m(&|r| r.drain_secs),
+            file_floor_us: m(&|r| r.file_floor_us),
             e2e,
             runs: runs.len(),
             discarded: 0,
@@ -1896,6 +1968,7 @@ impl Summary {
             "half": self.half.to_json(),
             "half_p99_to_durable": round(self.half_p99_ratio(), 2),
             "drain_secs": round(self.drain_secs, 2),
+            "file_floor_us_per_file": round(self.file_floor_us, 1),
             "e2e": E2E_SINKS.iter().zip(&self.e2e).map(|((name, _), (e, _, _))| {
                 (name.to_string(), e.to_json((self.bare.rate, self.durable.rate, self.agent.rate)))
             }).collect::<serde_json::Map<_, _>>(),
@@ -2051,6 +2124,12 @@ impl Summary {
                 mib(e.peak_rss)
             );
         }
+        println!(
+            "file floor (no agent; {FLOOR_THREADS} threads create, write, fsync and rename \
+             {} files): {:.1} µs of CPU per file",
+            FLOOR_THREADS * FLOOR_FILES,
+            self.file_floor_us
+        );
         println!(
             "p99 at half load ({:.0}/s): agent {:.3} ms (its own histogram <= {:.1} ms), durable \
              limit {:.3} ms at the same rate: {:.2} × (target <= {TARGET_HALF_P99_TO_DURABLE} ×: \
