@@ -166,6 +166,10 @@ struct AcceptArgs {
     /// each alone on one thread; three rounds after the runs); 0 skips it.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     floor_events: u32,
+    /// Another ess-agent binary (an earlier build) whose end-to-end passes run right after each
+    /// of `--agent`'s, in the same run, so that the two compare under the same machine state.
+    #[arg(long)]
+    baseline_agent: Option<PathBuf>,
     /// Print the summary as JSON on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -1351,16 +1355,18 @@ fn agent_config(dir: &Path, apply: Apply, sink: &str) -> anyhow::Result<PathBuf>
 }
 
 /// Threads and files per thread of [`file_floor`].
-const FLOOR_THREADS: usize = 32;
-const FLOOR_FILES: usize = 100;
+const FLOOR_THREADS: usize = 2;
+const FLOOR_FILES: usize = 500;
 
 /// The file floor: the CPU per file that the kernel's part of the `{id}.json` file sink's work
-/// takes on this machine, with no agent: [`FLOOR_THREADS`] threads (as many as the agent's
-/// default `dispatch.max_parallel`) each create a new temporary file, write a 256-byte record,
+/// takes on this machine, with no agent: [`FLOOR_THREADS`] threads (one per CPU of the test
+/// machine: more only spin on the directory's lock) each create a new temporary file, write a
+/// 256-byte record,
 /// fsync it and rename it to its final name, [`FLOOR_FILES`] times, in one fresh directory that
 /// is fsynced once at the end. It is this process's CPU (user and system) per file, in
-/// microseconds; the agent cannot apply an event into that sink with less.
-fn file_floor(work_dir: &Path) -> anyhow::Result<f64> {
+/// microseconds; the agent cannot apply an event into that sink with less. The directory goes
+/// into `keep`, to be deleted at the end of the run (see [`end_to_end`]).
+fn file_floor(work_dir: &Path, keep: &mut Vec<TempDir>) -> anyhow::Result<f64> {
     let dir = TempDir::new(work_dir)?;
     let out = dir.0.join("out");
     std::fs::create_dir(&out)?;
@@ -1394,11 +1400,15 @@ fn file_floor(work_dir: &Path) -> anyhow::Result<f64> {
     })?;
     std::fs::File::open(&out)?.sync_all()?;
     let cpu = cpu_seconds(&pid).unwrap_or(0.0) - before;
+    keep.push(dir);
     Ok(cpu / (FLOOR_THREADS * FLOOR_FILES) as f64 * 1e6)
 }
 
 /// One end-to-end pass: a fresh agent whose route reshapes every event into `sink`, warmed up,
-/// then driven at full load and timed until its last event is applied.
+/// then driven at full load and timed until its last event is applied. Its directory goes into
+/// `keep`, to be deleted once the run's passes are over: on ext4 without a journal, creating a
+/// file skips every inode freed in the last 30 s one by one, so the files of one pass deleted
+/// right before the next would make the next one's files dearer.
 fn end_to_end(
     runtime: &tokio::runtime::Runtime,
     agent_bin: &Path,
@@ -1406,6 +1416,7 @@ fn end_to_end(
     sink: &str,
     load: impl Fn(SocketAddr, &str, Duration) -> Load,
     (warmup, duration): (Duration, Duration),
+    keep: &mut Vec<TempDir>,
 ) -> anyhow::Result<E2e> {
     let dir = TempDir::new(work_dir)?;
     let config = agent_config(&dir.0, Apply::File, sink)?;
@@ -1443,6 +1454,7 @@ fn end_to_end(
                 .sum::<u64>()
         })
         .unwrap_or(0);
+    keep.push(dir);
     Ok(E2e {
         figures,
         applied_rate: applied / secs,
@@ -1459,6 +1471,14 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         .agent
         .canonicalize()
         .with_context(|| format!("no agent binary at {}", args.agent.display()))?;
+    let baseline_bin = args
+        .baseline_agent
+        .as_ref()
+        .map(|b| {
+            b.canonicalize()
+                .with_context(|| format!("no baseline agent binary at {}", b.display()))
+        })
+        .transpose()?;
     let self_bin = std::env::current_exe().context("cannot find this binary")?;
     let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     let (fs_type, device) = mount_of(&work_dir);
@@ -1638,9 +1658,44 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         drop(durable);
         drop(durable_dir);
 
-        // 4. End to end: per sink mode, a fresh agent whose route reshapes every event into
-        // that sink, at full load, timed until its last event is applied.
+        // 4. The file floor, before the end-to-end passes: the files they leave are deleted
+        // when each ends, and a directory of files just deleted makes creating files dearer.
+        let mut keep = Vec::new();
+        run.file_floor_us = file_floor(&work_dir, &mut keep)?;
+        eprintln!(
+            "run {run_no}: file floor: {:.1} µs of CPU per file created, written, fsynced and \
+             renamed by {FLOOR_THREADS} threads with no agent",
+            run.file_floor_us
+        );
+
+        // 5. End to end: per sink mode, a fresh agent whose route reshapes every event into
+        // that sink, at full load, timed until its last event is applied (and the baseline
+        // agent's pass right after it).
         for (name, sink) in E2E_SINKS {
+            if let Some(baseline) = &baseline_bin {
+                let e2e = end_to_end(
+                    &runtime,
+                    baseline,
+                    &work_dir,
+                    sink,
+                    |addr, what, secs| load(addr, format!("r{run_no}-base-{what}"), secs, None),
+                    (warmup, duration),
+                    &mut keep,
+                )?;
+                eprintln!(
+                    "run {run_no}: baseline e2e {name}: {}\n        applied: {:.0}/s ({} events; \
+                     {} records found for {} events applied with the warm-up), {:.1} µs of agent \
+                     CPU per event applied, peak RSS {:.1} MiB; {:.3} of the durable limit",
+                    e2e.figures.brief(),
+                    e2e.applied_rate,
+                    e2e.applied,
+                    e2e.files,
+                    e2e.applied_all,
+                    e2e.cpu_us,
+                    mib(e2e.peak_rss),
+                    e2e.of(run.durable.rate),
+                );
+            }
             let e2e = end_to_end(
                 &runtime,
                 &agent_bin,
@@ -1648,6 +1703,7 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
                 sink,
                 |addr, what, secs| load(addr, format!("r{run_no}-{what}"), secs, None),
                 (warmup, duration),
+                &mut keep,
             )?;
             eprintln!(
                 "run {run_no}: e2e {name}: {}\n        applied: {:.0}/s ({} events; {} records found for {} \
@@ -1665,12 +1721,7 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
             );
             run.e2e.push(e2e);
         }
-        run.file_floor_us = file_floor(&work_dir)?;
-        eprintln!(
-            "run {run_no}: file floor: {:.1} µs of CPU per file created, written, fsynced and \
-             renamed by {FLOOR_THREADS} threads with no agent",
-            run.file_floor_us
-        );
+        drop(keep);
         let other = [
             &run.bare,
             &run.durable,
