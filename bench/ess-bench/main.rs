@@ -70,8 +70,10 @@ mod floor;
 
 /// The HMAC secret both targets are given (a throwaway development secret).
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-/// How long a target may take to start and print its ready line.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a target may take to start and print its ready line: the agent reads its whole
+/// journal once before it is ready (the quick check), which for the 4 GiB of a 1,000,000-event
+/// backlog on a busy disk takes more than a minute.
+const START_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long one request may take before it counts as an error and its connection is replaced.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent gets to shut down gracefully before it is killed.
@@ -166,6 +168,10 @@ struct AcceptArgs {
     /// each alone on one thread; three rounds after the runs); 0 skips it.
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     floor_events: u32,
+    /// Another ess-agent binary (an earlier build) whose end-to-end passes run right after each
+    /// of `--agent`'s, in the same run, so that the two compare under the same machine state.
+    #[arg(long)]
+    baseline_agent: Option<PathBuf>,
     /// Print the summary as JSON on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -1095,6 +1101,8 @@ struct Run {
     /// End to end: a fresh agent per entry of [`E2E_SINKS`], applying every event into that
     /// sink at full load.
     e2e: Vec<E2e>,
+    /// The file floor ([`file_floor`]): CPU per file, in microseconds.
+    file_floor_us: f64,
 }
 
 /// One end-to-end pass.
@@ -1106,9 +1114,9 @@ struct E2e {
     applied_rate: f64,
     /// Events the pass applied.
     applied: u64,
-    /// Events that agent applied in all (warm-up included), and the files found in the sink's
-    /// directory after (for a sink that writes one file per event, the two agree unless an
-    /// event was lost or written twice).
+    /// Events that agent applied in all (warm-up included), and the records found in the
+    /// sink's directory after: a file each, or a line each of an `.ndjson` file (append mode).
+    /// The two agree unless an event was lost or written twice.
     applied_all: u64,
     files: u64,
     /// The agent's CPU per event applied, from the first request of the pass until its last
@@ -1156,10 +1164,16 @@ impl E2e {
 /// The end-to-end phases: a name and the sink's TOML (`{out}` stands for the sink's directory,
 /// quoted). Each gets a fresh agent whose route reshapes every event into that sink. Another
 /// sink mode is one more line.
-const E2E_SINKS: &[(&str, &str)] = &[(
-    "file {id}.json",
-    "type = \"file\"\ndir = {out}\nname = \"{id}.json\"",
-)];
+const E2E_SINKS: &[(&str, &str)] = &[
+    (
+        "file {id}.json",
+        "type = \"file\"\ndir = {out}\nname = \"{id}.json\"",
+    ),
+    (
+        "file append",
+        "type = \"file\"\ndir = {out}\nname = \"events-{date}.ndjson\"\nmode = \"append\"",
+    ),
+];
 
 /// Events that ended `applied`, from the agent's metrics.
 fn applied_total(metrics: &BTreeMap<String, f64>) -> f64 {
@@ -1342,8 +1356,61 @@ fn agent_config(dir: &Path, apply: Apply, sink: &str) -> anyhow::Result<PathBuf>
     Ok(path)
 }
 
+/// Threads and files per thread of [`file_floor`].
+const FLOOR_THREADS: usize = 2;
+const FLOOR_FILES: usize = 500;
+
+/// The file floor: the CPU per file that the kernel's part of the `{id}.json` file sink's work
+/// takes on this machine, with no agent: [`FLOOR_THREADS`] threads (one per CPU of the test
+/// machine: more only spin on the directory's lock) each create a new temporary file, write a
+/// 256-byte record,
+/// fsync it and rename it to its final name, [`FLOOR_FILES`] times, in one fresh directory that
+/// is fsynced once at the end. It is this process's CPU (user and system) per file, in
+/// microseconds; the agent cannot apply an event into that sink with less. The directory goes
+/// into `keep`, to be deleted at the end of the run (see [`end_to_end`]).
+fn file_floor(work_dir: &Path, keep: &mut Vec<TempDir>) -> anyhow::Result<f64> {
+    let dir = TempDir::new(work_dir)?;
+    let out = dir.0.join("out");
+    std::fs::create_dir(&out)?;
+    let record = [b'x'; 256];
+    let pid = std::process::id().to_string();
+    let before = cpu_seconds(&pid).unwrap_or(0.0);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..FLOOR_THREADS)
+            .map(|t| {
+                let out = &out;
+                scope.spawn(move || -> std::io::Result<()> {
+                    for i in 0..FLOOR_FILES {
+                        let temp = out.join(format!(".f-{t}-{i}.tmp"));
+                        let mut file = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&temp)?;
+                        file.write_all(&record)?;
+                        file.sync_all()?;
+                        std::fs::rename(&temp, out.join(format!("f-{t}-{i}.json")))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a file floor thread panicked"))?
+                .context("the file floor could not write its files")
+        })
+    })?;
+    std::fs::File::open(&out)?.sync_all()?;
+    let cpu = cpu_seconds(&pid).unwrap_or(0.0) - before;
+    keep.push(dir);
+    Ok(cpu / (FLOOR_THREADS * FLOOR_FILES) as f64 * 1e6)
+}
+
 /// One end-to-end pass: a fresh agent whose route reshapes every event into `sink`, warmed up,
-/// then driven at full load and timed until its last event is applied.
+/// then driven at full load and timed until its last event is applied. Its directory goes into
+/// `keep`, to be deleted once the run's passes are over: on ext4 without a journal, creating a
+/// file skips every inode freed in the last 30 s one by one, so the files of one pass deleted
+/// right before the next would make the next one's files dearer.
 fn end_to_end(
     runtime: &tokio::runtime::Runtime,
     agent_bin: &Path,
@@ -1351,6 +1418,7 @@ fn end_to_end(
     sink: &str,
     load: impl Fn(SocketAddr, &str, Duration) -> Load,
     (warmup, duration): (Duration, Duration),
+    keep: &mut Vec<TempDir>,
 ) -> anyhow::Result<E2e> {
     let dir = TempDir::new(work_dir)?;
     let config = agent_config(&dir.0, Apply::File, sink)?;
@@ -1377,9 +1445,18 @@ fn end_to_end(
             entries
                 .filter_map(Result::ok)
                 .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .count() as u64
+                .map(|e| {
+                    if e.file_name().to_string_lossy().ends_with(".ndjson") {
+                        std::fs::read(e.path())
+                            .map_or(0, |b| b.iter().filter(|c| **c == b'\n').count() as u64)
+                    } else {
+                        1
+                    }
+                })
+                .sum::<u64>()
         })
         .unwrap_or(0);
+    keep.push(dir);
     Ok(E2e {
         figures,
         applied_rate: applied / secs,
@@ -1396,6 +1473,14 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         .agent
         .canonicalize()
         .with_context(|| format!("no agent binary at {}", args.agent.display()))?;
+    let baseline_bin = args
+        .baseline_agent
+        .as_ref()
+        .map(|b| {
+            b.canonicalize()
+                .with_context(|| format!("no baseline agent binary at {}", b.display()))
+        })
+        .transpose()?;
     let self_bin = std::env::current_exe().context("cannot find this binary")?;
     let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     let (fs_type, device) = mount_of(&work_dir);
@@ -1575,9 +1660,44 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         drop(durable);
         drop(durable_dir);
 
-        // 4. End to end: per sink mode, a fresh agent whose route reshapes every event into
-        // that sink, at full load, timed until its last event is applied.
+        // 4. The file floor, before the end-to-end passes: the files they leave are deleted
+        // when each ends, and a directory of files just deleted makes creating files dearer.
+        let mut keep = Vec::new();
+        run.file_floor_us = file_floor(&work_dir, &mut keep)?;
+        eprintln!(
+            "run {run_no}: file floor: {:.1} µs of CPU per file created, written, fsynced and \
+             renamed by {FLOOR_THREADS} threads with no agent",
+            run.file_floor_us
+        );
+
+        // 5. End to end: per sink mode, a fresh agent whose route reshapes every event into
+        // that sink, at full load, timed until its last event is applied (and the baseline
+        // agent's pass right after it).
         for (name, sink) in E2E_SINKS {
+            if let Some(baseline) = &baseline_bin {
+                let e2e = end_to_end(
+                    &runtime,
+                    baseline,
+                    &work_dir,
+                    sink,
+                    |addr, what, secs| load(addr, format!("r{run_no}-base-{what}"), secs, None),
+                    (warmup, duration),
+                    &mut keep,
+                )?;
+                eprintln!(
+                    "run {run_no}: baseline e2e {name}: {}\n        applied: {:.0}/s ({} events; \
+                     {} records found for {} events applied with the warm-up), {:.1} µs of agent \
+                     CPU per event applied, peak RSS {:.1} MiB; {:.3} of the durable limit",
+                    e2e.figures.brief(),
+                    e2e.applied_rate,
+                    e2e.applied,
+                    e2e.files,
+                    e2e.applied_all,
+                    e2e.cpu_us,
+                    mib(e2e.peak_rss),
+                    e2e.of(run.durable.rate),
+                );
+            }
             let e2e = end_to_end(
                 &runtime,
                 &agent_bin,
@@ -1585,9 +1705,10 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
                 sink,
                 |addr, what, secs| load(addr, format!("r{run_no}-{what}"), secs, None),
                 (warmup, duration),
+                &mut keep,
             )?;
             eprintln!(
-                "run {run_no}: e2e {name}: {}\n        applied: {:.0}/s ({} events; {} files for {} \
+                "run {run_no}: e2e {name}: {}\n        applied: {:.0}/s ({} events; {} records found for {} \
                  events applied with the warm-up), {:.1} µs of agent CPU per event applied, peak \
                  RSS {:.1} MiB; {:.3} of the durable limit, {:.3} of bare",
                 e2e.figures.brief(),
@@ -1602,6 +1723,7 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
             );
             run.e2e.push(e2e);
         }
+        drop(keep);
         let other = [
             &run.bare,
             &run.durable,
@@ -1674,6 +1796,7 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
                 "durable_half": r.durable_half.to_json(),
                 "ratio_to_durable": round(r.durable_ratio(), 3),
                 "drain_secs": round(r.drain_secs, 2),
+                "file_floor_us_per_file": round(r.file_floor_us, 1),
                 "e2e": E2E_SINKS.iter().zip(&r.e2e).map(|((name, _), e)| {
                     (name.to_string(), e.to_json((r.bare.rate, r.durable.rate, r.agent.rate)))
                 }).collect::<serde_json::Map<_, _>>(),
@@ -1767,6 +1890,7 @@ struct Summary {
     agent_idle_rss: f64,
     agent_peak_rss: f64,
     drain_secs: f64,
+    file_floor_us: f64,
     /// Per entry of [`E2E_SINKS`]: the medians, and the medians of the per-run fractions of the
     /// durable limit's and the bare server's rates.
     e2e: Vec<(E2e, f64, f64)>,
@@ -1867,6 +1991,7 @@ impl Summary {
             agent_idle_rss: m(&|r| mib(r.agent_idle_rss)),
             agent_peak_rss: m(&|r| mib(r.agent_peak_rss)),
             drain_secs: m(&|r| r.drain_secs),
+            file_floor_us: m(&|r| r.file_floor_us),
             e2e,
             runs: runs.len(),
             discarded: 0,
@@ -1896,6 +2021,7 @@ impl Summary {
             "half": self.half.to_json(),
             "half_p99_to_durable": round(self.half_p99_ratio(), 2),
             "drain_secs": round(self.drain_secs, 2),
+            "file_floor_us_per_file": round(self.file_floor_us, 1),
             "e2e": E2E_SINKS.iter().zip(&self.e2e).map(|((name, _), (e, _, _))| {
                 (name.to_string(), e.to_json((self.bare.rate, self.durable.rate, self.agent.rate)))
             }).collect::<serde_json::Map<_, _>>(),
@@ -2051,6 +2177,12 @@ impl Summary {
                 mib(e.peak_rss)
             );
         }
+        println!(
+            "file floor (no agent; {FLOOR_THREADS} threads create, write, fsync and rename \
+             {} files): {:.1} µs of CPU per file",
+            FLOOR_THREADS * FLOOR_FILES,
+            self.file_floor_us
+        );
         println!(
             "p99 at half load ({:.0}/s): agent {:.3} ms (its own histogram <= {:.1} ms), durable \
              limit {:.3} ms at the same rate: {:.2} × (target <= {TARGET_HALF_P99_TO_DURABLE} ×: \

@@ -76,7 +76,7 @@ type Loaded = (StoredEvent, Vec<DeliveryRecord>, Option<u64>);
 /// At most this many bytes of envelopes are held in the queues; events beyond that are read
 /// ahead from the journal as room frees up (or, when the read-ahead cannot take them, read back
 /// when their turn comes), so a long backlog costs disk reads, not memory.
-const FRESH_BYTES_MAX: usize = 8 << 20;
+const FRESH_BYTES_MAX: usize = 4 << 20;
 
 /// Events queued without a fresh copy are read ahead this many at a time, in one read of the
 /// journal, while the fresh copies held take less than half of the limit.

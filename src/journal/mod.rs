@@ -277,6 +277,14 @@ impl std::fmt::Debug for Journal {
     }
 }
 
+/// The page cache of the reader connection (the admin API's listings, the dispatcher's reads
+/// ahead), as SQLite's `cache_size`: negative is KiB.
+const READER_CACHE_KIB: i64 = -1024;
+
+/// The page cache of the quick read connections (an event, its deliveries, its subject's
+/// revision) and of the checkpoint thread's connection.
+const QUICK_CACHE_KIB: i64 = -256;
+
 /// How many quick read connections the journal keeps by default: one per CPU, as the async
 /// runtime has one worker thread per CPU.
 pub fn quick_reader_count() -> usize {
@@ -376,15 +384,22 @@ impl Journal {
             low_disk: AtomicBool::new(low_disk),
             ..Shared::default()
         });
+        // Only the writer's page cache outlives a transaction of the others: a connection
+        // that starts reading after another one's commit finds its cache emptied. So the
+        // readers keep small caches (the interior pages of the b-trees a read walks), which
+        // keeps the process's memory from growing by SQLite's default 2 MiB per connection.
         let reader = connect(&path, rw)?;
+        reader.pragma_update(None, "cache_size", READER_CACHE_KIB)?;
         let quick_readers = (0..options.quick_readers.max(1))
             .map(|_| {
                 let conn = connect(&path, rw)?;
                 conn.busy_timeout(Duration::ZERO)?;
+                conn.pragma_update(None, "cache_size", QUICK_CACHE_KIB)?;
                 Ok(Mutex::new(conn))
             })
             .collect::<Result<Vec<_>, JournalError>>()?;
         let checkpointer = connect(&path, rw)?;
+        checkpointer.pragma_update(None, "cache_size", QUICK_CACHE_KIB)?;
 
         let (ops, rx) = mpsc::channel();
         let listener = Listener::default();

@@ -40,7 +40,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::group::{Group, lock};
-use super::{Writer, classify, ensure_dir};
+use super::{Writer, classify};
 use crate::sink::template::{Template, safe_relative_path};
 use crate::sink::{EventMeta, SinkError};
 
@@ -281,7 +281,7 @@ impl Appender {
         writer.check_root(&mut to_sync)?;
         for (path, lines) in planned {
             let dir = path.parent().unwrap_or(&writer.root).to_path_buf();
-            ensure_dir(&dir, &mut to_sync)?;
+            writer.ensure_dir(&dir, &mut to_sync)?;
             // New directories are made durable before a file in them is written to.
             for dir in std::mem::take(&mut to_sync) {
                 writer.syncs.sync_dir(&dir)?;

@@ -3,10 +3,11 @@
 //! A caller that made a change (a rename into a directory, lines appended to a file) needs an
 //! fsync that *starts after* its change; one that started earlier may have missed it. So a
 //! caller joins the next fsync to start, never the one running: if none runs, it starts one
-//! itself (it is the leader of that round); if one runs, it waits for it to end and then joins
-//! the round after it, whose leader is the first waiter to get there. Every caller of a round
-//! gets that round's result, error included, so a failed fsync fails every change that waited
-//! on it.
+//! itself (it is the leader of that round); if one runs, it joins the round after it, and when
+//! the running one ends one caller of that next round is woken to lead it (or a newcomer that
+//! gets there first does); the others sleep until their round has ended. Every caller of a
+//! round gets that round's result, error included, so a failed fsync fails every change that
+//! waited on it.
 //!
 //! Blocking: callers are threads of the blocking pool, not tasks.
 
@@ -48,6 +49,10 @@ impl Outcome {
 #[derive(Debug, Default)]
 struct Round {
     outcome: Mutex<Option<Outcome>>,
+    /// Its callers wait here (with the group's state locked): all are woken when the round
+    /// has ended, and one when the round before it has ended, to lead it. Callers of a later
+    /// round are not woken by the end of an earlier one only to wait again.
+    changed: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -62,7 +67,6 @@ struct State {
 #[derive(Debug, Default)]
 pub(super) struct Group {
     state: Mutex<State>,
-    changed: Condvar,
 }
 
 impl Group {
@@ -85,11 +89,12 @@ impl Group {
                 *lock(&mine.outcome) = Some(Outcome::of(&result));
                 state = lock(&self.state);
                 state.running = false;
-                self.changed.notify_all();
+                mine.changed.notify_all();
+                state.next.changed.notify_one();
                 drop(state);
                 return result;
             }
-            state = self
+            state = mine
                 .changed
                 .wait(state)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());

@@ -395,6 +395,16 @@ impl Writer {
         }
     }
 
+    /// Makes sure `dir`, the root or a directory under it, exists (see [`ensure_dir`]), once
+    /// [`Writer::check_root`] has passed: the root is not looked up a second time.
+    fn ensure_dir(&self, dir: &Path, to_sync: &mut BTreeSet<PathBuf>) -> Result<(), SinkError> {
+        if dir == self.root {
+            CREATED.pending_parents(dir, to_sync);
+            return Ok(());
+        }
+        ensure_dir(dir, to_sync)
+    }
+
     fn write_all(&self, planned: &[Planned]) -> Result<(), SinkError> {
         // Directories whose entries changed and must be fsynced before we report success.
         let mut to_sync = BTreeSet::new();
@@ -428,23 +438,10 @@ impl Writer {
         temps: &mut Vec<(PathBuf, PathBuf)>,
     ) -> Result<(), SinkError> {
         for record in planned {
-            ensure_dir(&record.dir, to_sync)?;
+            self.ensure_dir(&record.dir, to_sync)?;
             let target = record.dir.join(&record.file_name);
             let temp = record.dir.join(&record.temp_name);
-            // An interrupted attempt at this record may have left the same name behind. It is
-            // removed and the file created anew rather than truncated, so that a link planted
-            // under the name can never redirect the write into another file.
-            match std::fs::remove_file(&temp) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(classify("cannot remove the leftover", &temp, &e));
-                }
-                _ => {}
-            }
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&temp)
-                .map_err(|e| classify("cannot create", &temp, &e))?;
+            let mut file = create_temp(&temp)?;
             temps.push((temp.clone(), target));
             if let Some(mode) = self.file_mode {
                 // fchmod is not subject to the umask, unlike the mode given to open.
@@ -459,6 +456,29 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Creates the temporary file `temp`, new. An interrupted attempt at this record may have left
+/// the same name behind: it is removed and the file created anew rather than truncated, so that
+/// a link planted under the name can never redirect the write into another file. The removal
+/// is tried only when the name exists (`create_new` refuses any entry, a dangling link
+/// included), so the usual write makes no `unlink` call, which would contend for the
+/// directory's lock with every other write into it.
+fn create_temp(temp: &Path) -> Result<File, SinkError> {
+    let create = || OpenOptions::new().write(true).create_new(true).open(temp);
+    match create() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            match std::fs::remove_file(temp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(classify("cannot remove the leftover", temp, &e));
+                }
+                _ => {}
+            }
+            create()
+        }
+        other => other,
+    }
+    .map_err(|e| classify("cannot create", temp, &e))
 }
 
 /// Removes every regular file under `dir` (recursively, not following symbolic links) whose
