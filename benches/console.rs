@@ -7,7 +7,7 @@
 //! indexes), then filled in one SQLite transaction with `ESS_BENCH_EVENTS` events (default
 //! 1,000,000): 20 types and 10,000 subjects spread independently of the states, one event every
 //! 100 ms, 95 % applied, 3 % failed, 2 % parked, each applied or failed event delivered through
-//! one of 3 routes. Each query runs
+//! one of 3 routes, and those of type.00 also through route-t0. Each query runs
 //! `ESS_BENCH_ROUNDS` times (default 5); the figures are medians, the first round included (the
 //! pages are cold in SQLite's cache only at the very first query of the run).
 //!
@@ -53,9 +53,13 @@ fn fill(dir: &std::path::Path, n: i64) {
          FROM n;
          INSERT INTO event_bodies (seq, raw_body, envelope)
              SELECT seq, CAST('{{}}' AS BLOB), '{{}}' FROM events;
-         INSERT INTO deliveries (event_seq, route, sink, state, attempts, updated_at)
+         INSERT INTO deliveries (event_seq, route, sink, state, attempts, updated_at, type)
              SELECT seq, 'route-' || (seq % 3), 'sink', CASE state WHEN 'failed' THEN 'failed'
-                 ELSE 'applied' END, 1, updated_at FROM events WHERE state != 'parked';"
+                 ELSE 'applied' END, 1, updated_at, type FROM events WHERE state != 'parked';
+         INSERT INTO deliveries (event_seq, route, sink, state, attempts, updated_at, type)
+             SELECT seq, 'route-t0', 'sink', CASE state WHEN 'failed' THEN 'failed'
+                 ELSE 'applied' END, 1, updated_at, type FROM events
+             WHERE type = 'type.00' AND state != 'parked';"
     ))
     .unwrap();
     tx.commit().unwrap();
@@ -166,6 +170,36 @@ fn listing_in(dir: &std::path::Path, n: i64, rounds: usize, started: Instant) {
             filter(|f| {
                 f.route = Some("route-2".into());
                 f.states = vec![EventState::Parked];
+                f.event_type = Some("type.0*".into());
+            }),
+        ),
+        (
+            "route=route-1&type=type.07",
+            filter(|f| {
+                f.route = Some("route-1".into());
+                f.event_type = Some("type.07".into());
+            }),
+        ),
+        (
+            "route=route-t0&type=type.00",
+            filter(|f| {
+                f.route = Some("route-t0".into());
+                f.event_type = Some("type.00".into());
+            }),
+        ),
+        // A route that took only type.00, with types it never took.
+        (
+            "route=route-t0&type=type.1* (none)",
+            filter(|f| {
+                f.route = Some("route-t0".into());
+                f.event_type = Some("type.1*".into());
+            }),
+        ),
+        (
+            "route=route-t0&state=failed&type=type.0*",
+            filter(|f| {
+                f.route = Some("route-t0".into());
+                f.states = vec![EventState::Failed];
                 f.event_type = Some("type.0*".into());
             }),
         ),

@@ -440,7 +440,8 @@ pub(super) fn write_deliveries(
     }
     let mut stmt = conn.prepare_cached(
         "INSERT INTO deliveries (event_seq, route, sink, state, attempts, next_attempt_ms, \
-         last_error, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+         last_error, updated_at, type) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, \
+         (SELECT type FROM events WHERE seq = ?1)) \
          ON CONFLICT (event_seq, route) DO UPDATE SET sink = ?3, state = ?4, \
          attempts = ?5, next_attempt_ms = ?6, last_error = ?7, updated_at = ?8",
     )?;
@@ -1212,6 +1213,11 @@ mod tests {
             tx.commit().unwrap();
         }
         let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        // The delivery learnt its event's type (for the listing's route and type filter).
+        let delivery_type: Option<String> = journal
+            .read(|c| c.query_row("SELECT type FROM deliveries", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(delivery_type.as_deref(), Some("t"));
         let detail = journal.get_detail("old").unwrap().unwrap();
         assert_eq!(detail.receipt, None);
         assert!(detail.history.is_empty());

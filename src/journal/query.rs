@@ -7,7 +7,7 @@
 
 use std::sync::atomic::Ordering;
 
-use rusqlite::{Connection, OptionalExtension, ToSql, params_from_iter};
+use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 use serde::Serialize;
 
 use super::apply::{Requeue, requeue_row, stored_u64};
@@ -137,7 +137,23 @@ pub fn list_events(
     }
     let types = match &filter.event_type {
         None => None,
-        Some(pattern) => Some(matching_types(conn, pattern)?),
+        Some(pattern) => {
+            let mut types = matching_types(conn, pattern)?;
+            // With a route, only the types that went through it (an index lookup each).
+            if let Some(route) = &filter.route {
+                let mut took = conn.prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM deliveries WHERE route = ?1 AND type = ?2)",
+                )?;
+                let mut kept = Vec::with_capacity(types.len());
+                for t in types {
+                    if took.query_row(params![route, t], |r| r.get::<_, bool>(0))? {
+                        kept.push(t);
+                    }
+                }
+                types = kept;
+            }
+            Some(types)
+        }
     };
     let (above, below) = window_seqs(conn, filter)?;
     let below = match (before, below) {
@@ -232,14 +248,11 @@ fn select_sql(
     bounds: Bounds,
     limit: u32,
 ) -> (String, Vec<Box<dyn ToSql>>) {
-    // A route alone walks that route's deliveries (in event seq order). With another filter
-    // that has an index of its own, the walk is over that index and each event's delivery
-    // through the route is looked up: a route's deliveries are most of the events, so they
-    // narrow the walk least.
-    let by_route = filter.route.is_some()
-        && filter.states.is_empty()
-        && filter.subject.is_none()
-        && matches!(types, TypeTest::Any | TypeTest::AnyOf(_));
+    // A route alone walks that route's deliveries (in event seq order), a route and one type
+    // the route's deliveries of that type. With another filter that has an index of its own,
+    // the walk is over that index and each event's delivery through the route is looked up: a
+    // route's deliveries are most of the events, so they narrow the walk least.
+    let by_route = filter.route.is_some() && filter.states.is_empty() && filter.subject.is_none();
     let seq = if by_route { "d.event_seq" } else { "e.seq" };
     let mut sql = String::from(
         "SELECT e.seq, e.id, e.type, e.version, e.subject, e.revision, e.state, \
@@ -279,6 +292,10 @@ fn select_sql(
     }
     match types {
         TypeTest::Any => {}
+        TypeTest::Exactly(t) if by_route => {
+            args.push(Box::new(t.to_string()));
+            conditions.push(format!("d.type = ?{}", args.len()));
+        }
         TypeTest::Exactly(t) => {
             args.push(Box::new(t.to_string()));
             conditions.push(format!("e.type = ?{}", args.len()));
@@ -663,6 +680,49 @@ mod tests {
             ids(&journal.list_events(&failed_rules_of_s1, None, 10).unwrap()),
             ["e7", "e3"]
         );
+        journal.close();
+    }
+
+    #[tokio::test]
+    async fn a_route_and_a_type_walk_the_route_s_deliveries_of_that_type() {
+        let (_dir, journal) = journal().await;
+        let through_r1 = |event_type: &str| EventFilter {
+            route: Some("r1".into()),
+            event_type: Some(event_type.into()),
+            ..EventFilter::default()
+        };
+        let (sql, args) = select_sql(
+            &through_r1("rule.a"),
+            &TypeTest::Exactly("rule.a"),
+            Bounds {
+                above: None,
+                below: None,
+            },
+            50,
+        );
+        let plan: Vec<String> = journal
+            .read(|conn| {
+                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                stmt.query_map(params_from_iter(args.iter()), |r| r.get::<_, String>(3))?
+                    .collect()
+            })
+            .unwrap();
+        assert!(
+            plan[0].contains("deliveries_by_route_type (route=? AND type=?)"),
+            "{plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+            "{plan:?}"
+        );
+        let list = |filter| -> Vec<String> {
+            let events = journal.list_events(&filter, None, 10).unwrap();
+            ids(&events).into_iter().map(String::from).collect()
+        };
+        assert_eq!(list(through_r1("rule.a")), ["e3"]);
+        assert_eq!(list(through_r1("rule.*")), ["e7", "e3"]);
+        // No event of these types went through r1: nothing, without walking them.
+        assert!(list(through_r1("other*")).is_empty());
         journal.close();
     }
 
