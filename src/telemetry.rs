@@ -155,7 +155,7 @@ pub fn spawn_watchdog(
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
-            let writer_ok = tokio::time::timeout(interval, journal.write(|_| Ok(())))
+            let writer_ok = tokio::time::timeout(interval, journal.writer_round_trip())
                 .await
                 .is_ok_and(|r| r.is_ok());
             let healthy = writer_ok && (dispatcher.is_running() || draining.is_cancelled());

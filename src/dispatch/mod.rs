@@ -27,8 +27,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::EventLog;
 use crate::journal::{
-    self, AppliedOutput, Attempt, Committed, DeliveryRecord, DeliveryState, DeliveryUpdate,
-    EventState, Finish, Journal, JournalError, Outcome, StoredEvent,
+    AppliedOutput, Attempt, Committed, DeliveryState, DeliveryUpdate, EventState, Finish, Journal,
+    JournalError, Outcome, StoredEvent,
 };
 use crate::sink::{EventMeta, MAX_RETRY_AFTER, SinkError};
 use routes::{Route, Routing};
@@ -68,10 +68,6 @@ struct Queued {
     /// read ahead). Each event has at most one such entry.
     spilled: bool,
 }
-
-/// An event read for a pass: the event, its deliveries so far, and the highest revision applied
-/// for its subject.
-type Loaded = (StoredEvent, Vec<DeliveryRecord>, Option<u64>);
 
 /// At most this many bytes of envelopes are held in the queues; events beyond that are read
 /// ahead from the journal as room frees up (or, when the read-ahead cannot take them, read back
@@ -680,14 +676,11 @@ impl Dispatcher {
             Some(event) => match event.revision {
                 None => Some((*event, Vec::new(), None)),
                 Some(_) => {
-                    let subject = event.subject.clone();
-                    let revision = self
-                        .read(move |conn| journal::subject_revision(conn, &subject))
-                        .await?;
+                    let revision = self.journal.applied_revision(event.subject.clone()).await?;
                     Some((*event, Vec::new(), revision))
                 }
             },
-            None => self.load(seq).await?,
+            None => self.journal.dispatchable(seq).await?,
         };
         let Some((event, deliveries, applied_revision)) = loaded else {
             return Ok(Step::Done);
@@ -829,39 +822,6 @@ impl Dispatcher {
             due_times.remove(&key);
             None
         }
-    }
-
-    /// Reads an event, its deliveries and its subject's applied revision. `None` when the
-    /// event is gone.
-    async fn load(&self, seq: i64) -> Result<Option<Loaded>, JournalError> {
-        self.read(move |conn| {
-            let Some(event) = journal::load_event(conn, seq)? else {
-                return Ok(None);
-            };
-            if event.state.is_final() {
-                return Ok(Some((event, Vec::new(), None)));
-            }
-            let deliveries = journal::deliveries(conn, seq)?;
-            let revision = match event.revision {
-                Some(_) => journal::subject_revision(conn, &event.subject)?,
-                None => None,
-            };
-            Ok(Some((event, deliveries, revision)))
-        })
-        .await
-    }
-
-    /// Runs a journal read for the event being dispatched: at once when the journal can
-    /// ([`Journal::read_now`]), else on the blocking pool.
-    async fn read<R: Send + 'static>(
-        &self,
-        f: impl Fn(&rusqlite::Connection) -> Result<R, rusqlite::Error> + Send + 'static,
-    ) -> Result<R, JournalError> {
-        if let Some(result) = self.journal.read_now(&f) {
-            return result;
-        }
-        let journal = self.journal.clone();
-        blocking(move || journal.read(f)).await
     }
 
     /// Runs one route's adapter and sink; returns the delivery's new state with the attempt

@@ -4,6 +4,7 @@
 //! Every change goes through the writer thread ([`Journal::write`]); reads use the reader
 //! connection and are blocking.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -687,7 +688,58 @@ pub(super) fn prune(conn: &Connection, cutoff: &str, limit: u32) -> Result<u32, 
     Ok(doomed.len() as u32)
 }
 
+/// An event with what its dispatch needs: its deliveries and its subject's applied revision
+/// (neither is read for a final event).
+pub type Dispatchable = (StoredEvent, Vec<DeliveryRecord>, Option<u64>);
+
 impl Journal {
+    /// Runs a short read at once on a quick connection ([`Journal::read_now`]), else on the
+    /// blocking pool.
+    async fn read_soon<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl Fn(&Connection) -> Result<R, rusqlite::Error> + Send + 'static,
+    ) -> Result<R, JournalError> {
+        if let Some(result) = self.read_now(&f) {
+            return result;
+        }
+        let journal = self.clone();
+        tokio::task::spawn_blocking(move || journal.read(f))
+            .await
+            .unwrap_or(Err(JournalError::Closed))
+    }
+
+    /// An event, its deliveries and its subject's applied revision, for its dispatch; `None`
+    /// when the event is gone.
+    pub async fn dispatchable(
+        self: &Arc<Self>,
+        seq: i64,
+    ) -> Result<Option<Dispatchable>, JournalError> {
+        self.read_soon(move |conn| {
+            let Some(event) = load_event(conn, seq)? else {
+                return Ok(None);
+            };
+            if event.state.is_final() {
+                return Ok(Some((event, Vec::new(), None)));
+            }
+            let deliveries = deliveries(conn, seq)?;
+            let revision = match event.revision {
+                Some(_) => subject_revision(conn, &event.subject)?,
+                None => None,
+            };
+            Ok(Some((event, deliveries, revision)))
+        })
+        .await
+    }
+
+    /// The highest revision applied for `subject`, read as [`Journal::dispatchable`] reads.
+    pub async fn applied_revision(
+        self: &Arc<Self>,
+        subject: String,
+    ) -> Result<Option<u64>, JournalError> {
+        self.read_soon(move |conn| subject_revision(conn, &subject))
+            .await
+    }
+
     /// Up to `limit` events not yet final received after event `after`, in receive order:
     /// (seq, subject). Blocking.
     pub fn pending_after(

@@ -24,10 +24,10 @@ mod schema;
 mod writer;
 
 pub use apply::{
-    AppliedOutput, Attempt, AttemptRecord, DeadLetter, DeliveryRecord, DeliveryUpdate, DropOutcome,
-    EventDetail, Finish, KEPT_ATTEMPTS, MAX_OUTPUT_BYTES, OutboxRow, PendingReport, Requeue,
-    RouteHistory, RouteReplay, SentReport, StoredEvent, deliveries, finish_event, history,
-    load_event, subject_revision,
+    AppliedOutput, Attempt, AttemptRecord, DeadLetter, DeliveryRecord, DeliveryUpdate,
+    Dispatchable, DropOutcome, EventDetail, Finish, KEPT_ATTEMPTS, MAX_OUTPUT_BYTES, OutboxRow,
+    PendingReport, Requeue, RouteHistory, RouteReplay, SentReport, StoredEvent, deliveries,
+    finish_event, history, load_event, subject_revision,
 };
 pub use query::{EventFilter, EventSummary, Requeued};
 pub use writer::{Committed, insert_event};
@@ -476,6 +476,12 @@ impl Journal {
             .map_err(|_| JournalError::Closed)?;
         done.await.map_err(|_| JournalError::Closed)??;
         value_rx.await.map_err(|_| JournalError::Closed)
+    }
+
+    /// Returns once the writer has committed a transaction begun after this call: whether the
+    /// writer thread is alive and its commits return (the watchdog's test).
+    pub async fn writer_round_trip(&self) -> Result<(), JournalError> {
+        self.write(|_| Ok(())).await
     }
 
     /// Runs a read on the reader connection. Blocking: call from a blocking context.

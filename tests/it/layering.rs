@@ -209,6 +209,36 @@ fn outgoing_clients_and_reports_use_the_leaf_modules_not_ingress() {
 }
 
 #[test]
+fn only_the_journal_and_the_sqlite_sink_speak_sqlite() {
+    // The journal is spoken to in its own operations, so that another store can take its
+    // place; the SQL sink's SQLite backend is a partner's database, not the journal.
+    let found: Vec<String> = rust_files(&src(""))
+        .into_iter()
+        .filter(|file| !file.starts_with(src("journal")) && !file.starts_with(src("sink/sql")))
+        .filter(|file| {
+            std::fs::read_to_string(file)
+                .unwrap()
+                .lines()
+                .any(|line| !line.trim_start().starts_with("//") && line.contains("rusqlite"))
+        })
+        .map(|file| {
+            let shown = file
+                .strip_prefix(ROOT)
+                .unwrap_or(&file)
+                .display()
+                .to_string();
+            format!("{shown} uses rusqlite")
+        })
+        .collect();
+    assert!(
+        found.is_empty(),
+        "only src/journal and src/sink/sql may use SQLite, but:\n  {}\ngive the journal an \
+         operation for what the caller needs",
+        found.join("\n  ")
+    );
+}
+
+#[test]
 fn crate_paths_are_found_in_groups_and_inline() {
     let text = "use crate::settings::{Problem, read_secret};\n\
                 use crate::{journal::{self, Outcome}, sink};\n\
