@@ -457,6 +457,22 @@ mod tests {
         }
     }
 
+    /// SQLite's plan for the walk of `filter` with `types`, step by step.
+    fn query_plan(journal: &Journal, filter: &EventFilter, types: &TypeTest<'_>) -> Vec<String> {
+        let bounds = Bounds {
+            above: None,
+            below: None,
+        };
+        let (sql, args) = select_sql(filter, types, bounds, 50);
+        journal
+            .read(|conn| {
+                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                stmt.query_map(params_from_iter(args.iter()), |r| r.get::<_, String>(3))?
+                    .collect()
+            })
+            .unwrap()
+    }
+
     fn ids(events: &[EventSummary]) -> Vec<&str> {
         events.iter().map(|e| e.id.as_str()).collect()
     }
@@ -618,22 +634,7 @@ mod tests {
             route: Some("r1".into()),
             ..EventFilter::default()
         };
-        let (sql, args) = select_sql(
-            &filter,
-            &TypeTest::Exactly("rule.b"),
-            Bounds {
-                above: None,
-                below: None,
-            },
-            50,
-        );
-        let plan: Vec<String> = journal
-            .read(|conn| {
-                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
-                stmt.query_map(params_from_iter(args.iter()), |r| r.get::<_, String>(3))?
-                    .collect()
-            })
-            .unwrap();
+        let plan = query_plan(&journal, &filter, &TypeTest::Exactly("rule.b"));
         assert!(
             plan[0].contains("events_by_state_type (state=? AND type=?)"),
             "{plan:?}"
@@ -650,26 +651,11 @@ mod tests {
             ..EventFilter::default()
         };
         let types = ["rule.a".to_owned(), "rule.b".to_owned()];
-        let (sql, args) = select_sql(
-            &filter,
-            &TypeTest::AnyOf(&types),
-            Bounds {
-                above: None,
-                below: None,
-            },
-            50,
-        );
-        let plan: Vec<String> = journal
-            .read(|conn| {
-                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
-                stmt.query_map(params_from_iter(args.iter()), |r| r.get::<_, String>(3))?
-                    .collect()
-            })
-            .unwrap();
+        let plan = query_plan(&journal, &filter, &TypeTest::AnyOf(&types));
         assert_eq!(
             plan,
             ["SEARCH e USING INDEX events_by_subject (subject=?)"],
-            "{sql}"
+            "{plan:?}"
         );
         // And the listing through it finds what it should.
         let failed_rules_of_s1 = EventFilter {
@@ -691,22 +677,11 @@ mod tests {
             event_type: Some(event_type.into()),
             ..EventFilter::default()
         };
-        let (sql, args) = select_sql(
+        let plan = query_plan(
+            &journal,
             &through_r1("rule.a"),
             &TypeTest::Exactly("rule.a"),
-            Bounds {
-                above: None,
-                below: None,
-            },
-            50,
         );
-        let plan: Vec<String> = journal
-            .read(|conn| {
-                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
-                stmt.query_map(params_from_iter(args.iter()), |r| r.get::<_, String>(3))?
-                    .collect()
-            })
-            .unwrap();
         assert!(
             plan[0].contains("deliveries_by_route_type (route=? AND type=?)"),
             "{plan:?}"
