@@ -57,7 +57,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE event_bodies (
         seq      bigint PRIMARY KEY REFERENCES events (seq) ON DELETE CASCADE,
         raw_body bytea  NOT NULL,   -- the exact bytes the hub sent (and signed)
-        envelope text   NOT NULL    -- the normalised Change Event document (JSON)
+        envelope text   NOT NULL,   -- the normalised Change Event document (JSON)
+        receipt  text               -- how the request was authenticated (JSON)
     );
     CREATE TABLE deliveries (
         event_seq       bigint  NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
@@ -68,9 +69,27 @@ const MIGRATIONS: &[&str] = &[
         next_attempt_ms bigint,
         last_error      text,
         updated_at      text    NOT NULL,
+        type            text,               -- the event's type, for the listing's route filter
         PRIMARY KEY (event_seq, route)
     );
     CREATE INDEX deliveries_by_route ON deliveries (route, event_seq);
+    CREATE INDEX deliveries_by_route_type ON deliveries (route, type, event_seq);
+    CREATE INDEX events_by_state_type ON events (state, type, seq);
+    -- One row per attempt per route; outlives a replay, so numbering goes on across replays.
+    CREATE TABLE attempts (
+        event_seq        bigint  NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
+        route            text    NOT NULL,
+        attempt          integer NOT NULL,  -- 1, 2, ... per (event, route), across replays
+        sink             text    NOT NULL,
+        started_at       text    NOT NULL,  -- RFC 3339, milliseconds
+        duration_ms      bigint  NOT NULL,  -- adapter and sink together
+        outcome          text    NOT NULL,  -- applied | filtered | failed
+        error            text,
+        output           text,              -- the applied output (JSON), at most 64 KiB of it
+        output_bytes     bigint,            -- the output's whole length
+        output_truncated boolean NOT NULL DEFAULT false,
+        PRIMARY KEY (event_seq, route, attempt)
+    );
     CREATE TABLE subjects (
         subject       text   PRIMARY KEY,
         last_revision bigint NOT NULL
