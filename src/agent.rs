@@ -9,12 +9,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Admin, Readiness};
-use crate::config::{Config, Secrets};
+use crate::config::{Config, JournalBackend, Secrets};
 use crate::dispatch::Dispatcher;
 use crate::dispatch::routes::Routing;
 use crate::ingress::handler::{Applier, HandlerLimits, HubAuth, SharedAuth};
 use crate::ingress::tls::TlsAcceptor;
 use crate::ingress::{self, Handler, InFlight, ServerSettings};
+use crate::journal::pg::{PgJournalOptions, PgOptions};
 use crate::journal::{Journal, JournalError, JournalOptions, Outcome};
 use crate::protocol::auth::{BearerToken, KeyError, WebhookVerifier};
 use crate::reload::Reloader;
@@ -33,6 +34,11 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("journal.ca_file: cannot read {}: {source}", .path.display())]
+    JournalCa {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error("{} problem(s) with routes, adapters or sinks:\n{}", .0.len(), .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
@@ -107,6 +113,37 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
         .map_err(|source| StartError::Bind { what, addr, source })
 }
 
+/// The PostgreSQL journal's settings from the configuration.
+fn postgres_options(config: &Config, secrets: &Secrets) -> Result<PgJournalOptions, StartError> {
+    let journal = &config.journal;
+    let ca_pem = journal
+        .ca_file
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path).map_err(|source| StartError::JournalCa {
+                path: path.clone(),
+                source,
+            })
+        })
+        .transpose()?;
+    Ok(PgJournalOptions {
+        pg: PgOptions {
+            url: journal.url.clone().unwrap_or_default(),
+            schema: journal.schema.clone(),
+            max_connections: journal.pool_size,
+            partitions: journal.partitions,
+            lease: Duration::from_secs_f64(journal.lease_seconds),
+            max_batch: journal.max_batch,
+            password: secrets.journal_password.clone(),
+            tls: journal.tls,
+            ca_pem,
+            ..PgOptions::default()
+        },
+        agent: crate::journal::pg::agent_id(),
+        retention: journal.retention(),
+    })
+}
+
 /// Runs the agent until `stop` is cancelled, then drains and closes the journal.
 pub async fn run(
     config_path: &std::path::Path,
@@ -158,14 +195,25 @@ pub async fn run(
             crate::telemetry::starting("opening the journal (checking it or migrating its schema)");
         }
     });
-    let journal = tokio::task::spawn_blocking(move || Journal::open(&state_dir, options)).await;
+    let journal = match config.journal.backend {
+        JournalBackend::Sqlite => {
+            let journal =
+                tokio::task::spawn_blocking(move || Journal::open(&state_dir, options)).await;
+            journal.map_err(|e| {
+                StartError::Journal(JournalError::StateDir {
+                    path: config.state_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            })?
+        }
+        JournalBackend::Postgres => {
+            let options = postgres_options(&config, &secrets)?;
+            crate::telemetry::set_agent_label(&options.agent);
+            Journal::open_postgres(options, &stop).await
+        }
+    };
     more_time.abort();
-    let journal = journal.map_err(|e| {
-        StartError::Journal(JournalError::StateDir {
-            path: config.state_dir.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })
-    })??;
+    let journal = journal?;
     readiness.ready("journal");
 
     let reporter = match (&config.report, &secrets.report_secret) {
@@ -265,7 +313,7 @@ pub async fn run(
         tls = config.ingress.tls.is_some(),
         mutual_tls = config.ingress.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
         admin = %fmt_addr(admin_addr),
-        journal = %journal.path().display(),
+        journal = %journal.location(),
         backlog = journal.backlog(),
         "ready"
     );

@@ -409,10 +409,59 @@ impl Default for AdminConfig {
     }
 }
 
-/// Journal tuning. The defaults suit almost every installation.
+/// Where the journal keeps the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JournalBackend {
+    /// `journal.sqlite3` in the state directory: one agent.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database that several agents share (docs/high-availability.md).
+    Postgres,
+}
+
+/// The journal: where it lives and its tuning. The defaults suit almost every installation.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JournalConfig {
+    /// `sqlite` (default): the journal is a file in `state_dir`, for one agent. `postgres`:
+    /// the journal is in the PostgreSQL database `url`, shared by every agent configured with
+    /// it; any of them accepts an event, and each subject is applied by one of them at a time.
+    #[serde(default)]
+    pub backend: JournalBackend,
+    /// PostgreSQL: the database, `postgres://user@host:5432/database`, without a password.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// PostgreSQL: the password (`{ file = "…" }` or `{ env = "…" }`). Default: none (trust,
+    /// peer or certificate authentication).
+    #[serde(default)]
+    pub password: Option<SecretSource>,
+    /// PostgreSQL: the schema that holds the journal's tables; it must exist. Default: the
+    /// user's `search_path` (normally `public`).
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// PostgreSQL: TLS to the database: `disable`, `prefer`, `require`, `verify_ca` or
+    /// `verify_full`. Default: what the URL says (`sslmode`), else `verify_full` when
+    /// `ca_file` is set, else `prefer`.
+    #[serde(default)]
+    pub tls: Option<crate::sink::sql::TlsMode>,
+    /// PostgreSQL: a PEM file with the CA certificate(s) the server's certificate must chain
+    /// to. Default: the bundled web PKI roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PostgreSQL: connections this agent keeps at most. Default: 8.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// PostgreSQL: when an agent stops (or its machine dies), another agent goes on with its
+    /// subjects within this many seconds. Shorter takes over sooner but renews more often (a
+    /// third of it) and gives up applying sooner when the database is slow to answer. Default: 10.
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: f64,
+    /// PostgreSQL: the number of partitions subjects are spread over (the unit of a lease),
+    /// used when the journal's tables are created; afterwards the stored count holds. More
+    /// partitions than agents spread the load evenly. Default: 64.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
     /// Most events one commit (one fsync) may carry. Default: 512.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
@@ -442,6 +491,80 @@ pub struct JournalConfig {
 }
 
 impl JournalConfig {
+    /// Checks the backend's keys: PostgreSQL needs a URL without a password, a lease of a
+    /// second or more, partitions; SQLite takes none of them.
+    fn validate_backend(&self, bad: &mut impl FnMut(&str, String)) {
+        match self.backend {
+            JournalBackend::Postgres => {
+                match self.url.as_deref() {
+                    None => bad(
+                        "journal.url",
+                        "is required with backend = \"postgres\": write it like \
+                         postgres://ess@db.example:5432/ess"
+                            .into(),
+                    ),
+                    Some(url)
+                        if !(url.starts_with("postgres://")
+                            || url.starts_with("postgresql://")) =>
+                    {
+                        bad(
+                            "journal.url",
+                            "must start with postgres://: write it like \
+                             postgres://ess@db.example:5432/ess"
+                                .into(),
+                        )
+                    }
+                    Some(url) => {
+                        if let Err(message) = crate::sink::sql::check_plain_url(url) {
+                            bad("journal.url", message.replace(" (or give the whole URL with url_secret)", ""));
+                        }
+                    }
+                }
+                if let Some(password) = &self.password
+                    && let Err(message) = password.check()
+                {
+                    bad("journal.password", message);
+                }
+                if !(1.0..=3600.0).contains(&self.lease_seconds) {
+                    bad(
+                        "journal.lease_seconds",
+                        format!(
+                            "{} is not between 1 and 3600 seconds",
+                            self.lease_seconds
+                        ),
+                    );
+                }
+                if !(1..=4096).contains(&self.partitions) {
+                    bad(
+                        "journal.partitions",
+                        "must be from 1 to 4096".into(),
+                    );
+                }
+                if self.pool_size < 2 {
+                    bad("journal.pool_size", "must be at least 2".into());
+                }
+            }
+            JournalBackend::Sqlite => {
+                let postgres_only = [
+                    ("journal.url", self.url.is_some()),
+                    ("journal.password", self.password.is_some()),
+                    ("journal.schema", self.schema.is_some()),
+                    ("journal.tls", self.tls.is_some()),
+                    ("journal.ca_file", self.ca_file.is_some()),
+                ];
+                for (key, set) in postgres_only {
+                    if set {
+                        bad(
+                            key,
+                            "is for backend = \"postgres\": set journal.backend = \"postgres\", or remove it"
+                                .into(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// How long final events are kept; `None` for ever.
     pub fn retention(&self) -> Option<Duration> {
         (self.retention_days > 0.0)
@@ -452,6 +575,15 @@ impl JournalConfig {
 
 fn default_max_batch() -> usize {
     512
+}
+fn default_pool_size() -> u32 {
+    8
+}
+fn default_lease_seconds() -> f64 {
+    10.0
+}
+fn default_partitions() -> u32 {
+    64
 }
 fn default_finish_linger() -> u64 {
     1
@@ -469,6 +601,15 @@ fn default_retention_days() -> f64 {
 impl Default for JournalConfig {
     fn default() -> Self {
         Self {
+            backend: JournalBackend::default(),
+            url: None,
+            password: None,
+            schema: None,
+            tls: None,
+            ca_file: None,
+            pool_size: default_pool_size(),
+            lease_seconds: default_lease_seconds(),
+            partitions: default_partitions(),
             max_batch: default_max_batch(),
             finish_linger_ms: default_finish_linger(),
             checkpoint_interval_ms: default_checkpoint_interval(),
@@ -542,6 +683,8 @@ pub struct Secrets {
     pub bearer_token: Option<String>,
     pub admin_token: Option<String>,
     pub report_secret: Option<String>,
+    /// The PostgreSQL journal's password (`journal.password`).
+    pub journal_password: Option<String>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -553,6 +696,7 @@ impl std::fmt::Debug for Secrets {
             .field("bearer_token", &self.bearer_token.is_some())
             .field("admin_token", &self.admin_token.is_some())
             .field("report_secret", &self.report_secret.is_some())
+            .field("journal_password", &self.journal_password.is_some())
             .finish()
     }
 }
@@ -894,6 +1038,12 @@ impl Config {
         {
             fix(ca);
         }
+        if let Some(ca) = &mut self.journal.ca_file {
+            fix(ca);
+        }
+        if let Some(password) = &mut self.journal.password {
+            password.resolve_path(base);
+        }
         if let Some(tls) = &mut self.ingress.tls {
             fix(&mut tls.cert);
             fix(&mut tls.key);
@@ -1056,6 +1206,7 @@ impl Config {
         if self.journal.max_batch == 0 {
             bad("journal.max_batch", "must be at least 1".into());
         }
+        self.journal.validate_backend(&mut bad);
         if self.journal.checkpoint_interval_ms == 0 {
             bad(
                 "journal.checkpoint_interval_ms",
@@ -1203,6 +1354,12 @@ impl Config {
                 .as_ref()
                 .filter(|_| all)
                 .and_then(|r| read("report.secret".into(), &r.secret)),
+            journal_password: self
+                .journal
+                .password
+                .as_ref()
+                .filter(|_| all && self.journal.backend == JournalBackend::Postgres)
+                .and_then(|s| read("journal.password".into(), s)),
         };
         if problems.is_empty() {
             Ok(secrets)

@@ -33,6 +33,15 @@ use crate::dispatch::Dispatcher;
 use crate::journal::Journal;
 
 /// Installs the process-wide metrics recorder (once) and returns the handle that renders it.
+/// The `agent` label every metric carries when several agents share a journal.
+static AGENT_LABEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Labels every metric with `agent="<id>"` (the journal's agent id), so that the agents sharing
+/// a PostgreSQL journal are told apart. Call before [`install`].
+pub fn set_agent_label(agent: &str) {
+    let _ = AGENT_LABEL.set(agent.to_owned());
+}
+
 pub fn install() -> Option<PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
     HANDLE
@@ -42,7 +51,11 @@ pub fn install() -> Option<PrometheusHandle> {
                 0.5, 1.0, 2.5, 5.0, 10.0,
             ];
             let batch = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
-            PrometheusBuilder::new()
+            let mut builder = PrometheusBuilder::new();
+            if let Some(agent) = AGENT_LABEL.get() {
+                builder = builder.add_global_label("agent", agent);
+            }
+            builder
                 .set_buckets(&buckets)
                 .and_then(|b| {
                     b.set_buckets_for_metric(

@@ -11,10 +11,15 @@
 //! - Every state change is journaled, so a restart resumes where the agent stopped: routes that
 //!   were applied stay applied, the others are tried again. Sinks write idempotently (same file
 //!   name, same key), so an apply interrupted by a crash is not duplicated.
+//! - On the SQLite journal the dispatcher is told of each event the journal commits. On the
+//!   PostgreSQL journal, several agents share the events: this agent applies only the subjects
+//!   of the partitions it holds a lease on, finds their events by passes over the backlog
+//!   (woken by the journal's notifications), and stops applying a subject the moment its lease
+//!   is gone; the agent that takes the partition over goes on from the journal's state.
 
 pub mod routes;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,8 +33,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::EventLog;
 use crate::journal::{
     AppliedOutput, Attempt, Committed, DeliveryState, DeliveryUpdate, EventState, Finish, Journal,
-    JournalError, Outcome, StoredEvent,
+    JournalError, Lease, Outcome, SqliteJournal, StoredEvent,
 };
+use crate::journal::pg::PgJournal;
 use crate::sink::{EventMeta, MAX_RETRY_AFTER, SinkError};
 use routes::{Route, Routing};
 
@@ -97,7 +103,18 @@ enum Step {
     Done,
     /// Some route waits for a retry: try again at this instant of the monotonic clock.
     RetryAt(tokio::time::Instant),
+    /// This agent does not hold the subject's lease (any more): the agent that does applies
+    /// it, and this one drops the subject's queue.
+    NotOurs,
 }
+
+/// Events read per page of a pass over the PostgreSQL backlog.
+const PG_PAGE: usize = 512;
+
+/// A pass over the PostgreSQL backlog starts from its lowest event at least this often, to find
+/// the events committed after others with higher sequence numbers (see `journal::pg::claim`);
+/// the passes in between start after the highest event the last pass saw.
+const PG_FULL_PASS: Duration = Duration::from_secs(1);
 
 /// The dispatcher. Shared behind an `Arc`.
 pub struct Dispatcher {
@@ -136,6 +153,12 @@ pub struct Dispatcher {
     retry_due: Mutex<HashMap<(i64, String), tokio::time::Instant>>,
     /// Which events get their `event final` info line (`log.events`), as [`EventLog`] `as u8`.
     event_log: AtomicU8,
+    /// PostgreSQL: the sequence numbers in the queues, so that a pass over the backlog does not
+    /// queue an event twice.
+    known: Mutex<HashSet<i64>>,
+    /// PostgreSQL: set when the next pass must start from the backlog's lowest event (a replay
+    /// put an old event back).
+    full_pass: std::sync::atomic::AtomicBool,
 }
 
 /// Where the spilled entry of event `seq` waits in `subject`'s queue, if it is there, behind the
@@ -228,29 +251,116 @@ impl Dispatcher {
             intake_running: std::sync::atomic::AtomicBool::new(false),
             retry_due: Mutex::new(HashMap::new()),
             event_log: AtomicU8::new(EventLog::All as u8),
+            known: Mutex::new(HashSet::new()),
+            full_pass: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
     /// Starts applying: first every event left unfinished by an earlier run, then each event the
     /// journal commits from now on.
     pub async fn start(self: &Arc<Self>) -> Result<(), JournalError> {
-        let (tx, rx) = mpsc::unbounded_channel::<Committed>();
-        // Listen before reading the backlog, so no event falls between the two: the intake
-        // reads the journal first (it starts behind) and drops the announcements of what it read.
-        self.journal.set_listener(tx);
         let backlog = self.journal.backlog();
         if backlog > 0 {
             tracing::info!(events = backlog, "resuming events left unfinished");
         }
-        self.tracker.spawn(self.clone().read_ahead());
-        let this = self.clone();
         self.intake_running
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        let this = self.clone();
+        if let Some(pg) = self.journal.postgres().cloned() {
+            self.tracker.spawn(async move {
+                let _running = IntakeGuard(&this.intake_running);
+                this.intake_pg(pg).await;
+            });
+            return Ok(());
+        }
+        let Some(sqlite) = self.journal.sqlite().cloned() else {
+            return Ok(());
+        };
+        let (tx, rx) = mpsc::unbounded_channel::<Committed>();
+        // Listen before reading the backlog, so no event falls between the two: the intake
+        // reads the journal first (it starts behind) and drops the announcements of what it read.
+        sqlite.set_listener(tx);
+        self.tracker.spawn(self.clone().read_ahead(sqlite.clone()));
         self.tracker.spawn(async move {
             let _running = IntakeGuard(&this.intake_running);
-            this.intake(rx).await;
+            this.intake(sqlite, rx).await;
         });
         Ok(())
+    }
+
+    /// Takes the events of the partitions this agent holds on the PostgreSQL journal into the
+    /// queues: a pass over their backlog each time the journal says there may be new work (an
+    /// event committed by any agent in one of them, a partition taken, notifications missed),
+    /// at least once a second, and when the queues have room again after a pass that filled
+    /// them. An event already queued is not queued again.
+    async fn intake_pg(self: &Arc<Self>, pg: Arc<PgJournal>) {
+        let work = pg.work().clone();
+        let mut last_full = tokio::time::Instant::now();
+        let mut cursor = 0i64;
+        loop {
+            let parts = pg.lessee().applicable();
+            let mut full = false;
+            if !parts.is_empty() {
+                let from_start = self.full_pass.swap(false, Ordering::Relaxed)
+                    || last_full.elapsed() >= PG_FULL_PASS;
+                let mut after = if from_start {
+                    last_full = tokio::time::Instant::now();
+                    0
+                } else {
+                    cursor
+                };
+                loop {
+                    let queued = self.queued.load(Ordering::Relaxed);
+                    if queued >= QUEUED_MAX {
+                        full = true;
+                        break;
+                    }
+                    let room = (QUEUED_MAX - queued).min(PG_PAGE);
+                    let page = match crate::journal::pg::claim::waiting(
+                        pg.db(),
+                        &parts,
+                        after,
+                        room as u32,
+                    )
+                    .await
+                    {
+                        Ok(page) => page,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read waiting events from the journal; trying again shortly");
+                            self.full_pass.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                    };
+                    let complete = page.len() < room;
+                    for waiting in page {
+                        after = waiting.seq;
+                        cursor = cursor.max(waiting.seq);
+                        let new = self
+                            .known
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(waiting.seq);
+                        if new {
+                            let queued = Queued {
+                                seq: waiting.seq,
+                                fresh: None,
+                                spilled: false,
+                            };
+                            self.enqueue(queued, waiting.subject);
+                        }
+                    }
+                    if complete {
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = work.notified() => {}
+                _ = self.queue_room.notified(), if full => {}
+                _ = tokio::time::sleep(PG_FULL_PASS) => {}
+            }
+        }
     }
 
     /// Takes newly committed events into the queues while they have room ([`QUEUED_MAX`]).
@@ -260,13 +370,17 @@ impl Dispatcher {
     /// highest sequence number queued or read: an announcement at or below it was read from the
     /// journal already. The journal announces an event only after its commit, in commit order,
     /// so an event committed after the last page was read is announced afterwards and queued.
-    async fn intake(self: &Arc<Self>, mut rx: mpsc::UnboundedReceiver<Committed>) {
+    async fn intake(
+        self: &Arc<Self>,
+        sqlite: Arc<SqliteJournal>,
+        mut rx: mpsc::UnboundedReceiver<Committed>,
+    ) {
         let mut cursor = 0i64;
         let mut behind = true;
         loop {
             while behind && self.queued.load(Ordering::Relaxed) <= QUEUED_LOW {
                 let room = QUEUED_MAX - self.queued.load(Ordering::Relaxed);
-                let journal = self.journal.clone();
+                let journal = sqlite.clone();
                 let page = match blocking(move || journal.pending_after(cursor, room)).await {
                     Ok(page) => page,
                     Err(e) => {
@@ -364,8 +478,14 @@ impl Dispatcher {
         *self.routing.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routing);
     }
 
-    /// Queues an event behind the earlier events of its subject.
+    /// Queues an event behind the earlier events of its subject. On the PostgreSQL journal the
+    /// next pass over the backlog finds it instead, if this agent holds its subject.
     pub fn submit(self: &Arc<Self>, seq: i64, subject: String) {
+        if let Some(pg) = self.journal.postgres() {
+            self.full_pass.store(true, Ordering::Relaxed);
+            pg.work().notify_one();
+            return;
+        }
         let queued = Queued {
             seq,
             fresh: None,
@@ -445,7 +565,7 @@ impl Dispatcher {
     /// per event. Only events not yet tried (no delivery recorded) are read ahead; an entry at
     /// the head of its queue is left alone, since its pass may be under way and reads the
     /// journal itself. Runs until the dispatcher stops.
-    async fn read_ahead(self: Arc<Self>) {
+    async fn read_ahead(self: Arc<Self>, sqlite: Arc<SqliteJournal>) {
         loop {
             while self.fresh_bytes.load(Ordering::Relaxed) >= self.fresh_max / 2 {
                 tokio::select! {
@@ -473,7 +593,7 @@ impl Dispatcher {
                 }
                 continue;
             };
-            let journal = self.journal.clone();
+            let journal = sqlite.clone();
             let events = match blocking(move || journal.untried_events(from, to)).await {
                 Ok(events) => events,
                 Err(e) => {
@@ -625,6 +745,10 @@ impl Dispatcher {
                 }
                 match self.process(seq, fresh, permit).await {
                     Ok(step) => step,
+                    Err(e) if e.is_lease_lost() => {
+                        tracing::info!(seq, subject = %subject, error = %e, "this agent no longer holds the subject; the agent that does applies it");
+                        Step::NotOurs
+                    }
                     Err(e) => {
                         // The journal could not record progress (disk full, shutting down):
                         // nothing is lost, the event is tried again.
@@ -634,13 +758,18 @@ impl Dispatcher {
                 }
             };
             match step {
+                Step::NotOurs => {
+                    self.drop_queue(&subject);
+                    return;
+                }
                 Step::Done => {
                     let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(queue) = queues.get_mut(&subject) {
-                        if queue.pop_front().is_some()
-                            && self.queued.fetch_sub(1, Ordering::Relaxed) == QUEUED_LOW + 1
-                        {
-                            self.queue_room.notify_one();
+                        if let Some(head) = queue.pop_front() {
+                            self.forget_known(&[head.seq]);
+                            if self.queued.fetch_sub(1, Ordering::Relaxed) == QUEUED_LOW + 1 {
+                                self.queue_room.notify_one();
+                            }
                         }
                         if queue.is_empty() {
                             queues.remove(&subject);
@@ -655,6 +784,38 @@ impl Dispatcher {
                     }
                 }
             }
+        }
+    }
+
+    /// Drops a subject's queue (its lease is another agent's now).
+    fn drop_queue(&self, subject: &str) {
+        let queue = self
+            .queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(subject);
+        let Some(queue) = queue else { return };
+        let seqs: Vec<i64> = queue.iter().map(|q| q.seq).collect();
+        for entry in &queue {
+            if let Some(fresh) = &entry.fresh {
+                self.release(fresh);
+            }
+        }
+        self.forget_known(&seqs);
+        let before = self.queued.fetch_sub(queue.len(), Ordering::Relaxed);
+        if before > QUEUED_LOW && before - queue.len() <= QUEUED_LOW {
+            self.queue_room.notify_one();
+        }
+    }
+
+    /// Forgets events that left the queues, so that a later pass may queue them again.
+    fn forget_known(&self, seqs: &[i64]) {
+        if self.journal.postgres().is_none() {
+            return;
+        }
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        for seq in seqs {
+            known.remove(seq);
         }
     }
 
@@ -688,6 +849,9 @@ impl Dispatcher {
         if event.state.is_final() {
             return Ok(Step::Done);
         }
+        let Some(lease) = self.journal.lease(&event.subject) else {
+            return Ok(Step::NotOurs);
+        };
         let routing = self.routing();
         if let Some(revision) = event.revision
             && let Some(applied) = applied_revision
@@ -699,7 +863,7 @@ impl Dispatcher {
             );
             drop(permit);
             return self
-                .finish(&event, EventState::Superseded, Some(reason), 0, Vec::new())
+                .finish(&lease, &event, EventState::Superseded, Some(reason), 0, Vec::new())
                 .await;
         }
 
@@ -712,7 +876,7 @@ impl Dispatcher {
             tracing::warn!(event_id = %event.id, "{reason}");
             drop(permit);
             return self
-                .finish(&event, EventState::Parked, Some(reason), 0, Vec::new())
+                .finish(&lease, &event, EventState::Parked, Some(reason), 0, Vec::new())
                 .await;
         }
         // Delivery states are written with the event's final state in one transaction, or on
@@ -730,6 +894,11 @@ impl Dispatcher {
                     retry_at = Some(retry_at.map_or(due, |r| r.min(due)));
                     continue;
                 }
+            }
+            // The lease by this agent's own clock, before each apply: an agent that could not
+            // renew it stops before another agent may take the subject over.
+            if !self.journal.holds(&lease) {
+                return Ok(Step::NotOurs);
             }
             let attempts = existing.map_or(0, |d| d.attempts);
             let update = self.apply_route(&event, route, attempts).await;
@@ -753,7 +922,7 @@ impl Dispatcher {
         }
         drop(permit);
         if let Some(at) = retry_at {
-            self.journal.set_deliveries(updates).await?;
+            self.journal.set_deliveries(&lease, updates).await?;
             return Ok(Step::RetryAt(at));
         }
         // Each matching route's state: this pass's, else what the journal holds.
@@ -790,7 +959,7 @@ impl Dispatcher {
         };
         let attempts = current.iter().map(|(_, _, a, _)| *a).max().unwrap_or(0);
         drop(current);
-        self.finish(&event, final_state, error, attempts, updates)
+        self.finish(&lease, &event, final_state, error, attempts, updates)
             .await
     }
 
@@ -966,6 +1135,7 @@ impl Dispatcher {
     /// Journals the final state, queues the status report, and answers waiting hubs.
     async fn finish(
         &self,
+        lease: &Lease,
         event: &StoredEvent,
         final_state: EventState,
         error: Option<String>,
@@ -1003,6 +1173,7 @@ impl Dispatcher {
         }
         self.journal
             .finish_with(
+                lease,
                 updates,
                 Finish {
                     seq: event.seq,
@@ -1207,7 +1378,7 @@ mod tests {
         );
         let set_back = recorded.next_attempt_ms.unwrap() + 3_600_000;
         journal
-            .set_deliveries(vec![DeliveryUpdate {
+            .set_deliveries(&Lease::default(), vec![DeliveryUpdate {
                 seq: 1,
                 route: "r".into(),
                 sink: "r".into(),
@@ -1315,7 +1486,7 @@ mod tests {
             attempt: None,
         };
         journal
-            .set_deliveries(vec![
+            .set_deliveries(&Lease::default(), vec![
                 tried("first", DeliveryState::Applied),
                 tried("second", DeliveryState::Pending),
             ])

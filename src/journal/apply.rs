@@ -1,7 +1,7 @@
 //! What the dispatcher, the status reporter and the admin API read and change in the journal:
 //! per-route delivery state, final states, per-subject revisions, dead letters and the outbox.
 //!
-//! Every change goes through the writer thread ([`Journal::write`]); reads use the reader
+//! Every change goes through the writer thread ([`SqliteJournal::write`]); reads use the reader
 //! connection and are blocking.
 
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use super::{DeliveryState, EventRecord, EventState, Journal, JournalError, read_record};
+use super::{DeliveryState, EventRecord, EventState, SqliteJournal, JournalError, read_record};
 
 /// An event as the dispatcher needs it.
 #[derive(Debug, Clone)]
@@ -169,7 +169,7 @@ pub enum Requeue {
 }
 
 /// Requeues the event at `seq` (in state `current`) in the writer's transaction: the rules of
-/// [`Journal::requeue`].
+/// [`SqliteJournal::requeue`].
 pub(super) fn requeue_row(
     conn: &Connection,
     seq: i64,
@@ -556,7 +556,7 @@ pub fn history(
 }
 
 /// Moves an event from the backlog to its final state, in the writer's transaction (see
-/// [`Journal::finish`]); false when it was not in the backlog. `now` is the writer's RFC 3339
+/// [`SqliteJournal::finish`]); false when it was not in the backlog. `now` is the writer's RFC 3339
 /// time.
 pub fn finish_event(
     conn: &Connection,
@@ -692,8 +692,8 @@ pub(super) fn prune(conn: &Connection, cutoff: &str, limit: u32) -> Result<u32, 
 /// (neither is read for a final event).
 pub type Dispatchable = (StoredEvent, Vec<DeliveryRecord>, Option<u64>);
 
-impl Journal {
-    /// Runs a short read at once on a quick connection ([`Journal::read_now`]), else on the
+impl SqliteJournal {
+    /// Runs a short read at once on a quick connection ([`SqliteJournal::read_now`]), else on the
     /// blocking pool.
     async fn read_soon<R: Send + 'static>(
         self: &Arc<Self>,
@@ -731,7 +731,7 @@ impl Journal {
         .await
     }
 
-    /// The highest revision applied for `subject`, read as [`Journal::dispatchable`] reads.
+    /// The highest revision applied for `subject`, read as [`SqliteJournal::dispatchable`] reads.
     pub async fn applied_revision(
         self: &Arc<Self>,
         subject: String,
@@ -865,7 +865,7 @@ impl Journal {
         self.finish_with(Vec::new(), finish).await
     }
 
-    /// As [`Journal::finish`], recording the deliveries' last states in the same transaction.
+    /// As [`SqliteJournal::finish`], recording the deliveries' last states in the same transaction.
     /// The writer writes the final states queued together in one go (see the writer's text).
     pub async fn finish_with(
         &self,
@@ -1133,7 +1133,7 @@ mod tests {
     #[tokio::test]
     async fn attempts_are_kept_in_order_with_their_durations_and_the_applied_output() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         journal.append(event("e", 1, None)).await.unwrap();
         journal
             .set_delivery(tried("a", 1, DeliveryState::Failed, 11, None))
@@ -1208,7 +1208,7 @@ mod tests {
     #[tokio::test]
     async fn a_route_retried_past_the_cap_keeps_its_first_and_latest_attempts() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         journal.append(event("e", 1, None)).await.unwrap();
         let total = KEPT_ATTEMPTS + 30;
         for n in 1..=total {
@@ -1264,7 +1264,7 @@ mod tests {
             .unwrap();
             tx.commit().unwrap();
         }
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         // The delivery learnt its event's type (for the listing's route and type filter).
         let delivery_type: Option<String> = journal
             .read(|c| c.query_row("SELECT type FROM deliveries", [], |r| r.get(0)))
@@ -1292,7 +1292,7 @@ mod tests {
     #[tokio::test]
     async fn no_stored_row_makes_reads_of_other_rows_fail() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         // As an agent that took integers up to 2^64 - 1 stored them.
         let huge = 1u64 << 63;
         for e in [

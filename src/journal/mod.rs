@@ -17,6 +17,7 @@
 //! it never interprets payloads.
 
 mod apply;
+mod backend;
 mod lock;
 pub mod pg;
 mod query;
@@ -29,6 +30,7 @@ pub use apply::{
     PendingReport, Requeue, RouteHistory, RouteReplay, SentReport, StoredEvent, deliveries,
     finish_event, history, load_event, subject_revision,
 };
+pub use backend::{Journal, Lease};
 pub use query::{EventFilter, EventSummary, Requeued};
 pub use writer::{Committed, insert_event};
 
@@ -93,6 +95,20 @@ pub enum JournalError {
     /// The journal has been closed (the agent is shutting down).
     #[error("the journal is closed")]
     Closed,
+    /// The PostgreSQL journal could not do what was asked.
+    #[error(transparent)]
+    Postgres(pg::PgError),
+    /// The operation exists on the SQLite journal only.
+    #[error("{0} needs the SQLite journal (journal.backend = \"sqlite\")")]
+    Unsupported(&'static str),
+}
+
+impl JournalError {
+    /// True when this agent lost the lease the change was made under: another agent applies
+    /// the event's subject now.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, JournalError::Postgres(pg::PgError::LeaseLost { .. }))
+    }
 }
 
 impl From<rusqlite::Error> for JournalError {
@@ -195,7 +211,7 @@ pub enum Appended {
     Duplicate(Box<EventRecord>),
 }
 
-/// Tuning for [`Journal::open`].
+/// Tuning for [`SqliteJournal::open`].
 #[derive(Debug, Clone)]
 pub struct JournalOptions {
     /// Most appends one transaction may carry.
@@ -216,7 +232,7 @@ pub struct JournalOptions {
     /// How long final events are kept (see [`crate::config::JournalConfig::retention_days`]);
     /// `None` keeps them for ever.
     pub retention: Option<Duration>,
-    /// Connections for the dispatcher's quick reads ([`Journal::read_now`]): one per worker
+    /// Connections for the dispatcher's quick reads ([`SqliteJournal::read_now`]): one per worker
     /// thread of the async runtime, which has one per CPU.
     pub quick_readers: usize,
 }
@@ -257,11 +273,11 @@ struct Shared {
 type Listener = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<Committed>>>>;
 
 /// The handle to the journal. Cheap to share behind an `Arc`.
-pub struct Journal {
+pub struct SqliteJournal {
     path: PathBuf,
     ops: mpsc::Sender<writer::Op>,
     reader: Mutex<Connection>,
-    /// The dispatcher's reads on the async threads ([`Journal::read_now`]); never wait. One
+    /// The dispatcher's reads on the async threads ([`SqliteJournal::read_now`]); never wait. One
     /// per runtime worker, so that a worker seldom finds them all taken.
     quick_readers: Vec<Mutex<Connection>>,
     shared: Arc<Shared>,
@@ -271,9 +287,9 @@ pub struct Journal {
     _lock: lock::StateLock,
 }
 
-impl std::fmt::Debug for Journal {
+impl std::fmt::Debug for SqliteJournal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Journal").field("path", &self.path).finish()
+        f.debug_struct("SqliteJournal").field("path", &self.path).finish()
     }
 }
 
@@ -325,10 +341,10 @@ fn check(conn: &Connection, path: &Path) -> Result<(), JournalError> {
     })
 }
 
-impl Journal {
+impl SqliteJournal {
     /// Opens (creating if needed) the journal in `state_dir`, checks that its pages are sound
     /// and migrates its schema.
-    pub fn open(state_dir: &Path, options: JournalOptions) -> Result<Arc<Journal>, JournalError> {
+    pub fn open(state_dir: &Path, options: JournalOptions) -> Result<Arc<SqliteJournal>, JournalError> {
         let state_err = |source| JournalError::StateDir {
             path: state_dir.to_owned(),
             source,
@@ -425,7 +441,7 @@ impl Journal {
                 .spawn(move || background(checkpointer, ops, dir, options, shared))
                 .map_err(state_err)?
         };
-        Ok(Arc::new(Journal {
+        Ok(Arc::new(SqliteJournal {
             path,
             ops,
             reader: Mutex::new(reader),
@@ -495,7 +511,7 @@ impl Journal {
 
     /// Runs a short read at once, on one of the quick connections, when one is free and the
     /// database does not make it wait; `None` otherwise, and the caller reads with
-    /// [`Journal::read`] off the async threads. For the dispatcher, whose reads touch the pages
+    /// [`SqliteJournal::read`] off the async threads. For the dispatcher, whose reads touch the pages
     /// just written (in memory) and take microseconds: less than handing them to another thread.
     /// There is a quick connection per runtime worker, and a read holds one only while it runs
     /// (it cannot wait inside), so `None` is rare: the blocking pool is not flooded with reads
@@ -789,7 +805,7 @@ mod tests {
             wal_restart_bytes: restart_bytes,
             ..JournalOptions::default()
         };
-        let journal = Journal::open(dir.path(), options).unwrap();
+        let journal = SqliteJournal::open(dir.path(), options).unwrap();
         let wal = dir.path().join(format!("{FILE_NAME}-wal"));
         let body = Bytes::from(vec![b'x'; 2048]);
         let mut tasks = tokio::task::JoinSet::new();
@@ -837,11 +853,11 @@ mod tests {
             checkpoint_interval: Duration::from_secs(3600),
             ..JournalOptions::default()
         };
-        let journal = Journal::open(dir.path(), options).unwrap();
+        let journal = SqliteJournal::open(dir.path(), options).unwrap();
         assert!(journal.low_disk());
         journal.close();
         drop(journal);
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         assert!(!journal.low_disk());
         journal.close();
     }
@@ -849,7 +865,7 @@ mod tests {
     #[tokio::test]
     async fn append_then_duplicate_then_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         assert_eq!(
             journal.append(event("a")).await.unwrap(),
             Appended::Accepted
@@ -865,7 +881,7 @@ mod tests {
             Err(JournalError::Closed)
         ));
         drop(journal);
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         assert_eq!(journal.backlog(), 1);
         assert!(journal.get("a").unwrap().is_some());
         assert!(journal.get("b").unwrap().is_none());
@@ -875,7 +891,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_appends_share_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         let mut tasks = Vec::new();
         for i in 0..200 {
             let journal = journal.clone();
@@ -909,7 +925,7 @@ mod tests {
             retention: None,
             ..JournalOptions::default()
         };
-        let journal = Journal::open(dir.path(), options).unwrap();
+        let journal = SqliteJournal::open(dir.path(), options).unwrap();
         let states = [
             ("applied", Some(EventState::Applied)),
             ("filtered", Some(EventState::Filtered)),
@@ -1013,7 +1029,7 @@ mod tests {
             retention: None,
             ..JournalOptions::default()
         };
-        let journal = Journal::open(dir.path(), options).unwrap();
+        let journal = SqliteJournal::open(dir.path(), options).unwrap();
         let count = PRUNE_BATCH as usize * 2 + 88;
         for n in 0..count {
             let id = format!("e{n}");
@@ -1051,7 +1067,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_job_rolls_back_alone_and_its_batch_commits() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         let insert = |subject: &'static str, fail: bool| {
             journal.write(move |conn| {
                 conn.execute(
@@ -1084,7 +1100,7 @@ mod tests {
         journal.close();
     }
 
-    fn state_of(journal: &Journal, id: &str) -> EventState {
+    fn state_of(journal: &SqliteJournal, id: &str) -> EventState {
         journal.get(id).unwrap().unwrap().state
     }
 
@@ -1098,7 +1114,7 @@ mod tests {
             max_batch: 3,
             ..JournalOptions::default()
         };
-        let journal = Journal::open(dir.path(), options).unwrap();
+        let journal = SqliteJournal::open(dir.path(), options).unwrap();
         for id in ["a", "b", "c"] {
             assert_eq!(journal.append(event(id)).await.unwrap(), Appended::Accepted);
         }
@@ -1134,7 +1150,7 @@ mod tests {
             finish_linger: Duration::from_secs(60),
             ..JournalOptions::default()
         };
-        let journal = Journal::open(dir.path(), options).unwrap();
+        let journal = SqliteJournal::open(dir.path(), options).unwrap();
         assert_eq!(
             journal.append(event("a")).await.unwrap(),
             Appended::Accepted
@@ -1158,7 +1174,7 @@ mod tests {
             retention: None,
             ..JournalOptions::default()
         };
-        let journal = Journal::open(dir.path(), options).unwrap();
+        let journal = SqliteJournal::open(dir.path(), options).unwrap();
         assert_eq!(
             journal.append(event("a")).await.unwrap(),
             Appended::Accepted
@@ -1191,7 +1207,7 @@ mod tests {
             quick_readers: 2,
             ..JournalOptions::default()
         };
-        let journal = Journal::open(dir.path(), options).unwrap();
+        let journal = SqliteJournal::open(dir.path(), options).unwrap();
         journal.append(event("a")).await.unwrap();
         let outer = journal
             .read_now(|conn| {
@@ -1228,7 +1244,7 @@ mod tests {
             )
             .unwrap();
         }
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         assert_eq!(journal.backlog(), 1);
         let event = journal.load_event(1).unwrap().unwrap();
         assert_eq!(event.envelope, r#"{"id":"old"}"#);
@@ -1251,7 +1267,7 @@ mod tests {
     #[test]
     fn a_damaged_page_or_header_is_refused_naming_the_file_and_changing_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         journal.close();
         drop(journal);
         let path = dir.path().join(FILE_NAME);
@@ -1292,7 +1308,7 @@ mod tests {
             bytes[offset..offset + len].copy_from_slice(&garbage(len));
             let damaged = copy.path().join(FILE_NAME);
             std::fs::write(&damaged, &bytes).unwrap();
-            let e = Journal::open(copy.path(), JournalOptions::default())
+            let e = SqliteJournal::open(copy.path(), JournalOptions::default())
                 .err()
                 .unwrap_or_else(|| panic!("damage at {offset} was not found"));
             let message = e.to_string();
@@ -1310,7 +1326,7 @@ mod tests {
             );
         }
         // The undamaged journal opens, with its backlog.
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         assert_eq!(journal.backlog(), 200);
     }
 
@@ -1320,7 +1336,7 @@ mod tests {
         let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
-        let err = Journal::open(dir.path(), JournalOptions::default()).unwrap_err();
+        let err = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap_err();
         assert!(matches!(err, JournalError::SchemaTooNew { found: 99, .. }));
     }
 }

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 use serde::Serialize;
 
 use super::apply::{Requeue, requeue_row, stored_u64};
-use super::{EventState, Journal, JournalError};
+use super::{EventState, SqliteJournal, JournalError};
 
 /// What a listing selects; every part is optional and they combine with AND.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -347,7 +347,7 @@ pub struct Requeued {
     pub subject: String,
 }
 
-impl Journal {
+impl SqliteJournal {
     /// Events matching `filter` below seq `before`, newest first, at most `limit`. Blocking.
     pub fn list_events(
         &self,
@@ -458,7 +458,7 @@ mod tests {
     }
 
     /// SQLite's plan for the walk of `filter` with `types`, step by step.
-    fn query_plan(journal: &Journal, filter: &EventFilter, types: &TypeTest<'_>) -> Vec<String> {
+    fn query_plan(journal: &SqliteJournal, filter: &EventFilter, types: &TypeTest<'_>) -> Vec<String> {
         let bounds = Bounds {
             above: None,
             below: None,
@@ -479,9 +479,9 @@ mod tests {
 
     /// Twelve events: e0..e11, types cycling rule.a, rule.b, other[1]; subjects S0/S1; e3 and
     /// e7 failed, delivered through route r1; e{i} received at minute i of the hour.
-    async fn journal() -> (tempfile::TempDir, Arc<Journal>) {
+    async fn journal() -> (tempfile::TempDir, Arc<SqliteJournal>) {
         let dir = tempfile::tempdir().unwrap();
-        let journal = Journal::open(dir.path(), JournalOptions::default()).unwrap();
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         let types = ["rule.a", "rule.b", "other[1]"];
         for i in 0..12 {
             journal

@@ -410,6 +410,8 @@ fn clone_error(e: &JournalError) -> JournalError {
     match e {
         JournalError::Full => JournalError::Full,
         JournalError::Closed => JournalError::Closed,
+        JournalError::Postgres(inner) => JournalError::Postgres(inner.clone()),
+        JournalError::Unsupported(what) => JournalError::Unsupported(what),
         JournalError::Corrupt(inner) => JournalError::Corrupt(copy_sqlite(inner)),
         JournalError::Io(inner) => JournalError::Io(copy_sqlite(inner)),
         JournalError::SchemaTooNew { found, supported } => JournalError::SchemaTooNew {

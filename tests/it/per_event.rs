@@ -155,6 +155,8 @@ async fn fill_backlog(state_dir: &Path, count: usize, subjects: usize) {
     for chunk in events.chunks(1000) {
         let chunk = chunk.to_vec();
         journal
+            .sqlite()
+            .expect("a SQLite journal")
             .write(move |conn| {
                 let now = ess_agent::timestamp::now();
                 for event in &chunk {

@@ -16,9 +16,13 @@
 
 pub mod append;
 pub mod claim;
+pub mod journal;
 pub mod lease;
+pub mod query;
 pub mod schema;
 pub mod wake;
+
+pub use journal::{PgJournal, PgJournalOptions};
 
 #[cfg(test)]
 pub(crate) mod testdb;
@@ -58,6 +62,13 @@ pub struct PgOptions {
     pub lease: Duration,
     /// Most appends one transaction carries. Default 512.
     pub max_batch: usize,
+    /// The password, when the URL's user needs one.
+    pub password: Option<String>,
+    /// TLS to PostgreSQL; `None` does what the URL says (`sslmode`), else `verify_full` when
+    /// `ca_pem` is set, else `prefer`.
+    pub tls: Option<crate::sink::sql::TlsMode>,
+    /// PEM CA certificate(s) the server's certificate must chain to.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for PgOptions {
@@ -71,6 +82,9 @@ impl Default for PgOptions {
             partitions: 64,
             lease: Duration::from_secs(30),
             max_batch: 512,
+            password: None,
+            tls: None,
+            ca_pem: None,
         }
     }
 }
@@ -212,6 +226,26 @@ impl PgDb {
             startup.push(("search_path", schema.clone()));
         }
         connect = connect.application_name("ess-agent").options(startup);
+        if let Some(password) = &options.password {
+            connect = connect.password(password);
+        }
+        let tls = options
+            .tls
+            .or(options.ca_pem.as_ref().map(|_| crate::sink::sql::TlsMode::VerifyFull));
+        if let Some(mode) = tls {
+            use crate::sink::sql::TlsMode;
+            use sqlx::postgres::PgSslMode;
+            connect = connect.ssl_mode(match mode {
+                TlsMode::Disable => PgSslMode::Disable,
+                TlsMode::Prefer => PgSslMode::Prefer,
+                TlsMode::Require => PgSslMode::Require,
+                TlsMode::VerifyCa => PgSslMode::VerifyCa,
+                TlsMode::VerifyFull => PgSslMode::VerifyFull,
+            });
+        }
+        if let Some(pem) = &options.ca_pem {
+            connect = connect.ssl_root_cert_from_pem(pem.clone());
+        }
         let at = format!(
             "{}:{}/{}",
             connect.get_host(),

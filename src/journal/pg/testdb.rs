@@ -48,6 +48,7 @@ impl TestSchema {
             partitions: 16,
             lease: Duration::from_secs(3),
             max_batch: 512,
+            ..PgOptions::default()
         }
     }
 

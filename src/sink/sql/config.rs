@@ -176,7 +176,7 @@ pub(super) fn sqlite_path(url: &str) -> Result<PathBuf, String> {
 
 /// Refuses a URL that carries a password, so that passwords never sit in the configuration.
 /// The message never repeats the URL.
-pub(super) fn check_plain_url(url: &str) -> Result<(), String> {
+pub(crate) fn check_plain_url(url: &str) -> Result<(), String> {
     let parsed = url::Url::parse(url).map_err(|e| {
         format!("is not a valid URL ({e}): write it like postgres://ess@db.example:5432/rules")
     })?;
