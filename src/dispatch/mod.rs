@@ -111,10 +111,9 @@ enum Step {
 /// Events read per page of a pass over the PostgreSQL backlog.
 const PG_PAGE: usize = 512;
 
-/// A pass over the PostgreSQL backlog starts from its lowest event at least this often, to find
-/// the events committed after others with higher sequence numbers (see `journal::pg::claim`);
-/// the passes in between start after the highest event the last pass saw.
-const PG_FULL_PASS: Duration = Duration::from_secs(1);
+/// The dispatcher makes a pass over the PostgreSQL backlog at least this often, whether or not
+/// it was told of new events (a notification is a hint).
+const PG_PASS_EVERY: Duration = Duration::from_secs(1);
 
 /// The dispatcher. Shared behind an `Arc`.
 pub struct Dispatcher {
@@ -156,9 +155,6 @@ pub struct Dispatcher {
     /// PostgreSQL: the sequence numbers in the queues, so that a pass over the backlog does not
     /// queue an event twice.
     known: Mutex<HashSet<i64>>,
-    /// PostgreSQL: set when the next pass must start from the backlog's lowest event (a replay
-    /// put an old event back).
-    full_pass: std::sync::atomic::AtomicBool,
 }
 
 /// Where the spilled entry of event `seq` waits in `subject`'s queue, if it is there, behind the
@@ -252,7 +248,6 @@ impl Dispatcher {
             retry_due: Mutex::new(HashMap::new()),
             event_log: AtomicU8::new(EventLog::All as u8),
             known: Mutex::new(HashSet::new()),
-            full_pass: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -293,22 +288,20 @@ impl Dispatcher {
     /// event committed by any agent in one of them, a partition taken, notifications missed),
     /// at least once a second, and when the queues have room again after a pass that filled
     /// them. An event already queued is not queued again.
+    ///
+    /// Every pass starts from the backlog's lowest event. Agents' transactions commit out of
+    /// sequence order, so an event can become visible after one with a higher sequence number
+    /// was read; a pass that started after the highest number seen could then queue a
+    /// subject's later event before its earlier one. A pass from the start sees, for each
+    /// subject, every waiting event whose successor it sees (the hub sends a subject's next
+    /// event only once the previous one was acknowledged, i.e. committed).
     async fn intake_pg(self: &Arc<Self>, pg: Arc<PgJournal>) {
         let work = pg.work().clone();
-        let mut last_full = tokio::time::Instant::now();
-        let mut cursor = 0i64;
         loop {
             let parts = pg.lessee().applicable();
             let mut full = false;
             if !parts.is_empty() {
-                let from_start = self.full_pass.swap(false, Ordering::Relaxed)
-                    || last_full.elapsed() >= PG_FULL_PASS;
-                let mut after = if from_start {
-                    last_full = tokio::time::Instant::now();
-                    0
-                } else {
-                    cursor
-                };
+                let mut after = 0i64;
                 loop {
                     let queued = self.queued.load(Ordering::Relaxed);
                     if queued >= QUEUED_MAX {
@@ -327,14 +320,12 @@ impl Dispatcher {
                         Ok(page) => page,
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot read waiting events from the journal; trying again shortly");
-                            self.full_pass.store(true, Ordering::Relaxed);
                             break;
                         }
                     };
                     let complete = page.len() < room;
                     for waiting in page {
                         after = waiting.seq;
-                        cursor = cursor.max(waiting.seq);
                         let new = self
                             .known
                             .lock()
@@ -358,7 +349,7 @@ impl Dispatcher {
                 _ = self.stop.cancelled() => return,
                 _ = work.notified() => {}
                 _ = self.queue_room.notified(), if full => {}
-                _ = tokio::time::sleep(PG_FULL_PASS) => {}
+                _ = tokio::time::sleep(PG_PASS_EVERY) => {}
             }
         }
     }
@@ -482,7 +473,6 @@ impl Dispatcher {
     /// next pass over the backlog finds it instead, if this agent holds its subject.
     pub fn submit(self: &Arc<Self>, seq: i64, subject: String) {
         if let Some(pg) = self.journal.postgres() {
-            self.full_pass.store(true, Ordering::Relaxed);
             pg.work().notify_one();
             return;
         }

@@ -10,6 +10,7 @@ mod console;
 mod console_api;
 mod crashloop;
 mod docs;
+mod ha;
 mod hostile;
 mod jsonata_conformance;
 mod layering;

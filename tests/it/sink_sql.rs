@@ -193,7 +193,7 @@ impl Db {
             .and_then(|r| r.into_iter().next().flatten())
     }
 
-    async fn count(&self, table: &str) -> i64 {
+    pub(crate) async fn count(&self, table: &str) -> i64 {
         let sql = match self.kind {
             Kind::MariaDb => format!("SELECT CAST(COUNT(*) AS CHAR) FROM {table}"),
             _ => format!("SELECT CAST(COUNT(*) AS TEXT) FROM {table}"),
@@ -267,14 +267,14 @@ impl Drop for Db {
 // ---------------------------------------------------------------------------------------------
 // Agent helpers
 
-fn write_adapter(dir: &Path, name: &str, source: &str) {
+pub(crate) fn write_adapter(dir: &Path, name: &str, source: &str) {
     let adapters = dir.join("adapters");
     std::fs::create_dir_all(&adapters).unwrap();
     std::fs::write(adapters.join(name), source).unwrap();
 }
 
 /// A TOML string literal.
-fn toml_str(text: &str) -> String {
+pub(crate) fn toml_str(text: &str) -> String {
     toml::Value::String(text.to_string()).to_string()
 }
 
@@ -295,7 +295,7 @@ fn agent_config(dir: &Path, top: &str, routes: &[String]) -> String {
     )
 }
 
-fn event(id: &str, event_type: &str, subject: &str, payload: Value) -> Vec<u8> {
+pub(crate) fn event(id: &str, event_type: &str, subject: &str, payload: Value) -> Vec<u8> {
     serde_json::to_vec(
         &json!({"id": id, "version": 1, "type": event_type, "subject": subject, "payload": payload}),
     )
@@ -312,7 +312,7 @@ fn client() -> ess_agent::http_client::HttpClient {
     CLIENT.with(Clone::clone)
 }
 
-async fn post(url: &str, id: &str, body: Vec<u8>) -> Result<support::Reply, String> {
+pub(crate) async fn post(url: &str, id: &str, body: Vec<u8>) -> Result<support::Reply, String> {
     let headers = signed_headers(id, unix_now(), &body);
     request(&client(), Method::POST, url, &headers, body).await
 }
@@ -359,7 +359,7 @@ fn wait_all_final(
     seen
 }
 
-fn tail(text: &str, n: usize) -> String {
+pub(crate) fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }

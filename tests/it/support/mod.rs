@@ -8,6 +8,7 @@ pub mod hub;
 pub mod kill9;
 pub mod mosquitto;
 pub mod nats;
+pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod redis;
