@@ -314,7 +314,7 @@ pub async fn set_deliveries(
 /// Puts an event in its final state with its deliveries' last states, raises its subject's
 /// revision and queues its status report, in one transaction under the lease of its partition.
 /// False when the event was not waiting (or not of the fence's partition); nothing is written
-/// then but the deliveries.
+/// then but the deliveries and their attempts.
 pub async fn finish(
     db: &PgDb,
     fence: &Fence,

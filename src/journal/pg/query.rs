@@ -567,12 +567,20 @@ async fn count<'q>(
         .map_err(|e| db.error(e, doing))
 }
 
-/// The earliest time a pending report is due, unix ms.
+/// The earliest time a pending report is due, unix ms. A report another agent (or this one)
+/// holds under a live claim is due no earlier than its claim's expiry (on PostgreSQL's clock),
+/// as no agent can claim it before: otherwise the report loop would wake at once, again and
+/// again, for reports that are being sent elsewhere.
 pub async fn outbox_next_due(db: &PgDb) -> Result<Option<i64>, PgError> {
-    sqlx::query_scalar("SELECT min(next_attempt_ms) FROM outbox")
-        .fetch_one(db.pool())
-        .await
-        .map_err(|e| db.error(e, "reading when the next status report is due"))
+    sqlx::query_scalar(
+        "SELECT min(CASE WHEN claim_expires_at > now() \
+           THEN greatest(next_attempt_ms, \
+             (extract(epoch FROM claim_expires_at) * 1000)::bigint) \
+           ELSE next_attempt_ms END) FROM outbox",
+    )
+    .fetch_one(db.pool())
+    .await
+    .map_err(|e| db.error(e, "reading when the next status report is due"))
 }
 
 /// Marks a dead letter dropped. The event stays known (a redelivery is a duplicate) until it
@@ -1326,6 +1334,18 @@ mod tests {
         assert_eq!(backlog(&j.db).await.unwrap(), 10);
         assert_eq!(outbox_len(&j.db).await.unwrap(), 2);
         assert_eq!(outbox_next_due(&j.db).await.unwrap(), Some(0));
+        // Reports claimed (here by this agent) are due again when their claim expires.
+        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let claimed = claim_reports(&j.db, "a", i64::MAX, 10, Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 2);
+        let due = outbox_next_due(&j.db).await.unwrap().unwrap();
+        assert!(
+            due > now_ms + 500_000 && due < now_ms + 700_000,
+            "{due} vs {now_ms}"
+        );
+        assert_eq!(outbox_len(&j.db).await.unwrap(), 2);
 
         assert_eq!(
             drop_dead_letter(&j.db, "e3").await.unwrap(),
