@@ -6,9 +6,11 @@
 //! Listings are ordered by `seq` descending and continue below a cursor seq, as the SQLite
 //! journal's; each filter has an index ending in `seq` (see the schema). A type glob is turned
 //! into the concrete types it matches (a walk over the type index, one distinct value at a
-//! time), and a few types are listed by one index walk each, merged. Unlike the SQLite journal,
-//! a time window is not turned into a seq range: the events come from several agents, whose
-//! clocks (which write `received_at`) need not agree with the order of `seq`.
+//! time), and a few types are listed by one index walk each, merged. A time window is turned
+//! into a seq range through the receive time's index, as in the SQLite journal, widened by
+//! [`CLOCK_SLACK_MS`] on both sides: the events come from several agents, and each writes
+//! `received_at` by its own clock, so a window finds every event in it as long as the agents'
+//! clocks agree within that slack.
 //!
 //! Replays and drops are not fenced: any agent's admin API may make them, whoever holds the
 //! event's partition. They lock the event's row (`SELECT … FOR UPDATE`) for their transaction,
@@ -37,6 +39,12 @@ use crate::journal::{
 /// Globs matching more types than this are not split into one index walk per type: the
 /// listing walks `seq` and tests the type of each row instead (as the SQLite journal does).
 const MAX_TYPE_WALKS: usize = 16;
+
+/// How far receive times may run against the receive order, and a time window still find every
+/// event in it: the window's seq range is found through the receive time's index, widened by
+/// this much on both sides. Larger than the SQLite journal's minute, as the times come from
+/// several agents' clocks; a wider range costs only the rows of the slack.
+const CLOCK_SLACK_MS: i64 = 10 * 60_000;
 
 /// Ends a transaction whose work returned `result`: commits it when Ok, rolls it back at once
 /// otherwise (it may hold row locks). `None` after a first serialization failure or deadlock:
@@ -249,6 +257,53 @@ async fn matching_types(
     .await
 }
 
+/// `text` (a journal time) moved by `ms` milliseconds, as the journal writes times.
+fn shifted(text: &str, ms: i64) -> Option<String> {
+    let at =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(crate::timestamp::format(
+        at + time::Duration::milliseconds(ms),
+    ))
+}
+
+/// The seq range `(above, below)`, both exclusive, that holds every event of the filter's time
+/// window (see [`CLOCK_SLACK_MS`]). Among events received at the same time, the bound that
+/// excludes fewer is taken.
+async fn window_seqs(
+    conn: &mut PgConnection,
+    filter: &EventFilter,
+) -> Result<(Option<i64>, Option<i64>), sqlx::Error> {
+    let mut above = None;
+    let mut below = None;
+    if let Some(since) = filter
+        .since
+        .as_deref()
+        .and_then(|t| shifted(t, -CLOCK_SLACK_MS))
+    {
+        above = sqlx::query_scalar(
+            "SELECT seq FROM events WHERE received_at < $1 \
+             ORDER BY received_at DESC, seq LIMIT 1",
+        )
+        .bind(since)
+        .fetch_optional(&mut *conn)
+        .await?;
+    }
+    if let Some(until) = filter
+        .until
+        .as_deref()
+        .and_then(|t| shifted(t, CLOCK_SLACK_MS))
+    {
+        below = sqlx::query_scalar(
+            "SELECT seq FROM events WHERE received_at >= $1 \
+             ORDER BY received_at, seq DESC LIMIT 1",
+        )
+        .bind(until)
+        .fetch_optional(&mut *conn)
+        .await?;
+    }
+    Ok((above, below))
+}
+
 /// [`list_events`] on `conn` (in its transaction, if any).
 async fn list_on(
     conn: &mut PgConnection,
@@ -297,7 +352,12 @@ async fn list_on(
         }
         Some(types) => Walk::PerType(types),
     };
-    let mut query = select(filter, walk, before, limit);
+    let (above, below) = window_seqs(&mut *conn, filter).await?;
+    let below = match (before, below) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let mut query = select(filter, walk, above, below, limit);
     let rows = query.build().fetch_all(conn).await?;
     rows.iter().map(summary).collect()
 }
@@ -334,11 +394,12 @@ fn summary(r: &PgRow) -> Result<EventSummary, sqlx::Error> {
     })
 }
 
-/// The statement of a listing.
+/// The statement of a listing: seq between `above` and `below` (both exclusive).
 fn select<'a>(
     filter: &'a EventFilter,
     walk: Walk<'a>,
-    before: Option<i64>,
+    above: Option<i64>,
+    below: Option<i64>,
     limit: u32,
 ) -> QueryBuilder<Postgres> {
     // A route alone walks that route's deliveries (in event seq order), with one type the
@@ -419,9 +480,13 @@ fn select<'a>(
         q.push(" AND e.received_at < ");
         q.push_bind(until.clone());
     }
-    if let Some(before) = before {
+    if let Some(above) = above {
+        q.push(format_args!(" AND {seq} > "));
+        q.push_bind(above);
+    }
+    if let Some(below) = below {
         q.push(format_args!(" AND {seq} < "));
-        q.push_bind(before);
+        q.push_bind(below);
     }
     q.push(format_args!(" ORDER BY {seq} DESC LIMIT "));
     q.push_bind(i64::from(limit));
@@ -1278,7 +1343,83 @@ mod tests {
             until: Some("2026-12-07T09:07:00.000Z".into()),
             ..EventFilter::default()
         };
-        assert_eq!(ids(&list(window, None, 100).await), ["e6", "e5", "e4"]);
+        assert_eq!(
+            ids(&list(window.clone(), None, 100).await),
+            ["e6", "e5", "e4"]
+        );
+        // An event received by an agent whose clock is minutes behind is in the window its
+        // time says, although its seq is far from the window's.
+        j.execute("UPDATE events SET received_at = '2026-12-07T09:05:30.000Z' WHERE id = 'e11'")
+            .await;
+        j.execute("UPDATE events SET received_at = '2026-12-07T09:15:00.000Z' WHERE id = 'e1'")
+            .await;
+        assert_eq!(
+            ids(&list(window.clone(), None, 100).await),
+            ["e11", "e6", "e5", "e4"]
+        );
+        let since = EventFilter {
+            until: None,
+            ..window
+        };
+        assert_eq!(
+            ids(&list(since, None, 100).await),
+            ["e11", "e10", "e9", "e8", "e7", "e6", "e5", "e4", "e1"]
+        );
+        j.appender.close().await;
+    }
+
+    /// A window is turned into a seq range, widened by the clock slack: an event received by
+    /// an agent whose clock is a few minutes behind is found, although an event after it in
+    /// seq order was received after the window's end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_time_window_finds_the_events_of_clocks_within_the_slack() {
+        let j = twelve().await;
+        // e{i} received at hour i.
+        j.execute(
+            "UPDATE events SET received_at = \
+             format('2026-12-07T%s:00:00.000Z', lpad(substr(id, 2), 2, '0'))",
+        )
+        .await;
+        let window = EventFilter {
+            since: Some("2026-12-07T04:00:00.000Z".into()),
+            until: Some("2026-12-07T07:00:00.000Z".into()),
+            ..EventFilter::default()
+        };
+        let list = async |filter: &EventFilter, before: Option<i64>, limit: u32| {
+            let events = list_events(&j.db, filter, before, limit).await.unwrap();
+            ids(&events)
+                .into_iter()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(list(&window, None, 100).await, ["e6", "e5", "e4"]);
+        let (above, below) = {
+            let mut conn = j.db.pool().acquire().await.unwrap();
+            window_seqs(&mut conn, &window).await.unwrap()
+        };
+        assert_eq!(
+            (above, below),
+            (Some(j.seq("e3").await), Some(j.seq("e8").await)),
+            "the window's seq range is found through the receive times"
+        );
+        // e8's agent is 5 minutes past the window's end when e9's, 3 minutes behind, accepts
+        // an event inside it.
+        j.execute("UPDATE events SET received_at = '2026-12-07T07:05:00.000Z' WHERE id = 'e8'")
+            .await;
+        j.execute("UPDATE events SET received_at = '2026-12-07T06:57:00.000Z' WHERE id = 'e9'")
+            .await;
+        assert_eq!(list(&window, None, 100).await, ["e9", "e6", "e5", "e4"]);
+        assert_eq!(list(&window, None, 2).await, ["e9", "e6"]);
+        let below = Some(j.seq("e6").await);
+        assert_eq!(list(&window, below, 2).await, ["e5", "e4"]);
+        let since = EventFilter {
+            until: None,
+            ..window
+        };
+        assert_eq!(
+            list(&since, None, 100).await,
+            ["e11", "e10", "e9", "e8", "e7", "e6", "e5", "e4"]
+        );
         j.appender.close().await;
     }
 
