@@ -1747,6 +1747,44 @@ mod tests {
         j.appender.close().await;
     }
 
+    /// The admin API runs these on the runtime's worker threads, from tasks that move between
+    /// them: each future must be `Send`. (Checked when compiled; nothing is run.)
+    #[tokio::test]
+    async fn every_operation_s_future_is_send() {
+        fn send<T: Send>(_: T) {}
+        let db = PgDb::new(&super::super::PgOptions::default()).unwrap();
+        let filter = EventFilter::default();
+        let replay = RouteReplay {
+            route: "r".into(),
+            others: Vec::new(),
+        };
+        send(get(&db, "e"));
+        send(get_detail(&db, "e"));
+        send(list_events(&db, &filter, None, 10));
+        send(received_per_minute(&db, "2026-01-01T00:00:00.000Z"));
+        send(dead_letters(&db, 0, 10));
+        send(dead_letter_count(&db));
+        send(drop_dead_letter(&db, "e"));
+        send(requeue(&db, "e", Some(&replay), false));
+        send(requeue_dead_letters(&db, &filter, 10));
+        send(outbox_len(&db));
+        send(outbox_next_due(&db));
+        send(backlog(&db));
+        // And the lease holder's writes of deliveries and their attempts.
+        let fence = Fence {
+            part: 0,
+            owner: "a".into(),
+            epoch: 1,
+        };
+        send(set_deliveries(&db, &fence, &[]));
+        send(finish(
+            &db,
+            &fence,
+            &[],
+            &finished(1, "e", EventState::Applied),
+        ));
+    }
+
     #[test]
     fn a_glob_becomes_a_like_pattern_with_like_s_own_characters_escaped() {
         assert_eq!(glob_to_like("rule.*"), "rule.%");
