@@ -1,10 +1,11 @@
 //! Appends with group commit: concurrent appends share one transaction.
 //!
 //! One task per agent takes the appends that are waiting (up to `max_batch`) and writes them in
-//! one statement, `INSERT … ON CONFLICT (id) DO NOTHING RETURNING`, with their bodies in the same
-//! statement, which PostgreSQL runs as one transaction; appends that arrive meanwhile wait for
-//! the next one (two batches are in flight at most). Nobody is answered before the COMMIT
-//! returned: each caller gets [`AppendOutcome::Accepted`] with the event's `seq`,
+//! one statement, `INSERT … ON CONFLICT (id) DO NOTHING RETURNING`, with their bodies and
+//! receipts (how each request was authenticated) in the same statement, which PostgreSQL runs
+//! as one transaction; appends that arrive meanwhile wait for the next one (two batches are in
+//! flight at most). Nobody is answered before the COMMIT returned: each caller gets
+//! [`AppendOutcome::Accepted`] with the event's `seq`,
 //! [`AppendOutcome::Duplicate`] with the stored record when the id was in the journal already
 //! (accepted by this agent or any other; read after the commit), or the batch's error. A
 //! connection lost before the statement's answer leaves it unknown whether the rows were
@@ -203,19 +204,20 @@ impl Batcher {
             "WITH input AS ( \
                SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[], $5::text[], \
                  $6::bigint[], $7::text[], $8::text[], $9::text[], $10::text[], $11::bytea[], \
-                 $12::text[]) \
+                 $12::text[], $13::text[]) \
                AS t(id, part, type, version, subject, revision, source, time, format, \
-                 content_type, raw_body, envelope) \
+                 content_type, raw_body, envelope, receipt) \
              ), ins AS ( \
                INSERT INTO events (id, part, type, version, subject, revision, source, time, \
                  format, content_type, received_at, received_by, state, updated_at) \
                SELECT id, part, type, version, subject, revision, source, time, format, \
-                 content_type, $13, $14, 'accepted', $13 FROM input ORDER BY id \
+                 content_type, $14, $15, 'accepted', $14 FROM input ORDER BY id \
                ON CONFLICT (id) DO NOTHING \
                RETURNING seq, id, part \
              ), bodies AS ( \
-               INSERT INTO event_bodies (seq, raw_body, envelope) \
-               SELECT ins.seq, input.raw_body, input.envelope FROM ins JOIN input USING (id) \
+               INSERT INTO event_bodies (seq, raw_body, envelope, receipt) \
+               SELECT ins.seq, input.raw_body, input.envelope, input.receipt \
+               FROM ins JOIN input USING (id) \
              ) \
              SELECT id, seq, part FROM ins",
         )
@@ -264,6 +266,12 @@ impl Batcher {
             events
                 .iter()
                 .map(|e| e.envelope.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.receipt.as_deref())
                 .collect::<Vec<_>>(),
         )
         .bind(&now)
@@ -346,25 +354,30 @@ pub(super) async fn read_records(
     .bind(ids)
     .fetch_all(conn)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(EventRecord {
-                id: r.try_get(0)?,
-                event_type: r.try_get(1)?,
-                version: r.try_get::<i64, _>(2)? as u64,
-                subject: r.try_get(3)?,
-                revision: r.try_get::<Option<i64>, _>(4)?.map(|v| v as u64),
-                source: r.try_get(5)?,
-                time: r.try_get(6)?,
-                format: r.try_get(7)?,
-                received_at: r.try_get(8)?,
-                state: state_column(r, 9)?,
-                updated_at: r.try_get(10)?,
-                error: r.try_get(11)?,
-                finished_at: r.try_get(12)?,
-            })
-        })
-        .collect()
+    rows.iter().map(|r| record_from(r, 0)).collect()
+}
+
+/// The [`EventRecord`] in the columns of `row` from `first` on: `id, type, version, subject,
+/// revision, source, time, format, received_at, state, updated_at, error, finished_at`.
+pub(super) fn record_from(
+    r: &sqlx::postgres::PgRow,
+    first: usize,
+) -> Result<EventRecord, sqlx::Error> {
+    Ok(EventRecord {
+        id: r.try_get(first)?,
+        event_type: r.try_get(first + 1)?,
+        version: r.try_get::<i64, _>(first + 2)? as u64,
+        subject: r.try_get(first + 3)?,
+        revision: r.try_get::<Option<i64>, _>(first + 4)?.map(|v| v as u64),
+        source: r.try_get(first + 5)?,
+        time: r.try_get(first + 6)?,
+        format: r.try_get(first + 7)?,
+        received_at: r.try_get(first + 8)?,
+        state: state_column(r, first + 9)?,
+        updated_at: r.try_get(first + 10)?,
+        error: r.try_get(first + 11)?,
+        finished_at: r.try_get(first + 12)?,
+    })
 }
 
 /// A state column: the word the SQLite journal writes too.

@@ -19,7 +19,10 @@ use sqlx::Row as _;
 use super::append::state_column;
 use super::lease::check_fence;
 use super::{Fence, PgDb, PgError};
-use crate::journal::{DeliveryRecord, DeliveryUpdate, EventState, Finish, OutboxRow, StoredEvent};
+use crate::journal::{
+    Attempt, DeliveryRecord, DeliveryUpdate, EventState, Finish, KEPT_ATTEMPTS, OutboxRow,
+    StoredEvent,
+};
 
 /// The advisory lock class of a prune round; the schema's name gives the second key.
 const PRUNE_LOCK: i32 = 0x4553_4a02;
@@ -103,14 +106,24 @@ fn rfc3339_ms(text: &str) -> i64 {
 /// The deliveries of one event, by route.
 pub async fn deliveries(db: &PgDb, seq: i64) -> Result<Vec<DeliveryRecord>, PgError> {
     const DOING: &str = "reading an event's deliveries";
+    let mut conn = db.pool().acquire().await.map_err(|e| db.error(e, DOING))?;
+    deliveries_on(&mut conn, seq)
+        .await
+        .map_err(|e| db.error(e, DOING))
+}
+
+/// [`deliveries`] on `conn` (in its transaction, if any).
+pub(super) async fn deliveries_on(
+    conn: &mut sqlx::PgConnection,
+    seq: i64,
+) -> Result<Vec<DeliveryRecord>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT route, sink, state, attempts, next_attempt_ms, last_error, updated_at \
          FROM deliveries WHERE event_seq = $1 ORDER BY route",
     )
     .bind(seq)
-    .fetch_all(db.pool())
-    .await
-    .map_err(|e| db.error(e, DOING))?;
+    .fetch_all(conn)
+    .await?;
     rows.iter()
         .map(|r| {
             Ok(DeliveryRecord {
@@ -123,8 +136,7 @@ pub async fn deliveries(db: &PgDb, seq: i64) -> Result<Vec<DeliveryRecord>, PgEr
                 updated_at: r.try_get(6)?,
             })
         })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(|e| db.error(e, DOING))
+        .collect()
 }
 
 /// The highest revision applied for `subject`.
@@ -171,7 +183,9 @@ async fn end<T>(
     }
 }
 
-/// Upserts delivery states of events of the fence's partition.
+/// Upserts delivery states of events of the fence's partition, each with the event's type (for
+/// the listing's route and type filter), and adds the attempts that led to them to their
+/// routes' histories ([`write_attempt`]).
 async fn write_deliveries(
     conn: &mut sqlx::PgConnection,
     part: i32,
@@ -185,8 +199,9 @@ async fn write_deliveries(
     // this lease's to write.
     sqlx::query(
         "INSERT INTO deliveries (event_seq, route, sink, state, attempts, next_attempt_ms, \
-           last_error, updated_at) \
-         SELECT u.seq, u.route, u.sink, u.state, u.attempts, u.next_attempt_ms, u.last_error, $9 \
+           last_error, updated_at, type) \
+         SELECT u.seq, u.route, u.sink, u.state, u.attempts, u.next_attempt_ms, u.last_error, \
+           $9, e.type \
          FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bigint[], \
            $7::text[]) AS u(seq, route, sink, state, attempts, next_attempt_ms, last_error) \
          JOIN events e ON e.seq = u.seq AND e.part = $8 \
@@ -219,6 +234,65 @@ async fn write_deliveries(
     )
     .bind(part)
     .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    // One statement per attempt, in the order given: two attempts of one route in one call
+    // are numbered one after the other.
+    for update in updates {
+        if let Some(attempt) = &update.attempt {
+            write_attempt(&mut *conn, part, update, attempt).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds an attempt to its route's history, as the SQLite journal does: numbered after the
+/// route's last kept attempt (or the delivery's count, for a delivery counted before its
+/// history), across replays; only the latest applied attempt keeps its output; the history
+/// keeps the first attempt and the latest [`KEPT_ATTEMPTS`]` - 1`. One statement: the clearing
+/// and the trimming see the rows as they were before the insert, so they never touch the new
+/// one, and the clearing leaves alone the rows the trimming deletes (one statement must not
+/// change a row twice). Nothing is written for an event outside the fenced partition.
+async fn write_attempt(
+    conn: &mut sqlx::PgConnection,
+    part: i32,
+    update: &DeliveryUpdate,
+    attempt: &Attempt,
+) -> Result<(), sqlx::Error> {
+    let output = attempt.output.as_ref();
+    sqlx::query(
+        "WITH n AS ( \
+           SELECT greatest($3, 1 + coalesce((SELECT max(attempt) FROM attempts \
+             WHERE event_seq = $1 AND route = $2), 0)) AS attempt \
+           FROM events WHERE seq = $1 AND part = $12 \
+         ), ins AS ( \
+           INSERT INTO attempts (event_seq, route, attempt, sink, started_at, duration_ms, \
+             outcome, error, output, output_bytes, output_truncated) \
+           SELECT $1, $2, n.attempt, $4, $5, $6, $7, $8, $9, $10, $11 FROM n \
+         ), cleared AS ( \
+           UPDATE attempts a SET output = NULL, output_bytes = NULL, output_truncated = false \
+           FROM n WHERE $9::text IS NOT NULL AND a.event_seq = $1 AND a.route = $2 \
+             AND a.attempt < n.attempt AND a.output IS NOT NULL \
+             AND NOT (n.attempt > $13 AND a.attempt > 1 \
+               AND a.attempt <= n.attempt - ($13 - 1)) \
+         ) \
+         DELETE FROM attempts a USING n \
+         WHERE n.attempt > $13 AND a.event_seq = $1 AND a.route = $2 \
+           AND a.attempt > 1 AND a.attempt <= n.attempt - ($13 - 1)",
+    )
+    .bind(update.seq)
+    .bind(&update.route)
+    .bind(i32::try_from(update.attempts).unwrap_or(i32::MAX))
+    .bind(&update.sink)
+    .bind(&attempt.started_at)
+    .bind(i64::try_from(attempt.duration_ms).unwrap_or(i64::MAX))
+    .bind(attempt.outcome.as_str())
+    .bind(attempt.error.as_deref())
+    .bind(output.map(|o| o.text.as_str()))
+    .bind(output.map(|o| i64::try_from(o.bytes).unwrap_or(i64::MAX)))
+    .bind(output.is_some_and(|o| o.truncated))
+    .bind(part)
+    .bind(KEPT_ATTEMPTS as i32)
     .execute(conn)
     .await
     .map(|_| ())
@@ -240,7 +314,7 @@ pub async fn set_deliveries(
 /// Puts an event in its final state with its deliveries' last states, raises its subject's
 /// revision and queues its status report, in one transaction under the lease of its partition.
 /// False when the event was not waiting (or not of the fence's partition); nothing is written
-/// then but the deliveries.
+/// then but the deliveries and their attempts.
 pub async fn finish(
     db: &PgDb,
     fence: &Fence,

@@ -7,8 +7,10 @@
 //! applies the events of the partitions it holds under a lease it renews ([`lease`]), so the
 //! events of one subject are applied by one agent at a time, in order. [`claim`] reads the work
 //! of the partitions held, writes final states fenced by the lease, hands out status reports and
-//! takes turns at pruning. [`wake`] tells an agent of events committed by any agent. [`schema`]
-//! creates and migrates the tables, once when several agents start together.
+//! takes turns at pruning. [`wake`] tells an agent of events committed by any agent. [`query`]
+//! holds what the admin API, the CLI and the console read and change (listings, an event's
+//! detail, dead letters, replays). [`schema`] creates and migrates the tables, once when
+//! several agents start together.
 //!
 //! Errors are classified by SQLSTATE and error kind, never by message text: everything that
 //! means "PostgreSQL cannot be reached or cannot take the write now" is
