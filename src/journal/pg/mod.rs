@@ -16,6 +16,7 @@
 
 pub mod append;
 pub mod claim;
+pub mod import;
 pub mod lease;
 pub mod schema;
 pub mod wake;
