@@ -84,12 +84,12 @@ pub struct Imported {
     pub reports_sent: u64,
     /// The partition count of the PostgreSQL journal (the `part` of the events).
     pub partitions: u32,
-    /// The partitions that got waiting events, and whose agents were woken.
+    /// The partitions that got waiting events: the wake-up sent after the COMMIT names them.
     pub woken: Vec<i32>,
 }
 
-/// Why a journal could not be imported. Nothing was written to PostgreSQL in any case but
-/// [`ImportError::Pg`] after the schema's creation (which is kept: it is empty).
+/// Why a journal could not be imported. In every case the PostgreSQL journal holds the rows it
+/// held before; only its tables may have been created (by the migration any agent would run).
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     /// The state directory holds no journal.
@@ -401,8 +401,15 @@ struct EventRow {
     updated_at: String,
     error: Option<String>,
     finished_at: Option<String>,
-    /// Raw body, envelope, receipt; `None` for an event whose body row is missing.
-    body: Option<(Vec<u8>, String, Option<String>)>,
+    /// `None` for an event whose body row is missing.
+    body: Option<Body>,
+}
+
+/// An event's body row.
+struct Body {
+    raw: Vec<u8>,
+    envelope: String,
+    receipt: Option<String>,
 }
 
 struct DeliveryRow {
@@ -479,7 +486,11 @@ fn read_journal(
          FROM events e LEFT JOIN event_bodies b ON b.seq = e.seq ORDER BY e.seq",
         |row| {
             let body = if row.get::<_, bool>(15)? {
-                Some((row.get(16)?, row.get(17)?, row.get(18)?))
+                Some(Body {
+                    raw: row.get(16)?,
+                    envelope: row.get(17)?,
+                    receipt: row.get(18)?,
+                })
             } else {
                 None
             };
@@ -505,7 +516,7 @@ fn read_journal(
         |e| {
             e.body
                 .as_ref()
-                .map_or(0, |(raw, envelope, _)| raw.len() + envelope.len())
+                .map_or(0, |b| b.raw.len() + b.envelope.len())
         },
         Batch::Events,
     )? {
@@ -750,7 +761,7 @@ async fn write_batch(
             .bind(agent)
             .execute(&mut *tx)
             .await?;
-            let bodies: Vec<(i64, &(Vec<u8>, String, Option<String>))> = rows
+            let bodies: Vec<(i64, &Body)> = rows
                 .iter()
                 .filter_map(|e| e.body.as_ref().map(|b| (e.seq, b)))
                 .collect();
@@ -762,19 +773,19 @@ async fn write_batch(
             .bind(
                 bodies
                     .iter()
-                    .map(|(_, (raw, _, _))| raw.as_slice())
+                    .map(|(_, b)| b.raw.as_slice())
                     .collect::<Vec<_>>(),
             )
             .bind(
                 bodies
                     .iter()
-                    .map(|(_, (_, envelope, _))| envelope.as_str())
+                    .map(|(_, b)| b.envelope.as_str())
                     .collect::<Vec<_>>(),
             )
             .bind(
                 bodies
                     .iter()
-                    .map(|(_, (_, _, receipt))| receipt.as_deref())
+                    .map(|(_, b)| b.receipt.as_deref())
                     .collect::<Vec<_>>(),
             )
             .execute(&mut *tx)
@@ -959,7 +970,7 @@ mod tests {
     fn event(n: usize) -> NewEvent {
         let mut e = new_event(&format!("evt-{n}"), &format!("S{}", n % 13));
         e.revision = Some(n as u64 + 1);
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             e.source = Some("hub".into());
             e.time = Some("2026-12-07T10:00:00.000Z".into());
             e.receipt = Some(format!("{{\"methods\":[\"hmac\"],\"n\":{n}}}"));
