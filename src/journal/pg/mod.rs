@@ -18,6 +18,7 @@
 
 pub mod append;
 pub mod claim;
+pub mod import;
 pub mod journal;
 pub mod lease;
 pub mod query;

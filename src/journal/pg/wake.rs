@@ -80,6 +80,46 @@ impl Wakeups {
     }
 }
 
+/// Most bytes of a notification's payload: PostgreSQL refuses 8000 and above.
+const MAX_PAYLOAD: usize = 7900;
+
+/// Wakes the agents for new events in `parts`, as the insert trigger does, for a writer that
+/// inserted events with the trigger disabled (an import): one notification per few hundred
+/// partitions, each under PostgreSQL's payload limit. Sent at once (outside a transaction), so
+/// call it after the COMMIT that made the events visible.
+pub async fn notify(db: &PgDb, parts: &[i32]) -> Result<(), PgError> {
+    const DOING: &str = "waking the agents for new events";
+    let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()")
+        .fetch_one(db.pool())
+        .await
+        .map_err(|e| db.error(e, DOING))?;
+    let prefix = format!("{}:", schema.unwrap_or_default());
+    let mut payloads = Vec::new();
+    let mut payload = prefix.clone();
+    for part in parts {
+        let item = part.to_string();
+        if payload.len() > prefix.len() && payload.len() + 1 + item.len() > MAX_PAYLOAD {
+            payloads.push(std::mem::replace(&mut payload, prefix.clone()));
+        }
+        if payload.len() > prefix.len() {
+            payload.push(',');
+        }
+        payload.push_str(&item);
+    }
+    if payload.len() > prefix.len() {
+        payloads.push(payload);
+    }
+    for payload in payloads {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(payload)
+            .execute(db.pool())
+            .await
+            .map_err(|e| db.error(e, DOING))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
