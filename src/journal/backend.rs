@@ -443,7 +443,7 @@ impl Journal {
         match &self.backend {
             Backend::Sqlite(j) => j.requeue_dead_letters(filter, max).await,
             Backend::Postgres(j) => {
-                Ok(super::pg::query::requeue_dead_letters(j.db(), filter, max).await?)
+                Ok(super::pg::query::requeue_dead_letters(j.db(), &filter, max).await?)
             }
         }
     }

@@ -946,7 +946,7 @@ mod tests {
     use super::super::wake::{Wakeup, Wakeups};
     use super::*;
     use crate::journal::{
-        AppliedOutput, Attempt, DeliveryUpdate, Finish, Journal, JournalOptions, NewEvent,
+        AppliedOutput, Attempt, DeliveryUpdate, Finish, JournalOptions, SqliteJournal, NewEvent,
     };
 
     const AGENT: &str = "importer";
@@ -958,12 +958,12 @@ mod tests {
         }
     }
 
-    fn open(dir: &Path) -> Arc<Journal> {
+    fn open(dir: &Path) -> Arc<SqliteJournal> {
         let options = JournalOptions {
             retention: None,
             ..JournalOptions::default()
         };
-        Journal::open(dir, options).unwrap()
+        SqliteJournal::open(dir, options).unwrap()
     }
 
     /// Event `n` of a small journal: subjects S0..S12, some with a source, a time and a receipt.
