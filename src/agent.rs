@@ -114,7 +114,10 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 }
 
 /// The PostgreSQL journal's settings from the configuration.
-fn postgres_options(config: &Config, secrets: &Secrets) -> Result<PgJournalOptions, StartError> {
+pub(crate) fn postgres_options(
+    config: &Config,
+    secrets: &Secrets,
+) -> Result<PgJournalOptions, StartError> {
     let journal = &config.journal;
     let ca_pem = journal
         .ca_file

@@ -516,7 +516,10 @@ impl JournalConfig {
                     }
                     Some(url) => {
                         if let Err(message) = crate::sink::sql::check_plain_url(url) {
-                            bad("journal.url", message.replace(" (or give the whole URL with url_secret)", ""));
+                            bad(
+                                "journal.url",
+                                message.replace(" (or give the whole URL with url_secret)", ""),
+                            );
                         }
                     }
                 }
@@ -528,17 +531,11 @@ impl JournalConfig {
                 if !(1.0..=3600.0).contains(&self.lease_seconds) {
                     bad(
                         "journal.lease_seconds",
-                        format!(
-                            "{} is not between 1 and 3600 seconds",
-                            self.lease_seconds
-                        ),
+                        format!("{} is not between 1 and 3600 seconds", self.lease_seconds),
                     );
                 }
                 if !(1..=4096).contains(&self.partitions) {
-                    bad(
-                        "journal.partitions",
-                        "must be from 1 to 4096".into(),
-                    );
+                    bad("journal.partitions", "must be from 1 to 4096".into());
                 }
                 if self.pool_size < 2 {
                     bad("journal.pool_size", "must be at least 2".into());

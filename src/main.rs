@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use ess_agent::cli::{self, AdapterCommand, Cli, Command, LogFormat};
+use ess_agent::cli::{self, AdapterCommand, Cli, Command, JournalCommand, LogFormat};
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
@@ -59,6 +59,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Run(args) => cli::run(args),
         Command::Validate(args) => Ok(cli::validate(args)),
+        Command::Journal(JournalCommand::Import(args)) => cli::journal::import(args),
         Command::Send(args) => cli::send::send(args),
         Command::Adapter(AdapterCommand::Eval(args)) => cli::adapter::eval(args),
         Command::Adapter(AdapterCommand::Test(args)) => cli::adapter::test(args),

@@ -1,7 +1,9 @@
 //! The command line: `run`, `validate`, `send`, `adapter eval`, `adapter test`, and the operator
-//! commands `status`, `replay`, `events` and `dead-letters` that talk to a running agent.
+//! commands `status`, `replay`, `events` and `dead-letters` that talk to a running agent, and
+//! `journal import`, which moves a SQLite journal into PostgreSQL.
 
 pub mod adapter;
+pub mod journal;
 pub mod ops;
 pub mod send;
 
@@ -86,6 +88,17 @@ pub enum Command {
         #[command(flatten)]
         admin: ops::AdminArgs,
     },
+    /// Work with the journal itself.
+    #[command(subcommand)]
+    Journal(JournalCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JournalCommand {
+    /// Copy the SQLite journal in the configuration's state_dir into the PostgreSQL journal the
+    /// configuration names (journal.backend = "postgres"): events waiting, dead letters, the
+    /// history, status reports. Stop the agent first; the PostgreSQL journal must be empty.
+    Import(ConfigArg),
 }
 
 #[derive(Debug, Subcommand)]

@@ -31,11 +31,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::EventLog;
+use crate::journal::pg::PgJournal;
 use crate::journal::{
     AppliedOutput, Attempt, Committed, DeliveryState, DeliveryUpdate, EventState, Finish, Journal,
     JournalError, Lease, Outcome, SqliteJournal, StoredEvent,
 };
-use crate::journal::pg::PgJournal;
 use crate::sink::{EventMeta, MAX_RETRY_AFTER, SinkError};
 use routes::{Route, Routing};
 
@@ -853,7 +853,14 @@ impl Dispatcher {
             );
             drop(permit);
             return self
-                .finish(&lease, &event, EventState::Superseded, Some(reason), 0, Vec::new())
+                .finish(
+                    &lease,
+                    &event,
+                    EventState::Superseded,
+                    Some(reason),
+                    0,
+                    Vec::new(),
+                )
                 .await;
         }
 
@@ -866,7 +873,14 @@ impl Dispatcher {
             tracing::warn!(event_id = %event.id, "{reason}");
             drop(permit);
             return self
-                .finish(&lease, &event, EventState::Parked, Some(reason), 0, Vec::new())
+                .finish(
+                    &lease,
+                    &event,
+                    EventState::Parked,
+                    Some(reason),
+                    0,
+                    Vec::new(),
+                )
                 .await;
         }
         // Delivery states are written with the event's final state in one transaction, or on
@@ -1368,16 +1382,19 @@ mod tests {
         );
         let set_back = recorded.next_attempt_ms.unwrap() + 3_600_000;
         journal
-            .set_deliveries(&Lease::default(), vec![DeliveryUpdate {
-                seq: 1,
-                route: "r".into(),
-                sink: "r".into(),
-                state: DeliveryState::Pending,
-                attempts: recorded.attempts,
-                next_attempt_ms: Some(set_back),
-                last_error: recorded.last_error,
-                attempt: None,
-            }])
+            .set_deliveries(
+                &Lease::default(),
+                vec![DeliveryUpdate {
+                    seq: 1,
+                    route: "r".into(),
+                    sink: "r".into(),
+                    state: DeliveryState::Pending,
+                    attempts: recorded.attempts,
+                    next_attempt_ms: Some(set_back),
+                    last_error: recorded.last_error,
+                    attempt: None,
+                }],
+            )
             .await
             .unwrap();
 
@@ -1476,10 +1493,13 @@ mod tests {
             attempt: None,
         };
         journal
-            .set_deliveries(&Lease::default(), vec![
-                tried("first", DeliveryState::Applied),
-                tried("second", DeliveryState::Pending),
-            ])
+            .set_deliveries(
+                &Lease::default(),
+                vec![
+                    tried("first", DeliveryState::Applied),
+                    tried("second", DeliveryState::Pending),
+                ],
+            )
             .await
             .unwrap();
 

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use super::{DeliveryState, EventRecord, EventState, SqliteJournal, JournalError, read_record};
+use super::{DeliveryState, EventRecord, EventState, JournalError, SqliteJournal, read_record};
 
 /// An event as the dispatcher needs it.
 #[derive(Debug, Clone)]

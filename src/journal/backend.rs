@@ -235,9 +235,7 @@ impl Journal {
     pub async fn applied_revision(&self, subject: String) -> Result<Option<u64>, JournalError> {
         match &self.backend {
             Backend::Sqlite(j) => j.applied_revision(subject).await,
-            Backend::Postgres(j) => {
-                Ok(super::pg::claim::subject_revision(j.db(), &subject).await?)
-            }
+            Backend::Postgres(j) => Ok(super::pg::claim::subject_revision(j.db(), &subject).await?),
         }
     }
 
@@ -315,7 +313,11 @@ impl Journal {
     }
 
     /// Dead letters (failed and parked events) after `after_seq`, oldest first. Blocking.
-    pub fn dead_letters(&self, after_seq: i64, limit: u32) -> Result<Vec<DeadLetter>, JournalError> {
+    pub fn dead_letters(
+        &self,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<DeadLetter>, JournalError> {
         match &self.backend {
             Backend::Sqlite(j) => j.dead_letters(after_seq, limit),
             Backend::Postgres(j) => Ok(block(super::pg::query::dead_letters(

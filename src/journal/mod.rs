@@ -289,7 +289,9 @@ pub struct SqliteJournal {
 
 impl std::fmt::Debug for SqliteJournal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteJournal").field("path", &self.path).finish()
+        f.debug_struct("SqliteJournal")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -344,7 +346,10 @@ fn check(conn: &Connection, path: &Path) -> Result<(), JournalError> {
 impl SqliteJournal {
     /// Opens (creating if needed) the journal in `state_dir`, checks that its pages are sound
     /// and migrates its schema.
-    pub fn open(state_dir: &Path, options: JournalOptions) -> Result<Arc<SqliteJournal>, JournalError> {
+    pub fn open(
+        state_dir: &Path,
+        options: JournalOptions,
+    ) -> Result<Arc<SqliteJournal>, JournalError> {
         let state_err = |source| JournalError::StateDir {
             path: state_dir.to_owned(),
             source,

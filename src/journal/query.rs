@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 use serde::Serialize;
 
 use super::apply::{Requeue, requeue_row, stored_u64};
-use super::{EventState, SqliteJournal, JournalError};
+use super::{EventState, JournalError, SqliteJournal};
 
 /// What a listing selects; every part is optional and they combine with AND.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -458,7 +458,11 @@ mod tests {
     }
 
     /// SQLite's plan for the walk of `filter` with `types`, step by step.
-    fn query_plan(journal: &SqliteJournal, filter: &EventFilter, types: &TypeTest<'_>) -> Vec<String> {
+    fn query_plan(
+        journal: &SqliteJournal,
+        filter: &EventFilter,
+        types: &TypeTest<'_>,
+    ) -> Vec<String> {
         let bounds = Bounds {
             above: None,
             below: None,

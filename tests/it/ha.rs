@@ -151,7 +151,10 @@ async fn assert_once_in_order(db: &Db, table: &str, ledger: &str, all: &BTreeSet
         .into_iter()
         .map(|r| r[0].clone().unwrap())
         .collect();
-    assert_eq!(&in_ledger, all, "the ledger names exactly the applied events");
+    assert_eq!(
+        &in_ledger, all,
+        "the ledger names exactly the applied events"
+    );
     let mut last: BTreeMap<String, i64> = BTreeMap::new();
     for row in &rows {
         let subject = row[1].clone().unwrap();
@@ -197,13 +200,12 @@ async fn three_agents_share_one_journal_and_apply_every_event_once_in_subject_or
     let agents: Vec<Agent> = dirs
         .iter()
         .map(|d| {
-            let config = member_config(d.path(), &schema.journal_section(4.0), &db, &table, &ledger);
+            let config =
+                member_config(d.path(), &schema.journal_section(4.0), &db, &table, &ledger);
             Agent::start_with(d.path(), &config)
         })
         .collect();
-    let receivers: Receivers = Arc::new(Mutex::new(
-        agents.iter().map(|a| a.url(EVENTS)).collect(),
-    ));
+    let receivers: Receivers = Arc::new(Mutex::new(agents.iter().map(|a| a.url(EVENTS)).collect()));
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let refused = Arc::new(Mutex::new(0));
     let posters: Vec<_> = (0..SUBJECTS)
@@ -247,7 +249,11 @@ async fn three_agents_share_one_journal_and_apply_every_event_once_in_subject_or
     assert_eq!(not_applied, 0, "the journal has every event applied");
     pool.close().await;
     let holders: BTreeSet<String> = owners(&schema).await.into_values().flatten().collect();
-    assert_eq!(holders.len(), 3, "the partitions are spread over the three agents");
+    assert_eq!(
+        holders.len(),
+        3,
+        "the partitions are spread over the three agents"
+    );
     // A redelivery to another agent is a duplicate.
     let again = post(
         &agents[2].url(EVENTS),
@@ -272,16 +278,22 @@ async fn killing_an_agent_mid_stream_loses_nothing_and_the_others_take_over_with
     let (db, table, ledger) = rows_table(dirs[0].path()).await;
     let configs: Vec<String> = dirs
         .iter()
-        .map(|d| member_config(d.path(), &schema.journal_section(LEASE_SECONDS), &db, &table, &ledger))
+        .map(|d| {
+            member_config(
+                d.path(),
+                &schema.journal_section(LEASE_SECONDS),
+                &db,
+                &table,
+                &ledger,
+            )
+        })
         .collect();
     let mut agents: Vec<Agent> = dirs
         .iter()
         .zip(&configs)
         .map(|(d, c)| Agent::start_with(d.path(), c))
         .collect();
-    let receivers: Receivers = Arc::new(Mutex::new(
-        agents.iter().map(|a| a.url(EVENTS)).collect(),
-    ));
+    let receivers: Receivers = Arc::new(Mutex::new(agents.iter().map(|a| a.url(EVENTS)).collect()));
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let refused = Arc::new(Mutex::new(0));
     let posters: Vec<_> = (0..SUBJECTS)
@@ -449,7 +461,10 @@ async fn two_agents_started_at_once_on_an_empty_database_migrate_it_once() {
     }
     let migrated: Vec<bool> = agents
         .iter()
-        .map(|a| a.log_text().contains("migrated the journal's PostgreSQL schema"))
+        .map(|a| {
+            a.log_text()
+                .contains("migrated the journal's PostgreSQL schema")
+        })
         .collect();
     assert_eq!(
         migrated.iter().filter(|m| **m).count(),
@@ -464,5 +479,127 @@ async fn two_agents_started_at_once_on_an_empty_database_migrate_it_once() {
     assert_eq!(versions, vec![1], "each migration applied once");
     pool.close().await;
     drop(agents);
+    schema.drop_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_journal_moved_into_postgresql_keeps_its_dead_letters_and_its_backlog_is_applied()
+{
+    const WAITING: usize = 12;
+    const PARKED: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    write_adapter(dir.path(), "copy.jsonata", r#"{"id": id, "n": payload.n}"#);
+    let adapters = dir.path().join("adapters").display().to_string();
+    let route = |sink: &str| {
+        format!(
+            "adapters_dir = {adapters:?}\n\
+             [[routes]]\nname = \"partner\"\ntypes = [\"count\"]\nadapter = \"copy.jsonata\"\nsink = \"partner\"\n\
+             [sinks.partner]\n{sink}\n"
+        )
+    };
+    // On SQLite, the partner's API is down (nothing listens): the events wait for a retry,
+    // and events of a type no route takes are parked.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_url = format!("http://{}/rules", closed.local_addr().unwrap());
+    drop(closed);
+    let on_sqlite = support::config_text(
+        dir.path(),
+        &route(&format!(
+            "type = \"http\"\nurl = {closed_url:?}\ntimeout_ms = 500\n\
+             retry = {{ initial_ms = 2000, max_ms = 2000, max_attempts = 0 }}"
+        )),
+    );
+    let agent = Agent::start_with(dir.path(), &on_sqlite);
+    let receivers: Receivers = Arc::new(Mutex::new(vec![agent.url(EVENTS)]));
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let refused = Arc::new(Mutex::new(0));
+    for s in 0..WAITING / 4 {
+        deliver_subject(s, 4, receivers.clone(), acked.clone(), refused.clone()).await;
+    }
+    for p in 0..PARKED {
+        let id = format!("unrouted-{p}");
+        let reply = post(&agent.url(EVENTS), &id, event(&id, "other", "X", json!({})))
+            .await
+            .unwrap();
+        assert!(reply.status.is_success(), "{:?}", reply.body);
+    }
+    // Every event has been tried (and waits for a retry) before the agent stops.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tried = support::admin_get(&agent, "/v1/events?state=accepted&limit=100").await;
+        let parked = support::admin_get(&agent, "/v1/dead-letters").await;
+        let waiting = tried.body["items"].as_array().map_or(0, Vec::len);
+        if waiting == WAITING && parked.body["total"] == PARKED {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} waiting, dead letters {}",
+            parked.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(agent);
+
+    // The same configuration with the journal in PostgreSQL and the partner's API back (a file
+    // drop stands in for it).
+    let schema = Schema::create().await;
+    let out = dir.path().join("out");
+    let on_postgres = support::config_text(
+        dir.path(),
+        &format!(
+            "{}{}",
+            route(&format!(
+                "type = \"file\"\ndir = {:?}\nname = \"{{id}}.json\"",
+                out.display().to_string()
+            )),
+            schema.journal_section(4.0)
+        ),
+    );
+    let config_path = dir.path().join("postgres.toml");
+    std::fs::write(&config_path, &on_postgres).unwrap();
+    let import = std::process::Command::new(support::binary())
+        .args(["journal", "import", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&import.stdout).into_owned();
+    assert!(
+        import.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    assert!(
+        said.contains(&format!("imported {} events", WAITING + PARKED))
+            && said.contains(&format!(
+                "{WAITING} waiting to be applied, {PARKED} dead letters"
+            )),
+        "{said}"
+    );
+    // A second import into the same journal is refused.
+    let again = std::process::Command::new(support::binary())
+        .args(["journal", "import", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "a second import is refused");
+
+    let agent = Agent::start_config(&config_path, &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for id in acked.lock().unwrap().iter() {
+        while !out.join(format!("{id}.json")).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{id} of the imported backlog was not applied; log:\n{}",
+                tail(&agent.log_text(), 20)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let dead = support::admin_get(&agent, "/v1/dead-letters").await;
+    assert_eq!(dead.body["total"], PARKED, "{}", dead.body);
+    let first = support::admin_get(&agent, "/v1/events/unrouted-0").await;
+    assert_eq!(first.body["state"], "parked", "{}", first.body);
+    drop(agent);
     schema.drop_now().await;
 }

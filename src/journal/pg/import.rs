@@ -946,7 +946,7 @@ mod tests {
     use super::super::wake::{Wakeup, Wakeups};
     use super::*;
     use crate::journal::{
-        AppliedOutput, Attempt, DeliveryUpdate, Finish, JournalOptions, SqliteJournal, NewEvent,
+        AppliedOutput, Attempt, DeliveryUpdate, Finish, JournalOptions, NewEvent, SqliteJournal,
     };
 
     const AGENT: &str = "importer";

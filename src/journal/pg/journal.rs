@@ -136,7 +136,8 @@ impl PgJournal {
     fn spawn_background(&self, retention: Option<Duration>) {
         let lessee = self.lessee.clone();
         let stop_leases = self.stop_leases.clone();
-        self.tasks.spawn(async move { lessee.run(stop_leases).await });
+        self.tasks
+            .spawn(async move { lessee.run(stop_leases).await });
 
         // Lease changes are work too: a partition taken has a backlog to read.
         let mut changes = self.lessee.subscribe();
@@ -359,7 +360,10 @@ async fn prune_loop(db: PgDb, keep: Duration, every: Duration, stop: Cancellatio
             }
         }
         if pruned > 0 {
-            tracing::info!(events = pruned, "pruned final events past the retention period");
+            tracing::info!(
+                events = pruned,
+                "pruned final events past the retention period"
+            );
         }
     }
 }

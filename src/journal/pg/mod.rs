@@ -232,9 +232,10 @@ impl PgDb {
         if let Some(password) = &options.password {
             connect = connect.password(password);
         }
-        let tls = options
-            .tls
-            .or(options.ca_pem.as_ref().map(|_| crate::sink::sql::TlsMode::VerifyFull));
+        let tls = options.tls.or(options
+            .ca_pem
+            .as_ref()
+            .map(|_| crate::sink::sql::TlsMode::VerifyFull));
         if let Some(mode) = tls {
             use crate::sink::sql::TlsMode;
             use sqlx::postgres::PgSslMode;

@@ -212,8 +212,10 @@ async fn migrate_in(
         .execute(&mut *tx)
         .await
         .map_err(err)?;
+    // Without the notice "relation already exists, skipping" at every start.
     sqlx::raw_sql(
-        "CREATE TABLE IF NOT EXISTS journal_migrations (\
+        "SET LOCAL client_min_messages = warning; \
+         CREATE TABLE IF NOT EXISTS journal_migrations (\
          version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
     )
     .execute(&mut *tx)

@@ -62,7 +62,10 @@ impl Schema {
     pub async fn drop_now(&self) {
         let pool = Self::pool_at(&self.url).await;
         let _ = pool
-            .execute(sqlx::AssertSqlSafe(format!("DROP SCHEMA {} CASCADE", self.name)))
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA {} CASCADE",
+                self.name
+            )))
             .await;
         pool.close().await;
     }
