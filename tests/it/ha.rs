@@ -586,7 +586,8 @@ async fn a_sqlite_journal_moved_into_postgresql_keeps_its_dead_letters_and_its_b
 
     let agent = Agent::start_config(&config_path, &[]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    for id in acked.lock().unwrap().iter() {
+    let backlog: Vec<String> = acked.lock().unwrap().iter().cloned().collect();
+    for id in &backlog {
         while !out.join(format!("{id}.json")).exists() {
             assert!(
                 Instant::now() < deadline,
