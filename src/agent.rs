@@ -333,6 +333,9 @@ pub async fn run(
         stop.clone(),
         background.clone(),
     );
+    if journal.postgres().is_some() {
+        spawn_journal_health(journal.clone(), readiness.clone(), background.clone());
+    }
     spawn_sink_health(
         dispatcher.clone(),
         readiness.clone(),
@@ -364,6 +367,24 @@ pub async fn run(
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     tracing::info!("stopped: the journal is closed");
     Ok(())
+}
+
+/// Reflects in readiness whether the shared journal's PostgreSQL can be reached (checked by the
+/// journal once a second): while it cannot, every event is refused with 503, and a load
+/// balancer following `/readyz` should know.
+fn spawn_journal_health(journal: Arc<Journal>, readiness: Arc<Readiness>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            match journal.unavailable() {
+                Some(why) => readiness.not_ready("journal", why),
+                None => readiness.ready("journal"),
+            }
+        }
+    });
 }
 
 /// Runs every sink's healthcheck periodically and reflects the result in readiness.

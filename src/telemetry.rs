@@ -168,9 +168,9 @@ pub fn spawn_watchdog(
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
-            let writer_ok = tokio::time::timeout(interval, journal.writer_round_trip())
+            let writer_ok = tokio::time::timeout(interval, journal.responds())
                 .await
-                .is_ok_and(|r| r.is_ok());
+                .unwrap_or(false);
             let healthy = writer_ok && (dispatcher.is_running() || draining.is_cancelled());
             let status = {
                 let journal = journal.clone();

@@ -246,8 +246,8 @@ impl Handler {
         }
         let response = match (appended, waiter) {
             (Ok(Appended::Accepted), Some(waiter)) => {
-                match tokio::time::timeout(self.ack_timeout, waiter).await {
-                    Ok(Ok(outcome)) => Ok(applied_response(&id, outcome.state, outcome.error)),
+                match tokio::time::timeout(self.ack_timeout, self.outcome(&id, waiter)).await {
+                    Ok(Some(outcome)) => Ok(applied_response(&id, outcome.state, outcome.error)),
                     _ => Ok(json_response(
                         StatusCode::ACCEPTED,
                         &json!({"ack": id, "status": "accepted"}),
@@ -273,6 +273,40 @@ impl Handler {
             self.dispatcher.forget(&id);
         }
         response
+    }
+
+    /// How the event ends, for ack mode `applied`: told by this agent's dispatcher, or, on the
+    /// shared PostgreSQL journal, where another agent may apply it, read back from the journal
+    /// every [`SHARED_OUTCOME_POLL`] as well. `None` if the dispatcher stopped first.
+    async fn outcome(
+        &self,
+        id: &str,
+        waiter: tokio::sync::oneshot::Receiver<Outcome>,
+    ) -> Option<Outcome> {
+        if self.journal.postgres().is_none() {
+            return waiter.await.ok();
+        }
+        tokio::pin!(waiter);
+        let mut poll = tokio::time::interval(SHARED_OUTCOME_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                outcome = &mut waiter => return outcome.ok(),
+                _ = poll.tick() => {
+                    let journal = self.journal.clone();
+                    let lookup = id.to_owned();
+                    let record = tokio::task::spawn_blocking(move || journal.get(&lookup)).await;
+                    if let Ok(Ok(Some(record))) = record
+                        && record.state.is_final()
+                    {
+                        return Some(Outcome {
+                            state: record.state,
+                            error: record.error,
+                        });
+                    }
+                }
+            }
+        }
     }
 
     fn check_backpressure(&self) -> Result<(), Problem> {
@@ -426,6 +460,10 @@ fn receipt(verified: Option<&Verified>, bearer: bool, client: &Client) -> String
     receipt.insert("methods".into(), json!(methods));
     serde_json::Value::Object(receipt).to_string()
 }
+
+/// How often a delivery waiting in ack mode `applied` on the shared journal reads the event's
+/// state back.
+const SHARED_OUTCOME_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn journal_problem(e: &JournalError, retry_after: u64) -> Problem {
     let (code, detail) = match e {

@@ -130,12 +130,27 @@ impl Journal {
         }
     }
 
-    /// Returns once the journal has committed a transaction begun after this call (SQLite: the
-    /// writer thread is alive), or answered a query (PostgreSQL): the watchdog's test.
-    pub async fn writer_round_trip(&self) -> Result<(), JournalError> {
+    /// True when the journal answers: on SQLite, the writer thread committed a transaction
+    /// begun after this call; on PostgreSQL, a query came back, whatever its outcome (a
+    /// database that cannot be reached is not this process being stuck, and restarting it would
+    /// not help). The watchdog's test; the caller bounds how long it waits.
+    pub async fn responds(&self) -> bool {
         match &self.backend {
-            Backend::Sqlite(j) => j.writer_round_trip().await,
-            Backend::Postgres(j) => Ok(j.ping().await?),
+            Backend::Sqlite(j) => j.writer_round_trip().await.is_ok(),
+            Backend::Postgres(j) => {
+                let _ = j.ping().await;
+                true
+            }
+        }
+    }
+
+    /// Why the journal cannot take events now, when it cannot: PostgreSQL could not be
+    /// reached at the last check (once a second). `None` on SQLite, whose refusals (a full
+    /// disk) are answered per request.
+    pub fn unavailable(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(j) => j.unavailable(),
         }
     }
 

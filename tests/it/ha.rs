@@ -394,12 +394,19 @@ async fn postgresql_stopped_for_10_s_means_503s_then_every_acknowledged_event_is
         Instant::now()
     };
     let acked_at_stop = acked.lock().unwrap().len();
-    // Waiting out the outage is the test: deliveries meanwhile must be refused.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Readiness says why events are refused, so that a load balancer knows.
+    let readyz = wait_readyz(&agent, http::StatusCode::SERVICE_UNAVAILABLE).await;
+    let reason = readyz.body["reasons"]["journal"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("PostgreSQL"), "{:?}", readyz.body);
+    // Waiting out the rest of the outage is the test: deliveries meanwhile must be refused.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed())).await;
     let acked_during = acked.lock().unwrap().len() - acked_at_stop;
     let refused_during = *refused.lock().unwrap();
     tokio::task::block_in_place(|| server.start_again());
     let down_for = stopped.elapsed();
+    wait_readyz(&agent, http::StatusCode::OK).await;
     for p in posters {
         p.await.unwrap();
     }
@@ -436,6 +443,85 @@ async fn postgresql_stopped_for_10_s_means_503s_then_every_acknowledged_event_is
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(agent);
+    schema.drop_now().await;
+}
+
+/// Polls the agent's `/readyz` until it answers `want` (readiness follows the journal's own
+/// check, once a second).
+async fn wait_readyz(agent: &Agent, want: http::StatusCode) -> support::Reply {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = support::admin_get(agent, "/readyz").await;
+        if reply.status == want {
+            return reply;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readyz stayed {}: {:?}",
+            reply.status,
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_ack_mode_applied_an_agent_answers_with_the_outcome_another_agent_applied() {
+    const EVENTS_SENT: usize = 12;
+    let schema = Schema::create().await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let agents: Vec<Agent> = dirs
+        .iter()
+        .map(|d| {
+            write_adapter(d.path(), "copy.jsonata", r#"{"id": id}"#);
+            let config = support::config_text(
+                d.path(),
+                &format!(
+                    "adapters_dir = {:?}
+{}                     [ingress]
+listen = \"127.0.0.1:0\"
+ack_mode = \"applied\"
+ack_timeout_ms = 10000
+                     [[routes]]
+name = \"files\"
+types = [\"*\"]
+adapter = \"copy.jsonata\"
+sink = \"files\"
+                     [sinks.files]
+type = \"file\"
+dir = {:?}
+name = \"{{id}}.json\"
+",
+                    d.path().join("adapters").display().to_string(),
+                    schema.journal_section(4.0),
+                    d.path().join("out").display().to_string(),
+                ),
+            );
+            Agent::start_with(d.path(), &config)
+        })
+        .collect();
+    // Every event goes to the first agent; the subjects are spread over both agents'
+    // partitions, so the second applies some of them.
+    for n in 0..EVENTS_SENT {
+        let id = format!("e-{n}");
+        let reply = post(
+            &agents[0].url(EVENTS),
+            &id,
+            event(&id, "count", &format!("S{n}"), json!({})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, http::StatusCode::OK, "{id}: {:?}", reply.body);
+        assert_eq!(reply.body["status"], "applied", "{id}: {:?}", reply.body);
+    }
+    let applied_by_second = std::fs::read_dir(dirs[1].path().join("out"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert!(
+        applied_by_second > 0,
+        "the second agent applied none of the events: the test shows nothing"
+    );
+    drop(agents);
     schema.drop_now().await;
 }
 

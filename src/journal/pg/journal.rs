@@ -42,6 +42,9 @@ pub struct PgJournal {
     partitions: u32,
     /// Events not yet final, across every agent, as last counted.
     backlog: Arc<AtomicU64>,
+    /// Why the last count failed because PostgreSQL could not be reached; `None` when it
+    /// succeeded.
+    unreachable: Arc<std::sync::Mutex<Option<String>>>,
     /// Woken when there may be new work for this agent: events committed in a partition it
     /// holds, a change of the partitions it may apply, or wake-ups missed.
     work: Arc<Notify>,
@@ -114,6 +117,7 @@ impl PgJournal {
             lessee,
             partitions,
             backlog: Arc::new(AtomicU64::new(0)),
+            unreachable: Arc::new(std::sync::Mutex::new(None)),
             work: Arc::new(Notify::new()),
             stop: CancellationToken::new(),
             stop_leases: CancellationToken::new(),
@@ -164,6 +168,7 @@ impl PgJournal {
 
         let db = self.db.clone();
         let backlog = self.backlog.clone();
+        let unreachable = self.unreachable.clone();
         let stop = self.stop.clone();
         self.tasks.spawn(async move {
             let mut tick = tokio::time::interval(BACKLOG_EVERY);
@@ -173,9 +178,25 @@ impl PgJournal {
                     () = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                if let Ok(n) = count_backlog(&db).await {
+                let counted = count_backlog(&db).await;
+                let why = match &counted {
+                    Err(e) if e.is_unavailable() => Some(e.to_string()),
+                    _ => None,
+                };
+                if let Ok(n) = counted {
                     backlog.store(n, Ordering::Relaxed);
                 }
+                let mut was = unreachable.lock().unwrap_or_else(|p| p.into_inner());
+                match (&*was, &why) {
+                    (None, Some(e)) => {
+                        tracing::warn!(error = %e, "the journal's PostgreSQL cannot be reached: events are refused with 503 until it can");
+                    }
+                    (Some(_), None) => {
+                        tracing::info!("the journal's PostgreSQL can be reached again");
+                    }
+                    _ => {}
+                }
+                *was = why;
             }
         });
 
@@ -231,6 +252,14 @@ impl PgJournal {
     /// Events not yet final, across every agent, as last counted (at most a second ago).
     pub fn backlog(&self) -> u64 {
         self.backlog.load(Ordering::Relaxed)
+    }
+
+    /// Why PostgreSQL could not be reached at the last check, if it could not.
+    pub fn unavailable(&self) -> Option<String> {
+        self.unreachable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Transactions of appends committed by this agent.
