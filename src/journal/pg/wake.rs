@@ -21,7 +21,7 @@ pub enum Wakeup {
     Lost,
 }
 
-/// A listening connection of its own (outside the pool's bound).
+/// A listening connection of its own, taken from the pool (it counts against `journal.pool_size`).
 pub struct Wakeups {
     listener: PgListener,
     db: PgDb,
