@@ -444,7 +444,7 @@ pub struct JournalConfig {
     /// `verify_full`. Default: what the URL says (`sslmode`), else `verify_full` when
     /// `ca_file` is set, else `prefer`.
     #[serde(default)]
-    pub tls: Option<crate::sink::sql::TlsMode>,
+    pub tls: Option<crate::settings::database::TlsMode>,
     /// PostgreSQL: a PEM file with the CA certificate(s) the server's certificate must chain
     /// to. Default: the bundled web PKI roots.
     #[serde(default)]
@@ -515,7 +515,7 @@ impl JournalConfig {
                         )
                     }
                     Some(url) => {
-                        if let Err(message) = crate::sink::sql::check_plain_url(url) {
+                        if let Err(message) = crate::settings::database::check_plain_url(url) {
                             bad(
                                 "journal.url",
                                 message.replace(" (or give the whole URL with url_secret)", ""),

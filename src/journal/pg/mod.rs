@@ -69,7 +69,7 @@ pub struct PgOptions {
     pub password: Option<String>,
     /// TLS to PostgreSQL; `None` does what the URL says (`sslmode`), else `verify_full` when
     /// `ca_pem` is set, else `prefer`.
-    pub tls: Option<crate::sink::sql::TlsMode>,
+    pub tls: Option<crate::settings::database::TlsMode>,
     /// PEM CA certificate(s) the server's certificate must chain to.
     pub ca_pem: Option<Vec<u8>>,
 }
@@ -235,9 +235,9 @@ impl PgDb {
         let tls = options.tls.or(options
             .ca_pem
             .as_ref()
-            .map(|_| crate::sink::sql::TlsMode::VerifyFull));
+            .map(|_| crate::settings::database::TlsMode::VerifyFull));
         if let Some(mode) = tls {
-            use crate::sink::sql::TlsMode;
+            use crate::settings::database::TlsMode;
             use sqlx::postgres::PgSslMode;
             connect = connect.ssl_mode(match mode {
                 TlsMode::Disable => PgSslMode::Disable,

@@ -14,21 +14,7 @@ use serde_json::Value;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-/// How the sink talks to the database over TLS (PostgreSQL and MariaDB/MySQL).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TlsMode {
-    /// Never.
-    Disable,
-    /// TLS when the server offers it, without checking its certificate; plain otherwise.
-    Prefer,
-    /// Always TLS, without checking the certificate.
-    Require,
-    /// Always TLS; the certificate must chain to a trusted CA.
-    VerifyCa,
-    /// Always TLS; the certificate must chain to a trusted CA and name the host.
-    VerifyFull,
-}
+pub use crate::settings::database::TlsMode;
 
 /// Configuration of an `sql` sink.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -174,24 +160,7 @@ pub(super) fn sqlite_path(url: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(rest))
 }
 
-/// Refuses a URL that carries a password, so that passwords never sit in the configuration.
-/// The message never repeats the URL.
-pub(crate) fn check_plain_url(url: &str) -> Result<(), String> {
-    let parsed = url::Url::parse(url).map_err(|e| {
-        format!("is not a valid URL ({e}): write it like postgres://ess@db.example:5432/rules")
-    })?;
-    let password_in_query = parsed
-        .query_pairs()
-        .any(|(k, _)| k.eq_ignore_ascii_case("password"));
-    if parsed.password().is_some() || password_in_query {
-        return Err(
-            "carries a password: move it to password = { file = \"…\" } (or give the whole URL \
-             with url_secret)"
-                .into(),
-        );
-    }
-    Ok(())
-}
+pub(crate) use crate::settings::database::check_plain_url;
 
 pub(super) fn check_secret(bad: &mut impl FnMut(&str, String), field: &str, source: &SecretSource) {
     if let Err(message) = source.check() {

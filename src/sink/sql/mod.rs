@@ -73,7 +73,6 @@ use tokio::sync::{mpsc, oneshot};
 use super::{EventMeta, Sink, SinkError};
 use crate::settings::read_secret;
 use batch::{Job, worker};
-pub(crate) use config::check_plain_url;
 use config::*;
 pub use config::{SqlConfig, TlsMode};
 use plan::Mode;
