@@ -313,12 +313,22 @@ fn postmaster_pid(runtime: &tokio::runtime::Runtime, url: &str) -> anyhow::Resul
 /// Checks that the URL's host is a loopback address: the benchmark sends nothing elsewhere.
 fn check_loopback(url: &str) -> anyhow::Result<()> {
     let parsed = url::Url::parse(url).with_context(|| format!("--pg-url {url} is not a URL"))?;
-    match parsed.host() {
-        Some(url::Host::Domain("localhost")) => Ok(()),
-        Some(url::Host::Ipv4(ip)) if ip.is_loopback() => Ok(()),
-        Some(url::Host::Ipv6(ip)) if ip.is_loopback() => Ok(()),
-        _ => bail!("--pg-url must name a loopback host (127.0.0.1, ::1 or localhost): {url}"),
+    // A `postgres://` URL's host is opaque to the URL parser: an address comes as text.
+    let loopback = match parsed.host() {
+        Some(url::Host::Domain(host)) => {
+            host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    if !loopback {
+        bail!("--pg-url must name a loopback host (127.0.0.1, ::1 or localhost): {url}");
     }
+    Ok(())
 }
 
 /// Waits until the `agents` agents on `schema` hold every partition between them, each at most
