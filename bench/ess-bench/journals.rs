@@ -147,6 +147,9 @@ struct Pass {
     first_lines: Vec<String>,
     /// Seconds the agents took to split the partitions (PostgreSQL).
     balance_secs: f64,
+    /// PostgreSQL: the first events that did not end in the expected state, as the journal
+    /// holds them (seq, subject, revision, state, the agent that accepted it, the error).
+    odd_events: Vec<String>,
 }
 
 impl Pass {
@@ -223,6 +226,7 @@ impl Pass {
             "errors": self.errors,
             "first_warning_lines": self.first_lines,
             "balance_secs": round(self.balance_secs, 1),
+            "odd_events": self.odd_events,
         })
     }
 }
@@ -374,6 +378,46 @@ fn wait_balanced(
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    })
+}
+
+/// The final state every event of a pass with `apply` should reach.
+fn expected_state(apply: Apply) -> &'static str {
+    match apply {
+        Apply::File => "applied",
+        Apply::Filter => "filtered",
+        Apply::Park => "parked",
+    }
+}
+
+/// The first events in `schema` not in state `expected`, one line each.
+fn odd_events(
+    runtime: &tokio::runtime::Runtime,
+    schema: &BenchSchema,
+    expected: &str,
+) -> anyhow::Result<Vec<String>> {
+    runtime.block_on(async {
+        let mut conn = connect_pg(&schema.url).await?;
+        let rows: Vec<(i64, String, Option<i64>, String, String, Option<String>)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT seq, subject, revision, state, received_by, error FROM {}.events \
+                 WHERE state <> $1 ORDER BY seq LIMIT 10",
+                schema.name
+            )))
+            .bind(expected)
+            .fetch_all(&mut conn)
+            .await?;
+        anyhow::Ok(
+            rows.into_iter()
+                .map(|(seq, subject, revision, state, by, error)| {
+                    format!(
+                        "seq {seq} subject {subject} revision {revision:?} {state} (received by \
+                         {by}): {}",
+                        error.unwrap_or_default()
+                    )
+                })
+                .collect(),
+        )
     })
 }
 
@@ -550,6 +594,15 @@ impl Bench<'_> {
                 stop_failed.get_or_insert(e);
             }
         }
+        if let Some(schema) = &schema
+            && pass
+                .finals
+                .keys()
+                .any(|state| state != expected_state(apply))
+        {
+            pass.odd_events = odd_events(&self.runtime, schema, expected_state(apply))
+                .unwrap_or_else(|e| vec![format!("cannot read them: {e:#}")]);
+        }
         if apply == Apply::File {
             pass.records = Some(
                 (0..setup.agents())
@@ -659,6 +712,9 @@ pub fn measure(args: &JournalsArgs) -> anyhow::Result<()> {
                     eprintln!("        TROUBLE: {trouble}");
                     for line in &pass.first_lines {
                         eprintln!("        | {line}");
+                    }
+                    for event in &pass.odd_events {
+                        eprintln!("        journal: {event}");
                     }
                 }
                 match apply {

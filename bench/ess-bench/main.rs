@@ -1301,9 +1301,12 @@ fn scrape_all(
 ) -> anyhow::Result<Option<BTreeMap<String, f64>>> {
     let mut all: Option<BTreeMap<String, f64>> = None;
     for admin in targets.iter().filter_map(|t| t.admin) {
-        let metrics = runtime.block_on(scrape(admin))?;
+        let metrics = runtime
+            .block_on(scrape(admin))
+            .with_context(|| format!("cannot read the metrics of the agent at {admin}"))?;
         let sum = all.get_or_insert_with(BTreeMap::new);
         for (name, value) in metrics {
+            let name = without_agent_label(&name);
             let entry = sum.entry(name.clone()).or_insert(0.0);
             if name == "ess_agent_backlog" || name.ends_with("_peak") {
                 *entry = entry.max(value);
@@ -1313,6 +1316,24 @@ fn scrape_all(
         }
     }
     Ok(all)
+}
+
+/// A sample's name without its `agent` label: on a shared PostgreSQL journal every agent labels
+/// its samples with its own id, and the samples of several agents add up under one name.
+fn without_agent_label(name: &str) -> String {
+    let Some((metric, labels)) = name.strip_suffix('}').and_then(|rest| rest.split_once('{'))
+    else {
+        return name.to_owned();
+    };
+    let kept: Vec<&str> = labels
+        .split(',')
+        .filter(|label| !label.starts_with("agent="))
+        .collect();
+    if kept.is_empty() {
+        metric.to_owned()
+    } else {
+        format!("{metric}{{{}}}", kept.join(","))
+    }
 }
 
 /// CPU time used so far by the PostgreSQL server whose postmaster is `postmaster` and by its
@@ -2427,6 +2448,28 @@ mod tests {
         assert_eq!(
             histogram_quantile(&after, &after, "ess_agent_request_seconds", 0.5),
             0.0
+        );
+    }
+
+    #[test]
+    fn the_agent_label_is_dropped_so_that_agents_add_up() {
+        assert_eq!(
+            without_agent_label("ess_agent_backlog{agent=\"vm-1-2c39db7e\"}"),
+            "ess_agent_backlog"
+        );
+        assert_eq!(
+            without_agent_label(
+                "ess_agent_events_final_total{agent=\"vm-1-2c39db7e\",state=\"applied\"}"
+            ),
+            "ess_agent_events_final_total{state=\"applied\"}"
+        );
+        assert_eq!(
+            without_agent_label("ess_agent_request_seconds_bucket{le=\"0.005\"}"),
+            "ess_agent_request_seconds_bucket{le=\"0.005\"}"
+        );
+        assert_eq!(
+            without_agent_label("ess_agent_backlog"),
+            "ess_agent_backlog"
         );
     }
 
