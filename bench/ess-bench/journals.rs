@@ -390,6 +390,9 @@ fn expected_state(apply: Apply) -> &'static str {
     }
 }
 
+/// An event's seq, subject, revision, state, the agent that accepted it, and its error.
+type OddEvent = (i64, String, Option<i64>, String, String, Option<String>);
+
 /// The first events in `schema` not in state `expected`, one line each.
 fn odd_events(
     runtime: &tokio::runtime::Runtime,
@@ -398,15 +401,14 @@ fn odd_events(
 ) -> anyhow::Result<Vec<String>> {
     runtime.block_on(async {
         let mut conn = connect_pg(&schema.url).await?;
-        let rows: Vec<(i64, String, Option<i64>, String, String, Option<String>)> =
-            sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT seq, subject, revision, state, received_by, error FROM {}.events \
+        let rows: Vec<OddEvent> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT seq, subject, revision, state, received_by, error FROM {}.events \
                  WHERE state <> $1 ORDER BY seq LIMIT 10",
-                schema.name
-            )))
-            .bind(expected)
-            .fetch_all(&mut conn)
-            .await?;
+            schema.name
+        )))
+        .bind(expected)
+        .fetch_all(&mut conn)
+        .await?;
         anyhow::Ok(
             rows.into_iter()
                 .map(|(seq, subject, revision, state, by, error)| {
