@@ -32,6 +32,9 @@
 //! `ess-bench backlog` ([`backlog`]) measures the agent's RSS while it drains a backlog put
 //! straight into its journal.
 //!
+//! `ess-bench journals` ([`journals`]) measures one agent on its SQLite journal against one,
+//! two and three agents sharing a PostgreSQL journal, the load spread over the agents.
+//!
 //! After the runs, `accept` measures the floor (`ess-bench floor`, [`floor`]): the CPU per event
 //! of the parts every accepted event needs, each alone on one thread, and sets it beside the CPU
 //! per event that the target ratio to the bare server leaves the agent on this machine.
