@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use ess_agent::journal::{self, Journal, JournalOptions, NewEvent};
+use ess_agent::journal::{self, JournalOptions, NewEvent, SqliteJournal};
 use http::{HeaderValue, header};
 use serde_json::json;
 
@@ -242,7 +242,7 @@ async fn fill(
         retention: None,
         ..JournalOptions::default()
     };
-    let journal = Journal::open(state_dir, options)?;
+    let journal = SqliteJournal::open(state_dir, options)?;
     let mut headers = http::HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,

@@ -12,8 +12,8 @@ use ess_agent::adapter::Adapter;
 use ess_agent::adapter::engine::Limits;
 use ess_agent::ingress::handler;
 use ess_agent::journal::{
-    self, AppliedOutput, Attempt, DeliveryState, DeliveryUpdate, EventState, Finish, Journal,
-    JournalOptions, NewEvent,
+    self, AppliedOutput, Attempt, DeliveryState, DeliveryUpdate, EventState, Finish,
+    JournalOptions, NewEvent, SqliteJournal,
 };
 use ess_agent::protocol::auth::{WebhookSigner, WebhookVerifier};
 use ess_agent::protocol::envelope;
@@ -41,10 +41,10 @@ pub struct Floor {
     /// The journal's record of an event's final state in jobs of [`FINISH_BATCH`] events.
     pub final_us: f64,
     /// Not in [`Floor::total_us`]: the insert as the agent does it, one writer operation per
-    /// event ([`Journal::append`]).
+    /// event ([`SqliteJournal::append`]).
     pub append_us: f64,
     /// Not in [`Floor::total_us`]: the final state as the agent records it, one writer
-    /// operation per event ([`Journal::finish`]).
+    /// operation per event ([`SqliteJournal::finish`]).
     pub finish_us: f64,
     /// Not in [`Floor::total_us`]: an event the dispatcher did not get fresh from the writer
     /// (a backlog) is read back first.
@@ -61,14 +61,14 @@ pub struct Floor {
 /// output) in the final state.
 #[derive(Debug, Clone, Default)]
 pub struct History {
-    /// [`Journal::append`] with no receipt (as before the journal kept them).
+    /// [`SqliteJournal::append`] with no receipt (as before the journal kept them).
     pub append_us: f64,
-    /// [`Journal::append`] with a receipt as the ingress makes it.
+    /// [`SqliteJournal::append`] with a receipt as the ingress makes it.
     pub append_receipt_us: f64,
-    /// [`Journal::finish_with`] with one route's delivery state and no attempt.
+    /// [`SqliteJournal::finish_with`] with one route's delivery state and no attempt.
     pub finish_us: f64,
-    /// [`Journal::finish_with`] with the delivery state and its attempt, whose output is the
-    /// event's envelope (about the body's size).
+    /// [`SqliteJournal::finish_with`] with the delivery state and its attempt, whose output is
+    /// the event's envelope (about the body's size).
     pub finish_attempt_us: f64,
     /// Wall time per event of the same four, in microseconds: commits (fsync) included.
     pub append_wall_us: f64,
@@ -268,7 +268,7 @@ fn round(
         retention: None,
         ..JournalOptions::default()
     };
-    let journal = Journal::open(&dir.0, options)?;
+    let journal = SqliteJournal::open(&dir.0, options)?;
     let envelopes: Vec<String> = new_events.iter().map(|e| e.envelope.clone()).collect();
     // The same events again under other ids, for the history's measurement.
     let again: Vec<NewEvent> = new_events
@@ -384,7 +384,7 @@ const RECEIPT: &str = r#"{"methods":["standard_webhooks"],"webhook":{"id":"msg_2
 /// without and with, and sums each side.
 fn history(
     runtime: &tokio::runtime::Runtime,
-    journal: &Arc<Journal>,
+    journal: &Arc<SqliteJournal>,
     events: Vec<NewEvent>,
 ) -> anyhow::Result<History> {
     let quarter = events.len().div_ceil(4).max(1);
@@ -477,13 +477,13 @@ fn history(
 /// [`IN_FLIGHT`] at once.
 fn writer_us_per_item<T, F, Fut>(
     runtime: &tokio::runtime::Runtime,
-    journal: &Arc<Journal>,
+    journal: &Arc<SqliteJournal>,
     items: Vec<T>,
     op: F,
 ) -> anyhow::Result<f64>
 where
     T: Send + 'static,
-    F: Fn(Arc<Journal>, T) -> Fut + Send + Sync + Copy + 'static,
+    F: Fn(Arc<SqliteJournal>, T) -> Fut + Send + Sync + Copy + 'static,
     Fut: std::future::Future<Output = Result<(), journal::JournalError>> + Send,
 {
     let count = items.len().max(1) as f64;
@@ -496,7 +496,7 @@ where
 /// jobs of `size`, [`IN_FLIGHT`] jobs at once.
 fn writer_us_in_batches<T>(
     runtime: &tokio::runtime::Runtime,
-    journal: &Arc<Journal>,
+    journal: &Arc<SqliteJournal>,
     items: Vec<T>,
     size: usize,
     write: fn(&rusqlite::Connection, &[T]) -> Result<(), rusqlite::Error>,
@@ -516,10 +516,14 @@ where
 }
 
 /// Runs `op` over `items` with [`IN_FLIGHT`] at once.
-async fn in_flight<T, F, Fut>(journal: &Arc<Journal>, items: Vec<T>, op: F) -> anyhow::Result<()>
+async fn in_flight<T, F, Fut>(
+    journal: &Arc<SqliteJournal>,
+    items: Vec<T>,
+    op: F,
+) -> anyhow::Result<()>
 where
     T: Send + 'static,
-    F: Fn(Arc<Journal>, T) -> Fut + Send + Sync + Copy + 'static,
+    F: Fn(Arc<SqliteJournal>, T) -> Fut + Send + Sync + Copy + 'static,
     Fut: std::future::Future<Output = Result<(), journal::JournalError>> + Send,
 {
     let queue = Arc::new(std::sync::Mutex::new(items.into_iter()));

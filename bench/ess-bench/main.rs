@@ -32,6 +32,9 @@
 //! `ess-bench backlog` ([`backlog`]) measures the agent's RSS while it drains a backlog put
 //! straight into its journal.
 //!
+//! `ess-bench journals` ([`journals`]) measures one agent on its SQLite journal against one,
+//! two and three agents sharing a PostgreSQL journal, the load spread over the agents.
+//!
 //! After the runs, `accept` measures the floor (`ess-bench floor`, [`floor`]): the CPU per event
 //! of the parts every accepted event needs, each alone on one thread, and sets it beside the CPU
 //! per event that the target ratio to the bare server leaves the agent on this machine.
@@ -67,6 +70,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 mod backlog;
 mod floor;
+mod journals;
 
 /// The HMAC secret both targets are given (a throwaway development secret).
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -118,6 +122,9 @@ enum Cmd {
     Floor(FloorArgs),
     /// RSS of `ess-agent run` while it drains a backlog put straight into its journal.
     Backlog(BacklogArgs),
+    /// One agent on SQLite against one, two and three agents sharing a PostgreSQL journal:
+    /// durable accept and end to end into the file sink.
+    Journals(journals::JournalsArgs),
     /// The bare hyper server `accept` compares against (started by `accept` itself).
     #[command(hide = true)]
     BareServer(BareArgs),
@@ -255,6 +262,7 @@ fn main() -> ExitCode {
             }
         }),
         Cmd::Backlog(args) => backlog::measure(&args),
+        Cmd::Journals(args) => journals::measure(&args),
         Cmd::BareServer(args) => serve(args.max_seconds, None),
         Cmd::DurableServer(args) => durable_server(&args),
     };
@@ -405,6 +413,37 @@ struct Target {
     addr: SocketAddr,
     /// The agent's admin listener, from its ready line.
     admin: Option<SocketAddr>,
+    /// The warnings and errors it logged after its ready line.
+    log: Arc<std::sync::Mutex<LogTally>>,
+}
+
+/// How many of a target's log lines after its ready line were warnings and errors, and the
+/// first of them: what went wrong under load, in the target's own words.
+#[derive(Debug, Default, Clone)]
+struct LogTally {
+    warnings: u64,
+    errors: u64,
+    /// The first [`LogTally::KEEP`] warning and error lines, as logged.
+    first: Vec<String>,
+}
+
+impl LogTally {
+    const KEEP: usize = 10;
+
+    /// Counts one log line (the agent's JSON format; other lines count as neither).
+    fn count(&mut self, line: &str) {
+        let warning = line.contains(r#""level":"WARN""#);
+        let error = line.contains(r#""level":"ERROR""#);
+        if warning {
+            self.warnings += 1;
+        }
+        if error {
+            self.errors += 1;
+        }
+        if (warning || error) && self.first.len() < Self::KEEP {
+            self.first.push(line.trim_end().to_owned());
+        }
+    }
 }
 
 impl Target {
@@ -418,6 +457,8 @@ impl Target {
         let stderr = child.stderr.take().context("no stderr pipe")?;
         type Ready = Result<(SocketAddr, Option<SocketAddr>), String>;
         let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
+        let log = Arc::new(std::sync::Mutex::new(LogTally::default()));
+        let tally = log.clone();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stderr);
             let mut line = String::new();
@@ -442,8 +483,21 @@ impl Target {
                     seen.push(line.clone());
                 }
             }
-            // Drain the rest (one access log line per request) without keeping it.
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+            // Drain the rest (one access log line per request), keeping only the warnings and
+            // errors.
+            // Bytes, not text: a line that is not UTF-8 must not stop the draining, or the
+            // target would block on a full pipe.
+            let mut bytes = Vec::new();
+            loop {
+                bytes.clear();
+                match reader.read_until(b'\n', &mut bytes) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => tally
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .count(&String::from_utf8_lossy(&bytes)),
+                }
+            }
         });
         let (addr, admin) = match ready_rx.recv_timeout(START_TIMEOUT) {
             Ok(Ok(addrs)) => addrs,
@@ -458,11 +512,21 @@ impl Target {
                 bail!("the {what} did not become ready within {START_TIMEOUT:?}");
             }
         };
-        Ok(Target { child, addr, admin })
+        Ok(Target {
+            child,
+            addr,
+            admin,
+            log,
+        })
     }
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The warnings and errors it logged so far after its ready line.
+    fn log(&self) -> LogTally {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// SIGTERM, then waits for a graceful exit (killing it after [`STOP_TIMEOUT`]).
@@ -597,13 +661,18 @@ fn fsync_probe(dir: &Path) -> anyhow::Result<(u64, u64)> {
 
 /// What one load phase does.
 struct Load {
-    addr: SocketAddr,
+    /// The targets: connection `c` goes to `addrs[c % addrs.len()]` (round robin).
+    addrs: Vec<SocketAddr>,
     connections: usize,
     duration: Duration,
     /// `None`: closed loop, each connection sends its next request as soon as the previous one
     /// is answered. `Some(rate)`: open loop at `rate` requests per second over all connections.
     rate: Option<f64>,
     body_bytes: usize,
+    /// Added to every event's revision (each connection's requests count up from it): a phase
+    /// that follows another on the same subjects starts above the revisions the first one
+    /// applied, so that its events are applied rather than superseded.
+    revision_base: u64,
     ids: IdScheme,
     /// Makes ordered event ids unique across phases.
     tag: String,
@@ -714,7 +783,7 @@ fn signed_request(load: &Load, host: &HeaderValue, conn: usize, seq: u64) -> Req
         ),
     };
     let subject = format!("bench-subject-{conn:04}");
-    let body = event_body(&id, &subject, seq, load.body_bytes);
+    let body = event_body(&id, &subject, load.revision_base + seq, load.body_bytes);
     let timestamp = unix_now();
     let signature = load.signer.sign(&id, timestamp, body.as_bytes());
     let mut request = Request::new(Full::new(Bytes::from(body)));
@@ -914,7 +983,10 @@ async fn exchange(
 
 async fn run_connection(load: Arc<Load>, conn: usize, start: Instant, end: Instant) -> ConnResult {
     let mut result = ConnResult::default();
-    let host = HeaderValue::try_from(load.addr.to_string()).expect("address is ASCII");
+    let Some(&addr) = load.addrs.get(conn % load.addrs.len().max(1)) else {
+        return result;
+    };
+    let host = HeaderValue::try_from(addr.to_string()).expect("address is ASCII");
     // Paced: connection `conn` sends at start + (conn + k * connections) / rate.
     let interval = load
         .rate
@@ -935,7 +1007,7 @@ async fn run_connection(load: Arc<Load>, conn: usize, start: Instant, end: Insta
         }
         let mut s = match sender.take() {
             Some(s) => s,
-            None => match connect(load.addr).await {
+            None => match connect(addr).await {
                 Ok(s) => s,
                 Err(e) => {
                     result.errors += 1;
@@ -1029,6 +1101,8 @@ async fn run_load(load: Load) -> PhaseResult {
 #[derive(Debug, Clone, Default)]
 struct Figures {
     rate: f64,
+    /// 2xx answers in the phase.
+    ok: u64,
     p50_ms: f64,
     p99_ms: f64,
     p999_ms: f64,
@@ -1039,6 +1113,9 @@ struct Figures {
     server_cpu: f64,
     /// CPU this benchmark process (the load generator) used during the phase, in cores.
     client_cpu: f64,
+    /// CPU the database server used during the phase, in cores (phases with a PostgreSQL
+    /// journal; 0 otherwise).
+    db_cpu: f64,
     /// CPU everything else on the machine used during the phase, in cores: noise.
     other_cpu: f64,
     late_fraction: f64,
@@ -1059,7 +1136,11 @@ impl Figures {
             self.server_cpu,
             self.client_cpu,
             self.other_cpu
-        ) + &self
+        ) + &(if self.db_cpu > 0.0 {
+            format!(" PostgreSQL {:.2}", self.db_cpu)
+        } else {
+            String::new()
+        }) + &self
             .internals
             .as_ref()
             .map_or(String::new(), Internals::brief)
@@ -1073,6 +1154,7 @@ impl Figures {
             "non_2xx": self.non_2xx, "errors": self.errors,
             "server_cpu_cores": round(self.server_cpu, 2),
             "client_cpu_cores": round(self.client_cpu, 2),
+            "db_cpu_cores": round(self.db_cpu, 2),
             "other_cpu_cores": round(self.other_cpu, 2),
             "late_fraction": round(self.late_fraction, 4),
             "agent_metrics": self.internals.as_ref().map(Internals::to_json),
@@ -1210,12 +1292,93 @@ fn measure(
     target: &Target,
     load: Load,
 ) -> anyhow::Result<Figures> {
-    let pid = target.pid().to_string();
-    let metrics_before = match target.admin {
-        Some(admin) => Some(runtime.block_on(scrape(admin))?),
-        None => None,
+    measure_on(runtime, &[target], None, load)
+}
+
+/// The agents' metrics added up, one map: counters and histograms are summed, and the gauges
+/// every agent of a shared journal reports alike (the backlog) or that are peaks take the
+/// largest value.
+fn scrape_all(
+    runtime: &tokio::runtime::Runtime,
+    targets: &[&Target],
+) -> anyhow::Result<Option<BTreeMap<String, f64>>> {
+    let mut all: Option<BTreeMap<String, f64>> = None;
+    for admin in targets.iter().filter_map(|t| t.admin) {
+        let metrics = runtime
+            .block_on(scrape(admin))
+            .with_context(|| format!("cannot read the metrics of the agent at {admin}"))?;
+        let sum = all.get_or_insert_with(BTreeMap::new);
+        for (name, value) in metrics {
+            let name = without_agent_label(&name);
+            let entry = sum.entry(name.clone()).or_insert(0.0);
+            if name == "ess_agent_backlog" || name.ends_with("_peak") {
+                *entry = entry.max(value);
+            } else {
+                *entry += value;
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// A sample's name without its `agent` label: on a shared PostgreSQL journal every agent labels
+/// its samples with its own id, and the samples of several agents add up under one name.
+fn without_agent_label(name: &str) -> String {
+    let Some((metric, labels)) = name.strip_suffix('}').and_then(|rest| rest.split_once('{'))
+    else {
+        return name.to_owned();
     };
-    let server_before = cpu_seconds(&pid).unwrap_or(0.0);
+    let kept: Vec<&str> = labels
+        .split(',')
+        .filter(|label| !label.starts_with("agent="))
+        .collect();
+    if kept.is_empty() {
+        metric.to_owned()
+    } else {
+        format!("{metric}{{{}}}", kept.join(","))
+    }
+}
+
+/// CPU time used so far by the PostgreSQL server whose postmaster is `postmaster` and by its
+/// processes (backends, WAL writer, checkpointer), in seconds.
+fn db_cpu_seconds(postmaster: u32) -> f64 {
+    let parent = postmaster.to_string();
+    let children: f64 = std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+                .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+                .filter(|pid| parent_pid(pid).as_deref() == Some(parent.as_str()))
+                .filter_map(|pid| cpu_seconds(&pid))
+                .sum()
+        })
+        .unwrap_or(0.0);
+    children + cpu_seconds(&parent).unwrap_or(0.0)
+}
+
+/// The parent process id of `pid`, from `/proc/<pid>/stat`.
+fn parent_pid(pid: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    // After ')': the state, then the parent's pid.
+    rest.split_whitespace().nth(1).map(str::to_owned)
+}
+
+/// Runs a phase against `targets` (the load spreads its connections over `load.addrs`),
+/// measuring their CPU use (added up), ours, the database server's when `db` names its
+/// postmaster, and the agents' own metrics (added up) when they have admin listeners.
+fn measure_on(
+    runtime: &tokio::runtime::Runtime,
+    targets: &[&Target],
+    db: Option<u32>,
+    load: Load,
+) -> anyhow::Result<Figures> {
+    let pids: Vec<String> = targets.iter().map(|t| t.pid().to_string()).collect();
+    let servers_cpu = || -> f64 { pids.iter().filter_map(|p| cpu_seconds(p)).sum() };
+    let metrics_before = scrape_all(runtime, targets)?;
+    let server_before = servers_cpu();
+    let db_before = db.map_or(0.0, db_cpu_seconds);
     let client_before = cpu_seconds("self").unwrap_or(0.0);
     let machine_before = machine_busy_seconds().unwrap_or(0.0);
     let limit = load.duration + REQUEST_TIMEOUT + Duration::from_secs(10);
@@ -1226,10 +1389,11 @@ fn measure(
         bail!("interrupted");
     }
     let secs = phase.elapsed.as_secs_f64();
-    let server_cpu = (cpu_seconds(&pid).unwrap_or(0.0) - server_before) / secs;
+    let server_cpu = (servers_cpu() - server_before) / secs;
+    let db_cpu = (db.map_or(0.0, db_cpu_seconds) - db_before).max(0.0) / secs;
     let client_cpu = (cpu_seconds("self").unwrap_or(0.0) - client_before) / secs;
     let machine = (machine_busy_seconds().unwrap_or(0.0) - machine_before) / secs;
-    let other_cpu = (machine - server_cpu - client_cpu).max(0.0);
+    let other_cpu = (machine - server_cpu - client_cpu - db_cpu).max(0.0);
     if other_cpu > 0.25 {
         eprintln!(
             "ess-bench: warning: other processes used {other_cpu:.2} CPUs during this phase; \
@@ -1254,15 +1418,13 @@ fn measure(
         );
     }
     let sent = phase.ok + phase.non_2xx() + phase.errors;
-    let internals = match (target.admin, metrics_before) {
-        (Some(admin), Some(before)) => {
-            let after = runtime.block_on(scrape(admin))?;
-            Some(Internals::between(&before, &after, secs))
-        }
+    let internals = match (metrics_before, scrape_all(runtime, targets)?) {
+        (Some(before), Some(after)) => Some(Internals::between(&before, &after, secs)),
         _ => None,
     };
     Ok(Figures {
         rate: phase.rate(),
+        ok: phase.ok,
         p50_ms: phase.ms(0.50),
         p99_ms: phase.ms(0.99),
         p999_ms: phase.ms(0.999),
@@ -1271,6 +1433,7 @@ fn measure(
         errors: phase.errors,
         server_cpu,
         client_cpu,
+        db_cpu,
         other_cpu,
         late_fraction: phase.late as f64 / sent.max(1) as f64,
         internals,
@@ -1319,6 +1482,11 @@ const FILTER_SINK: &str = "type = \"file\"\ndir = {out}\nname = \"{id}.json\"";
 /// Writes the agent's configuration into `dir`: a route for every event through the adapter
 /// `apply` names into the sink `sink` (TOML, with `{out}` for its directory), none for `park`.
 fn agent_config(dir: &Path, apply: Apply, sink: &str) -> anyhow::Result<PathBuf> {
+    agent_config_with(dir, apply, sink, "")
+}
+
+/// [`agent_config`] with more TOML at the end (a `[journal]` section).
+fn agent_config_with(dir: &Path, apply: Apply, sink: &str, more: &str) -> anyhow::Result<PathBuf> {
     let secret = dir.join("hub-secret");
     std::fs::write(&secret, SECRET)?;
     // The high-water mark is raised so that a dispatcher that falls behind during a pass does not
@@ -1351,6 +1519,7 @@ fn agent_config(dir: &Path, apply: Apply, sink: &str) -> anyhow::Result<PathBuf>
             sink.replace("{out}", &out),
         ));
     }
+    text.push_str(more);
     let path = dir.join("ess-agent.toml");
     std::fs::write(&path, text)?;
     Ok(path)
@@ -1440,7 +1609,23 @@ fn end_to_end(
     let applied = applied_all - before;
     let peak_rss = proc_status_kb(agent.pid(), "VmHWM").unwrap_or(0);
     agent.stop()?;
-    let files = std::fs::read_dir(dir.0.join("out"))
+    let files = count_records(&dir.0.join("out"));
+    keep.push(dir);
+    Ok(E2e {
+        figures,
+        applied_rate: applied / secs,
+        applied: applied as u64,
+        applied_all: applied_all as u64,
+        files,
+        cpu_us: cpu / applied.max(1.0) * 1e6,
+        peak_rss,
+    })
+}
+
+/// The records a file sink left in `out`: a file each, or a line each of an `.ndjson` file
+/// (append mode); temporary files (names starting with `.`) do not count.
+fn count_records(out: &Path) -> u64 {
+    std::fs::read_dir(out)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
@@ -1455,17 +1640,21 @@ fn end_to_end(
                 })
                 .sum::<u64>()
         })
-        .unwrap_or(0);
-    keep.push(dir);
-    Ok(E2e {
-        figures,
-        applied_rate: applied / secs,
-        applied: applied as u64,
-        applied_all: applied_all as u64,
-        files,
-        cpu_us: cpu / applied.max(1.0) * 1e6,
-        peak_rss,
-    })
+        .unwrap_or(0)
+}
+
+/// Sets [`INTERRUPTED`] on SIGINT or SIGTERM, so that load phases stop early and the benchmark
+/// stops its targets and exits.
+fn watch_signals(runtime: &tokio::runtime::Runtime) {
+    runtime.spawn(async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
+        }
+        INTERRUPTED.store(true, Ordering::Relaxed);
+    });
 }
 
 fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
@@ -1507,15 +1696,7 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         .thread_name("load")
         .enable_all()
         .build()?;
-    runtime.spawn(async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {},
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
-        }
-        INTERRUPTED.store(true, Ordering::Relaxed);
-    });
+    watch_signals(&runtime);
 
     eprintln!(
         "ess-bench accept: {connections} connections, {}s per phase ({}s warm-up), {body_bytes}-byte \
@@ -1524,11 +1705,12 @@ fn accept(args: &AcceptArgs) -> anyhow::Result<()> {
         args.seconds, args.warmup_seconds, args.ids, args.runs
     );
     let load = |addr, tag: String, secs: Duration, rate| Load {
-        addr,
+        addrs: vec![addr],
         connections,
         duration: secs,
         rate,
         body_bytes,
+        revision_base: 0,
         ids: args.ids,
         tag,
         counter: AtomicU64::new(0),
@@ -1913,6 +2095,7 @@ fn median_figures(all: &[&Figures]) -> Figures {
     let m = |f: fn(&Figures) -> f64| median(all.iter().map(|x| f(x)).collect());
     Figures {
         rate: m(|f| f.rate),
+        ok: median(all.iter().map(|f| f.ok as f64).collect()) as u64,
         p50_ms: m(|f| f.p50_ms),
         p99_ms: m(|f| f.p99_ms),
         p999_ms: m(|f| f.p999_ms),
@@ -1921,6 +2104,7 @@ fn median_figures(all: &[&Figures]) -> Figures {
         errors: all.iter().map(|f| f.errors).sum(),
         server_cpu: m(|f| f.server_cpu),
         client_cpu: m(|f| f.client_cpu),
+        db_cpu: m(|f| f.db_cpu),
         other_cpu: m(|f| f.other_cpu),
         late_fraction: m(|f| f.late_fraction),
         internals: median_internals(all),
@@ -2267,6 +2451,28 @@ mod tests {
         assert_eq!(
             histogram_quantile(&after, &after, "ess_agent_request_seconds", 0.5),
             0.0
+        );
+    }
+
+    #[test]
+    fn the_agent_label_is_dropped_so_that_agents_add_up() {
+        assert_eq!(
+            without_agent_label("ess_agent_backlog{agent=\"vm-1-2c39db7e\"}"),
+            "ess_agent_backlog"
+        );
+        assert_eq!(
+            without_agent_label(
+                "ess_agent_events_final_total{agent=\"vm-1-2c39db7e\",state=\"applied\"}"
+            ),
+            "ess_agent_events_final_total{state=\"applied\"}"
+        );
+        assert_eq!(
+            without_agent_label("ess_agent_request_seconds_bucket{le=\"0.005\"}"),
+            "ess_agent_request_seconds_bucket{le=\"0.005\"}"
+        );
+        assert_eq!(
+            without_agent_label("ess_agent_backlog"),
+            "ess_agent_backlog"
         );
     }
 
