@@ -115,6 +115,11 @@ const PG_PAGE: usize = 512;
 /// it was told of new events (a notification is a hint).
 const PG_PASS_EVERY: Duration = Duration::from_secs(1);
 
+/// Passes over the PostgreSQL backlog are at least this far apart: under load every commit
+/// wakes the dispatcher, and a pass per commit would read the waiting events again and again;
+/// the events committed meanwhile are taken by the next pass together.
+const PG_PASS_GAP: Duration = Duration::from_millis(20);
+
 /// The dispatcher. Shared behind an `Arc`.
 pub struct Dispatcher {
     journal: Arc<Journal>,
@@ -350,6 +355,10 @@ impl Dispatcher {
                 _ = work.notified() => {}
                 _ = self.queue_room.notified(), if full => {}
                 _ = tokio::time::sleep(PG_PASS_EVERY) => {}
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(PG_PASS_GAP) => {}
             }
         }
     }

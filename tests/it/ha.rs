@@ -500,6 +500,23 @@ name = \"{{id}}.json\"
             Agent::start_with(d.path(), &config)
         })
         .collect();
+    // The agents share the partitions out (the first took them all; it gives back its surplus
+    // over two lease rounds).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while owners(&schema)
+        .await
+        .into_values()
+        .flatten()
+        .collect::<BTreeSet<_>>()
+        .len()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the partitions were not shared out"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Every event goes to the first agent; the subjects are spread over both agents'
     // partitions, so the second applies some of them.
     for n in 0..EVENTS_SENT {
