@@ -543,7 +543,7 @@ name = \"{{id}}.json\"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_agents_started_at_once_on_an_empty_database_migrate_it_once() {
+async fn two_agents_started_at_once_on_an_empty_database_migrate_it_once_and_label_their_metrics() {
     let schema = Schema::create().await;
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut agents: Vec<Agent> = dirs
@@ -574,6 +574,20 @@ async fn two_agents_started_at_once_on_an_empty_database_migrate_it_once() {
         1,
         "exactly one agent migrated: {migrated:?}"
     );
+    // Each agent's metrics carry its journal agent id, so that the agents are told apart.
+    for agent in &agents {
+        let id = journal_agent(agent);
+        let metrics = support::admin_get(agent, "/metrics").await;
+        let text = metrics.body.as_str().unwrap_or_default();
+        let backlog = text
+            .lines()
+            .find(|l| l.starts_with("ess_agent_backlog"))
+            .unwrap_or_else(|| panic!("no backlog gauge in:\n{text}"));
+        assert!(
+            backlog.contains(&format!("agent=\"{id}\"")),
+            "{backlog} does not name agent {id}"
+        );
+    }
     let pool = schema.pool().await;
     let versions: Vec<i64> = sqlx::query_scalar("SELECT version::bigint FROM journal_migrations")
         .fetch_all(&pool)
