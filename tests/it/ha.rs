@@ -99,6 +99,27 @@ async fn deliver_subject(
     }
 }
 
+/// Starts [`deliver_subject`] for each of `subjects` subjects.
+fn deliver_all(
+    subjects: usize,
+    per_subject: usize,
+    receivers: &Receivers,
+    acked: &Arc<Mutex<BTreeSet<String>>>,
+    refused: &Arc<Mutex<u32>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..subjects)
+        .map(|s| {
+            tokio::spawn(deliver_subject(
+                s,
+                per_subject,
+                receivers.clone(),
+                acked.clone(),
+                refused.clone(),
+            ))
+        })
+        .collect()
+}
+
 /// The shared table and ledger of a group, created in the shared server.
 async fn rows_table(dir: &Path) -> (Db, String, String) {
     let db = Db::open(Kind::Postgres, dir).await;
@@ -208,17 +229,7 @@ async fn three_agents_share_one_journal_and_apply_every_event_once_in_subject_or
     let receivers: Receivers = Arc::new(Mutex::new(agents.iter().map(|a| a.url(EVENTS)).collect()));
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let refused = Arc::new(Mutex::new(0));
-    let posters: Vec<_> = (0..SUBJECTS)
-        .map(|s| {
-            tokio::spawn(deliver_subject(
-                s,
-                PER_SUBJECT,
-                receivers.clone(),
-                acked.clone(),
-                refused.clone(),
-            ))
-        })
-        .collect();
+    let posters = deliver_all(SUBJECTS, PER_SUBJECT, &receivers, &acked, &refused);
     for p in posters {
         p.await.unwrap();
     }
@@ -296,17 +307,7 @@ async fn killing_an_agent_mid_stream_loses_nothing_and_the_others_take_over_with
     let receivers: Receivers = Arc::new(Mutex::new(agents.iter().map(|a| a.url(EVENTS)).collect()));
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let refused = Arc::new(Mutex::new(0));
-    let posters: Vec<_> = (0..SUBJECTS)
-        .map(|s| {
-            tokio::spawn(deliver_subject(
-                s,
-                PER_SUBJECT,
-                receivers.clone(),
-                acked.clone(),
-                refused.clone(),
-            ))
-        })
-        .collect();
+    let posters = deliver_all(SUBJECTS, PER_SUBJECT, &receivers, &acked, &refused);
     let total = SUBJECTS * PER_SUBJECT;
     // Three rounds, each killing another agent at another point of the stream.
     for round in 0..3 {
@@ -371,17 +372,7 @@ async fn postgresql_stopped_for_10_s_means_503s_then_every_acknowledged_event_is
     let receivers: Receivers = Arc::new(Mutex::new(vec![agent.url(EVENTS)]));
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let refused = Arc::new(Mutex::new(0));
-    let posters: Vec<_> = (0..SUBJECTS)
-        .map(|s| {
-            tokio::spawn(deliver_subject(
-                s,
-                PER_SUBJECT,
-                receivers.clone(),
-                acked.clone(),
-                refused.clone(),
-            ))
-        })
-        .collect();
+    let posters = deliver_all(SUBJECTS, PER_SUBJECT, &receivers, &acked, &refused);
     // Mid-stream, PostgreSQL crashes and stays down for 10 s.
     let deadline = Instant::now() + Duration::from_secs(60);
     while acked.lock().unwrap().len() < SUBJECTS * PER_SUBJECT / 4 {
