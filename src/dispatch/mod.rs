@@ -26,15 +26,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::{Value, json};
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::EventLog;
 use crate::journal::pg::PgJournal;
 use crate::journal::{
-    AppliedOutput, Attempt, Committed, DeliveryState, DeliveryUpdate, EventState, Finish, Journal,
-    JournalError, Lease, Outcome, SqliteJournal, StoredEvent,
+    Announcement, Announcements, AppliedOutput, Attempt, Committed, DeliveryState, DeliveryUpdate,
+    EventState, Finish, Journal, JournalError, Lease, Outcome, SqliteJournal, StoredEvent,
 };
 use crate::sink::{EventMeta, MAX_RETRY_AFTER, SinkError};
 use routes::{Route, Routing};
@@ -276,10 +276,9 @@ impl Dispatcher {
         let Some(sqlite) = self.journal.sqlite().cloned() else {
             return Ok(());
         };
-        let (tx, rx) = mpsc::unbounded_channel::<Committed>();
         // Listen before reading the backlog, so no event falls between the two: the intake
         // reads the journal first (it starts behind) and drops the announcements of what it read.
-        sqlite.set_listener(tx);
+        let rx = sqlite.listen();
         self.tracker.spawn(self.clone().read_ahead(sqlite.clone()));
         self.tracker.spawn(async move {
             let _running = IntakeGuard(&this.intake_running);
@@ -370,11 +369,7 @@ impl Dispatcher {
     /// highest sequence number queued or read: an announcement at or below it was read from the
     /// journal already. The journal announces an event only after its commit, in commit order,
     /// so an event committed after the last page was read is announced afterwards and queued.
-    async fn intake(
-        self: &Arc<Self>,
-        sqlite: Arc<SqliteJournal>,
-        mut rx: mpsc::UnboundedReceiver<Committed>,
-    ) {
+    async fn intake(self: &Arc<Self>, sqlite: Arc<SqliteJournal>, mut rx: Announcements) {
         let mut cursor = 0i64;
         let mut behind = true;
         loop {
@@ -423,9 +418,12 @@ impl Dispatcher {
                 _ = self.queue_room.notified(), if behind => {}
                 event = rx.recv() => match event {
                     None => return,
-                    Some(event) if event.seq <= cursor || behind => {}
-                    Some(_) if self.queued.load(Ordering::Relaxed) >= QUEUED_MAX => behind = true,
-                    Some(event) => {
+                    // Events the journal could not announce (this task fell far behind them)
+                    // are read from it like those beyond a full queue.
+                    Some(Announcement::Missed) => behind = true,
+                    Some(Announcement::Event(event)) if event.seq <= cursor || behind => {}
+                    Some(Announcement::Event(_)) if self.queued.load(Ordering::Relaxed) >= QUEUED_MAX => behind = true,
+                    Some(Announcement::Event(event)) => {
                         cursor = event.seq;
                         self.submit_committed(event);
                     }
@@ -1705,6 +1703,63 @@ mod tests {
                 "subject {subject}"
             );
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_the_journal_could_not_announce_are_read_from_it_and_applied_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for one unread announcement: a commit of many events overflows it.
+        let options = JournalOptions {
+            announced_max: 1,
+            ..JournalOptions::default()
+        };
+        let journal = Journal::open(dir.path(), options).unwrap();
+        std::fs::write(dir.path().join("pass.jsonata"), "subject").unwrap();
+        let adapter = Adapter::load(&dir.path().join("pass.jsonata")).unwrap();
+        let (tx, mut applied) = tokio::sync::mpsc::unbounded_channel();
+        let routing = Routing {
+            routes: vec![Route::for_tests("r", adapter, Recording::ids(tx))],
+            sinks: Default::default(),
+        };
+        let dispatcher = Dispatcher::new(journal.clone(), "acme".into(), routing, 4, None);
+        dispatcher.start().await.unwrap();
+        // Bursts of concurrent appends share commits, announced back to back.
+        let subjects = ["a", "b", "c", "d"];
+        for burst in 0..5 {
+            let appends: Vec<_> = (0..64)
+                .map(|n| {
+                    let journal = journal.clone();
+                    let id = format!("e-{:04}", burst * 64 + n);
+                    let subject = subjects[n % 4];
+                    tokio::spawn(async move { journal.append(new_event(&id, subject)).await })
+                })
+                .collect();
+            for append in appends {
+                assert_eq!(append.await.unwrap().unwrap(), Appended::Accepted);
+            }
+        }
+        backlog_applied(&journal).await;
+        dispatcher.shutdown(Duration::from_secs(1)).await;
+        let mut ids = Vec::new();
+        while let Ok(id) = applied.try_recv() {
+            ids.push(id);
+        }
+        assert_eq!(ids.len(), 320, "every event applied once");
+        let unique: HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), 320, "no event applied twice");
+        // Within a subject, events apply in the order they were committed.
+        for subject in 0..4 {
+            let seqs: Vec<i64> = ids
+                .iter()
+                .filter(|id| id[2..].parse::<usize>().unwrap() % 4 == subject)
+                .map(|id| journal.get_detail(id).unwrap().unwrap().seq)
+                .collect();
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "subject {subject} applied out of order: {seqs:?}"
+            );
+        }
+        journal.close();
     }
 
     /// Fails its first `failures` calls with a retryable error, then takes the event.

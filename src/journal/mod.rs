@@ -32,7 +32,7 @@ pub use apply::{
 };
 pub use backend::{Journal, Lease};
 pub use query::{EventFilter, EventSummary, Requeued};
-pub use writer::{Committed, insert_event};
+pub use writer::{ANNOUNCED_MAX, Announcement, Announcements, Committed, insert_event};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -235,6 +235,8 @@ pub struct JournalOptions {
     /// Connections for the dispatcher's quick reads ([`SqliteJournal::read_now`]): one per worker
     /// thread of the async runtime, which has one per CPU.
     pub quick_readers: usize,
+    /// Announcements of committed events that may wait unread ([`Announcements`]).
+    pub announced_max: usize,
 }
 
 impl Default for JournalOptions {
@@ -248,6 +250,7 @@ impl Default for JournalOptions {
             min_free_disk_bytes: 64 * 1024 * 1024,
             retention: Some(Duration::from_secs(30 * 86_400)),
             quick_readers: quick_reader_count(),
+            announced_max: ANNOUNCED_MAX,
         }
     }
 }
@@ -270,7 +273,7 @@ struct Shared {
 }
 
 /// Where committed events are announced.
-type Listener = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<Committed>>>>;
+type Listener = Arc<Mutex<Option<writer::Announcer>>>;
 
 /// The handle to the journal. Cheap to share behind an `Arc`.
 pub struct SqliteJournal {
@@ -283,6 +286,7 @@ pub struct SqliteJournal {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     listener: Listener,
+    announced_max: usize,
     /// The state directory's lock, held as long as the journal is open in this process.
     _lock: lock::StateLock,
 }
@@ -411,6 +415,7 @@ impl SqliteJournal {
         // keeps the process's memory from growing by SQLite's default 2 MiB per connection.
         let reader = connect(&path, rw)?;
         reader.pragma_update(None, "cache_size", READER_CACHE_KIB)?;
+        let announced_max = options.announced_max;
         let quick_readers = (0..options.quick_readers.max(1))
             .map(|_| {
                 let conn = connect(&path, rw)?;
@@ -454,6 +459,7 @@ impl SqliteJournal {
             shared,
             threads: Mutex::new(vec![writer, background]),
             listener,
+            announced_max,
             _lock: lock,
         }))
     }
@@ -473,9 +479,12 @@ impl SqliteJournal {
         rx.await.map_err(|_| JournalError::Closed)?
     }
 
-    /// Announces every event committed from now on to `listener` (the dispatcher).
-    pub fn set_listener(&self, listener: tokio::sync::mpsc::UnboundedSender<Committed>) {
-        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
+    /// Announces every event committed from now on (to the dispatcher), at most
+    /// [`JournalOptions::announced_max`] waiting unread; replaces an earlier listener.
+    pub fn listen(&self) -> Announcements {
+        let (announcer, announcements) = writer::announcements(self.announced_max);
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(announcer);
+        announcements
     }
 
     /// Runs `job` in the writer's next transaction (in a savepoint of its own) and returns its
@@ -864,6 +873,35 @@ mod tests {
         drop(journal);
         let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
         assert!(!journal.low_disk());
+        journal.close();
+    }
+
+    #[tokio::test]
+    async fn announcements_beyond_the_room_are_dropped_and_reported_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = JournalOptions {
+            announced_max: 2,
+            ..JournalOptions::default()
+        };
+        let journal = SqliteJournal::open(dir.path(), options).unwrap();
+        let mut announced = journal.listen();
+        for id in ["a", "b", "c", "d"] {
+            journal.append(event(id)).await.unwrap();
+        }
+        // Two fitted; the listener hears that it missed some before it takes either.
+        assert!(matches!(announced.recv().await, Some(Announcement::Missed)));
+        match announced.recv().await {
+            Some(Announcement::Event(e)) => assert_eq!(e.id, "b"),
+            other => panic!("expected the second event, got {other:?}"),
+        }
+        // With room again, the next commit is announced as usual.
+        journal.append(event("e")).await.unwrap();
+        match announced.recv().await {
+            Some(Announcement::Event(e)) => assert_eq!(e.id, "e"),
+            other => panic!("expected the fifth event, got {other:?}"),
+        }
+        // Nothing was lost from the journal: every event waits there.
+        assert_eq!(journal.pending_after(0, 10).unwrap().len(), 5);
         journal.close();
     }
 

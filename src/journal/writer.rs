@@ -19,7 +19,7 @@
 //! there. A new event or a job ends the wait at once.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 
 use rusqlite::{Connection, TransactionBehavior, params};
@@ -51,6 +51,75 @@ pub(super) struct Finishing {
     pub(super) finish: Finish,
 }
 
+/// Announcements of committed events that may wait unread (see [`Announcements`]): about
+/// 1.5 KiB each with its envelope.
+pub const ANNOUNCED_MAX: usize = 1024;
+
+/// The writer's end of the announcements: a bounded channel and the flag that says some were
+/// dropped because it was full.
+pub(super) struct Announcer {
+    tx: mpsc::Sender<Committed>,
+    missed: Arc<AtomicBool>,
+}
+
+impl Announcer {
+    fn announce(&self, event: Committed) {
+        match self.tx.try_send(event) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // Set before anything later is sent: whoever receives that sees the flag.
+                self.missed.store(true, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// What the dispatcher hears of committed events ([`super::SqliteJournal::listen`]).
+///
+/// The events come in commit order, with their envelopes, while the listener keeps up. When it
+/// does not (its task starved, or it stopped taking announcements while far behind), at most
+/// [`ANNOUNCED_MAX`] wait; the writer drops the ones that do not fit, so the memory they hold
+/// stays bounded however far behind the listener falls, and the next receive reports
+/// [`Announcement::Missed`]: the dropped events are in the journal only, to be read from it.
+pub struct Announcements {
+    rx: mpsc::Receiver<Committed>,
+    missed: Arc<AtomicBool>,
+}
+
+/// One receive of [`Announcements`].
+#[derive(Debug)]
+pub enum Announcement {
+    /// The next committed event.
+    Event(Committed),
+    /// Some committed events were not announced (this one included, possibly): read the
+    /// journal for every event after the last one taken.
+    Missed,
+}
+
+impl Announcements {
+    /// The next announcement; `None` once the journal has closed.
+    pub async fn recv(&mut self) -> Option<Announcement> {
+        let event = self.rx.recv().await?;
+        if self.missed.swap(false, Ordering::AcqRel) {
+            return Some(Announcement::Missed);
+        }
+        Some(Announcement::Event(event))
+    }
+}
+
+/// A bounded announcement channel of `capacity`: the writer's end and the listener's.
+pub(super) fn announcements(capacity: usize) -> (Announcer, Announcements) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let missed = Arc::new(AtomicBool::new(false));
+    (
+        Announcer {
+            tx,
+            missed: missed.clone(),
+        },
+        Announcements { rx, missed },
+    )
+}
+
 /// An event that was committed, for the dispatcher.
 #[derive(Debug, Clone)]
 pub struct Committed {
@@ -68,7 +137,7 @@ pub(super) struct Writer {
     finish_linger: std::time::Duration,
     finish_gap: std::time::Duration,
     shared: Arc<Shared>,
-    listener: Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<Committed>>>>,
+    listener: Arc<std::sync::Mutex<Option<Announcer>>>,
 }
 
 /// What one operation of a batch produced, before the commit.
@@ -86,7 +155,7 @@ impl Writer {
         finish_linger: std::time::Duration,
         finish_gap: std::time::Duration,
         shared: Arc<Shared>,
-        listener: Arc<std::sync::Mutex<Option<mpsc::UnboundedSender<Committed>>>>,
+        listener: Arc<std::sync::Mutex<Option<Announcer>>>,
     ) -> Self {
         Self {
             conn,
@@ -230,7 +299,7 @@ impl Writer {
                 }
                 if let Some(listener) = &*self.listener.lock().unwrap_or_else(|p| p.into_inner()) {
                     for event in committed {
-                        let _ = listener.send(event);
+                        listener.announce(event);
                     }
                 }
             }
