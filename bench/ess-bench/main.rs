@@ -867,6 +867,8 @@ struct Internals {
     wal_restarts: f64,
     /// Mean time of one such checkpoint.
     wal_restart_ms: f64,
+    /// Mean log frames (pages) one such checkpoint copied.
+    wal_restart_frames: f64,
     /// The 99th percentile of the agent's request times by its own histogram: the upper bound
     /// of the bucket it falls in, in milliseconds.
     p99_ms: f64,
@@ -898,6 +900,8 @@ impl Internals {
             wal_restarts,
             wal_restart_ms: delta("ess_agent_journal_wal_restart_seconds_sum") * 1000.0
                 / wal_restarts.max(1.0),
+            wal_restart_frames: delta("ess_agent_journal_wal_restart_frames_total")
+                / wal_restarts.max(1.0),
             p99_ms: histogram_quantile(before, after, "ess_agent_request_seconds", 0.99) * 1000.0,
         }
     }
@@ -907,8 +911,8 @@ impl Internals {
         format!(
             "\n        agent: {:.0} commits/s, {:.1} ops/commit, {:.3} ms/commit, {:.0} events \
              finished/s, {:.0} left to apply\n        journal: {:.0} commits over 2.5 ms, {:.0} log \
-             restarts of {:.1} ms on average; requests over 2.5 ms {:.2} %, over 5 ms {:.2} %, \
-             p99 <= {:.1} ms (agent's clock)",
+             restarts of {:.1} ms and {:.0} frames on average; requests over 2.5 ms {:.2} %, over 5 \
+             ms {:.2} %, p99 <= {:.1} ms (agent's clock)",
             self.commits_per_sec,
             self.ops_per_commit,
             self.commit_ms,
@@ -917,6 +921,7 @@ impl Internals {
             self.slow_commits,
             self.wal_restarts,
             self.wal_restart_ms,
+            self.wal_restart_frames,
             self.slow_requests.0 * 100.0,
             self.slow_requests.1 * 100.0,
             self.p99_ms
@@ -933,6 +938,7 @@ impl Internals {
             "slow_commits": self.slow_commits,
             "wal_restarts": self.wal_restarts,
             "wal_restart_ms": round(self.wal_restart_ms, 2),
+            "wal_restart_frames": round(self.wal_restart_frames, 1),
             "requests_over_2_5_ms": round(self.slow_requests.0, 4),
             "requests_over_5_ms": round(self.slow_requests.1, 4),
             "p99_ms_own_histogram": self.p99_ms,
@@ -2149,6 +2155,7 @@ fn median_internals(all: &[&Figures]) -> Option<Internals> {
         slow_commits: m(|i| i.slow_commits),
         wal_restarts: m(|i| i.wal_restarts),
         wal_restart_ms: m(|i| i.wal_restart_ms),
+        wal_restart_frames: m(|i| i.wal_restart_frames),
         slow_requests: (m(|i| i.slow_requests.0), m(|i| i.slow_requests.1)),
         p99_ms: m(|i| i.p99_ms),
     })

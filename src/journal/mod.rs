@@ -270,6 +270,9 @@ struct Shared {
     /// been copied into the database: the writer finishes the checkpoint after its next commit,
     /// so the next transaction starts the log over.
     restart_wal: AtomicBool,
+    /// The frames the background thread had copied when it set `restart_wal`: the writer's
+    /// share is what its own checkpoint copies beyond them.
+    copied_before_restart: AtomicU64,
 }
 
 /// Where committed events are announced.
@@ -768,7 +771,10 @@ fn checkpoint_and_restart(
             break;
         }
     }
-    shared.restart_wal.store(true, Ordering::Relaxed);
+    shared
+        .copied_before_restart
+        .store(copied, Ordering::Relaxed);
+    shared.restart_wal.store(true, Ordering::Release);
     Ok(())
 }
 

@@ -189,7 +189,7 @@ impl Writer {
             if !batch.is_empty() {
                 self.commit_batch(&mut batch);
             }
-            if self.shared.restart_wal.swap(false, Ordering::Relaxed) {
+            if self.shared.restart_wal.swap(false, Ordering::Acquire) {
                 self.finish_checkpoint();
             }
             if let Some(done) = close {
@@ -258,7 +258,15 @@ impl Writer {
             Ok((frames, copied)) => {
                 metrics::histogram!("ess_agent_journal_wal_restart_seconds")
                     .record(started.elapsed().as_secs_f64());
-                tracing::debug!(frames, copied, "journal log checkpointed by the writer");
+                let before = self.shared.copied_before_restart.load(Ordering::Relaxed);
+                let share = copied.saturating_sub(before);
+                metrics::counter!("ess_agent_journal_wal_restart_frames_total").increment(share);
+                tracing::debug!(
+                    frames,
+                    copied,
+                    share,
+                    "journal log checkpointed by the writer"
+                );
             }
             Err(e) => tracing::warn!(error = %e, "journal checkpoint failed; it is retried"),
         }
