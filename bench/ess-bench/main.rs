@@ -2402,7 +2402,8 @@ impl Summary {
         let limit_us = self.durable.server_cpu / self.durable.rate.max(1e-9) * 1e6;
         let ceiling = nproc as f64 / ((self.file_floor_us + limit_us) / 1e6);
         println!(
-            "file-per-event ceiling from the floors: {nproc} CPUs ÷ ({:.1} µs file floor + {:.1} µs              of the durable limit's CPU per request) = {:.0}/s = {:.3} of the durable limit",
+            "file-per-event ceiling from the floors: {nproc} CPUs ÷ ({:.1} µs file floor + {:.1} µs \
+             of the durable limit's CPU per request) = {:.0}/s = {:.3} of the durable limit",
             self.file_floor_us,
             limit_us,
             ceiling,
