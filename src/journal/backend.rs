@@ -38,6 +38,10 @@ enum Backend {
 }
 
 /// The handle to the journal. Cheap to share behind an `Arc`.
+///
+/// The PostgreSQL arms of the calls on the apply path are boxed: a database call's future takes
+/// kilobytes, and an arm awaited in place makes every caller's future that large whichever
+/// backend is open, among them the dispatcher's task for each subject with a waiting event.
 pub struct Journal {
     backend: Backend,
 }
@@ -113,7 +117,7 @@ impl Journal {
             Backend::Sqlite(j) => j.append(event).await,
             Backend::Postgres(j) => {
                 let part = j.partition_of(&event.subject);
-                match j.append(event).await? {
+                match Box::pin(j.append(event)).await? {
                     super::pg::append::AppendOutcome::Accepted { .. } => {
                         // Our own event of a partition we hold: no need to wait for the
                         // notification to come back.
@@ -230,18 +234,21 @@ impl Journal {
             Backend::Sqlite(j) => j.dispatchable(seq).await,
             Backend::Postgres(j) => {
                 use super::pg::claim;
-                let Some(event) = claim::load_event(j.db(), seq).await? else {
-                    return Ok(None);
-                };
-                if event.state.is_final() {
-                    return Ok(Some((event, Vec::new(), None)));
-                }
-                let deliveries = claim::deliveries(j.db(), seq).await?;
-                let revision = match event.revision {
-                    Some(_) => claim::subject_revision(j.db(), &event.subject).await?,
-                    None => None,
-                };
-                Ok(Some((event, deliveries, revision)))
+                Box::pin(async move {
+                    let Some(event) = claim::load_event(j.db(), seq).await? else {
+                        return Ok(None);
+                    };
+                    if event.state.is_final() {
+                        return Ok(Some((event, Vec::new(), None)));
+                    }
+                    let deliveries = claim::deliveries(j.db(), seq).await?;
+                    let revision = match event.revision {
+                        Some(_) => claim::subject_revision(j.db(), &event.subject).await?,
+                        None => None,
+                    };
+                    Ok(Some((event, deliveries, revision)))
+                })
+                .await
             }
         }
     }
@@ -250,7 +257,9 @@ impl Journal {
     pub async fn applied_revision(&self, subject: String) -> Result<Option<u64>, JournalError> {
         match &self.backend {
             Backend::Sqlite(j) => j.applied_revision(subject).await,
-            Backend::Postgres(j) => Ok(super::pg::claim::subject_revision(j.db(), &subject).await?),
+            Backend::Postgres(j) => {
+                Ok(Box::pin(super::pg::claim::subject_revision(j.db(), &subject)).await?)
+            }
         }
     }
 
@@ -281,7 +290,7 @@ impl Journal {
             Backend::Sqlite(j) => j.set_deliveries(updates).await,
             Backend::Postgres(j) => {
                 let fence = self.fence(lease)?;
-                Ok(super::pg::claim::set_deliveries(j.db(), fence, &updates).await?)
+                Ok(Box::pin(super::pg::claim::set_deliveries(j.db(), fence, &updates)).await?)
             }
         }
     }
@@ -298,7 +307,7 @@ impl Journal {
             Backend::Sqlite(j) => j.finish_with(updates, finish).await,
             Backend::Postgres(j) => {
                 let fence = self.fence(lease)?;
-                super::pg::claim::finish(j.db(), fence, &updates, &finish).await?;
+                Box::pin(super::pg::claim::finish(j.db(), fence, &updates, &finish)).await?;
                 Ok(())
             }
         }
