@@ -18,6 +18,7 @@
 //! | `journal_batch_size` | histogram | | operations per commit |
 //! | `journal_wal_restart_seconds` | histogram | | the writer's catch-up checkpoint that lets the write-ahead log start over |
 //! | `journal_wal_restart_frames_total` | counter | | log frames (pages) those checkpoints of the writer copied: its commits wait meanwhile |
+//! | `journal_checkpoint_flush_seconds` | histogram | | the checkpoint thread's flush of the database file before it hands a log restart to the writer (off the commit path) |
 //! | `journal_pruned_total` | counter | | final events deleted past `journal.retention_days` |
 //! | `adapter_eval_seconds` | histogram | `route` | one adapter evaluation |
 //! | `sink_apply_seconds` | histogram | `sink` | one sink apply |
