@@ -245,7 +245,7 @@ impl Default for JournalOptions {
             max_batch: 512,
             finish_linger: Duration::from_millis(1),
             finish_gap: Duration::from_micros(20),
-            checkpoint_interval: Duration::from_millis(250),
+            checkpoint_interval: Duration::from_millis(50),
             wal_restart_bytes: 64 << 20,
             min_free_disk_bytes: 64 * 1024 * 1024,
             retention: Some(Duration::from_secs(30 * 86_400)),
@@ -636,6 +636,9 @@ fn background(
     let page_size: u64 = conn
         .pragma_query_value(None, "page_size", |row| row.get(0))
         .unwrap_or(4096);
+    // The commits counted when the last checkpoint found the log copied to its end: while no
+    // commit follows, there is nothing to copy, and an idle agent does not run one per tick.
+    let mut copied_at: Option<u64> = None;
     // Prune a tenth of the retention period apart, at most a minute.
     let prune_every = options
         .retention
@@ -674,14 +677,22 @@ fn background(
                 );
             }
         }
-        if let Err(e) = checkpoint_and_restart(
-            &conn,
-            database,
-            page_size,
-            options.wal_restart_bytes,
-            &shared,
-        ) {
-            tracing::warn!(error = %e, "journal checkpoint failed; it is retried");
+        let commits = shared.commits.load(Ordering::Relaxed);
+        if copied_at != Some(commits) {
+            copied_at = match checkpoint_and_restart(
+                &conn,
+                database,
+                page_size,
+                options.wal_restart_bytes,
+                &shared,
+            ) {
+                Ok(true) => Some(commits),
+                Ok(false) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "journal checkpoint failed; it is retried");
+                    None
+                }
+            };
         }
         if !pruning {
             std::thread::park_timeout(options.checkpoint_interval);
@@ -775,20 +786,22 @@ const CATCH_UP_PASSES: u32 = 20;
 /// measured). So each catch-up pass is followed by this thread's own flush of the database
 /// file, `database` (the same file, another descriptor), and the writer's flush finds only
 /// the pages of its own few frames.
+///
+/// True when the log was copied to its end.
 fn checkpoint_and_restart(
     conn: &Connection,
     database: &std::fs::File,
     page_size: u64,
     restart_bytes: u64,
     shared: &Shared,
-) -> Result<(), rusqlite::Error> {
+) -> Result<bool, rusqlite::Error> {
     let (frames, mut copied) = checkpoint(conn)?;
     if frames.saturating_mul(page_size) <= restart_bytes {
-        return Ok(());
+        return Ok(copied >= frames);
     }
     for _ in 0..CATCH_UP_PASSES {
         if shared.closing.load(Ordering::Relaxed) {
-            return Ok(());
+            return Ok(false);
         }
         flush(database);
         let (_, now_copied) = checkpoint(conn)?;
@@ -803,7 +816,7 @@ fn checkpoint_and_restart(
         .copied_before_restart
         .store(copied, Ordering::Relaxed);
     shared.restart_wal.store(true, Ordering::Release);
-    Ok(())
+    Ok(false)
 }
 
 /// Writes the database file's pages out to the disk ahead of the writer's flush. A failure
