@@ -916,6 +916,27 @@ mod tests {
         );
     }
 
+    /// The journal keeps a descriptor of its database file of its own (the checkpoint thread's
+    /// flush); a closed and dropped journal holds none, so that its disk space is given back and
+    /// a later open in the same process starts clean.
+    #[tokio::test]
+    async fn a_closed_journal_holds_no_descriptor_of_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let open_in_dir = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+                .filter(|target| target.starts_with(dir.path()))
+                .count()
+        };
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
+        journal.append(event("a")).await.unwrap();
+        assert!(open_in_dir() > 0, "the open journal's files are open");
+        journal.close();
+        drop(journal);
+        assert_eq!(open_in_dir(), 0, "a descriptor outlived the journal");
+    }
+
     #[test]
     fn a_nearly_full_disk_is_known_as_soon_as_the_journal_is_open() {
         let dir = tempfile::tempdir().unwrap();
