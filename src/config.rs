@@ -586,7 +586,7 @@ fn default_finish_linger() -> u64 {
     1
 }
 fn default_checkpoint_interval() -> u64 {
-    50
+    10
 }
 fn default_wal_restart_mib() -> u64 {
     64

@@ -245,7 +245,7 @@ impl Default for JournalOptions {
             max_batch: 512,
             finish_linger: Duration::from_millis(1),
             finish_gap: Duration::from_micros(20),
-            checkpoint_interval: Duration::from_millis(50),
+            checkpoint_interval: Duration::from_millis(10),
             wal_restart_bytes: 64 << 20,
             min_free_disk_bytes: 64 * 1024 * 1024,
             retention: Some(Duration::from_secs(30 * 86_400)),
@@ -621,6 +621,10 @@ pub(crate) fn read_record(
     .optional()
 }
 
+/// How often the background thread looks at an idle journal (the free-disk check), when its
+/// checkpoint interval is shorter.
+const IDLE_TICK: Duration = Duration::from_millis(250);
+
 /// Most events one pruning transaction deletes, so that it never holds the writer for long.
 const PRUNE_BATCH: u32 = 256;
 
@@ -678,7 +682,8 @@ fn background(
             }
         }
         let commits = shared.commits.load(Ordering::Relaxed);
-        if copied_at != Some(commits) {
+        let idle = copied_at == Some(commits);
+        if !idle {
             copied_at = match checkpoint_and_restart(
                 &conn,
                 database,
@@ -695,7 +700,11 @@ fn background(
             };
         }
         if !pruning {
-            std::thread::park_timeout(options.checkpoint_interval);
+            std::thread::park_timeout(if idle {
+                options.checkpoint_interval.max(IDLE_TICK)
+            } else {
+                options.checkpoint_interval
+            });
         }
         if shared.closing.load(Ordering::Relaxed) {
             return;
