@@ -472,7 +472,7 @@ pub struct JournalConfig {
     #[serde(default = "default_finish_linger")]
     pub finish_linger_ms: u64,
     /// How often the background checkpoint moves the write-ahead log into the database and the
-    /// free-disk check runs. Milliseconds. Default: 250.
+    /// free-disk check runs. Milliseconds. Default: 10.
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval_ms: u64,
     /// Size of the write-ahead log, in MiB, past which the writer finishes a checkpoint after

@@ -592,6 +592,18 @@ fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
         .map(|kb| kb * 1024)
 }
 
+/// The bytes a process has written so far: through write calls (`wchar` of
+/// `/proc/<pid>/io`) and to the storage layer (`write_bytes`).
+fn written_bytes(pid: &str) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some((field("wchar")?, field("write_bytes")?))
+}
+
 /// User plus system CPU time a process has used so far, in seconds (all its threads).
 fn cpu_seconds(pid: &str) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -1127,6 +1139,11 @@ struct Figures {
     db_cpu: f64,
     /// CPU everything else on the machine used during the phase, in cores: noise.
     other_cpu: f64,
+    /// What the targets wrote per 2xx answer, in bytes: through write calls of any kind
+    /// (`wchar`: journal, log, database pages and the answers on the sockets alike), and to
+    /// the storage layer (`write_bytes`: page-granular, counted as pages are dirtied).
+    written_per_ok: f64,
+    disk_per_ok: f64,
     late_fraction: f64,
     /// The agent's own view of the phase (not for the bare server).
     internals: Option<Internals>,
@@ -1137,14 +1154,16 @@ impl Figures {
     fn brief(&self) -> String {
         format!(
             "{:>8.0} 2xx/s  p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  CPU server {:.2} \
-             generator {:.2} other {:.2}",
+             generator {:.2} other {:.2}  written {:.1} KiB/2xx (disk {:.1})",
             self.rate,
             self.p50_ms,
             self.p99_ms,
             self.p999_ms,
             self.server_cpu,
             self.client_cpu,
-            self.other_cpu
+            self.other_cpu,
+            self.written_per_ok / 1024.0,
+            self.disk_per_ok / 1024.0
         ) + &(if self.db_cpu > 0.0 {
             format!(" PostgreSQL {:.2}", self.db_cpu)
         } else {
@@ -1165,6 +1184,8 @@ impl Figures {
             "client_cpu_cores": round(self.client_cpu, 2),
             "db_cpu_cores": round(self.db_cpu, 2),
             "other_cpu_cores": round(self.other_cpu, 2),
+            "written_bytes_per_2xx": round(self.written_per_ok, 0),
+            "disk_bytes_per_2xx": round(self.disk_per_ok, 0),
             "late_fraction": round(self.late_fraction, 4),
             "agent_metrics": self.internals.as_ref().map(Internals::to_json),
         })
@@ -1388,7 +1409,13 @@ fn measure_on(
 ) -> anyhow::Result<Figures> {
     let pids: Vec<String> = targets.iter().map(|t| t.pid().to_string()).collect();
     let servers_cpu = || -> f64 { pids.iter().filter_map(|p| cpu_seconds(p)).sum() };
+    let servers_written = || -> (u64, u64) {
+        pids.iter()
+            .filter_map(|p| written_bytes(p))
+            .fold((0, 0), |(w, d), (pw, pd)| (w + pw, d + pd))
+    };
     let metrics_before = scrape_all(runtime, targets)?;
+    let written_before = servers_written();
     let server_before = servers_cpu();
     let db_before = db.map_or(0.0, db_cpu_seconds);
     let client_before = cpu_seconds("self").unwrap_or(0.0);
@@ -1402,6 +1429,7 @@ fn measure_on(
     }
     let secs = phase.elapsed.as_secs_f64();
     let server_cpu = (servers_cpu() - server_before) / secs;
+    let written_after = servers_written();
     let db_cpu = (db.map_or(0.0, db_cpu_seconds) - db_before).max(0.0) / secs;
     let client_cpu = (cpu_seconds("self").unwrap_or(0.0) - client_before) / secs;
     let machine = (machine_busy_seconds().unwrap_or(0.0) - machine_before) / secs;
@@ -1447,6 +1475,10 @@ fn measure_on(
         client_cpu,
         db_cpu,
         other_cpu,
+        written_per_ok: written_after.0.saturating_sub(written_before.0) as f64
+            / phase.ok.max(1) as f64,
+        disk_per_ok: written_after.1.saturating_sub(written_before.1) as f64
+            / phase.ok.max(1) as f64,
         late_fraction: phase.late as f64 / sent.max(1) as f64,
         internals,
     })
@@ -2135,6 +2167,8 @@ fn median_figures(all: &[&Figures]) -> Figures {
         client_cpu: m(|f| f.client_cpu),
         db_cpu: m(|f| f.db_cpu),
         other_cpu: m(|f| f.other_cpu),
+        written_per_ok: m(|f| f.written_per_ok),
+        disk_per_ok: m(|f| f.disk_per_ok),
         late_fraction: m(|f| f.late_fraction),
         internals: median_internals(all),
     }

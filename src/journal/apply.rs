@@ -741,19 +741,25 @@ impl SqliteJournal {
     }
 
     /// Up to `limit` events not yet final received after event `after`, in receive order:
-    /// (seq, subject). Blocking.
+    /// (seq, subject); only events whose commit has been flushed. Blocking.
     pub fn pending_after(
         &self,
         after: i64,
         limit: usize,
     ) -> Result<Vec<(i64, String)>, JournalError> {
+        // Only events on the disk: a later one may be committed with its flush still running,
+        // and is announced once that is done.
+        let durable = self
+            .shared
+            .durable_seq
+            .load(std::sync::atomic::Ordering::Acquire);
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT seq, subject FROM events WHERE state = ?1 AND seq > ?2 ORDER BY seq \
-                 LIMIT ?3",
+                "SELECT seq, subject FROM events WHERE state = ?1 AND seq > ?2 AND seq <= ?4 \
+                 ORDER BY seq LIMIT ?3",
             )?;
             stmt.query_map(
-                rusqlite::params![EventState::Accepted, after, limit as i64],
+                rusqlite::params![EventState::Accepted, after, limit as i64, durable],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )?
             .collect()

@@ -137,7 +137,28 @@ pub(super) struct Writer {
     finish_linger: std::time::Duration,
     finish_gap: std::time::Duration,
     shared: Arc<Shared>,
-    listener: Arc<std::sync::Mutex<Option<Announcer>>>,
+    listener: Listener,
+    /// Where committed batches go to wait for the flush of the log, when the log is flushed
+    /// by the flusher thread rather than inside the commit (see [`Flusher`]).
+    flusher: Option<std::sync::mpsc::SyncSender<Flush>>,
+    /// The seq of the last event this writer inserted.
+    last_seq: i64,
+}
+
+type Listener = Arc<std::sync::Mutex<Option<Announcer>>>;
+
+/// A committed batch: its operations with what each produced, answered once it is durable.
+pub(super) struct Done {
+    replies: Vec<(Op, Outcome)>,
+    /// The highest event seq the journal held when the batch committed.
+    seq: i64,
+}
+
+/// What the writer hands to the flusher thread.
+pub(super) enum Flush {
+    Batch(Done),
+    /// Everything handed over before this is answered; then the thread stops.
+    Close(Sender<()>),
 }
 
 /// What one operation of a batch produced, before the commit.
@@ -151,20 +172,21 @@ impl Writer {
     pub(super) fn new(
         conn: Connection,
         rx: Receiver<Op>,
-        max_batch: usize,
-        finish_linger: std::time::Duration,
-        finish_gap: std::time::Duration,
+        options: &super::JournalOptions,
         shared: Arc<Shared>,
-        listener: Arc<std::sync::Mutex<Option<Announcer>>>,
+        listener: Listener,
+        flusher: Option<std::sync::mpsc::SyncSender<Flush>>,
     ) -> Self {
         Self {
             conn,
             rx,
-            max_batch: max_batch.max(1),
-            finish_linger,
-            finish_gap,
+            max_batch: options.max_batch.max(1),
+            finish_linger: options.finish_linger,
+            finish_gap: options.finish_gap,
             shared,
             listener,
+            flusher,
+            last_seq: 0,
         }
     }
 
@@ -193,6 +215,14 @@ impl Writer {
                 self.finish_checkpoint();
             }
             if let Some(done) = close {
+                // Everything committed is answered (and so flushed) before the log is
+                // checkpointed away.
+                if let Some(flusher) = self.flusher.take() {
+                    let (flushed, wait) = std::sync::mpsc::channel();
+                    if flusher.send(Flush::Close(flushed)).is_ok() {
+                        let _ = wait.recv();
+                    }
+                }
                 if let Err(e) = self
                     .conn
                     .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
@@ -273,6 +303,14 @@ impl Writer {
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<Op>) {
+        if self.shared.unflushed.load(Ordering::Acquire) {
+            // A flush of the log failed: what the kernel held for it may never reach the disk,
+            // and nothing more is acknowledged until a restart recovers from what is there.
+            for op in batch.drain(..) {
+                fail(op, &JournalError::Io(flush_failed()));
+            }
+            return;
+        }
         let started = std::time::Instant::now();
         match self.write(batch) {
             Ok(outcomes) => {
@@ -280,52 +318,27 @@ impl Writer {
                 metrics::histogram!("ess_agent_journal_commit_seconds")
                     .record(started.elapsed().as_secs_f64());
                 metrics::histogram!("ess_agent_journal_batch_size").record(batch.len() as f64);
-                // Count the backlog before anyone is answered, so a caller that got its answer
-                // sees it.
-                let accepted = outcomes
-                    .iter()
-                    .filter(|o| matches!(o, Outcome::Appended(_, Some(_))))
-                    .count() as u64;
-                self.shared.backlog.fetch_add(accepted, Ordering::Relaxed);
-                let mut committed = Vec::new();
-                for (op, outcome) in batch.drain(..).zip(outcomes) {
-                    match (op, outcome) {
-                        (Op::Append(_, reply), Outcome::Appended(appended, event)) => {
-                            if let Some(event) = event {
-                                committed.push(event);
-                            }
-                            let _ = reply.send(Ok(appended));
+                let done = Done {
+                    replies: batch.drain(..).zip(outcomes).collect(),
+                    seq: self.last_seq,
+                };
+                match &self.flusher {
+                    Some(flusher) => {
+                        if let Err(std::sync::mpsc::SendError(Flush::Batch(done))) =
+                            flusher.send(Flush::Batch(done))
+                        {
+                            // The flusher stopped (it stops only after the writer): nobody
+                            // flushes the batch, so nobody is told it is stored.
+                            answer_error(done, &JournalError::Closed);
                         }
-                        (Op::Job(_, reply), Outcome::Job(result)) => {
-                            let _ = reply.send(result.map_err(JournalError::from));
-                        }
-                        (Op::Finish(_, reply), Outcome::Finish(result)) => {
-                            let _ = reply.send(result.map_err(JournalError::from));
-                        }
-                        _ => {}
                     }
-                }
-                if let Some(listener) = &*self.listener.lock().unwrap_or_else(|p| p.into_inner()) {
-                    for event in committed {
-                        listener.announce(event);
-                    }
+                    None => answer(done, &self.shared, &self.listener),
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, operations = batch.len(), "journal commit failed; nothing of the batch was stored");
                 for op in batch.drain(..) {
-                    match op {
-                        Op::Append(_, reply) => {
-                            let _ = reply.send(Err(clone_error(&e)));
-                        }
-                        Op::Job(_, reply) => {
-                            let _ = reply.send(Err(clone_error(&e)));
-                        }
-                        Op::Finish(_, reply) => {
-                            let _ = reply.send(Err(clone_error(&e)));
-                        }
-                        Op::Close(_) => {}
-                    }
+                    fail(op, &e);
                 }
             }
         }
@@ -339,10 +352,12 @@ impl Writer {
         // they can be retried alone (see `write_finishes`).
         let (tx, mut finished) = write_finishes(&self.conn, batch, &now)?;
         let mut outcomes = Vec::with_capacity(batch.len());
+        let mut last_seq = self.last_seq;
         for op in batch.iter_mut() {
             match op {
                 Op::Append(e, _) => {
                     if let Some(seq) = insert_event(&tx, e, &now)? {
+                        last_seq = last_seq.max(seq);
                         // The envelope is not needed here any more: it moves on to the
                         // dispatcher rather than being copied.
                         let event = StoredEvent {
@@ -393,7 +408,141 @@ impl Writer {
             }
         }
         tx.commit()?;
+        self.last_seq = last_seq;
         Ok(outcomes)
+    }
+}
+
+/// Answers a durable batch's callers and announces its new events.
+fn answer(done: Done, shared: &Shared, listener: &Listener) {
+    // Count the backlog before anyone is answered, so a caller that got its answer sees it.
+    let accepted = done
+        .replies
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Appended(_, Some(_))))
+        .count() as u64;
+    shared.backlog.fetch_add(accepted, Ordering::Relaxed);
+    shared.durable_seq.fetch_max(done.seq, Ordering::Release);
+    let mut committed = Vec::new();
+    for (op, outcome) in done.replies {
+        match (op, outcome) {
+            (Op::Append(_, reply), Outcome::Appended(appended, event)) => {
+                if let Some(event) = event {
+                    committed.push(event);
+                }
+                let _ = reply.send(Ok(appended));
+            }
+            (Op::Job(_, reply), Outcome::Job(result)) => {
+                let _ = reply.send(result.map_err(JournalError::from));
+            }
+            (Op::Finish(_, reply), Outcome::Finish(result)) => {
+                let _ = reply.send(result.map_err(JournalError::from));
+            }
+            _ => {}
+        }
+    }
+    if let Some(listener) = &*listener.lock().unwrap_or_else(|p| p.into_inner()) {
+        for event in committed {
+            listener.announce(event);
+        }
+    }
+}
+
+/// Answers every caller of a batch with `e`.
+fn answer_error(done: Done, e: &JournalError) {
+    for (op, _) in done.replies {
+        fail(op, e);
+    }
+}
+
+/// Answers one operation's caller with `e`.
+fn fail(op: Op, e: &JournalError) {
+    match op {
+        Op::Append(_, reply) => {
+            let _ = reply.send(Err(clone_error(e)));
+        }
+        Op::Job(_, reply) => {
+            let _ = reply.send(Err(clone_error(e)));
+        }
+        Op::Finish(_, reply) => {
+            let _ = reply.send(Err(clone_error(e)));
+        }
+        Op::Close(_) => {}
+    }
+}
+
+/// The error of every operation after a failed flush of the log.
+fn flush_failed() -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR_FSYNC),
+        Some(
+            "the journal's write-ahead log could not be flushed to disk: restart the agent \
+             (it recovers the journal from what reached the disk); check the disk and the \
+             kernel log"
+                .into(),
+        ),
+    )
+}
+
+/// The flusher thread: flushes the write-ahead log for the batches the writer has committed
+/// and answers their callers.
+///
+/// The writer commits without waiting for the disk (`synchronous = NORMAL`) and goes on with
+/// the next batch while this thread's `fdatasync` of the log runs, so that the disk's flush
+/// and the next batch's work overlap instead of taking turns. A batch is answered only after a
+/// flush that started after its commit had written it, so nothing is acknowledged before it is
+/// on the disk; the batches that arrive while one flush runs share the next. A failed flush
+/// fails its batches and every later operation (see [`flush_failed`]): after a failed
+/// `fdatasync` the kernel may have dropped the pages it could not write, and a later flush
+/// would succeed without them.
+pub(super) fn run_flusher(
+    wal: std::fs::File,
+    rx: Receiver<Flush>,
+    shared: Arc<Shared>,
+    listener: Listener,
+) {
+    let mut batches = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut close = None;
+        let mut take = |flush: Flush, batches: &mut Vec<Done>| match flush {
+            Flush::Batch(done) => batches.push(done),
+            Flush::Close(done) => close = Some(done),
+        };
+        take(first, &mut batches);
+        while let Ok(flush) = rx.try_recv() {
+            take(flush, &mut batches);
+        }
+        if !batches.is_empty() {
+            let started = std::time::Instant::now();
+            #[cfg(test)]
+            let _gate = shared.flush_gate.lock().unwrap_or_else(|p| p.into_inner());
+            let flushed = if shared.unflushed.load(Ordering::Acquire) {
+                Err(std::io::Error::other("an earlier flush failed"))
+            } else {
+                wal.sync_data()
+            };
+            metrics::histogram!("ess_agent_journal_flush_seconds")
+                .record(started.elapsed().as_secs_f64());
+            match flushed {
+                Ok(()) => {
+                    for done in batches.drain(..) {
+                        answer(done, &shared, &listener);
+                    }
+                }
+                Err(e) => {
+                    if !shared.unflushed.swap(true, Ordering::AcqRel) {
+                        tracing::error!(error = %e, "the journal's write-ahead log could not be flushed to disk: no event is acknowledged any more; restart the agent");
+                    }
+                    for done in batches.drain(..) {
+                        answer_error(done, &JournalError::Io(flush_failed()));
+                    }
+                }
+            }
+        }
+        if let Some(done) = close {
+            let _ = done.send(());
+            return;
+        }
     }
 }
 
