@@ -109,8 +109,8 @@ impl Journal {
         }
     }
 
-    /// Appends an event. Returns once the transaction holding it has committed (fsync'd on
-    /// SQLite; COMMIT returned on PostgreSQL), or reports the stored record when the id was seen
+    /// Appends an event. Returns once the transaction holding it is on the disk (its log
+    /// flushed on SQLite; COMMIT returned on PostgreSQL), or reports the stored record when the id was seen
     /// before (by any agent).
     pub async fn append(&self, event: NewEvent) -> Result<Appended, JournalError> {
         match &self.backend {

@@ -1,12 +1,15 @@
-//! The durable store: every accepted event is committed here (fsync'd) before the hub gets a 2xx.
+//! The durable store: every accepted event is committed here, and its log flushed to the disk,
+//! before the hub gets a 2xx.
 //!
-//! The journal is one SQLite database (`journal.sqlite3` in the state directory) in WAL mode with
-//! `synchronous=FULL`: a commit returns only after the write-ahead log has been fsync'd, so a
-//! committed event survives a crash or a power loss.
+//! The journal is one SQLite database (`journal.sqlite3` in the state directory) in WAL mode. The
+//! writer commits with `synchronous=NORMAL` and the flusher thread `fdatasync`s the write-ahead
+//! log before anyone whose change the commit holds is answered, so an acknowledged event
+//! survives a crash or a power loss (see [`writer::run_flusher`]).
 //!
 //! All writes go through one writer thread ([`writer`]) that does group commit: requests that
-//! arrive while a commit is in progress are gathered into the next transaction, so many
-//! concurrent deliveries share one fsync. Checkpoints (copying the log into the database file)
+//! arrive while a commit is in progress are gathered into the next transaction, and the
+//! batches committed while a flush runs share the next flush, so many concurrent deliveries
+//! share one fsync. Checkpoints (copying the log into the database file)
 //! and the free-disk check run on a separate thread, off the request path, with one exception:
 //! under continuous writes that thread never reaches the log's end, so once the log is longer
 //! than its restart size the writer copies the last few frames itself after a commit, and the
@@ -529,8 +532,9 @@ impl SqliteJournal {
         &self.path
     }
 
-    /// Appends an event. Returns once the transaction holding it has committed (fsync'd), or
-    /// reports the stored record when the id was seen before.
+    /// Appends an event. Returns once the transaction holding it is on the disk (committed, and
+    /// the log flushed), or reports the stored record when the id was seen before (once the
+    /// flush that follows this call's transaction has returned too).
     pub async fn append(&self, event: NewEvent) -> Result<Appended, JournalError> {
         let (reply, rx) = oneshot::channel();
         self.ops
@@ -548,7 +552,7 @@ impl SqliteJournal {
     }
 
     /// Runs `job` in the writer's next transaction (in a savepoint of its own) and returns its
-    /// result once that transaction has committed.
+    /// result once that transaction is on the disk (committed, and the log flushed).
     pub async fn write<R, F>(&self, job: F) -> Result<R, JournalError>
     where
         R: Send + 'static,

@@ -1,9 +1,10 @@
 //! The single writer thread and its group commit.
 //!
 //! The thread blocks for the first queued operation, then takes every operation already queued
-//! (up to the batch limit) into the same transaction. One commit, one fsync, answers them all.
-//! Nobody is answered before the commit returns; when the commit fails, every operation in the
-//! batch gets the error and nothing of the batch is stored. A job (a state change of the
+//! (up to the batch limit) into the same transaction. One commit, and one flush of the log by
+//! the flusher thread ([`run_flusher`]), answer them all. Nobody is answered before that flush
+//! returns; when the commit fails, every operation in the batch gets the error and nothing of
+//! the batch is stored. A job (a state change of the
 //! dispatcher or the admin API) runs inside its own savepoint, so a job that fails rolls back
 //! alone and the rest of the batch still commits.
 //!
@@ -139,7 +140,7 @@ pub(super) struct Writer {
     shared: Arc<Shared>,
     listener: Listener,
     /// Where committed batches go to wait for the flush of the log, when the log is flushed
-    /// by the flusher thread rather than inside the commit (see [`Flusher`]).
+    /// by the flusher thread rather than inside the commit (see [`run_flusher`]).
     flusher: Option<std::sync::mpsc::SyncSender<Flush>>,
     /// The seq of the last event this writer inserted.
     last_seq: i64,
