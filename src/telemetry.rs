@@ -6,7 +6,7 @@
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
 //! | `requests_total` | counter | `status` | ingress answers by HTTP status |
-//! | `request_seconds` | histogram | | ingress request, from its headers to its answer (for a 2xx: the commit included) |
+//! | `request_seconds` | histogram | | ingress request, from its headers to its answer (for a 2xx: the commit and its flush included) |
 //! | `events_received_total` | counter | `result` (`accepted`, `duplicate`) | deliveries that reached the journal |
 //! | `events_final_total` | counter | `state` (`applied`, `filtered`, `superseded`, `failed`, `parked`) | events reaching a final state |
 //! | `deliveries_total` | counter | `route`, `sink`, `result` (`applied`, `filtered`, `failed`, `retry`) | route attempts |
@@ -14,7 +14,8 @@
 //! | `dispatch_queued`, `dispatch_queued_peak` | gauge | | events the dispatcher holds in its subjects' queues now, and the most since the start (bounded however long the backlog) |
 //! | `dead_letters` | gauge | | failed and parked events |
 //! | `outbox_size` | gauge | | status reports waiting for the hub |
-//! | `journal_commit_seconds` | histogram | | one group commit (fsync included) |
+//! | `journal_commit_seconds` | histogram | | one group commit: on SQLite its SQL and the log's write, without the flush; on PostgreSQL `COMMIT` included |
+//! | `journal_flush_seconds` | histogram | | the SQLite journal's `fdatasync` of its write-ahead log, which every answer waits for (one flush covers the batches committed while the one before ran) |
 //! | `journal_batch_size` | histogram | | operations per commit |
 //! | `journal_wal_restart_seconds` | histogram | | the writer's catch-up checkpoint that lets the write-ahead log start over |
 //! | `journal_wal_restart_frames_total` | counter | | log frames (pages) those checkpoints of the writer copied: its commits wait meanwhile |

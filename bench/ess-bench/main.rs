@@ -864,8 +864,14 @@ struct Internals {
     commits_per_sec: f64,
     /// Writer operations (appends and the dispatcher's state changes) per commit.
     ops_per_commit: f64,
-    /// Mean time of one commit, from BEGIN to the end of its fsync.
+    /// Mean time of one commit, from BEGIN to COMMIT's return (on SQLite the log's flush is
+    /// the flusher thread's, below).
     commit_ms: f64,
+    /// Flushes of the SQLite journal's log per second, their mean time, and those that took
+    /// longer than 2.5 ms.
+    flushes_per_sec: f64,
+    flush_ms: f64,
+    slow_flushes: f64,
     /// Events that reached a final state per second (the dispatcher's pace).
     finished_per_sec: f64,
     /// Events received and not yet final at the end of the phase.
@@ -895,6 +901,7 @@ impl Internals {
             .map(|k| delta(k))
             .sum();
         let commits = delta("ess_agent_journal_batch_size_count");
+        let flushes = delta("ess_agent_journal_flush_seconds_count");
         let wal_restarts = delta("ess_agent_journal_wal_restart_seconds_count");
         let requests = delta("ess_agent_request_seconds_count").max(1.0);
         let over = |le: &str| {
@@ -904,6 +911,9 @@ impl Internals {
             commits_per_sec: commits / secs,
             ops_per_commit: delta("ess_agent_journal_batch_size_sum") / commits.max(1.0),
             commit_ms: delta("ess_agent_journal_commit_seconds_sum") * 1000.0 / commits.max(1.0),
+            flushes_per_sec: flushes / secs,
+            flush_ms: delta("ess_agent_journal_flush_seconds_sum") * 1000.0 / flushes.max(1.0),
+            slow_flushes: flushes - delta("ess_agent_journal_flush_seconds_bucket{le=\"0.0025\"}"),
             finished_per_sec: finished / secs,
             backlog_end: after.get("ess_agent_backlog").copied().unwrap_or(0.0),
             slow_commits: delta("ess_agent_journal_commit_seconds_count")
@@ -922,7 +932,8 @@ impl Internals {
     fn brief(&self) -> String {
         format!(
             "\n        agent: {:.0} commits/s, {:.1} ops/commit, {:.3} ms/commit, {:.0} events \
-             finished/s, {:.0} left to apply\n        journal: {:.0} commits over 2.5 ms, {:.0} log \
+             finished/s, {:.0} left to apply\n        journal: {:.0} commits over 2.5 ms; {:.0} flushes/s of \
+             {:.3} ms, {:.0} over 2.5 ms; {:.0} log \
              restarts of {:.1} ms and {:.0} frames on average; requests over 2.5 ms {:.2} %, over 5 \
              ms {:.2} %, p99 <= {:.1} ms (agent's clock)",
             self.commits_per_sec,
@@ -931,6 +942,9 @@ impl Internals {
             self.finished_per_sec,
             self.backlog_end,
             self.slow_commits,
+            self.flushes_per_sec,
+            self.flush_ms,
+            self.slow_flushes,
             self.wal_restarts,
             self.wal_restart_ms,
             self.wal_restart_frames,
@@ -948,6 +962,9 @@ impl Internals {
             "finished_per_sec": round(self.finished_per_sec, 1),
             "backlog_end": self.backlog_end,
             "slow_commits": self.slow_commits,
+            "flushes_per_sec": round(self.flushes_per_sec, 1),
+            "flush_ms": round(self.flush_ms, 3),
+            "slow_flushes": self.slow_flushes,
             "wal_restarts": self.wal_restarts,
             "wal_restart_ms": round(self.wal_restart_ms, 2),
             "wal_restart_frames": round(self.wal_restart_frames, 1),
@@ -2184,6 +2201,9 @@ fn median_internals(all: &[&Figures]) -> Option<Internals> {
         commits_per_sec: m(|i| i.commits_per_sec),
         ops_per_commit: m(|i| i.ops_per_commit),
         commit_ms: m(|i| i.commit_ms),
+        flushes_per_sec: m(|i| i.flushes_per_sec),
+        flush_ms: m(|i| i.flush_ms),
+        slow_flushes: m(|i| i.slow_flushes),
         finished_per_sec: m(|i| i.finished_per_sec),
         backlog_end: m(|i| i.backlog_end),
         slow_commits: m(|i| i.slow_commits),
