@@ -284,6 +284,9 @@ struct Shared {
     /// Held by a test to keep the flusher thread from flushing.
     #[cfg(test)]
     flush_gate: Mutex<()>,
+    /// Set by a test: the flusher's next flush fails as a disk's I/O error would.
+    #[cfg(test)]
+    fail_next_flush: AtomicBool,
 }
 
 /// Where committed events are announced.
@@ -1022,6 +1025,58 @@ mod tests {
             Appended::Accepted
         ));
         assert_eq!(journal.pending_after(0, 10).unwrap().len(), 2);
+        journal.close();
+    }
+
+    /// A flush of the log that fails (an I/O error of the disk) answers its batch with an
+    /// error that says to restart, and so does every change after it, even once flushes would
+    /// succeed again: the kernel may have dropped what it could not write.
+    #[tokio::test]
+    async fn a_failed_flush_fails_its_batch_and_every_change_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // No pruning: its batches would take the failing flush in the appends' place.
+        let options = JournalOptions {
+            retention: None,
+            ..JournalOptions::default()
+        };
+        let journal = SqliteJournal::open(dir.path(), options).unwrap();
+        journal.append(event("before")).await.unwrap();
+        journal
+            .shared
+            .fail_next_flush
+            .store(true, Ordering::Release);
+        let failed = journal.append(event("lost")).await.unwrap_err();
+        assert!(
+            failed
+                .to_string()
+                .contains("could not be flushed to disk: restart the agent"),
+            "{failed}"
+        );
+        let later = journal.append(event("later")).await.unwrap_err();
+        assert!(later.to_string().contains("restart the agent"), "{later}");
+        assert!(
+            journal.writer_round_trip().await.is_err(),
+            "the watchdog's test still passes"
+        );
+        assert_eq!(
+            journal.backlog(),
+            1,
+            "a refused event counted in the backlog"
+        );
+        journal.close();
+        drop(journal);
+        // A restart recovers from what is on the disk. Here the failed flush's commit did reach
+        // it, so the hub's redelivery of that event is a duplicate; the event refused after it
+        // was never written, and its redelivery is accepted.
+        let journal = SqliteJournal::open(dir.path(), JournalOptions::default()).unwrap();
+        assert!(matches!(
+            journal.append(event("lost")).await.unwrap(),
+            Appended::Duplicate(_)
+        ));
+        assert!(matches!(
+            journal.append(event("later")).await.unwrap(),
+            Appended::Accepted
+        ));
         journal.close();
     }
 

@@ -522,6 +522,12 @@ pub(super) fn run_flusher(
             } else {
                 wal.sync_data()
             };
+            #[cfg(test)]
+            let flushed = if shared.fail_next_flush.swap(false, Ordering::AcqRel) {
+                Err(std::io::Error::from_raw_os_error(nix::libc::EIO))
+            } else {
+                flushed
+            };
             metrics::histogram!("ess_agent_journal_flush_seconds")
                 .record(started.elapsed().as_secs_f64());
             match flushed {
