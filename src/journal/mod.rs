@@ -932,6 +932,15 @@ mod tests {
         }
     }
 
+    /// A journal in `dir` whose background thread prunes nothing.
+    fn open_unpruned(dir: &Path) -> Arc<SqliteJournal> {
+        let options = JournalOptions {
+            retention: None,
+            ..JournalOptions::default()
+        };
+        SqliteJournal::open(dir, options).unwrap()
+    }
+
     /// Appends `count` events with 2 KiB bodies from 32 concurrent writers, so the writer never
     /// waits, and returns the largest size the write-ahead log file reached meanwhile.
     async fn largest_log_under_continuous_writes(restart_bytes: u64, count: usize) -> u64 {
@@ -1035,11 +1044,7 @@ mod tests {
     async fn a_failed_flush_fails_its_batch_and_every_change_after_it() {
         let dir = tempfile::tempdir().unwrap();
         // No pruning: its batches would take the failing flush in the appends' place.
-        let options = JournalOptions {
-            retention: None,
-            ..JournalOptions::default()
-        };
-        let journal = SqliteJournal::open(dir.path(), options).unwrap();
+        let journal = open_unpruned(dir.path());
         journal.append(event("before")).await.unwrap();
         journal
             .shared
@@ -1210,11 +1215,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pruning_deletes_old_final_events_and_keeps_dead_letters_and_the_backlog() {
         let dir = tempfile::tempdir().unwrap();
-        let options = JournalOptions {
-            retention: None,
-            ..JournalOptions::default()
-        };
-        let journal = SqliteJournal::open(dir.path(), options).unwrap();
+        let journal = open_unpruned(dir.path());
         let states = [
             ("applied", Some(EventState::Applied)),
             ("filtered", Some(EventState::Filtered)),
