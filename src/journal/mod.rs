@@ -499,30 +499,29 @@ impl SqliteJournal {
                 .spawn(move || writer.run())
                 .map_err(state_err)?,
         );
-        let background = {
+        {
             let shared = shared.clone();
             let dir = state_dir.to_owned();
             let ops = ops.clone();
             let database = database.clone();
-            std::thread::Builder::new()
-                .name("journal-checkpoint".into())
-                .spawn(move || {
-                    background(checkpointer, &database, ops, dir, options, shared);
-                    // Closed after the thread's connection (see `SqliteJournal::_database`).
-                    drop(database);
-                })
-                .map_err(state_err)?
-        };
+            threads.push(
+                std::thread::Builder::new()
+                    .name("journal-checkpoint".into())
+                    .spawn(move || {
+                        background(checkpointer, &database, ops, dir, options, shared);
+                        // Closed after the thread's connection (see `SqliteJournal::_database`).
+                        drop(database);
+                    })
+                    .map_err(state_err)?,
+            );
+        }
         Ok(Arc::new(SqliteJournal {
             path,
             ops,
             reader: Mutex::new(reader),
             quick_readers,
             shared,
-            threads: Mutex::new({
-                threads.push(background);
-                threads
-            }),
+            threads: Mutex::new(threads),
             listener,
             announced_max,
             _database: database,
